@@ -1,0 +1,26 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export MTMIM_SHARED ?= $(abspath ../shared)
+
+.PHONY: install test test-fast lint demo demo-fgnet bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not real"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mtmim_cli tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,29 @@
+"""Entry point of the `mtmim` command. Importing this must stay cheap: no torch here."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+
+from mtmim_cli.app import app
+from mtmim_cli.commands import (  # noqa: F401  (each module registers its commands)
+    align_cmd,
+    evaluate_cmd,
+    finetune_cmd,
+    tools_cmd,
+    train_cmd,
+)
+from mtmim_cli.errors import MtmimError
+
+
+def main() -> None:
+    try:
+        app()
+    except MtmimError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Shared fixtures: the ../shared data (skipped with a reason when absent) and tiny caches."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtmim_cli.data.cache import DETECTED, CacheWriter
+from mtmim_cli.data.records import Record
+from mtmim_cli.paths import shared_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (set MTMIM_SHARED to the shared data folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    return _need(shared_dir(), "shared data folder")
+
+
+@pytest.fixture(scope="session")
+def fgnet_dir(shared: Path) -> Path:
+    return _need(shared / "data" / "fgnet", "FG-NET")
+
+
+@pytest.fixture(scope="session")
+def celeba_dir(shared: Path) -> Path:
+    return _need(shared / "data" / "celeba-subset", "CelebA subset")
+
+
+@pytest.fixture(scope="session")
+def mobilefacenet_ckpt(shared: Path) -> Path:
+    return _need(shared / "weights" / "mobilefacenet-casia-arcface.ckpt", "MobileFaceNet weights")
+
+
+def write_cache(path: Path, identities: list[str], ages: list[float] | None = None,
+                seed: int = 0, images: np.ndarray | None = None) -> Path:
+    """A small real cache of random (or given) images, one record per entry of `identities`."""
+    rng = np.random.default_rng(seed)
+    ages = ages if ages is not None else [math.nan] * len(identities)
+    records = [Record(path=f"img{i:05d}.jpg", identity=ident, age=float(a))
+               for i, (ident, a) in enumerate(zip(identities, ages))]
+    w = CacheWriter(path, records, attrs={"reader": "test", "source_root": str(path.parent)})
+    for i in range(len(records)):
+        img = images[i] if images is not None else rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+        w.write(i, img, DETECTED, landmarks=np.zeros((5, 2)), det_score=1.0)
+    w.commit(len(records))
+    return w.finish()
+
+
+@pytest.fixture
+def tiny_cache(tmp_path: Path) -> Path:
+    """8 identities x 6 images, ages spread over 0-70."""
+    ids = [f"id{k}" for k in range(8) for _ in range(6)]
+    ages = [float((k * 7 + j * 11) % 70) for k in range(8) for j in range(6)]
+    return write_cache(tmp_path / "tiny.h5", ids, ages)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `mtmim` in a real subprocess; returns the completed process (never raises on rc)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "mtmim_cli.cli", *args], cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)

@@ -50,7 +50,7 @@ def write_cache(path: Path, identities: list[str], ages: list[float] | None = No
     rng = np.random.default_rng(seed)
     ages = ages if ages is not None else [math.nan] * len(identities)
     records = [Record(path=f"img{i:05d}.jpg", identity=ident, age=float(a))
-               for i, (ident, a) in enumerate(zip(identities, ages))]
+               for i, (ident, a) in enumerate(zip(identities, ages, strict=True))]
     w = CacheWriter(path, records, attrs={"reader": "test", "source_root": str(path.parent)})
     for i in range(len(records)):
         img = images[i] if images is not None else rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)

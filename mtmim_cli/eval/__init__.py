@@ -1,0 +1,1 @@
+"""Evaluation: metrics, pair lists, feature extraction, protocols and result tables."""

@@ -491,10 +491,10 @@ def plan(config: SynthConfig) -> list[Photo]:
 
 
 def held_out_identities(config: SynthConfig) -> set[str]:
-    """The held-out identities: every k-th one, so both base portraits appear on both sides."""
-    n_test = max(1, round(config.identities * config.test_fraction))
-    step = config.identities / n_test
-    return {f"s{int(i * step + step - 1):03d}" for i in range(n_test)}
+    """The held-out identities: the last ones (identities alternate between the base
+    portraits, so from two held-out identities on both portraits appear on both sides)."""
+    n_test = min(config.identities - 1, max(1, round(config.identities * config.test_fraction)))
+    return {f"s{i:03d}" for i in range(config.identities - n_test, config.identities)}
 
 
 def synthesize(out: str | Path, config: SynthConfig | None = None, progress: bool = True) -> dict:

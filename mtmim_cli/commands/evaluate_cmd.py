@@ -1,1 +1,92 @@
-"""Commands registered on mtmim_cli.app.app (import heavy modules inside the commands)."""
+"""`mtmim evaluate`: the field's protocols, written as Markdown tables and results.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from mtmim_cli.app import app
+from mtmim_cli.errors import MtmimError
+
+_PROTOCOL_HELP = (
+    "fgnet-loo (leave-one-out rank-1), morph-s1 / morph-s2 (largest-age-gap probe vs gallery "
+    "rank-1), cacd-map (MAP per database; needs --meta), cacd-vs / agedb30 / lfw / calfw / pairs "
+    "(10-fold verification from --pairs .bin or .csv; with --cache alone, seeded cross-age pairs)."
+)
+
+
+@app.command()
+def evaluate(
+    protocol: str = typer.Option(..., "--protocol", "-p", help=_PROTOCOL_HELP),
+    model: list[str] = typer.Option(..., "--model", "-m",
+                                    help="[LABEL=]CHECKPOINT; repeat to compare models side by side "
+                                         "(e.g. --model baseline=a.pt --model mtmim=b.pt)."),
+    backbone: str = typer.Option(None, "--backbone",
+                                 help="Backbone name for plain state dicts such as an insightface "
+                                      "backbone.pth (our checkpoints record it)."),
+    cache: Path = typer.Option(None, "--cache", "-c", help="Aligned HDF5 cache of the test set."),
+    pairs: Path = typer.Option(None, "--pairs",
+                               help="Pair list: insightface .bin (images inside) or CSV with "
+                                    "path_a,path_b,same[,fold] matching the cache's paths."),
+    meta: Path = typer.Option(None, "--meta", help="CACD metadata CSV: path,year,test."),
+    out: Path = typer.Option(None, "--out", "-o",
+                             help="results.md to write; results.json, cmc.csv and roc.csv go beside it."),
+    flip: str = typer.Option("concat", "--flip",
+                             help="Mirror features: concat (the paper), sum, or none."),
+    refit: str = typer.Option("none", "--refit",
+                              help="fgnet-loo only: none (the model as given), head (re-fit the "
+                                   "factorization and heads on cached encoder features per round), "
+                                   "full (fine-tune the whole model per round)."),
+    folds: int = typer.Option(None, "--folds",
+                              help="fgnet-loo refit: K grouped rounds instead of one per image "
+                                   "(K = 1002 is exact)."),
+    shard: str = typer.Option(None, "--shard",
+                              help="I/N: run only rounds r with r mod N == I; rerun without "
+                                   "--shard (or with --merge) to merge the stored rounds."),
+    merge: bool = typer.Option(False, "--merge",
+                               help="Only merge rounds already stored (fails if any is missing)."),
+    rounds_dir: Path = typer.Option(None, "--rounds-dir",
+                                    help="Where per-round results are stored (default: rounds/ "
+                                         "beside --out); reused on resume."),
+    refit_options: str = typer.Option("{}", "--refit-options",
+                                      help="JSON dict passed to the re-fit function (e.g. "
+                                           "'{\"mode\": \"mtmim\", \"epochs\": 2}')."),
+    seed: int = typer.Option(0, "--seed", help="Seed for pairs, subject splits and round groups."),
+    n_pairs: int = typer.Option(6000, "--n-pairs",
+                                help="Pairs to draw when --cache is given without --pairs."),
+    min_gap: float = typer.Option(0.0, "--min-gap",
+                                  help="Minimum age gap (years) of drawn pairs."),
+    test_subjects: int = typer.Option(None, "--test-subjects",
+                                      help="MORPH: test subjects (default 10,000 for s1, 3,000 for s2)."),
+    train_subjects: int = typer.Option(None, "--train-subjects",
+                                       help="MORPH: training subjects (default: s2 10,000, s1 the rest)."),
+    split_out: Path = typer.Option(None, "--split-out",
+                                   help="MORPH: where to write the subject split (JSON)."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Images per forward pass."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    max_rank: int = typer.Option(20, "--max-rank", help="Longest rank of the CMC curve."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Evaluate one or more models on a protocol; print and write the result tables."""
+    from mtmim_cli.eval.run import EvalConfig, command_line, parse_model_arg
+    from mtmim_cli.eval.run import evaluate as run_evaluate
+
+    try:
+        opts = json.loads(refit_options)
+    except json.JSONDecodeError as exc:
+        raise MtmimError(f"--refit-options: not JSON ({exc})") from None
+    if not isinstance(opts, dict):
+        raise MtmimError("--refit-options: must be a JSON object")
+    if flip not in ("concat", "sum", "none"):
+        raise MtmimError(f"--flip {flip}: choose concat, sum or none")
+    cfg = EvalConfig(
+        protocol=protocol, models=[parse_model_arg(m, backbone) for m in model], cache=cache,
+        pairs=pairs, meta=meta, out=out, flip=flip, refit=refit, folds=folds, shard=shard,
+        rounds_dir=rounds_dir, merge_only=merge, seed=seed, batch_size=batch_size, device=device,
+        max_rank=max_rank, n_pairs=n_pairs, min_gap=min_gap, test_subjects=test_subjects,
+        train_subjects=train_subjects, split_out=split_out, refit_options=opts,
+        command=command_line(),
+    )
+    run_evaluate(cfg, progress=not quiet, echo=typer.echo)

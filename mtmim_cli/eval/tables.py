@@ -1,0 +1,147 @@
+"""Result tables: Markdown per protocol (our models beside the paper's reported numbers),
+results.json with every figure, and cmc.csv / roc.csv for `mtmim report` to plot.
+
+cmc.csv columns: protocol, model, rank, rate (identification rate at that rank).
+roc.csv columns: protocol, model, far, tar.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from mtmim_cli.atomic import atomic_write_text
+
+# The paper's numbers (Hou et al., ICCV 2021, as restated in ../shared/docs/mtmim-method.md),
+# in percent. Keyed by protocol, then row label, then metric column.
+REPORTED: dict[str, list[tuple[str, dict[str, float]]]] = {
+    "fgnet-loo": [("Baseline", {"rank1": 93.20}), ("+Age", {"rank1": 93.40}),
+                  ("MT-MIM", {"rank1": 94.21}), ("DAL", {"rank1": 94.50}),
+                  ("AIM", {"rank1": 93.20}), ("LF-CNN", {"rank1": 88.10}),
+                  ("HFA", {"rank1": 69.00})],
+    "morph-s1": [("DAL", {"rank1": 98.93}), ("AIM", {"rank1": 99.13}),
+                 ("OE-CNN", {"rank1": 98.55})],
+    "morph-s2": [("Baseline", {"rank1": 99.00}), ("+Age", {"rank1": 99.10}),
+                 ("MT-MIM", {"rank1": 99.43}), ("DAL", {"rank1": 98.97}),
+                 ("AIM", {"rank1": 98.81}), ("OE-CNN", {"rank1": 98.67})],
+    "cacd-map": [("Baseline", {"2004-2006": 91.81, "2007-2009": 93.27, "2010-2012": 95.35}),
+                 ("+Age", {"2004-2006": 91.87, "2007-2009": 93.15, "2010-2012": 95.44}),
+                 ("MT-MIM", {"2004-2006": 92.63, "2007-2009": 93.95, "2010-2012": 96.09})],
+    "agedb30": [("Baseline", {"accuracy": 95.11}), ("+Age", {"accuracy": 95.40}),
+                ("MT-MIM", {"accuracy": 96.10})],
+    "lfw": [("MT-MIM", {"accuracy": 99.25})],
+}
+
+TITLES = {
+    "fgnet-loo": "FG-NET leave-one-out (rank-1 identification, %)",
+    "morph-s1": "MORPH Album 2, Setting-1 (rank-1, %)",
+    "morph-s2": "MORPH Album 2, Setting-2 (rank-1, %)",
+    "cacd-map": "CACD retrieval (mean average precision per database, %)",
+    "cacd-vs": "CACD-VS (10-fold verification)",
+    "agedb30": "AgeDB-30 (10-fold verification)",
+    "lfw": "LFW (10-fold verification)",
+    "calfw": "CALFW (10-fold verification)",
+    "pairs": "Pair list (10-fold verification)",
+}
+
+# (json key, column header, scale to percent?)
+COLUMNS: dict[str, list[tuple[str, str, bool]]] = {
+    "identification": [("rank1", "Rank-1", True), ("queries", "Queries", False)],
+    "cacd-map": [("2004-2006", "2004-2006", True), ("2007-2009", "2007-2009", True),
+                 ("2010-2012", "2010-2012", True), ("queries", "Queries", False)],
+    "verification": [("accuracy", "Accuracy", True), ("std", "± std", True),
+                     ("tar_at_far", "TAR@FAR=1e-3", True), ("auc", "ROC AUC", True),
+                     ("pairs", "Pairs", False)],
+}
+
+
+def column_kind(protocol: str) -> str:
+    if protocol in ("fgnet-loo", "morph-s1", "morph-s2"):
+        return "identification"
+    if protocol == "cacd-map":
+        return "cacd-map"
+    return "verification"
+
+
+def flat_metrics(protocol: str, metrics: dict) -> dict[str, float]:
+    """The table's figures for one model (CACD's nested per-database MAP flattened)."""
+    if protocol == "cacd-map":
+        out = {k: metrics[k]["map"] for k in ("2004-2006", "2007-2009", "2010-2012")}
+        out["queries"] = metrics["queries"]
+        return out
+    return metrics
+
+
+def _fmt(value: object, percent: bool) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, float):
+        return f"{100 * value:.2f}" if percent else f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(protocol: str, rows: list[dict], variant: str = "") -> str:
+    """One protocol's table: our models (rows: {'model', 'metrics'}), then the paper's
+    reported rows, labelled so they cannot be mistaken for figures measured here."""
+    cols = COLUMNS[column_kind(protocol)]
+    head = ["Model", *[c[1] for c in cols]]
+    lines = [f"### {TITLES.get(protocol, protocol)}", ""]
+    if variant:
+        lines += [f"Variant: {variant}", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        m = flat_metrics(protocol, row["metrics"])
+        lines.append("| " + " | ".join([row["model"], *[_fmt(m.get(k), p) for k, _, p in cols]]) + " |")
+    for label, vals in REPORTED.get(protocol, []):
+        cells = [f"{vals[k]:.2f}" if k in vals else "" for k, _, _ in cols]
+        lines.append("| " + " | ".join([f"{label} (reported, paper)", *cells]) + " |")
+    if REPORTED.get(protocol):
+        lines += ["", "Rows marked *reported* are the numbers printed in Hou et al., ICCV 2021 "
+                  "(or the peers it cites), not measured by this run."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_md: Path, payload: dict) -> dict[str, Path]:
+    """results.md (tables), results.json (everything) and cmc.csv / roc.csv beside them.
+    Every file is written to a temporary sibling and renamed."""
+    out_md = Path(out_md)
+    base = out_md.parent
+    protocol = payload["protocol"]
+    md = [f"# mtmim evaluate: {protocol}", "",
+          f"Command: `{payload['command']}`  ", f"Tool: mtmim {payload['tool_version']}  ",
+          "Caches: " + (", ".join(f"`{c['path']}` (sha256 {c['sha256'][:12]})"
+                                  for c in payload.get("inputs", [])) or "none"), "",
+          markdown_table(protocol, payload["results"], payload.get("variant_text", ""))]
+    paths = {"md": out_md, "json": out_md.with_suffix(".json"),
+             "cmc": base / "cmc.csv", "roc": base / "roc.csv"}
+    atomic_write_text(paths["json"], json.dumps(payload, indent=1, default=_json_default) + "\n")
+    cmc_buf, roc_buf = io.StringIO(), io.StringIO()
+    cw, rw = csv.writer(cmc_buf), csv.writer(roc_buf)
+    cw.writerow(["protocol", "model", "rank", "rate"])
+    rw.writerow(["protocol", "model", "far", "tar"])
+    for row in payload["results"]:
+        m = row["metrics"]
+        for rank, rate in enumerate(m.get("cmc", []), 1):
+            cw.writerow([protocol, row["model"], rank, f"{rate:.6f}"])
+        roc = m.get("roc")
+        if roc:
+            for far, tar in zip(roc["far"], roc["tar"], strict=True):
+                rw.writerow([protocol, row["model"], f"{far:.8g}", f"{tar:.6f}"])
+    atomic_write_text(paths["cmc"], cmc_buf.getvalue())
+    atomic_write_text(paths["roc"], roc_buf.getvalue())
+    atomic_write_text(out_md, "\n".join(md))
+    return paths
+
+
+def _json_default(obj: object) -> object:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

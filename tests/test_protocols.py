@@ -1,0 +1,296 @@
+"""Protocols on small generated caches and features, against brute-force computations."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+from torch import nn
+
+from mtmim_cli.data.cache import Cache
+from mtmim_cli.errors import MtmimError
+from mtmim_cli.eval import metrics as M
+from mtmim_cli.eval import protocols as P
+from mtmim_cli.eval import run as R
+from mtmim_cli.eval.features import extract_features
+from tests.conftest import write_cache
+
+
+# ---------------------------------------------------------------- a small real model
+class PoolNet(nn.Module):
+    """8x8 average pooling of the normalised image, flattened: a fixed, deterministic encoder."""
+
+    input_width = 112
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.avg_pool2d(x, 8).flatten(1) * self.scale
+
+
+@pytest.fixture
+def pool_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "pool.pt"
+    torch.save(PoolNet().state_dict(), path)
+
+    def loader(p: Path, backbone: str | None) -> nn.Module:
+        m = PoolNet()
+        m.load_state_dict(torch.load(p, weights_only=True))
+        return m
+
+    monkeypatch.setattr(R, "MODEL_LOADER", loader)
+    return path
+
+
+def _face_cache(path: Path, n_ids: int = 12, per_id: int = 6, noise: float = 90.0,
+                seed: int = 0) -> Path:
+    """Each identity a common 14x14 pattern plus a small identity-specific change, upsampled;
+    each image adds strong noise, so rank-1 lands strictly between 0 and 1."""
+    rng = np.random.default_rng(seed)
+    pats = rng.uniform(60, 195, (1, 14, 14, 3)) + rng.uniform(-6, 6, (n_ids, 14, 14, 3))
+    ids, ages, imgs = [], [], []
+    for k in range(n_ids):
+        for j in range(per_id):
+            base = np.kron(pats[k], np.ones((8, 8, 1)))
+            img = np.clip(base + noise * rng.standard_normal(base.shape), 0, 255)
+            imgs.append(img.astype(np.uint8))
+            ids.append(f"s{k:03d}")
+            ages.append(float(5 * j + k % 3))
+    return write_cache(path, ids, ages, images=np.stack(imgs))
+
+
+# ---------------------------------------------------------------- FG-NET leave-one-out
+def test_fgnet_refit_none_end_to_end(tmp_path: Path, pool_model: Path) -> None:
+    cache_path = _face_cache(tmp_path / "faces.h5")
+    out = tmp_path / "res" / "results.md"
+    cfg = R.EvalConfig(protocol="fgnet-loo", models=[R.ModelArg("pool", pool_model)],
+                       cache=cache_path, out=out, command="mtmim evaluate test")
+    payload = R.evaluate(cfg, progress=False)
+    m = payload["results"][0]["metrics"]
+    cache = Cache(cache_path)
+    feats = extract_features(PoolNet(), cache, np.arange(len(cache)), "concat")
+    expected = M.rank1_dense(feats, cache.identity, feats, cache.identity, exclude_self=True)
+    assert m["rank1"] == expected and 0.2 < expected < 0.95
+    assert m["queries"] == 72 and m["cmc"][0] == pytest.approx(m["rank1"], abs=1 / 72 + 1e-9)
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["results"][0]["metrics"]["rank1"] == expected
+    assert saved["inputs"][0]["sha256"] == R.sha256_file(cache_path)
+    assert saved["models"][0]["sha256"] == R.sha256_file(pool_model)
+    assert saved["command"] == "mtmim evaluate test" and saved["tool_version"]
+    md = out.read_text()
+    assert f"| pool | {100 * expected:.2f} | 72 |" in md
+    assert "MT-MIM (reported, paper) | 94.21" in md
+    rows = list(csv.DictReader(open(out.parent / "cmc.csv")))
+    assert len(rows) == 20 and rows[0]["model"] == "pool"
+
+
+def test_fgnet_flip_modes_differ(tmp_path: Path, pool_model: Path) -> None:
+    cache_path = _face_cache(tmp_path / "faces.h5", noise=120)
+    res = {}
+    for flip in ("concat", "sum", "none"):
+        cfg = R.EvalConfig(protocol="fgnet-loo", models=[R.ModelArg("pool", pool_model)],
+                           cache=cache_path, flip=flip)
+        res[flip] = R.evaluate(cfg, progress=False)["results"][0]["metrics"]["rank1"]
+    cache = Cache(cache_path)
+    for flip, r1 in res.items():
+        f = extract_features(PoolNet(), cache, None, flip)
+        assert r1 == M.rank1_dense(f, cache.identity, f, cache.identity, exclude_self=True)
+
+
+def test_loo_rounds_partition() -> None:
+    exact = P.loo_rounds(10)
+    assert [r.tolist() for r in exact] == [[i] for i in range(10)]
+    grouped = P.loo_rounds(1002, 10, seed=3)
+    assert len(grouped) == 10 and {len(g) for g in grouped} == {100, 101}
+    assert np.array_equal(np.sort(np.concatenate(grouped)), np.arange(1002))
+    assert all(np.array_equal(a, b) for a, b in zip(grouped, P.loo_rounds(1002, 10, seed=3), strict=True))
+
+
+def test_rank_held_out_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    ident = rng.integers(0, 8, 60)
+    f = M.__dict__["np"].asarray(rng.standard_normal((60, 5)), np.float32)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    held = np.array([3, 17, 59])
+    rec = P.rank_held_out(f, ident, held)
+    for k, q in enumerate(held):
+        s = f @ f[q]
+        s[q] = -np.inf
+        assert rec["top1"][k] == int(np.argmax(s))
+        right = (ident == ident[q]) & (np.arange(60) != q)
+        assert rec["rank"][k] == 1 + int(((s > s[right].max()) & ~right).sum())
+        assert rec["hit"][k] == (ident[np.argmax(s)] == ident[q])
+
+
+def _fake_round(calls: list[int]):
+    def fn(r: int, held: np.ndarray) -> dict:
+        calls.append(r)
+        return {"held_out": held.tolist(), "top1": [0] * len(held), "rank": [1 + r % 2] * len(held),
+                "hit": [r % 2 == 0] * len(held)}
+    return fn
+
+
+def test_rounds_resume_shard_and_merge(tmp_path: Path) -> None:
+    rounds = P.loo_rounds(9)
+    cfg = {"protocol": "fgnet-loo", "seed": 0}
+    # A run that dies after 4 rounds ...
+    calls: list[int] = []
+
+    def dying(r, held):
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return _fake_round(calls)(r, held)
+
+    store = P.RoundStore(tmp_path / "a", cfg)
+    with pytest.raises(KeyboardInterrupt):
+        P.run_rounds(rounds, dying, store, progress=False)
+    # ... with a torn half line at the end of its file, then resumes where it stopped.
+    (next((tmp_path / "a").glob("rounds-*.jsonl"))).open("a").write('{"round": 7, "hel')
+    calls.clear()
+    done = P.run_rounds(rounds, _fake_round(calls), P.RoundStore(tmp_path / "a", cfg), progress=False)
+    assert calls == [4, 5, 6, 7, 8] and len(done) == 9
+    full = P.merge_rounds(done, 9, 9)
+    # Shards run separately, then merged, give the same figures.
+    for i in range(3):
+        P.run_rounds(rounds, _fake_round([]), P.RoundStore(tmp_path / "b", cfg), (i, 3), progress=False)
+    merged = P.merge_rounds(P.RoundStore(tmp_path / "b", cfg).done(), 9, 9)
+    assert merged["rank1"] == full["rank1"] == pytest.approx(5 / 9)
+    assert merged["cmc"][:2] == full["cmc"][:2] == pytest.approx([5 / 9, 1.0])
+    with pytest.raises(MtmimError, match="not done"):
+        P.merge_rounds({0: done[0]}, 9, 9)
+    with pytest.raises(MtmimError, match="different run"):
+        P.RoundStore(tmp_path / "b", {"protocol": "fgnet-loo", "seed": 1})
+
+
+def test_parse_shard() -> None:
+    assert P.parse_shard("1/4") == (1, 4) and P.parse_shard(None) == (0, 1)
+    for bad in ("4/4", "x", "1/0"):
+        with pytest.raises(MtmimError):
+            P.parse_shard(bad)
+
+
+# ---------------------------------------------------------------- MORPH
+def test_largest_gap_pairs_and_morph_rank1() -> None:
+    ident = np.array([0, 0, 0, 1, 1, 2, 2, 2, 3])
+    age = np.array([20, 50, 30, 40, 41, 18, np.nan, 60, 33], float)
+    probe, gallery, used = P.largest_gap_pairs(ident, age, [0, 1, 2, 3])
+    assert probe.tolist() == [1, 4, 7] and gallery.tolist() == [0, 3, 5] and used == [0, 1, 2]
+    rng = np.random.default_rng(1)
+    f = rng.standard_normal((9, 4)).astype(np.float32)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    out = P.morph_rank1(f, ident, age, [0, 1, 2, 3])
+    s = f[probe] @ f[gallery].T
+    assert out["rank1"] == np.mean(np.argmax(s, axis=1) == np.arange(3))
+
+
+def test_morph_split() -> None:
+    ident = np.repeat(np.arange(50), 3)
+    split = P.morph_split(ident, "morph-s2", seed=4, n_test=15, n_train=30)
+    assert len(split["test"]) == 15 and len(split["train"]) == 30
+    assert not set(split["test"]) & set(split["train"])
+    assert split == P.morph_split(ident, "morph-s2", seed=4, n_test=15, n_train=30)
+    s1 = P.morph_split(ident, "morph-s1", seed=4, n_test=20)
+    assert len(s1["train"]) == 30
+    with pytest.raises(MtmimError, match="needs 13000 subjects"):
+        P.morph_split(ident, "morph-s2")
+
+
+def test_morph_end_to_end_writes_split(tmp_path: Path, pool_model: Path) -> None:
+    cache_path = _face_cache(tmp_path / "m.h5", n_ids=20, per_id=3, noise=60)
+    out = tmp_path / "results.md"
+    cfg = R.EvalConfig(protocol="morph-s2", models=[R.ModelArg("a", pool_model),
+                                                   R.ModelArg("b", pool_model)],
+                       cache=cache_path, out=out, test_subjects=8, train_subjects=12)
+    payload = R.evaluate(cfg, progress=False)
+    split = json.loads(Path(payload["split_file"]).read_text())
+    assert len(split["test"]) == 8 and split["test_names"][0].startswith("s")
+    a, b = (r["metrics"]["rank1"] for r in payload["results"])
+    assert a == b and payload["results"][0]["metrics"]["queries"] == 8
+    assert "| a |" in out.read_text() and "| b |" in out.read_text()
+
+
+# ---------------------------------------------------------------- CACD
+def test_cacd_map_against_sklearn() -> None:
+    rng = np.random.default_rng(2)
+    n = 400
+    ident = rng.integers(0, 15, n)
+    year = rng.integers(2004, 2014, n)
+    test = rng.random(n) < 0.8
+    centres = rng.standard_normal((15, 6))
+    f = (centres[ident] + 1.5 * rng.standard_normal((n, 6))).astype(np.float32)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    out = P.cacd_map(f, ident, year, test)
+    q = np.flatnonzero(test & (year == 2013))
+    for name, (lo, hi) in P.CACD_DATABASES.items():
+        d = np.flatnonzero(test & (year >= lo) & (year <= hi))
+        aps = [average_precision_score(ident[d] == ident[k], f[d] @ f[k]) for k in q
+               if (ident[d] == ident[k]).any()]
+        assert out[name]["map"] == pytest.approx(np.mean(aps), abs=1e-6)
+    assert out["queries"] == len(q)
+
+
+# ---------------------------------------------------------------- verification
+def test_pairs_bin_and_csv_end_to_end(tmp_path: Path, pool_model: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    cache_path = _face_cache(tmp_path / "v.h5", n_ids=10, per_id=4, noise=110)
+    cache = Cache(cache_path)
+    i, j, same = __import__("mtmim_cli.eval.pairs", fromlist=["x"]).cross_age_pairs(
+        cache.identity, cache.age, 200, seed=0)
+    # The same pairs as a CSV on the cache, and as an insightface .bin (PNG, lossless).
+    with open(tmp_path / "pairs.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path_a", "path_b", "same"])
+        for a, b, s in zip(i, j, same, strict=True):
+            w.writerow([cache.paths[a], cache.paths[b], int(s)])
+    bins = []
+    for a, b in zip(i, j, strict=True):
+        for k in (a, b):
+            buf = io.BytesIO()
+            Image.fromarray(cache.image(k)).save(buf, "PNG")
+            bins.append(buf.getvalue())
+    (tmp_path / "pairs.bin").write_bytes(pickle.dumps((bins, [bool(s) for s in same])))
+
+    feats = extract_features(PoolNet(), cache, None, "concat")
+    scores = np.sum(feats[i] * feats[j], axis=1)
+    expected = M.tenfold_verification(scores, same, 10)
+    results = {}
+    for name, kw in {"csv": {"cache": cache_path, "pairs": tmp_path / "pairs.csv"},
+                     "bin": {"pairs": tmp_path / "pairs.bin"},
+                     "drawn": {"cache": cache_path, "n_pairs": 200}}.items():
+        cfg = R.EvalConfig(protocol="lfw", models=[R.ModelArg("pool", pool_model)],
+                           out=tmp_path / name / "results.md", **kw)
+        results[name] = R.evaluate(cfg, progress=False)["results"][0]["metrics"]
+    for m in results.values():
+        assert m["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
+        assert m["auc"] == pytest.approx(M.roc_auc(scores, same), abs=1e-6)
+        assert m["tar_at_far"] == pytest.approx(M.tar_at_far(scores, same, 1e-3), abs=1e-9)
+    assert 0.55 < expected["accuracy"] < 0.99
+    roc = list(csv.DictReader(open(tmp_path / "csv" / "roc.csv")))
+    assert roc and roc[-1]["far"] == "1" and float(roc[-1]["tar"]) == 1.0
+    assert "99.25" in (tmp_path / "csv" / "results.md").read_text()
+
+
+def test_bad_inputs(tmp_path: Path, pool_model: Path) -> None:
+    cache_path = _face_cache(tmp_path / "v.h5", n_ids=3, per_id=2)
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    cases = [
+        ({"protocol": "nope", "cache": cache_path}, "choose from"),
+        ({"protocol": "lfw", "cache": cache_path, "pairs": tmp_path / "bad.csv"}, "path_a"),
+        ({"protocol": "fgnet-loo"}, "needs --cache"),
+        ({"protocol": "morph-s2", "cache": cache_path, "refit": "head"}, "fgnet-loo only"),
+        ({"protocol": "cacd-map", "cache": cache_path}, "--meta"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(MtmimError, match=msg):
+            R.evaluate(R.EvalConfig(models=[R.ModelArg("m", pool_model)], **kw), progress=False)

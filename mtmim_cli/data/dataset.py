@@ -1,0 +1,119 @@
+"""A torch Dataset over one or more caches: crop, optional flip, (v - 127.5) / 128.
+
+Items are `(image (3,112,W) float32, label int, age float (NaN unknown), index int)`.
+Records whose status holds no face are left out. Labels are re-indexed 0..C-1 over
+(cache, identity) pairs, so identities of different caches never share a label.
+
+The horizontal flip is a pure function of (seed, epoch, index), not of a global RNG, so a
+resumed run and a run with worker processes flip exactly the same images.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mtmim_cli.data.cache import IMAGE_SIZE, Cache
+from mtmim_cli.errors import MtmimError
+
+MEAN, SCALE = 127.5, 128.0
+NORMALISATION = "(v-127.5)/128"
+
+
+def crop_columns(crop_width: int) -> slice:
+    """The columns of the 112x112 alignment kept for a crop width (96: 8 off each side)."""
+    if crop_width not in (112, 96):
+        raise MtmimError(f"crop width {crop_width}: must be 112 or 96")
+    off = (IMAGE_SIZE - crop_width) // 2
+    return slice(off, off + crop_width)
+
+
+def preprocess(images: np.ndarray | torch.Tensor, crop_width: int = 112) -> torch.Tensor:
+    """uint8 (N,112,112,3) RGB -> float32 (N,3,112,W) normalised as the encoders expect."""
+    x = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
+    if x.ndim != 4 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise ValueError(f"expected (N,112,112,3) images, got {tuple(x.shape)}")
+    return preprocess_cropped(x[:, :, crop_columns(crop_width)])
+
+
+def preprocess_cropped(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N,112,W,3) already cropped -> normalised float32 (N,3,112,W)."""
+    x = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
+    return ((x.permute(0, 3, 1, 2).float() - MEAN) / SCALE).contiguous()
+
+
+def _flip_bit(seed: int, epoch: int, index: int) -> bool:
+    # splitmix64 of the triple: cheap, stateless, well mixed.
+    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB
+         + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return bool((z ^ (z >> 31)) & 1)
+
+
+class CacheDataset(Dataset):
+    def __init__(self, caches: Sequence[str | os.PathLike | Cache], train: bool,
+                 crop_width: int = 112, seed: int = 0) -> None:
+        if not caches:
+            raise MtmimError("no cache given")
+        self.caches = [c if isinstance(c, Cache) else Cache(c) for c in caches]
+        self.train = train
+        self.crop = crop_columns(crop_width)
+        self.crop_width = crop_width
+        self.seed = seed
+        self.epoch = 0
+        cache_of, record, keys = [], [], []
+        for ci, cache in enumerate(self.caches):
+            rows = np.flatnonzero(cache.usable)
+            cache_of.append(np.full(len(rows), ci, np.int64))
+            record.append(rows)
+            keys.append(ci * (1 << 40) + cache.identity[rows])
+        self.cache_of = np.concatenate(cache_of)
+        self.record = np.concatenate(record)
+        if len(self.record) == 0:
+            raise MtmimError(f"{self.caches[0].path}: no usable image in the given caches")
+        uniq, self.labels = np.unique(np.concatenate(keys), return_inverse=True)
+        self.labels = self.labels.astype(np.int64)
+        self.num_classes = len(uniq)
+        self.class_names = [f"{self.caches[k >> 40].path.name}:"
+                            f"{self.caches[k >> 40].identity_names[k & ((1 << 40) - 1)]}"
+                            for k in uniq.tolist()]
+        self.ages = np.concatenate([c.age[r] for c, r in zip(self.caches, record, strict=True)])
+
+    def __len__(self) -> int:
+        return len(self.record)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose which flips this epoch uses (call before creating the DataLoader iterator)."""
+        self.epoch = epoch
+
+    def source(self, i: int) -> tuple[Cache, int]:
+        """The cache and record index behind dataset item i."""
+        return self.caches[self.cache_of[i]], int(self.record[i])
+
+    def _view(self, i: int, image: np.ndarray) -> np.ndarray:
+        """The crop (and this epoch's flip) of one 112x112 image, uint8 HWC."""
+        img = image[:, self.crop]
+        return img[:, ::-1] if self.train and _flip_bit(self.seed, self.epoch, i) else img
+
+    def _meta(self, i: int) -> tuple[int, float, int]:
+        return int(self.labels[i]), float(self.ages[i]), int(i)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, float, int]:
+        cache, rec = self.source(i)
+        x = preprocess_cropped(self._view(i, cache.image(rec))[None])[0]
+        return (x, *self._meta(i))
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        # DataLoader fetches a whole batch through this: one normalisation for the batch.
+        # Images are read one by one: h5py's fancy-index read of a list of rows is ~20x
+        # slower than single-row reads of the one-image chunks.
+        idx = np.asarray(indices, dtype=np.int64)
+        views = np.stack([self._view(int(i), self.caches[self.cache_of[i]].image(self.record[i]))
+                          for i in idx])
+        x = preprocess_cropped(views)
+        return [(x[k], *self._meta(int(i))) for k, i in enumerate(idx)]

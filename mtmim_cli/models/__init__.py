@@ -1,0 +1,1 @@
+"""Encoders, margin heads and the identity-feature model built from checkpoints."""

@@ -1,0 +1,120 @@
+"""The encoder registry: `build_backbone(name)`, each encoder's input width, and loading of
+released weights (`--init`) into an encoder with every key and shape checked."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtmim_cli.errors import MtmimError
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    build: Callable[[int], object]   # embedding size -> nn.Module
+    input_width: int                 # 112, or 96 for the 112x96 crop
+    embedding_size: int              # the native (released weights') embedding size
+
+
+def _iresnet(name: str) -> Callable[[int], object]:
+    def build(d: int) -> object:
+        from mtmim_cli.models.backbones.iresnet import iresnet
+        return iresnet(name, num_features=d)
+    return build
+
+
+def _resnet50(d: int) -> object:
+    from mtmim_cli.models.backbones.resnet import FaceResNet50
+    return FaceResNet50(num_features=d)
+
+
+def _mobilefacenet(d: int) -> object:
+    from mtmim_cli.models.backbones.mobilefacenet import MobileFaceNet
+    return MobileFaceNet(num_features=d)
+
+
+def _tiny(d: int) -> object:
+    from mtmim_cli.models.backbones.tiny import TinyNet
+    return TinyNet(num_features=d)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    **{n: BackboneSpec(_iresnet(n), 112, 512)
+       for n in ("iresnet18", "iresnet34", "iresnet50", "iresnet100")},
+    "resnet50": BackboneSpec(_resnet50, 112, 512),
+    "mobilefacenet": BackboneSpec(_mobilefacenet, 96, 128),
+    "tiny": BackboneSpec(_tiny, 112, 64),
+}
+
+
+def _spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise MtmimError(f"{name}: unknown backbone (choose from {', '.join(BACKBONES)})")
+    return BACKBONES[name]
+
+
+def build_backbone(name: str, embedding_size: int | None = None):  # -> nn.Module
+    """A freshly initialised encoder. `embedding_size` None means the backbone's native size
+    (512 for the ResNets, 128 for MobileFaceNet, whose released weights are 128-d)."""
+    spec = _spec(name)
+    return spec.build(embedding_size or spec.embedding_size)
+
+
+def input_width(name: str) -> int:
+    """112 for the 112x112 crop, 96 for MobileFaceNet's 112x96 crop."""
+    return _spec(name).input_width
+
+
+def default_embedding_size(name: str) -> int:
+    return _spec(name).embedding_size
+
+
+def extract_backbone_state(obj: object, path: str | os.PathLike = "") -> dict:
+    """The encoder's state dict inside a loaded file: the shared MobileFaceNet checkpoint
+    (`net_state_dict`), one of our checkpoints (`objective` with `encoder.*`), or a plain
+    state dict such as insightface's `backbone.pth`."""
+    if not isinstance(obj, dict):
+        raise MtmimError(f"{path}: not a state dict or checkpoint")
+    if "net_state_dict" in obj:
+        obj = obj["net_state_dict"]
+    elif "objective" in obj:
+        obj = {k[len("encoder."):]: v for k, v in obj["objective"].items()
+               if k.startswith("encoder.")}
+    if not obj:
+        raise MtmimError(f"{path}: holds no encoder weights")
+    # Weights saved from a DataParallel/DDP wrapper carry a "module." prefix.
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_backbone_weights(model, path: str | os.PathLike) -> None:
+    """Load `path` into `model` strictly: every key used and every shape equal, else an
+    MtmimError naming the first differences."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise MtmimError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
+        raise MtmimError(f"{path}: cannot read weights ({str(exc).splitlines()[0]})") from None
+    state = extract_backbone_state(obj, path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"{len(shapes)} of other shape (e.g. {shapes[0]})")
+        raise MtmimError(f"{path}: does not fit this backbone: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,106 @@
+"""`load_identity_model`: any supported weights file -> a model in eval mode that maps
+normalised images (B, 3, 112, input_width) to identity features.
+
+Accepted: our checkpoints (pretrain: x; finetune: x_id from the factorization unit), the shared
+MobileFaceNet checkpoint (`{'epoch', 'net_state_dict'}`), and a plain encoder state dict such as
+insightface's `backbone.pth` (the iresnet depth is read from the keys when `backbone` is None).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtmim_cli.data.dataset import NORMALISATION
+from mtmim_cli.errors import MtmimError
+from mtmim_cli.models.backbones import (
+    BACKBONES,
+    build_backbone,
+    extract_backbone_state,
+    input_width,
+)
+
+_IRESNET_DEPTH = {(2, 2, 2, 2): "iresnet18", (3, 4, 6, 3): "iresnet34",
+                  (3, 4, 14, 3): "iresnet50", (3, 13, 30, 3): "iresnet100"}
+
+
+class IdentityModel(nn.Module):
+    def __init__(self, encoder: nn.Module, meta: dict[str, Any],
+                 factorize: nn.Module | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.factorize = factorize
+        self.meta = meta
+        self.input_width = int(meta["input_width"])
+        self.embedding_size = int(meta["embedding_size"])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.encoder(images)
+        return x if self.factorize is None else self.factorize(x)[0]
+
+
+def _guess_backbone(state: dict, path: Path) -> str:
+    if "linear7.conv.weight" in state:
+        return "mobilefacenet"
+    if "layer1.0.bn1.weight" in state and "prelu.weight" in state:
+        counts = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")})
+                       for i in range(1, 5))
+        if counts in _IRESNET_DEPTH:
+            return _IRESNET_DEPTH[counts]
+    raise MtmimError(f"{path}: cannot tell the backbone from the weights; pass it "
+                     f"(one of {', '.join(BACKBONES)})")
+
+
+def _embedding_size(state: dict, name: str) -> int:
+    key = "linear1.conv.weight" if name == "mobilefacenet" else "fc.weight"
+    if key not in state:
+        raise MtmimError(f"weights do not fit backbone {name} (no {key})")
+    return int(state[key].shape[0])
+
+
+def _load_strict(module: nn.Module, state: dict, path: Path, what: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "mismatch"
+        raise MtmimError(f"{path}: {what} weights do not fit ({first})") from None
+
+
+def load_identity_model(path: str | os.PathLike, backbone: str | None = None) -> IdentityModel:
+    path = Path(path)
+    if not path.exists():
+        raise MtmimError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an unreadable file is the user's input
+        raise MtmimError(f"{path}: cannot read weights ({str(exc).splitlines()[0]})") from None
+    if isinstance(obj, dict) and "meta" in obj and "objective" in obj:
+        meta = dict(obj["meta"])
+        name = meta["backbone"]
+        if backbone and backbone != name:
+            raise MtmimError(f"{path}: a {name} checkpoint, not {backbone}")
+    else:
+        meta = {}
+        name = backbone
+    state = extract_backbone_state(obj, path)
+    name = name or _guess_backbone(state, path)
+    dim = _embedding_size(state, name)
+    encoder = build_backbone(name, dim)
+    _load_strict(encoder, state, path, name)
+    factorize = None
+    if meta.get("kind") == "finetune":
+        from mtmim_cli.models.factorize import FactorizationUnit  # developer C's module
+
+        factorize = FactorizationUnit(int(meta["factorize_dim"]))
+        fstate = {k[len("factorize."):]: v for k, v in obj["objective"].items()
+                  if k.startswith("factorize.")}
+        _load_strict(factorize, fstate, path, "factorization unit")
+    if not meta:
+        meta = {"kind": "external", "source": str(path)}
+    meta = {**meta, "backbone": name, "input_width": meta.get("input_width", input_width(name)),
+            "embedding_size": dim, "normalisation": meta.get("normalisation", NORMALISATION)}
+    return IdentityModel(encoder, meta, factorize).eval()

@@ -1,0 +1,88 @@
+"""The settings of one training run; the resolved values are saved as `config.json` in the
+run folder, and `--resume` checks that a continued run uses the same ones."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mtmim_cli.errors import MtmimError
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("plateau", "poly", "cosine", "constant")
+AMP_MODES = ("none", "bf16", "fp16")
+
+# Settings that may change between a killed run and its resumption without changing results.
+RESUME_FREE = ("resume", "workers", "progress", "ckpt_every", "log_every")
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/pretrain"
+    epochs: int = 10
+    batch_size: int = 128              # global: split evenly over the ranks
+    optimizer: str = "adam"
+    lr: float = 0.001
+    momentum: float = 0.9              # SGD only
+    weight_decay: float = 5e-4
+    schedule: str = "plateau"          # reduce by plateau_factor when the epoch loss stalls
+    warmup_steps: int = 0              # linear warm-up (poly, cosine, constant)
+    poly_power: float = 2.0
+    plateau_patience: int = 1          # epochs without a better loss before the drop
+    plateau_factor: float = 0.1
+    plateau_threshold: float = 1e-3    # relative improvement that counts as better
+    amp: str = "none"
+    clip_grad: float = 0.0             # max global grad norm; 0 disables
+    seed: int = 0
+    workers: int = 0
+    max_steps: int = 0                 # stop after this many steps (0: run all epochs)
+    ckpt_every: int = 200              # steps between full-state checkpoints (also every epoch end)
+    log_every: int = 1
+    val_every: int = 0                 # steps between validations (0: before and after only)
+    sync_bn: bool = False              # BatchNorm statistics over the global batch when distributed
+    resume: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)   # the command's own settings, recorded
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise MtmimError(f"--optimizer {self.optimizer}: choose from {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise MtmimError(f"--schedule {self.schedule}: choose from {', '.join(SCHEDULES)}")
+        if self.amp not in AMP_MODES:
+            raise MtmimError(f"--amp {self.amp}: choose from {', '.join(AMP_MODES)}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise MtmimError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.lr <= 0:
+            raise MtmimError(f"--lr {self.lr}: must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def write_config(path: Path, config: TrainConfig) -> None:
+    from mtmim_cli.atomic import atomic_write_text
+    atomic_write_text(path, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def check_resume_config(path: Path, config: TrainConfig) -> None:
+    """Refuse to resume with settings that would change the result."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MtmimError(f"{path}: unreadable run config ({exc})") from None
+    now = json.loads(json.dumps(config.to_dict()))  # same JSON round trip as the saved one
+    diffs = [k for k in sorted(set(saved) | set(now))
+             if k not in RESUME_FREE and saved.get(k) != now.get(k)]
+    if diffs:
+        show = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diffs[:3])
+        raise MtmimError(f"{path}: --resume with different settings ({show}); "
+                         "use the original options or a new --out folder")

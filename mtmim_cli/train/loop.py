@@ -1,0 +1,373 @@
+"""The one training loop, shared by pretraining and fine-tuning (nanoGPT-style: read it top to
+bottom). It owns DDP, sampling, AMP, clipping, the main optimiser and its schedule, atomic
+full-state checkpoints with mid-epoch resume, metrics.csv, the validation hook and the live
+display; the Objective (train/objectives.py) owns the model and the loss.
+
+Run folder: config.json, metrics.csv, validation.csv, checkpoints/last.pt (whole state),
+model.pt (final weights + meta), best.pt (best validation weights + meta).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mtmim_cli import __version__
+from mtmim_cli.atomic import atomic_write_text
+from mtmim_cli.data.dataset import NORMALISATION, CacheDataset
+from mtmim_cli.errors import MtmimError
+from mtmim_cli.progress import make_progress
+from mtmim_cli.train import distributed as D
+from mtmim_cli.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mtmim_cli.train.config import TrainConfig, check_resume_config, write_config
+from mtmim_cli.train.objectives import Objective
+
+BASE_COLUMNS = ("step", "epoch", "loss", "accuracy", "lr", "images_per_s")
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, cut to whole global batches and dealt to the ranks
+    (rank r takes positions r, r+W, ...), so the union of the ranks' k-th batches is the k-th
+    global batch a single process would take. `start` skips samples already trained on."""
+
+    def __init__(self, n: int, global_batch: int, world: int, rank: int, seed: int) -> None:
+        self.n, self.global_batch, self.world, self.rank, self.seed = n, global_batch, world, rank, seed
+        self.steps = n // global_batch
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: self.steps * self.global_batch]
+        return perm[self.rank:: self.world].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start:])
+
+    def __len__(self) -> int:
+        return self.steps * (self.global_batch // self.world) - self.start
+
+
+def lr_factor(config: TrainConfig, step: int, total: int) -> float:
+    """Schedule multiplier at `step` (0-based): linear warm-up, then poly/cosine/constant decay.
+    The plateau schedule's drops are applied separately (they depend on the loss)."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule in ("plateau", "constant"):
+        return 1.0
+    span = max(1, total - config.warmup_steps)
+    p = min(1.0, (step - config.warmup_steps) / span)
+    if config.schedule == "poly":
+        return (1.0 - p) ** config.poly_power
+    return 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+@dataclass
+class LoopState:
+    """Where the run is; saved in every checkpoint."""
+    step: int = 0
+    epoch: int = 0                   # 0-based epoch in progress
+    position: int = 0                # steps done inside that epoch
+    plateau_scale: float = 1.0
+    plateau_best: float = math.inf
+    plateau_bad: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_n: int = 0
+    best_val: float = -1.0
+    best_step: int = -1
+    history: list[dict] = field(default_factory=list)   # validation results
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_loss: float
+    validations: list[dict]
+
+
+class _CsvLog:
+    """A CSV that survives kills: rows past the resumed step are dropped on reopening."""
+
+    def __init__(self, path: Path, columns: Sequence[str], keep_upto: int | None) -> None:
+        self.path, self.columns = path, list(columns)
+        header = ",".join(self.columns)
+        kept: list[str] = []
+        if keep_upto is not None and path.exists():
+            lines = path.read_text().splitlines()
+            if lines and lines[0] == header:
+                for line in lines[1:]:
+                    cells = line.split(",")
+                    if len(cells) == len(self.columns) and cells[0].isdigit() and int(cells[0]) <= keep_upto:
+                        kept.append(line)
+        atomic_write_text(path, "\n".join([header, *kept]) + "\n")
+        self.fh = open(path, "a", buffering=1)
+
+    def write(self, row: dict[str, Any]) -> None:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow([_fmt(row.get(c, "")) for c in self.columns])
+        self.fh.write(buf.getvalue())
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _make_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    return opt
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.amp == "none":
+        return nullcontext()
+    if config.amp == "fp16" and device.type != "cuda":
+        raise MtmimError("--amp fp16: needs a CUDA device (use bf16 or none on the CPU)")
+    dtype = torch.bfloat16 if config.amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def train(objective: Objective, train_data: Sequence[str | os.PathLike] | Dataset,
+          config: TrainConfig, *, meta: dict[str, Any], validator: Any = None) -> TrainResult:
+    """Train `objective` on the caches (or a Dataset) with `config`; returns the run summary.
+
+    `meta` must hold kind, backbone, input_width, embedding_size (plus anything a later
+    command needs, e.g. num_classes, age_groups); it is stored in every checkpoint.
+    `validator(objective, device) -> {"accuracy", "std", ...}` runs on rank 0 before training,
+    every `config.val_every` steps and at the end.
+    """
+    config.validate()
+    device = D.init_from_env()
+    world, rank = D.world_size(), D.rank()
+    main = rank == 0
+    meta = {**meta, "normalisation": NORMALISATION, "tool_version": __version__}
+    if config.batch_size % world:
+        raise MtmimError(f"--batch-size {config.batch_size}: must be a multiple of the {world} processes")
+    local_batch = config.batch_size // world
+
+    run_dir = Path(config.out)
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    resuming = config.resume and ckpt_path.exists()
+    if main:
+        if ckpt_path.exists() and not config.resume:
+            raise MtmimError(f"{run_dir}: holds a run already; pass --resume or choose another --out")
+        if resuming:
+            check_resume_config(run_dir / "config.json", config)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir / "config.json", config)
+    D.barrier()
+
+    # --- data ---
+    if isinstance(train_data, Dataset):
+        dataset = train_data
+    else:
+        dataset = CacheDataset(train_data, train=True, crop_width=int(meta["input_width"]),
+                               seed=config.seed)
+    sampler = EpochSampler(len(dataset), config.batch_size, world, rank, config.seed)
+    if sampler.steps == 0:
+        raise MtmimError(f"training data has {len(dataset)} images, fewer than one batch "
+                         f"({config.batch_size}); lower --batch-size")
+    total = config.epochs * sampler.steps
+    if config.max_steps:
+        total = min(total, config.max_steps)
+
+    # --- model, optimiser ---
+    if world > 1 and config.sync_bn:
+        D.convert_sync_batchnorm(objective, device)
+    objective.to(device)
+    groups = objective.main_parameters()
+    params = [p for g in groups for p in g["params"]]
+    optimizer = _make_optimizer(config, groups)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    model: nn.Module = objective
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=getattr(objective, "ddp_find_unused_parameters", False))
+
+    st = LoopState()
+    if resuming:
+        ck = load_checkpoint(ckpt_path)
+        objective.load_state_dict(ck["objective"])
+        objective.load_extra_state_dict(ck.get("extra", {}))
+        optimizer.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        st = LoopState(**ck["loop"])
+        rngs = ck["rng"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    else:
+        # Rank-specific streams for dropout and the like; the weights were built before, alike.
+        torch.manual_seed(config.seed * 1_000_003 + rank)
+
+    def checkpoint(path: Path, full: bool) -> None:
+        rngs = D.all_gather_object(rng_state()) if full else None
+        if not main:
+            return
+        state: dict[str, Any] = {"meta": meta, "objective": objective.state_dict()}
+        if full:
+            state.update(extra=objective.extra_state_dict(), optimizer=optimizer.state_dict(),
+                         scaler=scaler.state_dict(), loop=st.to_dict(), rng=rngs,
+                         config=config.to_dict())
+        save_checkpoint(path, state)
+
+    columns = [*BASE_COLUMNS, *objective.metric_names]
+    log = _CsvLog(run_dir / "metrics.csv", columns, st.step if resuming else None) if main else None
+    val_log = (_CsvLog(run_dir / "validation.csv", ["step", "accuracy", "std", "best_accuracy"],
+                       st.step if resuming else None) if main and validator is not None else None)
+
+    display = make_progress("img", disable=not (main and config.progress))
+    console = display.console
+
+    def say(msg: str) -> None:
+        if main:
+            console.print(msg, highlight=False)
+
+    def validate() -> None:
+        if validator is not None and main:
+            res = validator(objective, device)
+            acc = float(res["accuracy"])
+            if acc > st.best_val:
+                st.best_val, st.best_step = acc, st.step
+                checkpoint(run_dir / "best.pt", full=False)
+            st.history.append({"step": st.step, "accuracy": acc, "std": float(res["std"])})
+            val_log.write({"step": st.step, "accuracy": acc, "std": float(res["std"]),
+                           "best_accuracy": st.best_val})
+            say(f"validation at step {st.step} on {getattr(validator, 'name', 'pairs')}: "
+                f"accuracy {acc:.4f} ± {float(res['std']):.4f} "
+                f"(best {st.best_val:.4f} at step {st.best_step})")
+        D.barrier()
+
+    if resuming:
+        say(f"resuming {run_dir} at step {st.step} (epoch {st.epoch + 1}, batch {st.position})")
+    elif validator is not None:
+        validate()
+
+    last_loss = math.nan
+    objective.train()
+    try:
+        with display:
+            task = display.add_task("train", total=total * config.batch_size,
+                                    completed=st.step * config.batch_size)
+            while st.step < total:
+                if st.position >= sampler.steps:     # an epoch just ended
+                    _end_epoch(st, config, optimizer, objective, say)
+                    checkpoint(ckpt_path, full=True)
+                    continue
+                if hasattr(dataset, "set_epoch"):
+                    dataset.set_epoch(st.epoch)
+                sampler.set_epoch(st.epoch, st.position * local_batch)
+                loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler,
+                                    num_workers=config.workers, drop_last=True,
+                                    pin_memory=device.type == "cuda",
+                                    generator=torch.Generator().manual_seed(config.seed + st.epoch))
+                t0 = time.perf_counter()
+                for images, labels, ages, _ in loader:
+                    if st.step >= total:
+                        break
+                    for g in optimizer.param_groups:
+                        g["lr"] = g["base_lr"] * lr_factor(config, st.step, total) * st.plateau_scale
+                    images = images.to(device, non_blocking=True)
+                    labels = labels.to(device, non_blocking=True)
+                    ages = ages.to(device, dtype=torch.float32, non_blocking=True)
+                    with _autocast(config, device):
+                        loss, metrics = model(images, labels, ages)
+                    names = ["accuracy", *[n for n in objective.metric_names if n in metrics]]
+                    vals = torch.stack([loss.detach().float(),
+                                        *[metrics[n].detach().float().reshape(()) for n in names]])
+                    vals = (D.all_reduce_sum(vals) / world).tolist()
+                    if not math.isfinite(vals[0]):
+                        last = f"step {st.step}" if ckpt_path.exists() else "none written yet"
+                        raise MtmimError(f"{run_dir}: loss is {vals[0]} at step {st.step + 1} "
+                                         f"(epoch {st.epoch + 1}); stopped. Last good checkpoint: "
+                                         f"{ckpt_path if ckpt_path.exists() else 'none'} ({last})")
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if config.clip_grad > 0:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    inner = objective.after_step()
+                    st.step += 1
+                    st.position += 1
+                    last_loss = vals[0]
+                    st.epoch_loss_sum += vals[0]
+                    st.epoch_loss_n += 1
+                    dt = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    row = dict(zip(["loss", *names], vals, strict=True))
+                    row.update(inner)
+                    row.update(step=st.step, epoch=st.epoch + 1,
+                               lr=optimizer.param_groups[0]["lr"],
+                               images_per_s=config.batch_size / max(dt, 1e-9))
+                    if log is not None and st.step % config.log_every == 0:
+                        log.write(row)
+                    display.update(task, advance=config.batch_size,
+                                   description=f"epoch {st.epoch + 1} loss {row['loss']:.3f} "
+                                               f"acc {row['accuracy']:.3f}")
+                    if config.ckpt_every and st.step % config.ckpt_every == 0:
+                        checkpoint(ckpt_path, full=True)
+                    if config.val_every and st.step % config.val_every == 0 and st.step < total:
+                        validate()
+                if st.step >= total and st.position >= sampler.steps:
+                    _end_epoch(st, config, optimizer, objective, say)
+        if validator is not None and not (st.history and st.history[-1]["step"] == st.step):
+            validate()
+        checkpoint(ckpt_path, full=True)   # holds the final validation history too
+        checkpoint(run_dir / "model.pt", full=False)
+    finally:
+        if log is not None:
+            log.close()
+        if val_log is not None:
+            val_log.close()
+    say(f"done: {st.step} steps, last loss {last_loss:.4f}; weights in {run_dir / 'model.pt'}")
+    return TrainResult(run_dir, st.step, last_loss, list(st.history))
+
+
+def _end_epoch(st: LoopState, config: TrainConfig, optimizer: torch.optim.Optimizer,
+               objective: Objective, say) -> None:
+    """Close the epoch: the plateau rule looks at the epoch's mean loss."""
+    mean = st.epoch_loss_sum / max(1, st.epoch_loss_n)
+    if config.schedule == "plateau" and st.epoch_loss_n:
+        if mean < st.plateau_best * (1 - config.plateau_threshold):
+            st.plateau_best, st.plateau_bad = mean, 0
+        else:
+            st.plateau_bad += 1
+            if st.plateau_bad >= config.plateau_patience:
+                st.plateau_scale *= config.plateau_factor
+                st.plateau_bad = 0
+                if hasattr(objective, "on_lr_drop"):
+                    objective.on_lr_drop(config.plateau_factor)
+                say(f"epoch {st.epoch + 1}: loss {mean:.4f} did not improve; lr x{config.plateau_factor}")
+    st.epoch += 1
+    st.position = 0
+    st.epoch_loss_sum, st.epoch_loss_n = 0.0, 0

@@ -1,0 +1,49 @@
+"""The library function behind `mtmim pretrain`: margin-softmax training of an encoder on
+general face data (caches), optionally from released weights, with FG-NET-style validation."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mtmim_cli.data.dataset import CacheDataset
+from mtmim_cli.models.backbones import (
+    build_backbone,
+    default_embedding_size,
+    input_width,
+    load_backbone_weights,
+)
+from mtmim_cli.train.config import TrainConfig
+from mtmim_cli.train.loop import TrainResult, train
+from mtmim_cli.train.objectives import PretrainObjective
+
+
+def pretrain(caches: Sequence[str | os.PathLike], config: TrainConfig, *, backbone: str,
+             embedding_size: int | None = None, init: str | os.PathLike | None = None,
+             margin: str = "arcface", s: float = 64.0, m: float | None = None,
+             val_cache: str | os.PathLike | None = None, val_pairs: int = 3000) -> TrainResult:
+    width = input_width(backbone)
+    dim = embedding_size or default_embedding_size(backbone)
+    config.extra = {"caches": [str(Path(c)) for c in caches], "backbone": backbone,
+                    "embedding_size": dim, "init": str(init) if init else None, "margin": margin,
+                    "s": s, "m": m, "val_cache": str(val_cache) if val_cache else None,
+                    "val_pairs": val_pairs}
+    config.validate()
+    dataset = CacheDataset(caches, train=True, crop_width=width, seed=config.seed)
+    # Same seed on every rank: the initial weights agree before DDP even broadcasts them.
+    torch.manual_seed(config.seed)
+    encoder = build_backbone(backbone, dim)
+    if init:
+        load_backbone_weights(encoder, init)
+    objective = PretrainObjective(encoder, dataset.num_classes, dim, margin=margin, s=s, m=m)
+    validator = None
+    if val_cache:
+        from mtmim_cli.train.validate import PairValidator
+        validator = PairValidator(val_cache, width, n_pairs=val_pairs, seed=config.seed)
+    meta = {"kind": "pretrain", "backbone": backbone, "input_width": width, "embedding_size": dim,
+            "num_classes": dataset.num_classes, "margin": margin, "s": s,
+            "m": objective.id_head.extra_repr(), "init": str(init) if init else ""}
+    return train(objective, dataset, config, meta=meta, validator=validator)

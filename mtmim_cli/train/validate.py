@@ -1,0 +1,52 @@
+"""The validation hook: 10-fold verification accuracy on cross-age pairs of a held-out cache
+(e.g. FG-NET), computed on the objective's identity features with mirror concatenation."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtmim_cli.data.cache import Cache
+from mtmim_cli.eval.features import extract_features
+from mtmim_cli.eval.metrics import tenfold_verification
+from mtmim_cli.eval.pairs import cross_age_pairs
+
+
+class _IdentityView(nn.Module):
+    """Presents `objective.identity_features` as a model with an `input_width`."""
+
+    def __init__(self, objective: nn.Module, input_width: int) -> None:
+        super().__init__()
+        self.objective = objective
+        self.input_width = input_width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.objective.identity_features(x)
+
+
+class PairValidator:
+    def __init__(self, cache: str | os.PathLike | Cache, input_width: int, n_pairs: int = 3000,
+                 seed: int = 0, min_gap: float = 0.0, flip: str = "concat",
+                 batch_size: int = 128) -> None:
+        self.cache = cache if isinstance(cache, Cache) else Cache(cache)
+        self.input_width = input_width
+        self.flip = flip
+        self.batch_size = batch_size
+        self.i, self.j, self.same = cross_age_pairs(self.cache.identity, self.cache.age, n_pairs,
+                                                    seed, min_gap=min_gap, usable=self.cache.usable)
+        self.used, inverse = np.unique(np.r_[self.i, self.j], return_inverse=True)
+        self.pos_i, self.pos_j = inverse[: len(self.i)], inverse[len(self.i):]
+
+    @property
+    def name(self) -> str:
+        return f"{self.cache.path.name} ({len(self.same)} pairs)"
+
+    def __call__(self, objective: nn.Module, device: torch.device | str = "cpu") -> dict:
+        feats = extract_features(_IdentityView(objective, self.input_width), self.cache,
+                                 self.used, flip=self.flip, batch_size=self.batch_size,
+                                 device=device)
+        scores = np.einsum("nd,nd->n", feats[self.pos_i], feats[self.pos_j])
+        return tenfold_verification(scores, self.same, 10)

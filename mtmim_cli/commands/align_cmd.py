@@ -1,1 +1,103 @@
-"""Commands registered on mtmim_cli.app.app (import heavy modules inside the commands)."""
+"""`mtmim align`, `mtmim info`, `mtmim merge`: raw photos -> aligned HDF5 caches."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from mtmim_cli.app import app
+
+_FORMATS = "fgnet, celeba, folder, csv, agedb, cacd, morph (see data/README.md)"
+
+
+def _command_line() -> str:
+    return "mtmim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+@app.command()
+def align(
+    src: Path = typer.Argument(..., help="Dataset folder (or CSV / label file for csv, morph, celeba)."),
+    fmt: str = typer.Option(..., "--format", "-f", help=f"Dataset layout: {_FORMATS}."),
+    out: Path = typer.Option(..., "--out", "-o", help="The HDF5 cache to write (e.g. fgnet.h5)."),
+    on_miss: str = typer.Option("skip", "--on-miss",
+                                help="Photo without a detected face: skip (stored as a miss), "
+                                     "center (store a centre crop), fail (stop the run)."),
+    aligned: bool = typer.Option(False, "--aligned",
+                                 help="Input is already aligned crops: pad/resize to 112x112, "
+                                      "no detection."),
+    min_face: float = typer.Option(None, "--min-face",
+                                   help="Smallest face to look for: below 1, a fraction of the "
+                                        "photo's shorter side; from 1 up, pixels. Default 0.15; "
+                                        "a miss is retried once at 20 px."),
+    det_size: int = typer.Option(None, "--det-size",
+                                 help="Photos longer than this many pixels are downscaled for "
+                                      "detection (warp at full size). Default 640; 0 = never."),
+    no_retry: bool = typer.Option(False, "--no-retry",
+                                  help="Do not retry a miss at MTCNN's 20-px minimum face."),
+    device: str = typer.Option("cpu", "--device", help="Torch device for MTCNN: cpu, cuda, cuda:1."),
+    threads: int = typer.Option(None, "--threads",
+                                help="Torch threads for detection (default 1 on cpu: decoding "
+                                     "runs in parallel and MTCNN's small layers scale poorly)."),
+    workers: int = typer.Option(1, "--workers", help="Threads decoding photos ahead of detection."),
+    shard: str = typer.Option(None, "--shard",
+                              help="I/N: align only the I-th of N contiguous blocks of the "
+                                   "records (join the N files with `mtmim merge`)."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Redo an existing cache made from other photos or settings."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Detect, align (five points onto the 112x112 template) and cache every photo of a dataset.
+
+    Resumes after a kill: rerun the same command. Misses and unreadable files are stored with a
+    reason and listed at the end.
+    """
+    from mtmim_cli.data.align import align_dataset, parse_shard
+
+    console = Console(stderr=True)
+    interactive = console.is_terminal and not quiet
+    if threads is None and device == "cpu":
+        threads = 1
+    summary = align_dataset(
+        src, fmt, out, on_miss=on_miss, aligned=aligned, min_face=min_face, det_size=det_size,
+        retry=not no_retry, device=device, shard=parse_shard(shard), threads=threads,
+        workers=workers, overwrite=overwrite, progress=interactive, command=_command_line(),
+        log=None if interactive or quiet else (lambda line: print(line, file=sys.stderr, flush=True)),
+    )
+    print(summary.format())
+
+
+@app.command()
+def info(
+    cache: Path = typer.Argument(..., help="An mtmim HDF5 cache."),
+    misses: bool = typer.Option(False, "--misses", help="List every record without a detected face."),
+    as_json: bool = typer.Option(False, "--json", help="Print the description as JSON."),
+) -> None:
+    """Counts, identities, age histogram, misses and schema of a cache."""
+    import json
+
+    from mtmim_cli.data.info import cache_info, format_info
+
+    description = cache_info(cache)
+    if as_json:
+        print(json.dumps(description, indent=2, default=str))
+    else:
+        print(format_info(description, max_problems=None if misses else 20))
+
+
+@app.command()
+def merge(
+    out: Path = typer.Argument(..., help="The merged cache to write."),
+    shards: list[Path] = typer.Argument(..., help="All N shard caches of one `align --shard` job."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Join the caches of `mtmim align --shard I/N` into the cache an unsharded run writes."""
+    from mtmim_cli.data.align import summarize_cache
+    from mtmim_cli.data.shards import merge_caches
+
+    interactive = Console(stderr=True).is_terminal and not quiet
+    path = merge_caches(out, shards, command=_command_line(), progress=interactive)
+    print(summarize_cache(path).format())

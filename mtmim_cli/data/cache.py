@@ -64,39 +64,73 @@ class CacheWriter:
     """Writes records by index into ``<final>.partial``; `finish()` renames it into place.
 
     Records must be written in index order; `commit(n)` marks the first n as durable.
-    Opening a writer over an existing partial file with the same records resumes it.
+    Opening a writer over an existing partial file with the same records (and the same values
+    of the attributes named in `match_attrs`) resumes it from `start`.
+
+    Written records are held in memory until `commit` (or a bounded buffer fills) and then
+    written and flushed together, so a process killed between commits leaves the file exactly
+    as the last flush left it; image chunks are allocated when the file is created, so those
+    writes touch no HDF5 index structures.
     """
 
+    BUFFER = 256  # records held before an early write (not a commit: n_done does not move)
+
     def __init__(self, final_path: str | os.PathLike, records: Sequence[Record],
-                 attrs: dict | None = None, resume: bool = True) -> None:
+                 attrs: dict | None = None, resume: bool = True,
+                 match_attrs: Sequence[str] = ()) -> None:
         self.final_path = Path(final_path)
         self.tmp_path = tmp_path_for(self.final_path)
         self.records = list(records)
         digest = records_digest(self.records)
+        attrs = attrs or {}
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
         self.start = 0
+        self._pending: dict[int, tuple] = {}
         if resume and self.tmp_path.exists():
-            try:
-                f = h5py.File(self.tmp_path, "r+")
-            except OSError:
-                f = None  # a partial file too broken to open: start over
-            if f is not None and f.attrs.get("records_sha1") == digest:
+            f = self._open_partial(digest, attrs, match_attrs)
+            if f is not None:
                 self.h5 = f
                 self.start = int(f.attrs["n_done"])
+                self.committed = self.start
                 return
-            if f is not None:
-                f.close()
         if self.tmp_path.exists():
             self.tmp_path.unlink()
-        self.h5 = self._create(digest, attrs or {})
+        self.h5 = self._create(digest, attrs)
+        self.committed = 0
+
+    def _open_partial(self, digest: str, attrs: dict, match_attrs: Sequence[str]) -> h5py.File | None:
+        """The partial file if it can be resumed, else None (it is then started over)."""
+        try:
+            f = h5py.File(self.tmp_path, "r+")
+        except OSError:
+            return None  # a partial file too broken to open: start over
+        try:
+            same = f.attrs.get("records_sha1") == digest and all(
+                _attr_text(f.attrs.get(k)) == _attr_text(attrs.get(k)) for k in match_attrs)
+            n_done = int(f.attrs["n_done"])
+            ok = same and 0 <= n_done <= len(self.records) and f["status"].shape == (len(self.records),)
+            if ok and n_done:
+                f["images"][n_done - 1]  # the last committed image must read back
+                f["reason"][n_done - 1]
+        except Exception:  # noqa: BLE001  any damage means: start over, never resume garbage
+            ok = False
+        if not ok:
+            f.close()
+            return None
+        return f
 
     def _create(self, digest: str, attrs: dict) -> h5py.File:
         n = len(self.records)
         names = sorted({r.identity for r in self.records})
         index = {name: i for i, name in enumerate(names)}
         f = h5py.File(self.tmp_path, "w")
+        dcpl = None
+        if n:
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
         f.create_dataset("images", (n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8,
-                         chunks=(1, IMAGE_SIZE, IMAGE_SIZE, 3) if n else None)
+                         chunks=(1, IMAGE_SIZE, IMAGE_SIZE, 3) if n else None, dcpl=dcpl,
+                         fill_time="never" if n else None)
         f.create_dataset("identity", data=np.array([index[r.identity] for r in self.records],
                                                    dtype=np.int64))
         f.create_dataset("identity_names", data=np.array(names, dtype=object), dtype=_STR)
@@ -122,20 +156,32 @@ class CacheWriter:
     def write(self, i: int, image: np.ndarray | None, status: int, landmarks: np.ndarray | None = None,
               det_score: float = float("nan"), reason: str = "") -> None:
         """Store record i. `image` is (112,112,3) uint8, or None for a miss or an error."""
-        if image is not None:
-            if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3) or image.dtype != np.uint8:
-                raise ValueError(f"image {i} has shape {image.shape} {image.dtype}")
-            self.h5["images"][i] = image
-        if landmarks is not None:
-            self.h5["landmarks"][i] = np.asarray(landmarks, dtype=np.float32).reshape(5, 2)
-        self.h5["det_score"][i] = det_score
-        self.h5["status"][i] = status
-        self.h5["reason"][i] = reason
+        if image is not None and (image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3) or image.dtype != np.uint8):
+            raise ValueError(f"image {i} has shape {image.shape} {image.dtype}")
+        lm = None if landmarks is None else np.asarray(landmarks, dtype=np.float32).reshape(5, 2)
+        self._pending[i] = (None if image is None else image.copy(), status, lm, det_score, reason)
+        if len(self._pending) >= self.BUFFER:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        h5 = self.h5
+        for i in sorted(self._pending):
+            image, status, lm, det_score, reason = self._pending[i]
+            if image is not None:
+                h5["images"][i] = image
+            if lm is not None:
+                h5["landmarks"][i] = lm
+            h5["det_score"][i] = det_score
+            h5["status"][i] = status
+            h5["reason"][i] = reason
+        self._pending.clear()
 
     def commit(self, n_done: int) -> None:
         """Mark records [0, n_done) as written and flush them to disk."""
+        self._write_pending()
         self.h5.attrs["n_done"] = n_done
         self.h5.flush()
+        self.committed = n_done
 
     def finish(self) -> Path:
         self.commit(len(self.records))
@@ -144,9 +190,17 @@ class CacheWriter:
         return self.final_path
 
     def close(self) -> None:
-        """Close without finishing (the partial file stays for a later resume)."""
+        """Close without finishing (the partial file stays for a later resume; uncommitted
+        records are dropped)."""
+        self._pending.clear()
         if self.h5.id.valid:
             self.h5.close()
+
+
+def _attr_text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)
 
 
 class Cache:

@@ -1,0 +1,379 @@
+"""Five-point alignment onto the standard 112x112 template, one photo or a whole dataset.
+
+Geometry: a similarity transform (rotation, uniform scale, translation; no reflection)
+estimated by least squares in closed form (Umeyama 1991) from the five MTCNN points to
+`TEMPLATE_112`, then a bilinear warp (Pillow's affine transform). Pixel centres sit on integer
+coordinates, as in MTCNN's output and the template's usual use with OpenCV.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mtmim_cli.errors import MtmimError
+
+IMAGE_SIZE = 112
+
+# insightface's 112x112 ArcFace template: left eye, right eye, nose tip, left and right mouth
+# corner (image left first). The 112x96 crop of older models is the same with x - 8.
+TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                         [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
+
+MIN_SIDE = 12  # a photo smaller than PNet's 12-px window cannot hold a detectable face
+
+
+def estimate_similarity(src_pts: np.ndarray, dst_pts: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (Umeyama) mapping src points onto dst points, as a 2x3 matrix.
+
+    Minimises sum ||dst_i - (s R src_i + t)||^2 over scale s > 0, rotation R (det +1), t.
+    """
+    src = np.asarray(src_pts, dtype=np.float64).reshape(-1, 2)
+    dst = np.asarray(dst_pts, dtype=np.float64).reshape(-1, 2)
+    if src.shape != dst.shape or len(src) < 2:
+        raise ValueError(f"need matching point sets of at least 2 points, got {src.shape}, {dst.shape}")
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    sc, dc = src - mu_s, dst - mu_d
+    var_s = (sc**2).sum() / len(src)
+    if var_s <= 1e-12:
+        raise ValueError("source points are all equal")
+    cov = dc.T @ sc / len(src)
+    u, d, vt = np.linalg.svd(cov)
+    sign = np.ones(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        sign[-1] = -1.0  # the best fit would reflect: take the nearest rotation instead
+    rot = u @ np.diag(sign) @ vt
+    scale = (d * sign).sum() / var_s
+    t = mu_d - scale * rot @ mu_s
+    return np.hstack([scale * rot, t[:, None]])
+
+
+def _pil(image: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+
+
+def warp_affine(image: np.ndarray, matrix: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Warp `image` by the 2x3 forward map `matrix` (source -> output pixels) into size x size.
+
+    When the map shrinks by more than 2x, the face region is first box-reduced by an integer
+    factor so the bilinear warp does not alias.
+    """
+    from PIL import Image
+
+    m = np.vstack([np.asarray(matrix, dtype=np.float64), [0, 0, 1]])
+    h, w = image.shape[:2]
+    pil = _pil(image)
+    scale = float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
+    k = int(0.5 / scale) if scale > 0 else 1
+    if k >= 2:
+        inv = np.linalg.inv(m)
+        corners = np.array([[0, 0, 1], [size - 1, 0, 1], [0, size - 1, 1], [size - 1, size - 1, 1]])
+        src = (inv @ corners.T)[:2].T
+        x0 = int(np.clip(np.floor(src[:, 0].min()) - 2 * k, 0, w))
+        y0 = int(np.clip(np.floor(src[:, 1].min()) - 2 * k, 0, h))
+        x1 = int(np.clip(np.ceil(src[:, 0].max()) + 2 * k, 0, w))
+        y1 = int(np.clip(np.ceil(src[:, 1].max()) + 2 * k, 0, h))
+        if x1 - x0 >= k and y1 - y0 >= k:
+            pil = pil.reduce(k, box=(x0, y0, x1, y1))
+            # reduced pixel j averages source [x0 + jk, x0 + (j+1)k): its centre is x0 + jk + (k-1)/2
+            to_src = np.array([[k, 0, x0 + (k - 1) / 2], [0, k, y0 + (k - 1) / 2], [0, 0, 1.0]])
+            m = m @ to_src
+    inv = np.linalg.inv(m)
+    # Pillow samples at pixel centres x + 0.5: shift into and out of its convention
+    shift = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1.0]])
+    unshift = np.array([[1, 0, -0.5], [0, 1, -0.5], [0, 0, 1.0]])
+    pinv = shift @ inv @ unshift
+    out = pil.transform((size, size), Image.Transform.AFFINE, data=tuple(pinv[:2].ravel()),
+                        resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+    return np.asarray(out)
+
+
+def warp_face(image_rgb_uint8: np.ndarray, landmarks5: np.ndarray) -> np.ndarray:
+    """The 112x112 aligned face: five landmarks (source pixels) mapped onto TEMPLATE_112."""
+    matrix = estimate_similarity(landmarks5, TEMPLATE_112)
+    return warp_affine(image_rgb_uint8, matrix, IMAGE_SIZE)
+
+
+def center_crop(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Fallback for a photo without a detected face: its central square, resized."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    side = min(h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    crop = _pil(image[y0:y0 + side, x0:x0 + side])
+    return np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))
+
+
+def pad_resize(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """An already aligned crop -> size x size: pad the short side to a square (black, centred),
+    then resize. A 112x96 crop comes back exactly as the 112x112 template crop it was cut from."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    side = max(h, w)
+    if (h, w) != (side, side):
+        sq = np.zeros((side, side, 3), np.uint8)
+        y0, x0 = (side - h) // 2, (side - w) // 2
+        sq[y0:y0 + h, x0:x0 + w] = image
+        image = sq
+    if side == size:
+        return np.ascontiguousarray(image)
+    return np.asarray(_pil(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))
+
+
+def align_photo(path_or_array, detector) -> tuple[np.ndarray | None, object | None]:
+    """Detect and align one photo: (112x112x3 uint8, Detection), or (None, None) without a face.
+
+    Raises MtmimError("<file>: <reason>") for an unreadable file.
+    """
+    from mtmim_cli.data.readers import load_image
+
+    if isinstance(path_or_array, np.ndarray):
+        image = path_or_array
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+            raise MtmimError(f"<array>: expected an RGB uint8 image, got {image.shape} {image.dtype}")
+        image = np.ascontiguousarray(image[:, :, :3])
+    else:
+        image = load_image(path_or_array)
+    if min(image.shape[:2]) < MIN_SIDE:
+        return None, None
+    det = detector.detect_one(image)
+    if det is None:
+        return None, None
+    return warp_face(image, det.landmarks), det
+
+
+# --------------------------------------------------------------------------- whole datasets
+
+ON_MISS = ("skip", "center", "fail")
+
+
+@dataclass
+class AlignSummary:
+    """What `align_dataset` did: counts over the whole cache, timing for this run."""
+
+    out: Path
+    total: int
+    counts: dict[str, int]
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (path, status, reason)
+    processed: int = 0        # records aligned by this run (the rest came from a resumed file)
+    resumed_from: int = 0
+    seconds: float = 0.0
+    reused: bool = False      # the final file already existed with the same input and settings
+
+    @property
+    def speed(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def detection_rate(self) -> float:
+        return self.counts.get("detected", 0) / self.total if self.total else float("nan")
+
+    def format(self, max_problems: int = 50) -> str:
+        lines = [f"{self.out}: {self.total} records"]
+        lines.append("  " + ", ".join(f"{k} {v}" for k, v in self.counts.items()))
+        usable = sum(self.counts.get(k, 0) for k in ("detected", "center", "prealigned"))
+        if self.total:
+            lines.append(f"  usable {usable}/{self.total} ({usable / self.total:.1%}); "
+                         f"detected {self.detection_rate:.1%}")
+        if self.reused:
+            lines.append("  already complete: nothing to do (pass --overwrite to redo)")
+        elif self.processed:
+            extra = f", resumed after {self.resumed_from}" if self.resumed_from else ""
+            lines.append(f"  aligned {self.processed} in {self.seconds:.1f} s "
+                         f"({self.speed:.1f} img/s{extra})")
+        if self.problems:
+            lines.append(f"  not detected or unreadable ({len(self.problems)}):")
+            for path, status, reason in self.problems[:max_problems]:
+                lines.append(f"    {status:7s} {path}: {reason}")
+            if len(self.problems) > max_problems:
+                lines.append(f"    ... {len(self.problems) - max_problems} more "
+                             "(all are listed in the cache: mtmim info --misses)")
+        return "\n".join(lines)
+
+
+def summarize_cache(path: str | Path, **extra) -> AlignSummary:
+    """The summary of a finished cache file (counts and every record without a detected face)."""
+    from mtmim_cli.data.cache import DETECTED, STATUS_NAMES, Cache
+
+    c = Cache(path)
+    counts = {name: int((c.status == code).sum()) for code, name in STATUS_NAMES.items()}
+    problems = [(c.paths[i], STATUS_NAMES[int(s)], c.reason[i])
+                for i, s in enumerate(c.status) if s != DETECTED]
+    return AlignSummary(out=Path(path), total=len(c), counts=counts, problems=problems, **extra)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'I/N' (0 <= I < N) -> (I, N)."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise MtmimError(f"--shard {text}: expected I/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise MtmimError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def shard_slice(n_records: int, shard: tuple[int, int]) -> slice:
+    """Contiguous blocks, so that merging the shards in order gives the unsharded order."""
+    i, n = shard
+    return slice(i * n_records // n, (i + 1) * n_records // n)
+
+
+def _decode(path: Path, aligned: bool, detector) -> tuple[str, object]:
+    """Worker-thread part of one record: decode and prepare (Pillow releases the GIL)."""
+    from mtmim_cli.data.readers import load_image
+
+    try:
+        image = load_image(path)
+    except MtmimError as exc:
+        return "error", str(exc).removeprefix(f"{path}: ")
+    if aligned:
+        return "ok", pad_resize(image)
+    if min(image.shape[:2]) < MIN_SIDE:
+        return "small", image
+    return "ok", detector.prepare(image)
+
+
+def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = "skip",
+                  aligned: bool = False, min_face: float | None = None,
+                  det_size: int | None = None, retry: bool = True, device: str = "cpu",
+                  shard: tuple[int, int] | None = None, threads: int | None = None,
+                  workers: int = 1, prefetch: int = 16, commit_every: int = 64,
+                  overwrite: bool = False, progress: bool = True, command: str = "",
+                  log: Callable[[str], None] | None = None, detector=None) -> AlignSummary:
+    """Align every photo of a dataset into one HDF5 cache (resumable, atomic).
+
+    Records are decoded in `workers` threads, `prefetch` ahead, while MTCNN runs in this one.
+    `threads` sets torch's intra-op threads for detection (None: leave torch's setting).
+    `log` receives one plain line per commit (for logs and non-terminal runs).
+    """
+    from mtmim_cli.data.cache import (
+        CENTER,
+        DETECTED,
+        ERROR,
+        MISS,
+        PREALIGNED,
+        Cache,
+        CacheWriter,
+        records_digest,
+    )
+    from mtmim_cli.data.detect import DEFAULT_DET_SIZE, DEFAULT_MIN_FACE, FaceDetector
+    from mtmim_cli.data.readers import read_records, source_root
+    from mtmim_cli.progress import make_progress
+
+    if on_miss not in ON_MISS:
+        raise MtmimError(f"--on-miss {on_miss}: choose from {', '.join(ON_MISS)}")
+    min_face = DEFAULT_MIN_FACE if min_face is None else float(min_face)
+    det_size = DEFAULT_DET_SIZE if det_size is None else int(det_size)
+    if min_face <= 0:
+        raise MtmimError(f"--min-face {min_face}: must be positive")
+    out = Path(out)
+    records = read_records(src, fmt)
+    root = source_root(src, fmt)
+    all_digest = records_digest(records)
+    if shard is not None:
+        records = records[shard_slice(len(records), shard)]
+    settings = {"aligned": aligned, "on_miss": on_miss,
+                "min_face": None if aligned else min_face, "det_size": None if aligned else det_size,
+                "retry": None if aligned else retry}
+    attrs = {"reader": fmt, "source_root": str(root), "command": command,
+             "template": TEMPLATE_112.tolist(), "settings": json.dumps(settings, sort_keys=True),
+             "shard": f"{shard[0]}/{shard[1]}" if shard else "", "all_records_sha1": all_digest}
+
+    if out.exists() and not overwrite:
+        try:
+            old = Cache(out)
+            same = (old.attrs.get("records_sha1") == records_digest(records)
+                    and old.attrs.get("settings") == attrs["settings"])
+        except MtmimError:
+            same = False
+        if not same:
+            raise MtmimError(f"{out}: exists and was made from other photos or settings "
+                             "(remove it or pass --overwrite)")
+        return summarize_cache(out, reused=True)
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if not aligned and detector is None:
+        detector = FaceDetector(device=device, min_face=min_face, det_size=det_size, retry=retry)
+    writer = CacheWriter(out, records, attrs, match_attrs=("settings",))
+    start, n = writer.start, len(records)
+    t0 = time.perf_counter()
+    last_commit = t0
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode")
+    futures: dict[int, Future] = {}
+
+    def submit_upto(k: int) -> None:
+        for j in range(k, min(n, k + prefetch)):
+            if j not in futures:
+                futures[j] = pool.submit(_decode, root / records[j].path, aligned, detector)
+
+    bar = make_progress("img", disable=not progress)
+    try:
+        with bar:
+            task = bar.add_task("align", total=n, completed=start)
+            for i in range(start, n):
+                submit_upto(i)
+                kind, payload = futures.pop(i).result()
+                path = records[i].path
+                if kind == "error":
+                    writer.write(i, None, ERROR, reason=str(payload))
+                elif aligned:
+                    writer.write(i, payload, PREALIGNED)
+                else:
+                    det = None
+                    if kind == "ok":
+                        try:
+                            det = detector.detect_prepared(payload)
+                            image = payload.image
+                        except Exception as exc:  # noqa: BLE001  a bad photo must not stop the run
+                            writer.write(i, None, ERROR, reason=f"detection failed: {exc!r}")
+                            bar.advance(task)
+                            continue
+                        reason = "no face found"
+                    else:
+                        image = payload
+                        h, w = image.shape[:2]
+                        reason = f"image too small ({w}x{h}) to hold a face"
+                    if det is not None:
+                        writer.write(i, warp_face(image, det.landmarks), DETECTED,
+                                     landmarks=det.landmarks, det_score=det.score)
+                    elif on_miss == "fail":
+                        writer.commit(i)
+                        raise MtmimError(f"{root / path}: {reason} (--on-miss fail)")
+                    elif on_miss == "center" and kind == "ok":
+                        writer.write(i, center_crop(image), CENTER, reason=reason)
+                    else:
+                        writer.write(i, None, MISS, reason=reason)
+                bar.advance(task)
+                now = time.perf_counter()
+                if i + 1 - writer.committed >= commit_every or now - last_commit > 10:
+                    writer.commit(i + 1)
+                    last_commit = now
+                    if log:
+                        done = i + 1 - start
+                        log(f"committed {i + 1}/{n} ({done / (now - t0):.1f} img/s)")
+            seconds = time.perf_counter() - t0
+            writer.finish()
+    finally:
+        for f in futures.values():
+            f.cancel()
+        pool.shutdown(wait=True)
+        writer.close()
+    return summarize_cache(out, processed=n - start, resumed_from=start, seconds=seconds)

@@ -1,0 +1,168 @@
+"""MTCNN face detection (facenet-pytorch) with five landmarks, made cheap and robust.
+
+Speed levers (MTCNN's cost is its image pyramid, which starts at the scale that turns the
+minimum face into PNet's 12 px):
+
+- `min_face` relative to the photo: below 1 it is a fraction of the photo's shorter side, so
+  a 400x500 portrait is not searched for 20-px faces. When nothing is found at that size the
+  detector retries once at MTCNN's default 20 px, so a small face costs time but is not lost.
+- `det_size`: photos whose longer side exceeds it are downscaled (antialiased) for detection;
+  boxes and landmarks are mapped back to source pixels, and the warp uses the full-resolution
+  photo.
+
+Which face when there are several: the one with the largest box area minus twice the squared
+distance of its centre from the photo centre (facenet-pytorch's and insightface's
+"center_weighted_size" rule): the large, central face a user means, not a big face at the edge.
+
+Guards for facenet-pytorch 2.5.3: landmarks come back as object arrays (cast), a faceless image
+gives `(None, [None], None)`, and a photo smaller than the pyramid's 12 px would crash it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PNET_SIZE = 12           # PNet's receptive field: the smallest face MTCNN can see, in pixels
+DEFAULT_MIN_FACE = 0.15  # fraction of the shorter side
+RETRY_MIN_FACE = 20.0    # MTCNN's own default, used for the one retry after a miss
+DEFAULT_DET_SIZE = 640
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One face. Coordinates in source-photo pixels (pixel centres on integers).
+
+    `landmarks`: (5, 2) x, y of eye, eye, nose tip, mouth corner, mouth corner, image-left first.
+    """
+
+    box: np.ndarray
+    score: float
+    landmarks: np.ndarray
+
+    @property
+    def landmarks5(self) -> np.ndarray:
+        return self.landmarks
+
+
+@dataclass
+class Prepared:
+    """A photo made ready for detection: the (possibly downscaled) copy and its scale."""
+
+    image: np.ndarray        # full-resolution RGB uint8
+    det_image: np.ndarray    # what MTCNN sees
+    scale: float             # det_image pixels per source pixel (<= 1)
+
+
+def choose_face(boxes: np.ndarray, width: float, height: float) -> int:
+    """Index of the face a user means: max area - 2 * squared offset of the centre."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2 - width / 2
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2 - height / 2
+    return int(np.argmax(area - 2.0 * (cx * cx + cy * cy)))
+
+
+def downscale_for_detection(image: np.ndarray, det_size: int | None) -> tuple[np.ndarray, float]:
+    """(copy whose longer side is at most det_size, scale). No copy when already small enough."""
+    h, w = image.shape[:2]
+    if not det_size or max(h, w) <= det_size:
+        return image, 1.0
+    from PIL import Image
+
+    scale = det_size / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR,
+                                                      reducing_gap=2.0))
+    return small, size[0] / w
+
+
+def to_source(points: np.ndarray, prepared: Prepared) -> np.ndarray:
+    """Detection-image (x, y) points -> source pixels (resizing maps pixel edges onto edges)."""
+    h, w = prepared.image.shape[:2]
+    dh, dw = prepared.det_image.shape[:2]
+    if (dh, dw) == (h, w):
+        return np.asarray(points, dtype=np.float32)
+    sx, sy = dw / w, dh / h
+    pts = np.asarray(points, dtype=np.float64)
+    out = np.empty_like(pts)
+    out[..., 0] = (pts[..., 0] + 0.5) / sx - 0.5
+    out[..., 1] = (pts[..., 1] + 0.5) / sy - 0.5
+    return out.astype(np.float32)
+
+
+class FaceDetector:
+    """facenet-pytorch MTCNN returning the one face a user means, in source pixels.
+
+    min_face: below 1, a fraction of the photo's shorter side; from 1 up, pixels of the source
+    photo. det_size: longer side for detection (None: full resolution). retry: after a miss,
+    look once more with MTCNN's default 20-px minimum face.
+    """
+
+    def __init__(self, device: str = "cpu", min_face: float = DEFAULT_MIN_FACE,
+                 det_size: int | None = DEFAULT_DET_SIZE, retry: bool = True,
+                 thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)) -> None:
+        import torch
+        from facenet_pytorch import MTCNN
+
+        if min_face <= 0:
+            raise ValueError(f"min_face must be positive, got {min_face}")
+        self.device = torch.device(device)
+        self.min_face = float(min_face)
+        self.det_size = det_size
+        self.retry = retry
+        # keep_all=True: detect() must return every face so that we choose, not MTCNN
+        self.mtcnn = MTCNN(keep_all=True, device=self.device, min_face_size=20,
+                           thresholds=list(thresholds), post_process=False)
+        self.mtcnn.eval()
+
+    def prepare(self, image: np.ndarray) -> Prepared:
+        """The cheap, thread-safe part (no torch): runs in the decoding threads."""
+        det, scale = downscale_for_detection(image, self.det_size)
+        return Prepared(image=image, det_image=det, scale=scale)
+
+    def _min_face_px(self, prepared: Prepared) -> float:
+        """Minimum face in detection-image pixels."""
+        if self.min_face < 1:
+            return self.min_face * min(prepared.det_image.shape[:2])
+        return self.min_face * prepared.scale
+
+    def _run(self, det_image: np.ndarray, min_face_px: float) -> list[Detection]:
+        h, w = det_image.shape[:2]
+        if min(h, w) < PNET_SIZE:
+            return []
+        # at least one pyramid level must exist, and a face below 12 px is invisible anyway
+        self.mtcnn.min_face_size = float(np.clip(min_face_px, PNET_SIZE, min(h, w)))
+        boxes, probs, points = self.mtcnn.detect(det_image, landmarks=True)
+        if boxes is None or points is None or len(boxes) == 0:
+            return []
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 5, 2)
+        probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+        return [Detection(box=b, score=float(p), landmarks=q)
+                for b, p, q in zip(boxes, probs, points, strict=True)]
+
+    def detect_all_prepared(self, prepared: Prepared) -> list[Detection]:
+        """Every face found, in source pixels."""
+        min_px = self._min_face_px(prepared)
+        found = self._run(prepared.det_image, min_px)
+        if not found and self.retry and min_px > RETRY_MIN_FACE:
+            found = self._run(prepared.det_image, RETRY_MIN_FACE)
+        return [Detection(box=to_source(d.box.reshape(2, 2), prepared).reshape(4),
+                          score=d.score, landmarks=to_source(d.landmarks, prepared))
+                for d in found]
+
+    def detect_prepared(self, prepared: Prepared) -> Detection | None:
+        faces = self.detect_all_prepared(prepared)
+        if not faces:
+            return None
+        h, w = prepared.image.shape[:2]
+        return faces[choose_face(np.stack([f.box for f in faces]), w, h)]
+
+    def detect_all(self, image_rgb: np.ndarray) -> list[Detection]:
+        return self.detect_all_prepared(self.prepare(image_rgb))
+
+    def detect_one(self, image_rgb: np.ndarray) -> Detection | None:
+        """The face a user means (large and central), or None."""
+        return self.detect_prepared(self.prepare(image_rgb))

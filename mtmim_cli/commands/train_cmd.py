@@ -1,1 +1,58 @@
-"""Commands registered on mtmim_cli.app.app (import heavy modules inside the commands)."""
+"""`mtmim pretrain`: general-face pretraining (torch is imported inside the command)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mtmim_cli.app import app
+
+
+@app.command()
+def pretrain(
+    caches: list[Path] = typer.Argument(..., help="Training caches from `mtmim align` (identities of different caches are kept apart)."),
+    out: Path = typer.Option(Path("runs/pretrain"), "--out", "-o", help="Run folder: config.json, metrics.csv, validation.csv, checkpoints/, model.pt, best.pt."),
+    backbone: str = typer.Option("iresnet50", "--backbone", help="Encoder: iresnet18/34/50/100, resnet50 (the paper's), mobilefacenet (112x96 crop), tiny (tests/demo)."),
+    embedding_size: int = typer.Option(0, "--embedding-size", help="Embedding size; 0 = the backbone's native size (512; 128 for mobilefacenet)."),
+    init: Path = typer.Option(None, "--init", help="Start from these encoder weights (the shared MobileFaceNet ckpt, an insightface backbone.pth, or one of our checkpoints); loaded strictly."),
+    margin: str = typer.Option("arcface", "--margin", help="Margin head: arcface (cos(theta+m), the paper), cosface (cos(theta)-m), sphereface (cos(m*theta))."),
+    scale: float = typer.Option(64.0, "--scale", help="Logit scale s of the margin head."),
+    margin_m: float = typer.Option(None, "--margin-m", help="Margin value (default: 0.35 for arcface and cosface, 1.35 for sphereface)."),
+    epochs: int = typer.Option(10, "--epochs", help="Passes over the training data."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Global batch size (split over torchrun processes)."),
+    optimizer: str = typer.Option("adam", "--optimizer", help="adam (the paper) or sgd (arcface_torch)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Base learning rate."),
+    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay", help="Weight decay."),
+    schedule: str = typer.Option("plateau", "--schedule", help="plateau (lr/10 when the epoch loss stops falling, the paper), poly, cosine, constant."),
+    warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear warm-up steps."),
+    plateau_patience: int = typer.Option(1, "--plateau-patience", help="Epochs without improvement before the lr drops (plateau)."),
+    amp: str = typer.Option("none", "--amp", help="Mixed precision: none, bf16 (CUDA or CPU), fp16 (CUDA, with loss scaling)."),
+    clip_grad: float = typer.Option(0.0, "--clip-grad", help="Clip the global gradient norm to this value (0 = off)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of weights, sampling and flips."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+    max_steps: int = typer.Option(0, "--max-steps", help="Stop after this many steps (0 = all epochs)."),
+    ckpt_every: int = typer.Option(200, "--ckpt-every", help="Steps between full-state checkpoints (also at every epoch end)."),
+    val_cache: Path = typer.Option(None, "--val-cache", help="Held-out cache (e.g. aligned FG-NET): 10-fold cross-age verification before, during and after training."),
+    val_pairs: int = typer.Option(3000, "--val-pairs", help="Number of validation pairs (half genuine)."),
+    val_every: int = typer.Option(0, "--val-every", help="Steps between validations (0 = before and after only)."),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="Under torchrun, BatchNorm statistics over the global batch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint (same options)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Live display of loss, accuracy, images/s and ETA."),
+) -> None:
+    """General-face pretraining of an encoder with a margin softmax (torchrun-ready)."""
+    from mtmim_cli.train.config import TrainConfig
+    from mtmim_cli.train.pretrain import pretrain as run
+
+    config = TrainConfig(out=str(out), epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                         lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+                         warmup_steps=warmup_steps, plateau_patience=plateau_patience, amp=amp,
+                         clip_grad=clip_grad, seed=seed, workers=workers, max_steps=max_steps,
+                         ckpt_every=ckpt_every, val_every=val_every, sync_bn=sync_bn,
+                         resume=resume, progress=progress)
+    if margin not in ("arcface", "cosface", "sphereface"):
+        from mtmim_cli.errors import MtmimError
+        raise MtmimError(f"--margin {margin}: choose from arcface, cosface, sphereface")
+    run(caches, config, backbone=backbone, embedding_size=embedding_size or None, init=init,
+        margin=margin, s=scale, m=margin_m, val_cache=val_cache, val_pairs=val_pairs)

@@ -80,9 +80,16 @@ def check_resume_config(path: Path, config: TrainConfig) -> None:
     except (OSError, json.JSONDecodeError) as exc:
         raise MtmimError(f"{path}: unreadable run config ({exc})") from None
     now = json.loads(json.dumps(config.to_dict()))  # same JSON round trip as the saved one
+    saved, now = _flat(saved), _flat(now)
     diffs = [k for k in sorted(set(saved) | set(now))
              if k not in RESUME_FREE and saved.get(k) != now.get(k)]
     if diffs:
         show = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diffs[:3])
         raise MtmimError(f"{path}: --resume with different settings ({show}); "
                          "use the original options or a new --out folder")
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in d.items() if k != "extra"}
+    out.update({f"{k}": v for k, v in (d.get("extra") or {}).items()})
+    return out

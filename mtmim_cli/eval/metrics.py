@@ -195,8 +195,8 @@ def _exclusion(n_query: int, n_gallery: int, exclude_self: bool,
     return None
 
 
-def top1(query_feats: np.ndarray, gallery_feats: RowSliceable, *, block: int = 65536,
-         query_block: int = 4096, exclude_self: bool = False,
+def top1(query_feats: np.ndarray, gallery_feats: RowSliceable, *, block: int = 16384,
+         query_block: int = 1024, exclude_self: bool = False,
          query_index: np.ndarray | None = None,
          on_block: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Index and score of each query's best gallery match, scanning the gallery in blocks
@@ -228,7 +228,7 @@ def top1(query_feats: np.ndarray, gallery_feats: RowSliceable, *, block: int = 6
 
 
 def rank1(query_feats: np.ndarray, query_ids: np.ndarray, gallery_feats: RowSliceable,
-          gallery_ids: np.ndarray, *, block: int = 65536, query_block: int = 4096,
+          gallery_ids: np.ndarray, *, block: int = 16384, query_block: int = 1024,
           exclude_self: bool = False, query_index: np.ndarray | None = None,
           return_hits: bool = False) -> float | tuple[float, np.ndarray]:
     """Rank-1 identification rate (blocked; the score matrix is never held whole)."""
@@ -250,8 +250,8 @@ def rank1_dense(query_feats: np.ndarray, query_ids: np.ndarray, gallery_feats: n
 
 
 def cmc(query_feats: np.ndarray, query_ids: np.ndarray, gallery_feats: RowSliceable,
-        gallery_ids: np.ndarray, *, max_rank: int = 20, block: int = 65536,
-        query_block: int = 1024, exclude_self: bool = False,
+        gallery_ids: np.ndarray, *, max_rank: int = 20, block: int = 16384,
+        query_block: int = 256, exclude_self: bool = False,
         query_index: np.ndarray | None = None) -> np.ndarray:
     """Cumulative match characteristic: cmc[r-1] = share of queries whose first correct
     match is at rank <= r. One pass over the gallery keeping, per query, the best correct

@@ -40,3 +40,17 @@ def synth(
     summary = synthesize(out, cfg, progress=not quiet)
     typer.echo(f"{summary['photos']} photos of {summary['identities']} identities "
                f"({summary['test_identities']} held out) -> {summary['labels']}")
+
+
+@app.command()
+def report(
+    inputs: list[Path] = typer.Argument(..., help="Training run folders (metrics.csv) and evaluation outputs (results.json or its folder)."),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for report.md and its PNG figures."),
+    cache: Path = typer.Option(None, "--cache", help="Held-out cache: project x_id and x_age of its faces under each fine-tuned run's model."),
+    max_images: int = typer.Option(400, "--max-images", help="Faces of --cache to project (an even spread)."),
+) -> None:
+    """Markdown report with training curves, CLUB over training, x_id/x_age projections, CMC and ROC."""
+    from mtmim_cli.report import build_report
+
+    path = build_report(inputs, out, cache=cache, max_images=max_images)
+    typer.echo(f"report: {path}")

@@ -33,7 +33,8 @@ lighting gradient, sensor noise, JPEG) are drawn from `rng(seed, identity, photo
 photo does not depend on how many others are generated.
 
 Output: `images/<identity>/<identity>_<nn>.jpg`, `labels.csv` (path, identity, age, split:
-the `csv` manifest layout `mtmim align --format csv` reads), `landmarks.csv` (the five
+the `csv` manifest layout `mtmim align --format csv` reads) and the same rows split into
+`train.csv` and `test.csv` (held-out identities), `landmarks.csv` (the five
 ground-truth landmarks of each photo, forward-mapped through every warp) and `synth.json`
 (the parameters). The base portraits are real faces, so MTCNN finds the face in virtually
 every photo (tests require at least 95%).
@@ -530,10 +531,14 @@ def synthesize(out: str | Path, config: SynthConfig | None = None, progress: boo
             rows.append([rel, ph.identity.name, f"{ph.age:g}", split])
             lm_rows.append([rel, *(f"{v:.2f}" for v in lm.reshape(-1))])
             bar.advance(task)
-    with open(tmp / "labels.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "identity", "age", "split"])
-        w.writerows(rows)
+    # labels.csv lists every photo; train.csv and test.csv the two splits, so each aligns
+    # into its own cache with `mtmim align DIR/train.csv --format csv`
+    for name, keep in (("labels.csv", ("train", "test")), ("train.csv", ("train",)),
+                       ("test.csv", ("test",))):
+        with open(tmp / name, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "identity", "age", "split"])
+            w.writerows(r for r in rows if r[3] in keep)
     with open(tmp / "landmarks.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", *(f"{p}_{c}" for p in ("eye_l", "eye_r", "nose", "mouth_l", "mouth_r")

@@ -1,0 +1,358 @@
+"""MT-MIM fine-tuning (Algorithm 1 of the paper) on the shared training loop.
+
+One code path for the paper's three ablation rows (`mode`):
+
+    baseline  L = L_ID
+    age       L = L_ID + lambda_age * L_AGE
+    mtmim     L = L_ID + lambda_age * L_AGE + lambda_mim * L_MIM      (L_MIM: CLUB, closed form)
+
+Every mode builds the same modules (encoder, factorize, id_head, age_head, q). A term whose
+weight is off in a mode is still computed on *detached* inputs and added with zero value
+(`t - t.detach()`): its head keeps training as a probe, so age accuracy and the CLUB estimate
+are logged in every mode (the paper's "MI as a metric" curve for the baseline too), while no
+gradient of it reaches the encoder or the factorization. It also keeps every parameter in the
+graph, which DDP requires.
+
+Per step (the loop calls `forward`, steps the main optimiser, then `after_step`):
+1. encoder step on L with q frozen (q is not in the main optimiser; its gradient from this
+   backward is discarded);
+2. `q_steps` Adam steps of q on its log-likelihood of the same batch's features, detached.
+
+Under torchrun the CLUB terms and q's updates use the global batch: x_id and x_age are
+gathered from every rank with `gather_with_grad`, so each rank computes the same estimate and
+q stays identical on all ranks without a gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from mtmim_cli.data.groups import assign_groups, equal_frequency_groups
+from mtmim_cli.errors import MtmimError
+from mtmim_cli.models.club import CLUB, train_q
+from mtmim_cli.models.factorize import FactorizationUnit
+from mtmim_cli.models.margin import CombinedMarginHead
+from mtmim_cli.train import distributed as D
+from mtmim_cli.train.config import TrainConfig
+from mtmim_cli.train.objectives import Objective
+
+MODES = ("baseline", "age", "mtmim")
+
+# The paper's settings; every one is an option of `finetune` and `mtmim finetune`.
+DEFAULTS: dict[str, Any] = {
+    "mode": "mtmim", "age_groups": 8, "lambda_age": 0.1, "lambda_mim": 1e-4, "q_steps": 5,
+    "q_lr": 1e-5, "q_hidden": 512, "logvar_bound": 7.0, "factorize_gain": 0.1,
+    "margin": "arcface", "s": 64.0, "m": None, "backbone": None, "embedding_size": None,
+    "val_cache": None, "val_pairs": 3000, "exclude": None, "warn_negative_after": 50,
+}
+TRAIN_DEFAULTS: dict[str, Any] = {"out": "runs/finetune", "lr": 0.02, "optimizer": "adam",
+                                  "schedule": "plateau", "batch_size": 400, "epochs": 10}
+
+
+def _zero_valued(t: Tensor) -> Tensor:
+    """Zero in value, t's gradient in backward: trains a probe head without changing the loss."""
+    return t - t.detach()
+
+
+class MTMIMObjective(Objective):
+    """Identity margin loss on x_id, age-group CE on x_age, CLUB between them (by mode)."""
+
+    metric_names = ("l_id", "l_age", "age_accuracy", "club", "q_loglik", "q_lr")
+
+    def __init__(self, encoder: nn.Module, num_classes: int, num_groups: int, mode: str = "mtmim",
+                 embedding_size: int = 512, boundaries: Sequence[float] | None = None,
+                 lambda_age: float = 0.1, lambda_mim: float = 1e-4, q_steps: int = 5,
+                 q_lr: float = 1e-5, q_hidden: int = 512, logvar_bound: float = 7.0,
+                 factorize_gain: float = 0.1, margin: str = "arcface", s: float = 64.0,
+                 m: float | None = None, warn_negative_after: int = 50) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise MtmimError(f"--mode {mode}: choose from {', '.join(MODES)}")
+        if num_groups < 1:
+            raise MtmimError(f"--age-groups {num_groups}: must be >= 1")
+        self.mode = mode
+        self.encoder = encoder
+        self.factorize = FactorizationUnit(embedding_size, init_gain=factorize_gain)
+        self.id_head = CombinedMarginHead.preset(margin, embedding_size, num_classes, s=s, margin=m)
+        self.age_head = nn.Linear(embedding_size, num_groups)
+        self.q = CLUB(embedding_size, embedding_size, hidden=q_hidden, logvar_bound=logvar_bound)
+        b = torch.as_tensor(np.asarray(boundaries if boundaries is not None else [], np.float64),
+                            dtype=torch.float64)
+        if len(b) not in (0, num_groups - 1):
+            raise MtmimError(f"{len(b)} age boundaries do not make {num_groups} groups")
+        self.register_buffer("age_boundaries", b)
+        self.lambda_age = lambda_age if mode in ("age", "mtmim") else 0.0
+        self.lambda_mim = lambda_mim if mode == "mtmim" else 0.0
+        self.q_steps = q_steps
+        self.q_optimizer = torch.optim.Adam(self.q.parameters(), lr=q_lr)
+        self.warn_negative_after = warn_negative_after
+        self._negative_run = 0
+        self._warned = False
+        self._q_batch: tuple[Tensor, Tensor] | None = None
+
+    # -- the main step ------------------------------------------------------------------
+    def main_parameters(self) -> list[dict]:
+        """Encoder, factorization and both heads; q has its own optimiser."""
+        return [{"params": [p for n, p in self.named_parameters()
+                            if not n.startswith("q.") and p.requires_grad]}]
+
+    def groups_of(self, ages: Tensor) -> Tensor:
+        """Age group per image, -1 where the age is unknown (NaN)."""
+        a = ages.to(torch.float64)
+        g = torch.bucketize(a, self.age_boundaries.to(a.device), right=True)
+        return torch.where(torch.isfinite(a), g, torch.full_like(g, -1))
+
+    def forward(self, images: Tensor, labels: Tensor, ages: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        x_id, x_age = self.factorize(self.encoder(images))
+        logits, cos = self.id_head.logits_and_cosine(x_id, labels)
+        l_id = F.cross_entropy(logits, labels)
+
+        groups = self.groups_of(ages)
+        known = groups >= 0
+        age_in = x_age if self.lambda_age > 0 else x_age.detach()
+        age_logits = self.age_head(age_in).float()
+        if bool(known.any()):
+            l_age = F.cross_entropy(age_logits[known], groups[known])
+        else:  # no known age in this batch: keep the head in the graph, contribute nothing
+            l_age = age_logits.sum() * 0.0
+
+        # CLUB over the global batch (gather_with_grad: the identity on a single process)
+        mi_on = self.lambda_mim > 0
+        g_id = D.gather_with_grad(x_id if mi_on else x_id.detach())
+        g_age = D.gather_with_grad(x_age if mi_on else x_age.detach())
+        club = self.q.mi_upper(g_id, g_age)
+        self._q_batch = (g_id.detach().float(), g_age.detach().float())
+
+        loss = l_id
+        loss = loss + (self.lambda_age * l_age if self.lambda_age > 0 else _zero_valued(l_age))
+        # In mtmim mode q's parameters receive a gradient here too; it is never applied (q's
+        # optimiser zeroes it before its own steps). Other modes add CLUB with zero value.
+        loss = loss + (self.lambda_mim * club if mi_on else _zero_valued(club))
+        with torch.no_grad():
+            accuracy = (cos.argmax(1) == labels).float().mean()
+            if bool(known.any()):
+                age_acc = (age_logits[known].argmax(1) == groups[known]).float().mean()
+            else:
+                age_acc = torch.tensor(float("nan"), device=cos.device)
+        self._track_sign(float(club.detach()))
+        return loss, {"accuracy": accuracy, "l_id": l_id.detach(), "l_age": l_age.detach(),
+                      "age_accuracy": age_acc, "club": club.detach()}
+
+    def _track_sign(self, club: float) -> None:
+        """Warn once when the estimate stays negative: q is under-trained (a well-fitted q
+        gives a non-negative CLUB in expectation)."""
+        self._negative_run = self._negative_run + 1 if club < 0 else 0
+        if (self.warn_negative_after and self._negative_run >= self.warn_negative_after
+                and not self._warned and D.is_main()):
+            self._warned = True
+            warnings.warn(f"CLUB estimate negative for {self._negative_run} steps in a row: q is "
+                          f"under-trained (raise --q-lr or --q-steps)", RuntimeWarning, stacklevel=2)
+
+    # -- Algorithm 1's inner loop ----------------------------------------------------------
+    def after_step(self) -> dict[str, float]:
+        if self._q_batch is None:
+            return {}
+        ll = train_q(self.q, self.q_optimizer, *self._q_batch, steps=self.q_steps)
+        self._q_batch = None
+        return {"q_loglik": ll, "q_lr": self.q_optimizer.param_groups[0]["lr"]}
+
+    def on_lr_drop(self, factor: float) -> None:
+        """The plateau rule divides q's lr too (the paper: both divided by 10)."""
+        for g in self.q_optimizer.param_groups:
+            g["lr"] *= factor
+
+    def extra_state_dict(self) -> dict:
+        return {"q_optimizer": self.q_optimizer.state_dict(), "negative_run": self._negative_run,
+                "warned": self._warned}
+
+    def load_extra_state_dict(self, d: dict) -> None:
+        if "q_optimizer" in d:
+            self.q_optimizer.load_state_dict(d["q_optimizer"])
+        self._negative_run = int(d.get("negative_run", 0))
+        self._warned = bool(d.get("warned", False))
+
+    def identity_features(self, images: Tensor) -> Tensor:
+        return self.factorize(self.encoder(images))[0]
+
+
+# ---------------------------------------------------------------------------------------
+class _Subset(Dataset):
+    """A CacheDataset without some items (labels keep the full dataset's numbering)."""
+
+    def __init__(self, base: Dataset, keep: np.ndarray) -> None:
+        self.base, self.keep = base, np.asarray(keep, dtype=np.int64)
+        self.num_classes = base.num_classes
+        self.ages = base.ages[self.keep]
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __getitem__(self, i: int):
+        return self.base[int(self.keep[i])]
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        return self.base.__getitems__([int(self.keep[i]) for i in indices])
+
+
+def split_options(config: TrainConfig | dict[str, Any] | None,
+                  options: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+    """A TrainConfig (fine-tuning defaults: Adam, lr 0.02, plateau, batch 400) and the
+    fine-tuning options, from a TrainConfig or one flat dict of both kinds of keys."""
+    train_keys = {f.name for f in fields(TrainConfig)}
+    opts = dict(DEFAULTS)
+    if isinstance(config, TrainConfig):
+        cfg = config
+    else:
+        d = {**TRAIN_DEFAULTS, **(config or {})}
+        unknown = [k for k in d if k not in train_keys and k not in DEFAULTS]
+        if unknown:
+            raise MtmimError(f"finetune: unknown option(s) {', '.join(sorted(unknown))}")
+        cfg = TrainConfig(**{k: v for k, v in d.items() if k in train_keys})
+        opts.update({k: v for k, v in d.items() if k in DEFAULTS})
+    unknown = [k for k in options if k not in DEFAULTS]
+    if unknown:
+        raise MtmimError(f"finetune: unknown option(s) {', '.join(sorted(unknown))}")
+    opts.update(options)
+    return cfg, opts
+
+
+def _load_encoder(init: str | os.PathLike | None, backbone: str | None,
+                  embedding_size: int | None) -> tuple[nn.Module, str, int, int]:
+    """Encoder from --init (our checkpoint, an insightface backbone.pth, the shared
+    MobileFaceNet) or freshly built; returns (encoder, backbone, input_width, embedding_size)."""
+    from mtmim_cli.models.backbones import build_backbone, default_embedding_size, input_width
+
+    if init:
+        from mtmim_cli.models.identity import load_identity_model
+
+        model = load_identity_model(init, backbone)
+        if embedding_size and embedding_size != model.embedding_size:
+            raise MtmimError(f"{init}: a {model.embedding_size}-d encoder, not {embedding_size}-d")
+        enc = model.encoder.train()
+        return enc, model.meta["backbone"], model.input_width, model.embedding_size
+    if not backbone:
+        raise MtmimError("finetune: give --init (pretrained weights) or --backbone")
+    dim = embedding_size or default_embedding_size(backbone)
+    return build_backbone(backbone, dim), backbone, input_width(backbone), dim
+
+
+def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None,
+             config: TrainConfig | dict[str, Any] | None = None, **options: Any) -> Path:
+    """Fine-tune an encoder with MT-MIM (or the baseline/age ablations) on the caches; returns
+    the run folder (model.pt holds the final weights with meta kind "finetune").
+
+    `config` is a TrainConfig or a flat dict of TrainConfig fields and fine-tuning options
+    (DEFAULTS: mode, age_groups, lambda_age, lambda_mim, q_steps, q_lr, q_hidden,
+    logvar_bound, factorize_gain, margin, s, m, backbone, embedding_size, val_cache,
+    val_pairs, exclude, warn_negative_after); `options` override both. `exclude` lists
+    record indices of the (single) cache to leave out, e.g. a held-out test image."""
+    from mtmim_cli.data.dataset import CacheDataset
+    from mtmim_cli.train.loop import train
+
+    cfg, o = split_options(config, options)
+    cfg.validate()
+    torch.manual_seed(cfg.seed)  # a freshly built encoder: identical on every rank
+    encoder, backbone, width, dim = _load_encoder(init, o["backbone"], o["embedding_size"])
+    dataset: Dataset = CacheDataset(list(caches), train=True, crop_width=width, seed=cfg.seed)
+    if o["exclude"] is not None and len(o["exclude"]):
+        if len(caches) != 1:
+            raise MtmimError("finetune: `exclude` (record indices) needs exactly one cache")
+        drop = np.isin(dataset.record, np.asarray(o["exclude"], dtype=np.int64))
+        dataset = _Subset(dataset, np.flatnonzero(~drop))
+    ages = np.asarray(dataset.ages, dtype=np.float64)
+    try:
+        boundaries = equal_frequency_groups(ages, int(o["age_groups"]))
+    except ValueError as exc:
+        raise MtmimError(f"{caches[0]}: age groups: {exc}") from None
+    torch.manual_seed(cfg.seed)  # heads and q: identical on every rank
+    objective = MTMIMObjective(
+        encoder, dataset.num_classes, int(o["age_groups"]), mode=o["mode"], embedding_size=dim,
+        boundaries=boundaries, lambda_age=o["lambda_age"], lambda_mim=o["lambda_mim"],
+        q_steps=o["q_steps"], q_lr=o["q_lr"], q_hidden=o["q_hidden"],
+        logvar_bound=o["logvar_bound"], factorize_gain=o["factorize_gain"], margin=o["margin"],
+        s=o["s"], m=o["m"], warn_negative_after=o["warn_negative_after"])
+    cfg.extra = {"caches": [str(Path(c)) for c in caches], "init": str(init) if init else None,
+                 **{k: v for k, v in o.items() if k != "exclude"},
+                 "exclude_n": 0 if o["exclude"] is None else len(o["exclude"]),
+                 "exclude_sha": _digest(o["exclude"])}
+    validator = None
+    if o["val_cache"]:
+        from mtmim_cli.train.validate import PairValidator
+        validator = PairValidator(o["val_cache"], width, n_pairs=o["val_pairs"], seed=cfg.seed)
+    counts = np.bincount(assign_groups(ages, boundaries)[np.isfinite(ages)],
+                         minlength=int(o["age_groups"]))
+    meta = {"kind": "finetune", "backbone": backbone, "input_width": width, "embedding_size": dim,
+            "factorize_dim": dim, "age_groups": [float(b) for b in boundaries],
+            "age_group_counts": [int(c) for c in counts], "mode": o["mode"],
+            "num_classes": int(dataset.num_classes), "margin": o["margin"], "s": float(o["s"]),
+            "m": objective.id_head.extra_repr(), "init": str(init) if init else ""}
+    result = train(objective, dataset, cfg, meta=meta, validator=validator)
+    return Path(result.run_dir)
+
+
+def _digest(values: Sequence[int] | None) -> str:
+    if values is None:
+        return ""
+    import hashlib
+    return hashlib.sha1(",".join(str(int(v)) for v in sorted(values)).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------
+class _FeatureEncoder(nn.Identity):
+    """The 'encoder' of feature-level fitting: features are the encoder's outputs already."""
+
+
+def fit_heads_on_features(features: Tensor | np.ndarray, labels: Tensor | np.ndarray,
+                          ages: Tensor | np.ndarray, *, mode: str = "mtmim", age_groups: int = 8,
+                          boundaries: Sequence[float] | None = None, epochs: int = 20,
+                          batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
+                          **objective_options: Any) -> FactorizationUnit:
+    """Fit the factorization unit and the heads (and q) on fixed encoder features x (N, d),
+    raw (not L2-normalised): MTMIMObjective's own step with the encoder left out, so a
+    leave-one-out round re-fits in well under a second. Returns the fitted unit in eval mode
+    (x_id = unit(x)[0]). Labels may be any integers (re-indexed here); ages NaN = unknown."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    lab = np.unique(np.asarray(labels), return_inverse=True)[1].astype(np.int64)
+    y = torch.from_numpy(lab)
+    a = torch.as_tensor(np.asarray(ages, dtype=np.float64), dtype=torch.float32)
+    if boundaries is None:
+        try:
+            boundaries = equal_frequency_groups(a.numpy(), age_groups)
+        except ValueError as exc:
+            raise MtmimError(f"features: age groups: {exc}") from None
+    torch.manual_seed(seed)
+    obj = MTMIMObjective(_FeatureEncoder(), int(lab.max()) + 1, age_groups, mode=mode,
+                         embedding_size=x.shape[1], boundaries=boundaries,
+                         **{"warn_negative_after": 0, **objective_options})
+    opt = torch.optim.Adam(obj.main_parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(x)
+    bs = min(batch_size, n)
+    obj.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for s in range(0, n - bs + 1, bs):
+            idx = perm[s:s + bs]
+            loss, _ = obj(x[idx], y[idx], a[idx])
+            if not math.isfinite(float(loss)):
+                raise MtmimError(f"features: loss became {float(loss)} while fitting the heads")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            obj.after_step()
+    return obj.factorize.eval()

@@ -294,3 +294,28 @@ def test_bad_inputs(tmp_path: Path, pool_model: Path) -> None:
     for kw, msg in cases:
         with pytest.raises(MtmimError, match=msg):
             R.evaluate(R.EvalConfig(models=[R.ModelArg("m", pool_model)], **kw), progress=False)
+
+
+# ---------------------------------------------------------------- the command
+@pytest.mark.slow
+def test_cli_evaluate_side_by_side_and_errors(tmp_path: Path) -> None:
+    from mtmim_cli.models.backbones import build_backbone
+    from tests.conftest import run_cli
+
+    cache_path = _face_cache(tmp_path / "c.h5", n_ids=6, per_id=5)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        torch.save(build_backbone("tiny").state_dict(), tmp_path / f"tiny{seed}.pt")
+    out = tmp_path / "r" / "results.md"
+    r = run_cli("evaluate", "--protocol", "pairs", "--cache", str(cache_path), "--n-pairs", "100",
+                "--model", f"first={tmp_path / 'tiny0.pt'}", "--model", f"second={tmp_path / 'tiny1.pt'}",
+                "--backbone", "tiny", "--out", str(out), "-q")
+    assert r.returncode == 0, r.stderr
+    md = out.read_text()
+    assert "| first |" in md and "| second |" in md and "TAR@FAR=1e-3" in md
+    payload = json.loads(out.with_suffix(".json").read_text())
+    assert payload["command"].startswith("mtmim evaluate --protocol pairs")
+    assert [m["label"] for m in payload["models"]] == ["first", "second"]
+    r = run_cli("evaluate", "--protocol", "fgnet-loo", "--cache", str(tmp_path / "missing.h5"),
+                "--model", str(tmp_path / "tiny0.pt"))
+    assert r.returncode == 2 and "missing.h5" in r.stderr and "Traceback" not in r.stderr

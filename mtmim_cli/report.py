@@ -98,7 +98,11 @@ def load_run(path: Path) -> Run:
 def load_evaluation(path: Path) -> Evaluation:
     """`path` is the folder of results.json (or results.json / results.md itself)."""
     folder = path if path.is_dir() else path.parent
-    stem = path.stem if path.is_file() else "results"
+    if path.is_file():
+        stem = path.stem
+    else:  # results.json, else the one <stem>.json beside a <stem>.md that evaluate wrote
+        stems = [p.stem for p in sorted(folder.glob("*.json")) if (folder / f"{p.stem}.md").is_file()]
+        stem = "results" if (folder / "results.json").is_file() or len(stems) != 1 else stems[0]
     rj = folder / f"{stem}.json"
     try:
         results = json.loads(rj.read_text())
@@ -120,7 +124,7 @@ def classify_inputs(paths: list[Path]) -> tuple[list[Run], list[Evaluation]]:
             raise MtmimError(f"{p}: no such file or folder")
         if p.is_dir() and (p / "metrics.csv").is_file():
             runs.append(load_run(p))
-        elif (p.is_dir() and (p / "results.json").is_file()) or p.suffix in (".json", ".md"):
+        elif (p.is_dir() and list(p.glob("*.json"))) or p.suffix in (".json", ".md"):
             evals.append(load_evaluation(p))
         else:
             raise MtmimError(f"{p}: neither a training run (metrics.csv) nor an evaluation "
@@ -292,9 +296,8 @@ def plot_roc(evals: list[Evaluation]):
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     for df in frames:
         for (protocol, model), g in df.groupby(["protocol", "model"], sort=False):
-            g = g.sort_values("far")
-            far = np.maximum(g["far"].to_numpy(float), 1e-5)
-            ax.plot(far, g["tar"], label=f"{model} ({protocol})")
+            g = g[g["far"] > 0].sort_values("far")  # FAR = 0 has no place on a log axis
+            ax.plot(g["far"], g["tar"], label=f"{model} ({protocol})")
     ax.set_xscale("log")
     ax.set_xlabel("false accept rate")
     ax.set_ylabel("true accept rate")

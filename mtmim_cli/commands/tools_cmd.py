@@ -54,3 +54,95 @@ def report(
 
     path = build_report(inputs, out, cache=cache, max_images=max_images)
     typer.echo(f"report: {path}")
+
+
+@app.command()
+def calibrate(
+    model: Path = typer.Argument(..., help="Checkpoint (ours, the shared MobileFaceNet, or a backbone.pth with --backbone)."),
+    cache: Path = typer.Option(..., "--cache", "-c", help="Labelled aligned cache the model was not trained on (e.g. the held-out split)."),
+    far: float = typer.Option(1e-3, "--far", help="Target false-accept rate over impostor pairs."),
+    n_pairs: int = typer.Option(6000, "--n-pairs", help="Pairs to draw (half genuine)."),
+    min_gap: float = typer.Option(0.0, "--min-gap", help="Minimum age gap of the drawn pairs (years)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the pair draw."),
+    flip: str = typer.Option("concat", "--flip", help="Mirror features: concat, sum or none (verify uses the same)."),
+    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files."),
+    out: Path = typer.Option(None, "--out", "-o", help="Write the calibrated checkpoint here (default: update MODEL in place; required for external weights)."),
+) -> None:
+    """Measure the verification threshold at a FAR and store it in the checkpoint's meta."""
+    from mtmim_cli.deploy.verify import calibrate_threshold, store_threshold
+    from mtmim_cli.errors import MtmimError
+
+    if flip not in ("concat", "sum", "none"):
+        raise MtmimError(f"--flip {flip}: choose from concat, sum, none")
+    t = calibrate_threshold(model, cache, far=far, n_pairs=n_pairs, seed=seed, min_gap=min_gap,
+                            flip=flip, backbone=backbone)
+    path = store_threshold(model, {**t, "backbone": backbone}, out)
+    typer.echo(f"threshold {t['value']:.4f} at FAR {far:g} (measured {t['far_measured']:.4g}, "
+               f"TAR {t['tar']:.4f}; {t['genuine_pairs']} genuine / {t['impostor_pairs']} "
+               f"impostor pairs) -> {path}")
+    if not t["far_resolved"]:
+        typer.echo(f"warning: {t['impostor_pairs']} impostor pairs cannot resolve FAR {far:g}; "
+                   "the threshold is above every impostor score (draw more pairs)", err=True)
+
+
+@app.command()
+def verify(
+    photo_a: Path = typer.Argument(..., help="First photo."),
+    photo_b: Path = typer.Argument(..., help="Second photo."),
+    model: Path = typer.Option(..., "--model", "-m", help="Calibrated checkpoint (see `mtmim calibrate`)."),
+    threshold: float = typer.Option(None, "--threshold", help="Decide at this cosine instead of the stored threshold."),
+    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+) -> None:
+    """Same person? Prints the cosine similarity and the decision; exit 0 same, 1 different."""
+    from mtmim_cli.deploy.verify import verify_photos
+
+    v = verify_photos(photo_a, photo_b, model, threshold=threshold, backbone=backbone, device=device)
+    t = v.threshold
+    far = f" (FAR {t['far']:g} on {t['protocol']})" if t.get("far") is not None else ""
+    typer.echo(f"cosine {v.score:.4f}, threshold {float(t['value']):.4f}{far}: "
+               f"{'same person' if v.same else 'different people'}")
+    raise typer.Exit(0 if v.same else 1)
+
+
+@app.command()
+def embed(
+    src: Path = typer.Argument(..., help="A folder of photos (searched recursively; each is aligned) or an aligned cache (.h5)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to embed with."),
+    out: Path = typer.Option(..., "--out", "-o", help="HDF5 file to write (embeddings, path, identity, age, ok, reason)."),
+    flip: str = typer.Option("concat", "--flip", help="Mirror features: concat (the paper), sum, none."),
+    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Images per forward pass."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """L2-normalised identity embeddings of a photo folder or a cache, in one HDF5 file."""
+    from mtmim_cli.deploy.embed import embed_source
+    from mtmim_cli.errors import MtmimError
+
+    if flip not in ("concat", "sum", "none"):
+        raise MtmimError(f"--flip {flip}: choose from concat, sum, none")
+    s = embed_source(src, model, out, flip=flip, backbone=backbone, device=device,
+                     batch_size=batch_size, progress=not quiet)
+    typer.echo(f"{s['embedded']}/{s['total']} faces embedded ({s['dim']}-d) -> {s['out']}")
+    for path, reason in s["missed"][:20]:
+        typer.echo(f"  no embedding: {path}: {reason}")
+    if len(s["missed"]) > 20:
+        typer.echo(f"  ... and {len(s['missed']) - 20} more")
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Checkpoint to export (x_id for a fine-tuned model)."),
+    onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write."),
+    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+    check_cache: Path = typer.Option(None, "--check-cache", help="Check on real faces from this cache (default: a seeded random batch)."),
+) -> None:
+    """Export the identity encoder to ONNX and check onnxruntime against torch on one batch."""
+    from mtmim_cli.deploy.export import export_onnx
+
+    r = export_onnx(model, onnx, backbone=backbone, opset=opset, check_cache=check_cache)
+    typer.echo(f"wrote {r['out']}: input {r['input']} -> {r['dim']}-d features; "
+               f"onnxruntime vs torch on {r['batch']} images: max |diff| {r['max_abs_diff']:.2e} "
+               f"(outputs up to {r['max_abs_value']:.3g}), min cosine {r['min_cosine']:.6f}")

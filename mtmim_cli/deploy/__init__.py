@@ -1,0 +1,1 @@
+"""Everyday use of a trained model: verification threshold, embeddings, ONNX export."""

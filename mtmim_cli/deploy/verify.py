@@ -1,0 +1,146 @@
+"""Face verification with a stored decision threshold.
+
+`calibrate_threshold` picks, on a labelled cache, the lowest cosine threshold whose false-accept
+rate over impostor pairs is at most `far` (the same rule as `mtmim evaluate`'s TAR@FAR), and
+`store_threshold` writes it into the checkpoint's meta as
+
+    meta["threshold"] = {"value", "far", "protocol", "far_measured", "tar", "genuine_pairs",
+                         "impostor_pairs", "flip", "cache", "seed"}
+
+so `mtmim verify` decides with the features the threshold was measured on (same flip mode).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mtmim_cli.errors import MtmimError
+
+
+def _features(model, images: np.ndarray, flip: str) -> np.ndarray:
+    from mtmim_cli.eval.features import extract_features
+
+    return extract_features(model, images, flip=flip, batch_size=64)
+
+
+def calibrate_threshold(model_path: str | os.PathLike, cache_path: str | os.PathLike, *,
+                        far: float = 1e-3, n_pairs: int = 6000, seed: int = 0,
+                        min_gap: float = 0.0, flip: str = "concat",
+                        backbone: str | None = None, progress: bool = False) -> dict:
+    """The verification threshold of a model at a target FAR, measured on cross-age pairs
+    drawn (seeded, half genuine) from a labelled cache that the model was not trained on."""
+    from mtmim_cli.data.cache import Cache
+    from mtmim_cli.eval.features import extract_features
+    from mtmim_cli.eval.metrics import threshold_at_far
+    from mtmim_cli.eval.pairs import cross_age_pairs
+    from mtmim_cli.models.identity import load_identity_model
+
+    if not 0 < far < 1:
+        raise MtmimError(f"--far {far}: must lie between 0 and 1")
+    model = load_identity_model(model_path, backbone)
+    cache = Cache(cache_path)
+    i, j, same = cross_age_pairs(cache.identity, cache.age, n_pairs, seed, min_gap=min_gap,
+                                 usable=cache.usable)
+    if not same.any() or same.all():
+        raise MtmimError(f"{cache_path}: cannot draw both genuine and impostor pairs")
+    used = np.unique(np.concatenate([i, j]))
+    feats = extract_features(model, cache, used, flip=flip, progress=progress)
+    row = {int(k): n for n, k in enumerate(used)}
+    fi = feats[[row[int(k)] for k in i]]
+    fj = feats[[row[int(k)] for k in j]]
+    scores = (fi * fj).sum(1).astype(np.float64)
+    value = float(threshold_at_far(scores, same, far))
+    n_imp = int((~same).sum())
+    return {
+        "value": value,
+        "far": float(far),
+        "protocol": (f"cross-age pairs from {Path(cache_path).name} ({len(same)} pairs, "
+                     f"seed {seed}, min age gap {min_gap:g}); accept if cosine >= value"),
+        "far_measured": float(np.mean(scores[~same] >= value)),
+        "tar": float(np.mean(scores[same] >= value)),
+        "genuine_pairs": int(same.sum()),
+        "impostor_pairs": n_imp,
+        # below 1/far impostor pairs the FAR is not resolved: the threshold is the top impostor
+        "far_resolved": bool(n_imp * far >= 1),
+        "flip": flip,
+        "cache": str(cache_path),
+        "seed": int(seed),
+    }
+
+
+def store_threshold(model_path: str | os.PathLike, threshold: dict,
+                    out: str | os.PathLike | None = None) -> Path:
+    """Write `threshold` into meta["threshold"] of a checkpoint (atomically; in place unless
+    `out`). External weights (the shared MobileFaceNet, a backbone.pth) become a checkpoint of
+    ours at `out`, which must then be given."""
+    import torch
+
+    from mtmim_cli.models.identity import load_identity_model
+    from mtmim_cli.train.checkpoint import save_checkpoint
+
+    model_path = Path(model_path)
+    try:
+        obj = torch.load(model_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an unreadable file is the user's input
+        raise MtmimError(f"{model_path}: cannot read weights ({str(exc).splitlines()[0]})") from None
+    if isinstance(obj, dict) and "meta" in obj and "objective" in obj:
+        state = obj
+    else:
+        if out is None:
+            raise MtmimError(f"{model_path}: not an mtmim checkpoint; give --out for the "
+                             "calibrated copy")
+        model = load_identity_model(model_path, threshold.get("backbone"))
+        meta = {k: model.meta[k] for k in ("backbone", "input_width", "embedding_size",
+                                           "normalisation")}
+        state = {"meta": {"kind": "external", "source": str(model_path), **meta},
+                 "objective": {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}}
+    state["meta"] = {**state["meta"], "threshold": {k: v for k, v in threshold.items()
+                                                    if k != "backbone"}}
+    return save_checkpoint(Path(out) if out else model_path, state)
+
+
+@dataclass
+class Verdict:
+    score: float
+    same: bool
+    threshold: dict
+
+
+def stored_threshold(model, model_path: str | os.PathLike) -> dict:
+    t = model.meta.get("threshold")
+    if not isinstance(t, dict) or "value" not in t:
+        raise MtmimError(f"{model_path}: holds no verification threshold; run "
+                         "`mtmim calibrate` on it first (or pass --threshold)")
+    return t
+
+
+def verify_photos(photo_a: str | os.PathLike, photo_b: str | os.PathLike,
+                  model_path: str | os.PathLike, *, threshold: float | None = None,
+                  flip: str | None = None, backbone: str | None = None,
+                  device: str = "cpu", detector=None) -> Verdict:
+    """Align both photos, compare their identity features, decide at the stored threshold
+    (or `threshold`). A photo without a face is an MtmimError naming it."""
+    from mtmim_cli.data.align import align_photo
+    from mtmim_cli.data.detect import FaceDetector
+    from mtmim_cli.models.identity import load_identity_model
+
+    model = load_identity_model(model_path, backbone)
+    if threshold is None:
+        t = dict(stored_threshold(model, model_path))
+    else:
+        t = {"value": float(threshold), "far": None, "protocol": "given on the command line"}
+    flip = flip or t.get("flip", "concat")
+    detector = detector or FaceDetector(device=device)
+    faces = []
+    for photo in (photo_a, photo_b):
+        aligned, _ = align_photo(photo, detector)
+        if aligned is None:
+            raise MtmimError(f"{photo}: no face found")
+        faces.append(aligned)
+    f = _features(model, np.stack(faces), flip)
+    score = float(f[0] @ f[1])
+    return Verdict(score=score, same=score >= float(t["value"]), threshold={**t, "flip": flip})

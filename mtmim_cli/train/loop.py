@@ -132,7 +132,7 @@ class _CsvLog:
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.6g}"
+        return f"{v:.8g}"
     return str(v)
 
 
@@ -287,6 +287,7 @@ def train(objective: Objective, train_data: Sequence[str | os.PathLike] | Datase
                 sampler.set_epoch(st.epoch, st.position * local_batch)
                 loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler,
                                     num_workers=config.workers, drop_last=True,
+                                    collate_fn=getattr(dataset, "collate", None),
                                     pin_memory=device.type == "cuda",
                                     generator=torch.Generator().manual_seed(config.seed + st.epoch))
                 t0 = time.perf_counter()

@@ -20,7 +20,14 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not real"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mtmim_cli tests bench
+	$(VENV)/bin/ruff check mtmim_cli tests bench scripts
+
+# The whole chain on the embedded synthetic faces (no dataset needed), then on real FG-NET.
+demo: $(STAMP)
+	$(PY) scripts/demo.py --out demo_out/synthetic
+
+demo-fgnet: $(STAMP)
+	$(PY) scripts/demo.py --fgnet $(MTMIM_SHARED) --out demo_out/fgnet
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -213,7 +213,7 @@ def plot_training_curves(runs: list[Run]):
             ax.plot(x, smooth(y, w), color=colour, label=run.label, linewidth=1.6)
         ax.set_title(col)
         ax.set_xlabel("step")
-        if col == "lr":
+        if col == "lr" or col.endswith("_lr"):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     if with_val:
@@ -320,20 +320,11 @@ def factor_features(model_path: Path, cache_path: Path, max_images: int = 400,
 
     from mtmim_cli.data.cache import Cache
     from mtmim_cli.data.dataset import preprocess
-    from mtmim_cli.models.backbones import build_backbone
-    from mtmim_cli.models.factorize import FactorizationUnit
-    from mtmim_cli.train.checkpoint import load_checkpoint
+    from mtmim_cli.models.identity import load_identity_model
 
-    state = load_checkpoint(model_path)
-    meta, weights = state["meta"], state["objective"]
-    if "factorize_dim" not in meta:
+    model = load_identity_model(model_path)
+    if model.factorize is None:
         return None
-    encoder = build_backbone(meta["backbone"], int(meta["embedding_size"]))
-    encoder.load_state_dict(_sub(weights, "encoder."))
-    unit = FactorizationUnit(int(meta["factorize_dim"]))
-    unit.load_state_dict(_sub(weights, "factorize."))
-    encoder.eval()
-    unit.eval()
     cache = Cache(cache_path)
     idx = np.flatnonzero(cache.usable)
     if len(idx) > max_images:  # an even spread, deterministic
@@ -343,16 +334,12 @@ def factor_features(model_path: Path, cache_path: Path, max_images: int = 400,
     x_id, x_age = [], []
     with torch.no_grad():
         for start in range(0, len(idx), batch_size):
-            batch = preprocess(cache.images(idx[start:start + batch_size]), int(meta["input_width"]))
-            a, b = unit(encoder(batch))
+            batch = preprocess(cache.images(idx[start:start + batch_size]), model.input_width)
+            a, b = model.factorize(model.encoder(batch))
             x_id.append(a.numpy())
             x_age.append(b.numpy())
     return {"x_id": np.concatenate(x_id), "x_age": np.concatenate(x_age),
             "identity": cache.identity[idx], "age": cache.age[idx]}
-
-
-def _sub(weights: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:

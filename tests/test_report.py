@@ -1,0 +1,150 @@
+"""`mtmim report`: what is drawn is what the run and evaluation files hold, the figures are
+real images with content, and the disentanglement scores agree with independent ones."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtmim_cli import report as R
+from mtmim_cli.errors import MtmimError
+from tests.conftest import run_cli, write_cache
+
+
+def _line_data(ax, label: str) -> tuple[np.ndarray, np.ndarray]:
+    line = next(ln for ln in ax.get_lines() if ln.get_label() == label)
+    return np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+
+
+def _png_has_content(path: Path) -> None:
+    from PIL import Image
+
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape[0] > 200 and img.shape[1] > 300
+    assert img.std() > 10  # not a blank canvas
+    colours = np.unique(img.reshape(-1, 3), axis=0)
+    assert len(colours) > 50
+
+
+def _metrics_csv(folder: Path, mode: str, n: int, seed: int) -> dict[str, np.ndarray]:
+    """A metrics.csv with the real column names of the loop and of the MT-MIM objective."""
+    from mtmim_cli.train.finetune import MTMIMObjective
+    from mtmim_cli.train.loop import BASE_COLUMNS
+
+    rng = np.random.default_rng(seed)
+    cols = {c: rng.normal(size=n).cumsum() for c in (*BASE_COLUMNS, *MTMIMObjective.metric_names)}
+    cols["step"] = np.arange(1, n + 1)
+    cols["epoch"] = 1 + np.arange(n) // 10
+    cols["lr"] = np.where(np.arange(n) < n // 2, 0.02, 0.002)
+    folder.mkdir(parents=True)
+    header = list(cols)
+    lines = [",".join(header)] + [",".join(f"{cols[c][i]:.6g}" for c in header) for i in range(n)]
+    (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+    (folder / "config.json").write_text(json.dumps({"epochs": 3, "extra": {"mode": mode}}))
+    return cols
+
+
+def test_smooth_is_a_trailing_mean_ignoring_nan() -> None:
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=57)
+    v[[3, 10, 11]] = np.nan
+    for w in (1, 4, 9):
+        got = R.smooth(v, w)
+        for i in range(len(v)):
+            window = v[max(0, i - w + 1):i + 1]
+            window = window[np.isfinite(window)]
+            want = window.mean() if len(window) else np.nan
+            assert (math.isnan(got[i]) and math.isnan(want)) or got[i] == pytest.approx(want)
+
+
+def test_curves_and_club_draw_the_logged_values(tmp_path: Path) -> None:
+    logged = {m: _metrics_csv(tmp_path / m, m, 80, k) for k, m in enumerate(("baseline", "mtmim"))}
+    runs = [R.load_run(tmp_path / m) for m in ("baseline", "mtmim")]
+    assert [r.mode for r in runs] == ["baseline", "mtmim"]
+    fig = R.plot_training_curves(runs)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:2] == ["loss", "l_id"] and "club" in titles and titles[-2:] == ["accuracy", "lr"]
+    for name in ("loss", "club", "age_accuracy"):
+        ax = fig.axes[titles.index(name)]
+        x, y = _line_data(ax, "mtmim")
+        np.testing.assert_allclose(x, logged["mtmim"]["step"])
+        np.testing.assert_allclose(y, R.smooth(logged["mtmim"][name], R._window(80)), rtol=1e-5, atol=1e-5)
+    assert fig.axes[titles.index("lr")].get_yscale() == "log"
+    club = R.plot_club(runs)
+    x, y = _line_data(club.axes[0], "baseline")
+    np.testing.assert_allclose(y, R.smooth(logged["baseline"]["club"], R._window(80)), rtol=1e-5, atol=1e-5)
+    assert {t.get_text() for t in club.axes[0].get_legend().get_texts()} == {"baseline", "mtmim"}
+
+
+def test_club_figure_absent_without_a_club_column(tmp_path: Path) -> None:
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "pre" / "metrics.csv").write_text("step,epoch,loss,accuracy,lr,images_per_s\n1,1,3,0.1,0.01,50\n")
+    assert R.plot_club([R.load_run(tmp_path / "pre")]) is None
+
+
+def test_disentanglement_scores_match_sklearn() -> None:
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(1)
+    ident = np.repeat(np.arange(12), 8)
+    age = rng.uniform(0, 70, len(ident))
+    centres = rng.normal(size=(12, 16))
+    x_id = centres[ident] + 0.05 * rng.normal(size=(len(ident), 16))       # identity only
+    x_age = np.outer(age, rng.normal(size=16)) + 0.5 * rng.normal(size=(len(ident), 16))  # age only
+    s = R.disentanglement_scores({"x_id": x_id, "x_age": x_age, "identity": ident, "age": age})
+    assert s["id_1nn_x_id"] == 1.0 and s["id_1nn_x_age"] < 0.3
+    assert s["age_r2_x_age"] > 0.95 and s["age_r2_x_id"] < 0.2
+    # the R^2 is sklearn's on the same cross-validated predictions
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    pred = cross_val_predict(RidgeCV(alphas=np.logspace(-3, 3, 13)), x_age, age,
+                             cv=KFold(5, shuffle=True, random_state=0))
+    assert s["age_r2_x_age"] == pytest.approx(r2_score(age, pred))
+
+
+def test_bad_inputs_fail_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MtmimError, match="neither a training run"):
+        R.build_report([tmp_path / "empty"], tmp_path / "rep")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.csv").write_text("a,b\n1,2\n")
+    res = run_cli("report", str(tmp_path / "bad"), "--out", str(tmp_path / "rep"))
+    assert res.returncode == 2 and "no 'step' column" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_report_from_a_real_finetune_run(tmp_path: Path) -> None:
+    """A real fine-tuning run feeds a complete report; the projected x_id is the identity
+    model's output and x_id + x_age is the encoder's x. (The demo test covers evaluate.)"""
+    import torch
+
+    from mtmim_cli.data.cache import Cache
+    from mtmim_cli.data.dataset import preprocess
+    from mtmim_cli.models.identity import load_identity_model
+    from mtmim_cli.train.finetune import finetune
+
+    ids = [f"id{k}" for k in range(6) for _ in range(4)]
+    ages = [float(5 + 15 * j + k) for k in range(6) for j in range(4)]
+    cache = write_cache(tmp_path / "c.h5", ids, ages, seed=3)
+    run = finetune([cache], None, {"out": str(tmp_path / "mtmim"), "backbone": "tiny",
+                                   "mode": "mtmim", "age_groups": 2, "batch_size": 8,
+                                   "epochs": 1, "progress": False, "lr": 1e-3})
+    md = R.build_report([run], tmp_path / "rep", cache=cache, max_images=10)
+    text = md.read_text()
+    for fig in ("training_curves.png", "club.png", "projection.png"):
+        assert f"]({fig})" in text
+        _png_has_content(tmp_path / "rep" / fig)
+    assert "| mtmim | mtmim | 3 | 1 |" in text  # 24 images / batch 8, one epoch
+    f = R.factor_features(run / "model.pt", cache, max_images=10)
+    model = load_identity_model(run / "model.pt")
+    idx = np.flatnonzero(Cache(cache).usable)
+    idx = idx[np.linspace(0, len(idx) - 1, 10).round().astype(int)]
+    with torch.no_grad():
+        batch = preprocess(Cache(cache).images(idx), model.input_width)
+        np.testing.assert_allclose(f["x_id"], model(batch).numpy(), atol=1e-5)
+        np.testing.assert_allclose(f["x_id"] + f["x_age"], model.encoder(batch).numpy(), atol=1e-4)

@@ -350,3 +350,15 @@ def test_prealigned_status_is_usable(tmp_path):
     from mtmim_cli.data.cache import USABLE
 
     assert PREALIGNED in USABLE and CENTER in USABLE and MISS not in USABLE
+
+
+def test_rec_pack_aligns_as_prealigned(tmp_path):
+    from tests.test_readers import write_rec
+
+    faces = [np.asarray(Image.fromarray(f).resize((112, 112))) for f in face_variants(3)]
+    write_rec(tmp_path / "pack", faces, [1, 2, 1], corrupt=2)
+    s = align_dataset(tmp_path / "pack", "rec", tmp_path / "rec.h5", progress=False)
+    c = Cache(s.out)
+    assert list(c.status) == [PREALIGNED, PREALIGNED, ERROR] and c.identity_names == ["1", "2"]
+    assert np.abs(c.image(0).astype(int) - faces[0]).mean() < 20  # JPEG round trip
+    assert c.reason[2] == "not an image file"

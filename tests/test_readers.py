@@ -203,3 +203,51 @@ def test_exif_orientation_is_honoured(tmp_path):
     out = load_image(tmp_path / "o.jpg")
     assert out.shape == (40, 20, 3)  # displayed upright: portrait
     assert out[:10].mean() > 200 and out[-10:].mean() < 50  # the band is now on top
+
+
+def write_rec(folder: Path, images: list[np.ndarray], labels: list[int], corrupt: int = -1) -> Path:
+    """A minimal insightface pack: header record 0 (flag 2, key range), then one JPEG per record."""
+    import io
+    import struct
+
+    def record(flag: int, label: float, key: int, extra: bytes, body: bytes) -> bytes:
+        payload = struct.pack("<IfQQ", flag, label, key, 0) + extra + body
+        pad = (4 - len(payload) % 4) % 4
+        return struct.pack("<II", 0xCED7230A, len(payload)) + payload + b"\0" * pad
+
+    folder.mkdir(parents=True, exist_ok=True)
+    blobs = [record(2, 0.0, 0, struct.pack("<ff", 1, len(images) + 1), b"")]
+    for k, (img, lab) in enumerate(zip(images, labels, strict=True), 1):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=95)
+        body = buf.getvalue() if k - 1 != corrupt else b"garbage"
+        blobs.append(record(0, float(lab), k, b"", body))
+    offsets, pos = [], 0
+    for b in blobs:
+        offsets.append(pos)
+        pos += len(b)
+    (folder / "train.rec").write_bytes(b"".join(blobs))
+    (folder / "train.idx").write_text("".join(f"{k}\t{o}\n" for k, o in enumerate(offsets)))
+    return folder
+
+
+def test_rec_pack(tmp_path):
+    from mtmim_cli.data.readers import image_loader
+
+    yy, xx = np.mgrid[0:112, 0:112]
+    imgs = [np.dstack([xx * 2, yy * 2, (xx + yy) * k]).astype(np.uint8) for k in range(3)]
+    write_rec(tmp_path / "casia", imgs, [5, 0, 5], corrupt=1)
+    for src in (tmp_path / "casia", tmp_path / "casia" / "train.rec"):
+        assert as_tuples(read_records(src, "rec")) == [
+            ("train.rec#0000000001", "5", None, ""), ("train.rec#0000000002", "0", None, ""),
+            ("train.rec#0000000003", "5", None, "")]
+    load = image_loader(tmp_path / "casia", "rec")
+    out = load("train.rec#0000000003")
+    assert out.shape == (112, 112, 3) and np.abs(out.astype(int) - imgs[2]).mean() < 20
+    with pytest.raises(MtmimError, match=r"train.rec#2: not an image file"):
+        load("train.rec#0000000002")
+    (tmp_path / "casia" / "train.idx").unlink()
+    with pytest.raises(MtmimError, match="train.idx: no such file"):
+        read_records(tmp_path / "casia", "rec")
+    with pytest.raises(MtmimError, match="expects an insightface .rec file"):
+        read_records(tmp_path, "rec")

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from mtmim_cli.app import app
 
-_FORMATS = "fgnet, celeba, folder, csv, agedb, cacd, morph (see data/README.md)"
+_FORMATS = "fgnet, celeba, folder, csv, agedb, cacd, morph, rec (see data/README.md)"
 
 
 def _command_line() -> str:
@@ -46,6 +46,9 @@ def align(
     shard: str = typer.Option(None, "--shard",
                               help="I/N: align only the I-th of N contiguous blocks of the "
                                    "records (join the N files with `mtmim merge`)."),
+    commit_every: int = typer.Option(64, "--commit-every",
+                                     help="Records between durable commits: a killed run loses "
+                                          "at most this many (or 10 s of work)."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Redo an existing cache made from other photos or settings."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -64,7 +67,8 @@ def align(
     summary = align_dataset(
         src, fmt, out, on_miss=on_miss, aligned=aligned, min_face=min_face, det_size=det_size,
         retry=not no_retry, device=device, shard=parse_shard(shard), threads=threads,
-        workers=workers, overwrite=overwrite, progress=interactive, command=_command_line(),
+        workers=workers, commit_every=max(1, commit_every), overwrite=overwrite,
+        progress=interactive, command=_command_line(),
         log=None if interactive or quiet else (lambda line: print(line, file=sys.stderr, flush=True)),
     )
     print(summary.format())

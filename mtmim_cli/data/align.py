@@ -185,8 +185,9 @@ class AlignSummary:
         lines.append("  " + ", ".join(f"{k} {v}" for k, v in self.counts.items()))
         usable = sum(self.counts.get(k, 0) for k in ("detected", "center", "prealigned"))
         if self.total:
-            lines.append(f"  usable {usable}/{self.total} ({usable / self.total:.1%}); "
-                         f"detected {self.detection_rate:.1%}")
+            detected = ("" if self.counts.get("prealigned") else
+                        f"; detected {self.detection_rate:.1%}")
+            lines.append(f"  usable {usable}/{self.total} ({usable / self.total:.1%}){detected}")
         if self.reused:
             lines.append("  already complete: nothing to do (pass --overwrite to redo)")
         elif self.processed:
@@ -204,13 +205,14 @@ class AlignSummary:
 
 
 def summarize_cache(path: str | Path, **extra) -> AlignSummary:
-    """The summary of a finished cache file (counts and every record without a detected face)."""
-    from mtmim_cli.data.cache import DETECTED, STATUS_NAMES, Cache
+    """The summary of a finished cache file: counts, and every record that has a reason
+    (misses, unreadable files, centre-crop fallbacks)."""
+    from mtmim_cli.data.cache import STATUS_NAMES, Cache
 
     c = Cache(path)
     counts = {name: int((c.status == code).sum()) for code, name in STATUS_NAMES.items()}
     problems = [(c.paths[i], STATUS_NAMES[int(s)], c.reason[i])
-                for i, s in enumerate(c.status) if s != DETECTED]
+                for i, s in enumerate(c.status) if c.reason[i]]
     return AlignSummary(out=Path(path), total=len(c), counts=counts, problems=problems, **extra)
 
 
@@ -233,14 +235,15 @@ def shard_slice(n_records: int, shard: tuple[int, int]) -> slice:
     return slice(i * n_records // n, (i + 1) * n_records // n)
 
 
-def _decode(path: Path, aligned: bool, detector) -> tuple[str, object]:
+def _decode(load: Callable[[str], np.ndarray], rel: str, aligned: bool,
+            detector) -> tuple[str, object]:
     """Worker-thread part of one record: decode and prepare (Pillow releases the GIL)."""
-    from mtmim_cli.data.readers import load_image
+    from mtmim_cli.data.readers import UnreadableImage
 
     try:
-        image = load_image(path)
-    except MtmimError as exc:
-        return "error", str(exc).removeprefix(f"{path}: ")
+        image = load(rel)
+    except UnreadableImage as exc:
+        return "error", exc.reason
     if aligned:
         return "ok", pad_resize(image)
     if min(image.shape[:2]) < MIN_SIDE:
@@ -272,7 +275,7 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
         records_digest,
     )
     from mtmim_cli.data.detect import DEFAULT_DET_SIZE, DEFAULT_MIN_FACE, FaceDetector
-    from mtmim_cli.data.readers import read_records, source_root
+    from mtmim_cli.data.readers import image_loader, read_records, source_root
     from mtmim_cli.progress import make_progress
 
     if on_miss not in ON_MISS:
@@ -282,8 +285,10 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
     if min_face <= 0:
         raise MtmimError(f"--min-face {min_face}: must be positive")
     out = Path(out)
+    aligned = aligned or fmt == "rec"  # insightface packs hold aligned crops
     records = read_records(src, fmt)
     root = source_root(src, fmt)
+    load = image_loader(src, fmt)
     all_digest = records_digest(records)
     if shard is not None:
         records = records[shard_slice(len(records), shard)]
@@ -306,7 +311,7 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
                              "(remove it or pass --overwrite)")
         return summarize_cache(out, reused=True)
 
-    if threads:
+    if threads and not aligned:
         import torch
 
         torch.set_num_threads(threads)
@@ -322,7 +327,7 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
     def submit_upto(k: int) -> None:
         for j in range(k, min(n, k + prefetch)):
             if j not in futures:
-                futures[j] = pool.submit(_decode, root / records[j].path, aligned, detector)
+                futures[j] = pool.submit(_decode, load, records[j].path, aligned, detector)
 
     bar = make_progress("img", disable=not progress)
     try:

@@ -13,7 +13,7 @@ AGE_BINS = (0, 10, 20, 30, 40, 50, 60, 70, 200)
 
 def cache_info(path: str | os.PathLike) -> dict:
     """A plain dict describing the cache at `path` (MtmimError if it is not an mtmim cache)."""
-    from mtmim_cli.data.cache import DETECTED, STATUS_NAMES, Cache
+    from mtmim_cli.data.cache import STATUS_NAMES, Cache
 
     c = Cache(path)
     usable = c.usable
@@ -45,7 +45,7 @@ def cache_info(path: str | os.PathLike) -> dict:
         "age_histogram": dict(zip(labels, (int(v) for v in hist), strict=True)),
         "splits": dict(Counter(s for s in c.split if s)),
         "problems": [(c.paths[i], STATUS_NAMES[int(s)], c.reason[i])
-                     for i, s in enumerate(c.status) if s != DETECTED],
+                     for i, s in enumerate(c.status) if c.reason[i]],
         "schema": schema,
     }
 
@@ -70,7 +70,7 @@ def format_info(info: dict, max_problems: int | None = 20) -> str:
         lines.append("  splits       " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
     problems = info["problems"]
     if problems:
-        lines.append(f"  not detected ({len(problems)}):")
+        lines.append(f"  misses and unreadable files ({len(problems)}):")
         shown = problems if max_problems is None else problems[:max_problems]
         for path, status, reason in shown:
             lines.append(f"    {status:10s} {path}: {reason}")

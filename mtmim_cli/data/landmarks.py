@@ -40,3 +40,22 @@ def normalised_error(pred: np.ndarray, truth: np.ndarray) -> float:
     truth = np.asarray(truth, dtype=np.float64).reshape(-1, 2)
     iod = np.linalg.norm(truth[0] - truth[1])
     return float(np.linalg.norm(pred - truth, axis=1).mean() / iod)
+
+
+def cache_landmark_errors(cache_path: str | os.PathLike, points_dir: str | os.PathLike) -> dict[str, float]:
+    """Normalised error of each detected record of an FG-NET cache against its .pts file.
+
+    Keys are the record paths; records without a detection or without a .pts file are left out.
+    """
+    from pathlib import Path
+
+    from mtmim_cli.data.cache import DETECTED, Cache
+
+    c = Cache(cache_path)
+    points_dir = Path(points_dir)
+    out = {}
+    for i, rel in enumerate(c.paths):
+        pts = points_dir / (Path(rel).stem.lower() + ".pts")
+        if c.status[i] == DETECTED and pts.exists():
+            out[rel] = normalised_error(c.landmarks[i], fgnet_five(pts))
+    return out

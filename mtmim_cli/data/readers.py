@@ -17,12 +17,15 @@ agedb      folder of ``<n>_<Name>_<age>_<g>.jpg``
 cacd       folder of ``<age>_<Name>_<nnnn>.jpg``
 morph      the MORPH Album 2 CSV (columns ``id_num``, ``age``, ``photo``), or a folder of
            ``<id>_<nn><G><age>.JPG`` files when no CSV is at hand
+rec        an insightface RecordIO pack (``train.rec`` + ``train.idx``; CASIA-WebFace, MS1M):
+           already aligned 112x112 crops, identity = the record's label
 =========  =====================================================================================
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from collections.abc import Callable
@@ -226,6 +229,7 @@ def read_morph(src: Path) -> list[Record]:
 READERS: dict[str, Callable[[Path], list[Record]]] = {
     "fgnet": read_fgnet, "celeba": read_celeba, "folder": read_folder, "csv": read_csv,
     "agedb": read_agedb, "cacd": read_cacd, "morph": read_morph,
+    "rec": lambda src: read_rec(src),
 }
 
 
@@ -238,6 +242,8 @@ def source_root(src: str | Path, fmt: str) -> Path:
         return _celeba_paths(src)[1].resolve()
     if fmt in ("csv", "morph") and src.is_file():
         return src.parent.resolve()
+    if fmt == "rec":
+        return _rec_paths(src)[0].parent.resolve()
     return src.resolve()
 
 
@@ -253,14 +259,23 @@ def read_records(src: str | Path, fmt: str, **opts: object) -> list[Record]:
     return READERS[fmt](Path(src))
 
 
-def load_image(path: str | Path) -> np.ndarray:
+class UnreadableImage(MtmimError):
+    """A photo that cannot be decoded; `reason` is the message without the file name."""
+
+    def __init__(self, where: str | Path, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.reason = reason
+
+
+def load_image(path: str | Path | io.BytesIO, where: str | Path | None = None) -> np.ndarray:
     """Decode a photo to RGB uint8 (H, W, 3): EXIF orientation applied, grey/CMYK/alpha -> RGB.
 
-    Raises MtmimError("<path>: <reason>") for a missing, corrupt or non-image file.
+    `path` may be a file-like object (then `where` names it in messages). Raises
+    UnreadableImage (an MtmimError, "<path>: <reason>") for a missing, corrupt or non-image file.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    path = Path(path)
+    where = where if where is not None else path
     try:
         with Image.open(path) as im:
             im.load()
@@ -273,11 +288,69 @@ def load_image(path: str | Path) -> np.ndarray:
                 im = Image.alpha_composite(bg, im)
             rgb = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
-        raise MtmimError(f"{path}: no such file") from None
+        raise UnreadableImage(where, "no such file") from None
     except UnidentifiedImageError:
-        raise MtmimError(f"{path}: not an image file") from None
+        raise UnreadableImage(where, "not an image file") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise MtmimError(f"{path}: unreadable image ({exc})") from None
+        raise UnreadableImage(where, f"unreadable image ({exc})") from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
-        raise MtmimError(f"{path}: unreadable image (decoded shape {rgb.shape})")
+        raise UnreadableImage(where, f"unreadable image (decoded shape {rgb.shape})")
     return np.ascontiguousarray(rgb)
+
+
+def image_loader(src: str | Path, fmt: str) -> Callable[[str], np.ndarray]:
+    """A function from a record's path to its decoded RGB photo (thread-safe)."""
+    if fmt == "rec":
+        return _rec_loader(src)
+    root = source_root(src, fmt)
+    return lambda rel: load_image(root / rel)
+
+
+# ------------------------------------------------------------------ insightface RecordIO packs
+
+def _rec_paths(src: Path) -> tuple[Path, Path]:
+    """(.rec, .idx) for a .rec file or a folder holding train.rec (insightface's layout)."""
+    if not src.exists():
+        raise MtmimError(f"{src}: no such file or folder")
+    rec = src if src.is_file() else src / "train.rec"
+    if rec.suffix != ".rec" or not rec.is_file():
+        raise MtmimError(f"{src}: --format rec expects an insightface .rec file (with its .idx "
+                         "beside it) or a folder holding train.rec and train.idx")
+    idx = rec.with_suffix(".idx")
+    if not idx.is_file():
+        raise MtmimError(f"{idx}: no such file (the .idx beside the .rec)")
+    return rec, idx
+
+
+def read_rec(src: Path) -> list[Record]:
+    """One record per image of an insightface .rec pack; path '<name>.rec#<key>', identity the
+    label. The header record (insightface's key 0, no image) is skipped."""
+    from mtmim_cli.data.insightface import iter_rec
+
+    rec, idx = _rec_paths(src)
+    records = []
+    for item in iter_rec(rec, idx):
+        if not item.image:
+            continue
+        label = item.label if isinstance(item.label, float) else float(item.label[0])
+        records.append(Record(f"{rec.name}#{item.key:010d}", str(int(label))))
+    if not records:
+        raise MtmimError(f"{rec}: no image records")
+    return _sorted(records)
+
+
+def _rec_loader(src: str | Path) -> Callable[[str], np.ndarray]:
+    from mtmim_cli.data.insightface import _read_record, read_idx, unpack_record
+
+    rec, idx = _rec_paths(Path(src))
+    offsets = read_idx(idx)
+
+    def load(rel: str) -> np.ndarray:
+        key = int(rel.rsplit("#", 1)[1])
+        where = f"{rec}#{key}"
+        with open(rec, "rb") as fh:  # one handle per call: loads run in several threads
+            fh.seek(offsets[key])
+            item = unpack_record(_read_record(fh, where), key, where)
+        return load_image(io.BytesIO(item.image), where=where)
+
+    return load

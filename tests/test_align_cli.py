@@ -1,0 +1,131 @@
+"""`mtmim align / info / merge` as a user runs them: real subprocesses, a real SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, run_cli
+from tests.faces import bad_files, face_variants, write_jpeg
+
+N_FACES = 32
+
+
+def datasets(path: Path) -> dict:
+    with h5py.File(path) as f:
+        return {k: f[k][()] for k in f}
+
+
+def assert_same(a: Path, b: Path) -> None:
+    da, db = datasets(a), datasets(b)
+    assert da.keys() == db.keys()
+    for k in da:
+        assert np.array_equal(da[k], db[k], equal_nan=da[k].dtype.kind == "f"), k
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("faces")
+    for k, img in enumerate(face_variants(N_FACES, size=160)):
+        write_jpeg(root / f"{k % 8 + 1:03d}A{k:02d}.JPG", img)
+    bad_files(root, {"text": "020A01.JPG", "blank": "020A02.JPG"})
+    return root
+
+
+@pytest.fixture(scope="module")
+def full(tree, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "full.h5"
+    r = run_cli("align", str(tree), "--format", "fgnet", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert f"{N_FACES + 2} records" in r.stdout and f"detected {N_FACES}" in r.stdout
+    assert "020A01.JPG: not an image file" in r.stdout and "020A02.JPG: no face found" in r.stdout
+    return out
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted(tree, full, tmp_path):
+    out = tmp_path / "killed.h5"
+    cmd = [sys.executable, "-m", "mtmim_cli.cli", "align", str(tree), "--format", "fgnet",
+           "--out", str(out), "--commit-every", "4"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    committed = 0
+    deadline = time.monotonic() + 300
+    try:
+        for line in proc.stderr:  # one plain line per commit when stderr is not a terminal
+            m = re.match(r"committed (\d+)/(\d+)", line)
+            if m and int(m.group(1)) >= 8:
+                committed = int(m.group(1))
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            assert time.monotonic() < deadline
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "align finished before it could be killed"
+    assert 8 <= committed < N_FACES
+    assert not out.exists() and out.with_name("killed.h5.partial").exists()
+
+    r = run_cli("align", str(tree), "--format", "fgnet", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"aligned (\d+) in .*resumed after (\d+)", r.stdout)
+    assert m, r.stdout
+    resumed = int(m.group(2))
+    assert resumed >= committed and int(m.group(1)) == N_FACES + 2 - resumed
+    assert not out.with_name("killed.h5.partial").exists()
+    assert_same(full, out)
+
+
+def test_shards_and_merge_cli(tree, tmp_path):
+    """--aligned keeps this fast (no detector); the shard logic is the same as with detection,
+    which tests/test_align.py checks in-process."""
+    common = ["-f", "fgnet", "--aligned", "-q"]
+    r = run_cli("align", str(tree), *common, "-o", str(tmp_path / "all.h5"))
+    assert r.returncode == 0, r.stderr
+    assert f"prealigned {N_FACES + 1}" in r.stdout and "error 1" in r.stdout
+    parts = []
+    for i in range(3):
+        p = tmp_path / f"part{i}.h5"
+        r = run_cli("align", str(tree), *common, "-o", str(p), "--shard", f"{i}/3")
+        assert r.returncode == 0, r.stderr
+        parts.append(str(p))
+    r = run_cli("merge", str(tmp_path / "merged.h5"), *parts)
+    assert r.returncode == 0, r.stderr
+    assert_same(tmp_path / "all.h5", tmp_path / "merged.h5")
+    r = run_cli("merge", str(tmp_path / "bad.h5"), *parts[:2])
+    assert r.returncode == 2 and "shard(s) 2/3 missing" in r.stderr
+
+
+def test_info(full, tmp_path):
+    r = run_cli("info", str(full))
+    assert r.returncode == 0, r.stderr
+    assert f"records      {N_FACES + 2}  (usable {N_FACES})" in r.stdout
+    assert "020A01.JPG: not an image file" in r.stdout and "schema_version: 1" in r.stdout
+    r = run_cli("info", str(full), "--json")
+    info = json.loads(r.stdout)
+    assert info["status"]["detected"] == N_FACES and info["identities"] == 8
+    assert sum(info["age_histogram"].values()) == N_FACES  # ages of the detected photos
+    (tmp_path / "x.h5").write_text("not hdf5")
+    r = run_cli("info", str(tmp_path / "x.h5"))
+    assert r.returncode == 2 and "x.h5: not an mtmim cache" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_align_bad_input_fails_in_one_line(tmp_path):
+    r = run_cli("align", str(tmp_path), "--format", "fgnet", "--out", str(tmp_path / "c.h5"))
+    assert r.returncode == 2 and "no photos found; --format fgnet expects" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = run_cli("align", str(tmp_path), "--format", "vggface", "--out", str(tmp_path / "c.h5"))
+    assert r.returncode == 2 and "unknown format" in r.stderr
+    r = run_cli("align", str(tmp_path), "-f", "fgnet", "-o", str(tmp_path / "c.h5"), "--shard", "3/2")
+    assert r.returncode == 2 and "--shard 3/2" in r.stderr
+    assert not (tmp_path / "c.h5").exists()

@@ -85,35 +85,44 @@ def test_kill_and_resume_equals_uninterrupted(tree, full, tmp_path):
     assert_same(full, out)
 
 
-def test_shards_and_merge_cli(tree, tmp_path):
-    """--aligned keeps this fast (no detector); the shard logic is the same as with detection,
-    which tests/test_align.py checks in-process."""
-    common = ["-f", "fgnet", "--aligned", "-q"]
-    r = run_cli("align", str(tree), *common, "-o", str(tmp_path / "all.h5"))
+@pytest.fixture(scope="module")
+def aligned(tree, tmp_path_factory) -> Path:
+    """--aligned runs need no detector (no torch import): quick CLI runs for info and merge."""
+    out = tmp_path_factory.mktemp("aligned") / "all.h5"
+    r = run_cli("align", str(tree), "-f", "fgnet", "--aligned", "-q", "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert f"prealigned {N_FACES + 1}" in r.stdout and "error 1" in r.stdout
+    assert "020A01.JPG: not an image file" in r.stdout
+    return out
+
+
+@pytest.mark.slow
+def test_shards_and_merge_cli(tree, aligned, tmp_path):
+    """The shard logic is the same with detection, which tests/test_align.py checks in-process."""
     parts = []
     for i in range(3):
         p = tmp_path / f"part{i}.h5"
-        r = run_cli("align", str(tree), *common, "-o", str(p), "--shard", f"{i}/3")
+        r = run_cli("align", str(tree), "-f", "fgnet", "--aligned", "-q", "-o", str(p),
+                    "--shard", f"{i}/3")
         assert r.returncode == 0, r.stderr
         parts.append(str(p))
     r = run_cli("merge", str(tmp_path / "merged.h5"), *parts)
     assert r.returncode == 0, r.stderr
-    assert_same(tmp_path / "all.h5", tmp_path / "merged.h5")
+    assert_same(aligned, tmp_path / "merged.h5")
     r = run_cli("merge", str(tmp_path / "bad.h5"), *parts[:2])
     assert r.returncode == 2 and "shard(s) 2/3 missing" in r.stderr
 
 
-def test_info(full, tmp_path):
-    r = run_cli("info", str(full))
+def test_info(aligned, tmp_path):
+    r = run_cli("info", str(aligned))
     assert r.returncode == 0, r.stderr
-    assert f"records      {N_FACES + 2}  (usable {N_FACES})" in r.stdout
+    assert f"records      {N_FACES + 2}  (usable {N_FACES + 1})" in r.stdout
     assert "020A01.JPG: not an image file" in r.stdout and "schema_version: 1" in r.stdout
-    r = run_cli("info", str(full), "--json")
+    r = run_cli("info", str(aligned), "--json")
     info = json.loads(r.stdout)
-    assert info["status"]["detected"] == N_FACES and info["identities"] == 8
-    assert sum(info["age_histogram"].values()) == N_FACES  # ages of the detected photos
+    assert info["status"]["prealigned"] == N_FACES + 1 and info["identities"] == 9
+    assert sum(info["age_histogram"].values()) == N_FACES + 1  # every usable photo's age
+    assert info["schema"]["settings"]["aligned"] is True
     (tmp_path / "x.h5").write_text("not hdf5")
     r = run_cli("info", str(tmp_path / "x.h5"))
     assert r.returncode == 2 and "x.h5: not an mtmim cache" in r.stderr

@@ -55,8 +55,7 @@ def align(
 ) -> None:
     """Detect, align (five points onto the 112x112 template) and cache every photo of a dataset.
 
-    Resumes after a kill: rerun the same command. Misses and unreadable files are stored with a
-    reason and listed at the end.
+    Resumes after a kill: rerun the same command. Misses and unreadable files are stored with a reason and listed at the end.
     """
     from mtmim_cli.data.align import align_dataset, parse_shard
 

@@ -50,6 +50,7 @@ STATUS_NAMES = {DETECTED: "detected", CENTER: "center", PREALIGNED: "prealigned"
 USABLE = (DETECTED, CENTER, PREALIGNED)
 
 _STR = h5py.string_dtype(encoding="utf-8")
+_ZEROS = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
 
 
 def records_digest(records: Sequence[Record]) -> str:
@@ -167,8 +168,8 @@ class CacheWriter:
         h5 = self.h5
         for i in sorted(self._pending):
             image, status, lm, det_score, reason = self._pending[i]
-            if image is not None:
-                h5["images"][i] = image
+            # chunks are allocated without a fill: a record without a face gets explicit zeros
+            h5["images"][i] = image if image is not None else _ZEROS
             if lm is not None:
                 h5["landmarks"][i] = lm
             h5["det_score"][i] = det_score

@@ -1,0 +1,150 @@
+"""calibrate / verify / embed / export against independent computations, with real models
+(a short real fine-tuning run), real MTCNN on synthetic photos, real onnxruntime."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtmim_cli.errors import MtmimError
+from tests.conftest import run_cli, write_cache
+
+
+@pytest.fixture(scope="module")
+def model_and_cache(tmp_path_factory) -> tuple[Path, Path]:
+    """A real fine-tuned (mtmim mode) tiny model and a labelled cache of 8 x 6 images."""
+    from mtmim_cli.train.finetune import finetune
+
+    d = tmp_path_factory.mktemp("tools")
+    ids = [f"id{k}" for k in range(8) for _ in range(6)]
+    ages = [float(3 + 11 * j + k) for k in range(8) for j in range(6)]
+    cache = write_cache(d / "c.h5", ids, ages, seed=5)
+    run = finetune([cache], None, {"out": str(d / "run"), "backbone": "tiny", "mode": "mtmim",
+                                   "age_groups": 2, "batch_size": 16, "epochs": 1,
+                                   "progress": False, "lr": 1e-3})
+    return run / "model.pt", cache
+
+
+def _features(model_path: Path, images: np.ndarray) -> np.ndarray:
+    """Image + mirror features, concatenated and L2-normalised, computed directly."""
+    from mtmim_cli.models.identity import load_identity_model
+
+    model = load_identity_model(model_path)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    off = (112 - model.input_width) // 2
+    x = (x[..., off:off + model.input_width] - 127.5) / 128
+    with torch.no_grad():
+        f = torch.cat([model(x), model(torch.flip(x, dims=[3]))], 1).numpy().astype(np.float64)
+    return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+
+def test_calibrated_threshold_is_the_lowest_one_within_the_far(model_and_cache, tmp_path) -> None:
+    from mtmim_cli.data.cache import Cache
+    from mtmim_cli.deploy.verify import calibrate_threshold, store_threshold
+    from mtmim_cli.eval.pairs import cross_age_pairs
+    from mtmim_cli.models.identity import load_identity_model
+
+    model, cache = model_and_cache
+    far = 0.05
+    t = calibrate_threshold(model, cache, far=far, n_pairs=200, seed=2)
+    c = Cache(cache)
+    i, j, same = cross_age_pairs(c.identity, c.age, 200, 2, usable=c.usable)
+    f = _features(model, c.images(np.arange(len(c))))
+    scores = (f[i] * f[j]).sum(1)
+    imp = scores[~same]
+    # brute force: every candidate threshold, the lowest whose FAR (score >= t) is <= far
+    cands = np.sort(np.r_[scores, np.inf])
+    best = next(x for x in cands if np.mean(imp >= x) <= far)
+    assert t["value"] == pytest.approx(best, abs=1e-5)
+    assert t["far_measured"] <= far and t["far"] == far
+    assert t["tar"] == pytest.approx(np.mean(scores[same] >= t["value"]), abs=1e-9)
+    assert t["impostor_pairs"] == int((~same).sum()) and t["far_resolved"]
+    out = store_threshold(model, t, tmp_path / "calibrated.pt")
+    loaded = load_identity_model(out)
+    assert loaded.meta["threshold"]["value"] == t["value"]
+    assert {"value", "far", "protocol"} <= set(loaded.meta["threshold"])
+    # weights untouched
+    ref = load_identity_model(model)
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ref(x))
+
+
+def test_calibrate_refuses_external_weights_without_out(model_and_cache, tmp_path) -> None:
+    from mtmim_cli.deploy.verify import store_threshold
+
+    plain = tmp_path / "backbone.pth"
+    from mtmim_cli.models.identity import load_identity_model
+
+    torch.save(load_identity_model(model_and_cache[0]).encoder.state_dict(), plain)
+    with pytest.raises(MtmimError, match="give --out"):
+        store_threshold(plain, {"value": 0.5, "far": 0.01, "protocol": "x", "backbone": "tiny"})
+
+
+def test_embed_cache_matches_direct_features(model_and_cache, tmp_path) -> None:
+    import h5py
+
+    from mtmim_cli.data.cache import Cache
+    from mtmim_cli.deploy.embed import embed_source
+
+    model, cache = model_and_cache
+    s = embed_source(cache, model, tmp_path / "e.h5", progress=False)
+    c = Cache(cache)
+    assert s["embedded"] == len(c) == s["total"]
+    with h5py.File(tmp_path / "e.h5", "r") as f:
+        emb = f["embeddings"][:]
+        assert list(f["path"].asstr()[:]) == c.paths
+        assert f["ok"][:].all() and f.attrs["flip"] == "concat"
+        np.testing.assert_allclose(f["age"][:], c.age, equal_nan=True)
+    np.testing.assert_allclose(emb, _features(model, c.images(np.arange(len(c)))), atol=1e-5)
+
+
+def test_export_onnx_matches_torch_on_another_batch_size(model_and_cache, tmp_path) -> None:
+    import onnxruntime as ort
+
+    from mtmim_cli.deploy.export import export_onnx
+    from mtmim_cli.models.identity import load_identity_model
+
+    model, cache = model_and_cache
+    r = export_onnx(model, tmp_path / "m.onnx", check_cache=cache)
+    assert r["max_abs_diff"] < 1e-4 and r["min_cosine"] > 0.99999
+    x = torch.randn(3, 3, 112, 112, generator=torch.Generator().manual_seed(9))
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]) \
+        .run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        want = load_identity_model(model)(x).numpy()  # x_id of the fine-tuned model
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_verify_cli_exit_codes_and_messages(model_and_cache, tmp_path) -> None:
+    """Real MTCNN on synthetic photos: 0 same, 1 different, 2 with a one-line reason."""
+    from PIL import Image
+
+    from mtmim_cli.data.synth import SynthConfig, synthesize
+
+    model, cache = model_and_cache
+    syn = tmp_path / "syn"
+    synthesize(syn, SynthConfig(identities=2, per_identity=2, seed=3), progress=False)
+    a, b = syn / "images/s000/s000_00.jpg", syn / "images/s001/s001_00.jpg"
+    from mtmim_cli.deploy.verify import calibrate_threshold, store_threshold, verify_photos
+
+    with pytest.raises(MtmimError, match="no verification threshold"):
+        verify_photos(a, a, model)
+    cal = str(store_threshold(model, calibrate_threshold(model, cache, far=0.05, n_pairs=200),
+                              tmp_path / "cal.pt"))
+    res = run_cli("verify", str(a), str(a), "--model", cal)
+    assert res.returncode == 0 and "same person" in res.stdout
+    score = float(res.stdout.split("cosine ")[1].split(",")[0])
+    assert math.isclose(score, 1.0, abs_tol=1e-4)
+    res = run_cli("verify", str(a), str(b), "--model", cal, "--threshold", "1.01")
+    assert res.returncode == 1 and "different people" in res.stdout
+    blank = tmp_path / "blank.jpg"
+    Image.fromarray(np.full((160, 160, 3), 200, np.uint8)).save(blank)
+    res = run_cli("verify", str(a), str(blank), "--model", cal)
+    assert res.returncode == 2 and f"{blank}: no face found" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -7,6 +7,7 @@ import csv
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from mtmim_cli.train.config import TrainConfig
 from mtmim_cli.train.distributed import gather_with_grad
 from mtmim_cli.train.loop import EpochSampler, LoopState, _end_epoch, lr_factor, train
 from mtmim_cli.train.objectives import PretrainObjective
+from mtmim_cli.train.validate import PairValidator
 from tests.conftest import write_cache
 
 META = {"kind": "pretrain", "backbone": "tiny", "input_width": 112, "embedding_size": 16}
@@ -253,3 +255,31 @@ def test_loop_refuses_a_batch_larger_than_the_data(tmp_path: Path, cache: Path) 
     ds = CacheDataset([cache], train=True)
     with pytest.raises(MtmimError, match="fewer than one batch"):
         train(NoisyObjective(ds.num_classes), ds, _config(tmp_path / "x", batch_size=64), meta=META)
+
+
+class ColourObjective(NoisyObjective):
+    """Identity features = the mean colour of the image (validation sees through it)."""
+
+    def identity_features(self, images):
+        return images.mean(dim=(2, 3)) + 0.0 * super().identity_features(images)[:, :3]
+
+
+def test_validation_hook_before_after_and_best(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (5, 3))
+    ids = [k for k in range(5) for _ in range(6)]
+    images = np.stack([np.broadcast_to(colours[k] + rng.integers(-3, 4, 3), (112, 112, 3))
+                       for k in ids]).clip(0, 255).astype(np.uint8)
+    val = write_cache(tmp_path / "val.h5", [f"p{k}" for k in ids],
+                      [float(j * 10) for _ in range(5) for j in range(6)], images=images)
+    train_cache = write_cache(tmp_path / "t.h5", [f"q{k % 4}" for k in range(16)])
+    validator = PairValidator(val, 112, n_pairs=60, seed=0)
+    assert validator(ColourObjective(4))["accuracy"] == 1.0   # identities are separable by colour
+    ds = CacheDataset([train_cache], train=True)
+    res = train(ColourObjective(ds.num_classes), ds,
+                _config(tmp_path / "r", max_steps=3, val_every=2), meta=META, validator=validator)
+    assert [h["step"] for h in res.validations] == [0, 2, 3]
+    rows = _rows(tmp_path / "r" / "validation.csv")
+    assert [r["step"] for r in rows] == ["0", "2", "3"] and float(rows[0]["accuracy"]) == 1.0
+    best = load_checkpoint(tmp_path / "r" / "best.pt")
+    assert best["meta"]["kind"] == "pretrain" and "optimizer" not in best

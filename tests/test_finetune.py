@@ -215,3 +215,26 @@ def test_cli_groups_and_bad_input(aged_cache: Path) -> None:
     assert r.returncode == 2 and "cannot form 100 groups" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("finetune", str(aged_cache), "--backbone", "tiny", "--mode", "nope")
     assert r.returncode == 2 and "--mode nope" in r.stderr
+
+
+@pytest.mark.slow
+def test_init_from_our_pretrain_checkpoint(aged_cache: Path, tmp_path: Path) -> None:
+    from mtmim_cli.models.backbones import build_backbone
+    from mtmim_cli.train.checkpoint import load_checkpoint, save_checkpoint
+    from mtmim_cli.train.finetune import finetune
+    from mtmim_cli.train.objectives import PretrainObjective
+
+    torch.manual_seed(123)
+    pre = PretrainObjective(build_backbone("tiny"), 6, 64)
+    init = tmp_path / "pre.pt"
+    save_checkpoint(init, {"meta": {"kind": "pretrain", "backbone": "tiny", "input_width": 112,
+                                    "embedding_size": 64, "normalisation": "(v-127.5)/128"},
+                          "objective": pre.state_dict()})
+    run = finetune([aged_cache], init, {"out": str(tmp_path / "ft"), "epochs": 1, "batch_size": 16,
+                                        "lr": 1e-12, "weight_decay": 0.0, "progress": False},
+                   mode="age", age_groups=4)
+    got = load_checkpoint(run / "model.pt")
+    assert got["meta"]["backbone"] == "tiny" and got["meta"]["mode"] == "age"
+    for k, v in pre.state_dict().items():
+        if k.startswith("encoder.") and k.endswith("weight"):
+            torch.testing.assert_close(got["objective"][k], v, rtol=0, atol=1e-6)

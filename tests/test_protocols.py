@@ -319,3 +319,47 @@ def test_cli_evaluate_side_by_side_and_errors(tmp_path: Path) -> None:
     r = run_cli("evaluate", "--protocol", "fgnet-loo", "--cache", str(tmp_path / "missing.h5"),
                 "--model", str(tmp_path / "tiny0.pt"))
     assert r.returncode == 2 and "missing.h5" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- FG-NET refit head
+@pytest.mark.slow
+def test_refit_head_rounds(tmp_path: Path, pool_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mtmim_cli.train.finetune as F
+    from mtmim_cli.models.factorize import FactorizationUnit
+
+    cache_path = _face_cache(tmp_path / "h.h5", n_ids=5, per_id=4)
+    base = dict(protocol="fgnet-loo", models=[R.ModelArg("pool", pool_model)], cache=cache_path)
+    none = R.evaluate(R.EvalConfig(**base), progress=False)["results"][0]["metrics"]
+
+    # With a unit whose age branch is zero, x_id = x: every round must reproduce refit none,
+    # and no round may train on its held-out image.
+    seen_rows: list[int] = []
+
+    def zero_unit(features, labels, ages, **kw):
+        seen_rows.append(len(features))
+        unit = FactorizationUnit(features.shape[1])
+        torch.nn.init.zeros_(unit.fc.weight)
+        return unit.eval()
+
+    monkeypatch.setattr(F, "fit_heads_on_features", zero_unit)
+    zero = R.evaluate(R.EvalConfig(**base, refit="head", out=tmp_path / "z" / "r.md"),
+                      progress=False)["results"][0]["metrics"]
+    assert zero["rank1"] == none["rank1"] and zero["rounds"] == 20
+    assert seen_rows == [2 * 19] * 20  # image + mirror of the 19 others, every round
+    monkeypatch.undo()
+    monkeypatch.setattr(R, "MODEL_LOADER", lambda p, b: PoolNet())
+
+    # The real re-fit: sharded and merged equals one process; a rerun re-uses stored rounds.
+    opts = {"epochs": 1, "batch_size": 16, "age_groups": 3, "q_hidden": 32}
+    one = R.evaluate(R.EvalConfig(**base, refit="head", folds=2, refit_options=opts,
+                                  rounds_dir=tmp_path / "one"), progress=False)
+    parts = [R.evaluate(R.EvalConfig(**base, refit="head", folds=2, refit_options=opts,
+                                     rounds_dir=tmp_path / "sh", shard=f"{i}/2"), progress=False)
+             for i in range(2)]
+    assert parts[0]["results"][0]["metrics"]["partial"] is True  # shard 0 alone: not mergeable
+    assert "partial" not in parts[1]["results"][0]["metrics"]   # the last shard merges
+    merged = R.evaluate(R.EvalConfig(**base, refit="head", folds=2, refit_options=opts,
+                                     rounds_dir=tmp_path / "sh", merge_only=True), progress=False)
+    a, b = one["results"][0]["metrics"], merged["results"][0]["metrics"]
+    assert a["rank1"] == b["rank1"] and a["cmc"] == b["cmc"] and a["rounds"] == 2
+    assert 0.0 < a["rank1"] <= 1.0

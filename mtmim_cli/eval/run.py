@@ -135,8 +135,9 @@ def _fgnet(cfg: EvalConfig, cache, model_arg: ModelArg, progress: bool) -> dict:
         store = P.RoundStore(_rounds_dir(cfg, model_arg), _round_config(cfg, cache, model_arg))
         if cfg.refit == "head":
             encoder = getattr(model, "encoder", model)  # re-fit starts from encoder features x
-            f, ff = extract_views(encoder, cache, idx, mirror=cfg.flip != "none",
-                                  batch_size=cfg.batch_size, device=cfg.device, progress=progress)
+            f, ff = _stored_views(store.folder / "views.npz", lambda: extract_views(
+                encoder, cache, idx, mirror=cfg.flip != "none", batch_size=cfg.batch_size,
+                device=cfg.device, progress=progress))
             round_fn = _head_round_fn(cfg, f, ff, ident, cache.age[idx])
         else:
             round_fn = _full_round_fn(cfg, cache, idx, ident, model_arg, progress)
@@ -152,6 +153,20 @@ def _fgnet(cfg: EvalConfig, cache, model_arg: ModelArg, progress: bool) -> dict:
     # Photos without a face cannot be ranked: count them as failures for the all-image figure.
     m["rank1_all_images"] = m["rank1"] * len(idx) / n_all if n_all else float("nan")
     return {**m, **extra}
+
+
+def _stored_views(path: Path, compute: Callable[[], tuple[np.ndarray, np.ndarray | None]]
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Encoder features of a re-fit run, kept in its rounds folder (whose config pins the
+    model and cache checksums) so resumed runs and later shards skip the extraction."""
+    if path.exists():
+        with np.load(path) as z:
+            return z["f"], (z["ff"] if "ff" in z.files else None)
+    f, ff = compute()
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, f=f, **({"ff": ff} if ff is not None else {}))
+    os.replace(tmp, path)
+    return f, ff
 
 
 def _rounds_dir(cfg: EvalConfig, m: ModelArg) -> Path:
@@ -214,9 +229,11 @@ def _full_round_fn(cfg: EvalConfig, cache, idx: np.ndarray, ident: np.ndarray, m
     def round_fn(r: int, held: np.ndarray) -> dict:
         run = base / f"round-{r:04d}"
         exclude = idx[held]  # cache record indices left out of this round's training
+        # resume=True: a round killed mid-training continues from its last checkpoint.
+        # progress=False: rich allows one live display, and the rounds bar is it.
         run_dir = finetune([cache.path], m.path, {**cfg.refit_options, "out": str(run),
-                                                  "exclude": exclude.tolist(),
-                                                  "seed": cfg.seed, "progress": progress})
+                                                  "exclude": exclude.tolist(), "seed": cfg.seed,
+                                                  "progress": False, "resume": True})
         model = _load_model(ModelArg(m.label, _final_checkpoint(Path(run_dir)), None), cfg.device)
         feats = extract_features(model, cache, idx, cfg.flip, cfg.batch_size, device=cfg.device)
         return P.rank_held_out(feats, ident, held)
@@ -225,13 +242,10 @@ def _full_round_fn(cfg: EvalConfig, cache, idx: np.ndarray, ident: np.ndarray, m
 
 
 def _final_checkpoint(run_dir: Path) -> Path:
-    for name in ("final.pt", "last.pt", "checkpoint.pt"):
+    for name in ("model.pt", "final.pt"):
         if (run_dir / name).exists():
             return run_dir / name
-    found = sorted(run_dir.glob("*.pt"))
-    if not found:
-        raise MtmimError(f"{run_dir}: fine-tuning left no checkpoint")
-    return found[-1]
+    raise MtmimError(f"{run_dir}: fine-tuning left no model.pt")
 
 
 # ---------------------------------------------------------------- MORPH / CACD / pairs

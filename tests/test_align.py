@@ -362,3 +362,16 @@ def test_rec_pack_aligns_as_prealigned(tmp_path):
     assert list(c.status) == [PREALIGNED, PREALIGNED, ERROR] and c.identity_names == ["1", "2"]
     assert np.abs(c.image(0).astype(int) - faces[0]).mean() < 20  # JPEG round trip
     assert c.reason[2] == "not an image file"
+
+
+def test_unavailable_device_is_a_user_error():
+    import torch
+
+    from mtmim_cli.data.detect import FaceDetector
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present here")
+    with pytest.raises(MtmimError, match="--device cuda: no CUDA device"):
+        FaceDetector(device="cuda")
+    with pytest.raises(MtmimError, match="--device gpu7: not a torch device"):
+        FaceDetector(device="gpu7")

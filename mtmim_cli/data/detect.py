@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mtmim_cli.errors import MtmimError
+
 PNET_SIZE = 12           # PNet's receptive field: the smallest face MTCNN can see, in pixels
 DEFAULT_MIN_FACE = 0.15  # fraction of the shorter side
 RETRY_MIN_FACE = 20.0    # MTCNN's own default, used for the one retry after a miss
@@ -109,7 +111,12 @@ class FaceDetector:
 
         if min_face <= 0:
             raise ValueError(f"min_face must be positive, got {min_face}")
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError:
+            raise MtmimError(f"--device {device}: not a torch device (cpu, cuda, cuda:1 ...)") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise MtmimError(f"--device {device}: no CUDA device is available here (use cpu)")
         self.min_face = float(min_face)
         self.det_size = det_size
         self.retry = retry

@@ -176,15 +176,24 @@ def train(objective: Objective, train_data: Sequence[str | os.PathLike] | Datase
 
     run_dir = Path(config.out)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
-    resuming = config.resume and ckpt_path.exists()
+    # Rank 0 decides (fresh, resume, or refuse) and tells the others, so a refusal stops
+    # every rank instead of leaving them waiting at a barrier. Resuming under torchrun
+    # assumes the run folder is on a file system every rank can read.
+    problem, resuming = None, False
     if main:
-        if ckpt_path.exists() and not config.resume:
-            raise MtmimError(f"{run_dir}: holds a run already; pass --resume or choose another --out")
-        if resuming:
-            check_resume_config(run_dir / "config.json", config)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(run_dir / "config.json", config)
-    D.barrier()
+        try:
+            resuming = config.resume and ckpt_path.exists()
+            if ckpt_path.exists() and not config.resume:
+                raise MtmimError(f"{run_dir}: holds a run already; pass --resume or choose another --out")
+            if resuming:
+                check_resume_config(run_dir / "config.json", config)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_config(run_dir / "config.json", config)
+        except MtmimError as exc:
+            problem = str(exc)
+    problem, resuming = D.broadcast_object((problem, resuming))
+    if problem:
+        raise MtmimError(problem)
 
     # --- data ---
     if isinstance(train_data, Dataset):

@@ -401,6 +401,21 @@ def plot_projection(named_feats: list[tuple[str, dict]]):
 # ------------------------------------------------------------------------------- the report
 
 
+def _synthetic_inputs(e: Evaluation) -> bool:
+    """Whether an evaluation ran on a cache aligned from a `mtmim synth` folder."""
+    import h5py
+
+    for item in e.results.get("inputs", []):
+        try:
+            with h5py.File(item["path"], "r") as f:
+                root = str(f.attrs.get("source_root", ""))
+        except (OSError, KeyError, TypeError):
+            continue
+        if root and (Path(root) / "synth.json").is_file():
+            return True
+    return False
+
+
 def _fmt(v: Any) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
@@ -485,6 +500,10 @@ def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
             if body.startswith("# "):  # demote its title under ours
                 body = "#" + body
             md += [f"From `{e.path}`:\n", body or "(no results.md)", ""]
+            if _synthetic_inputs(e):
+                md += ["*These faces come from `mtmim synth` (the embedded synthetic set): rows "
+                       "marked reported are the paper's numbers on the real benchmark and are "
+                       "not comparable with them.*\n"]
         for name, fig in (("cmc", plot_cmc(evals)), ("roc", plot_roc(evals))):
             if fig is not None:
                 _save(fig, out / f"{name}.png")

@@ -69,11 +69,13 @@ def calibrate(
     out: Path = typer.Option(None, "--out", "-o", help="Write the calibrated checkpoint here (default: update MODEL in place; required for external weights)."),
 ) -> None:
     """Measure the verification threshold at a FAR and store it in the checkpoint's meta."""
-    from mtmim_cli.deploy.verify import calibrate_threshold, store_threshold
+    from mtmim_cli.deploy.verify import calibrate_threshold, is_mtmim_checkpoint, store_threshold
     from mtmim_cli.errors import MtmimError
 
     if flip not in ("concat", "sum", "none"):
         raise MtmimError(f"--flip {flip}: choose from concat, sum, none")
+    if out is None and not is_mtmim_checkpoint(model):
+        raise MtmimError(f"{model}: not an mtmim checkpoint; give --out for the calibrated copy")
     t = calibrate_threshold(model, cache, far=far, n_pairs=n_pairs, seed=seed, min_gap=min_gap,
                             flip=flip, backbone=backbone)
     path = store_threshold(model, {**t, "backbone": backbone}, out)

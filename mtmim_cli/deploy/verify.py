@@ -72,6 +72,17 @@ def calibrate_threshold(model_path: str | os.PathLike, cache_path: str | os.Path
     }
 
 
+def is_mtmim_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is one of our checkpoints (meta + objective), not plain weights."""
+    import torch
+
+    try:
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an unreadable file is the user's input
+        raise MtmimError(f"{path}: cannot read weights ({str(exc).splitlines()[0]})") from None
+    return isinstance(obj, dict) and "meta" in obj and "objective" in obj
+
+
 def store_threshold(model_path: str | os.PathLike, threshold: dict,
                     out: str | os.PathLike | None = None) -> Path:
     """Write `threshold` into meta["threshold"] of a checkpoint (atomically; in place unless

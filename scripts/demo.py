@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's mtmim_cli, installed or not
 
 # Synthetic-set sizes: photos, training length. "small" is the test-time chain.
 # Demo settings that differ from the paper's, so that a 30-step run on a tiny encoder shows

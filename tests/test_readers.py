@@ -131,7 +131,7 @@ def test_morph_csv_and_names(tmp_path):
     assert as_tuples(read_records(tmp_path / "morph.csv", "morph")) == expected
     assert as_tuples(read_records(tmp_path, "morph")) == expected  # the one CSV in the folder
     assert as_tuples(read_records(tmp_path / "Album2", "morph")) == [  # no CSV: from the names
-        ("003620_00M25.JPG", "003620", 25.0, ""), ("003620_01M27.JPG", "003620", 27.0, ""),
+        ("003620_00M25.JPG", "3620", 25.0, ""), ("003620_01M27.JPG", "3620", 27.0, ""),
         ("100017_0F21.JPG", "100017", 21.0, "")]
     (tmp_path / "bad.csv").write_text("id,photo\n1,a.jpg\n")
     with pytest.raises(MtmimError, match="lacks column"):

@@ -212,7 +212,8 @@ def read_morph(src: Path) -> list[Record]:
         if len(sorted(src.glob("*.csv"))) > 1:
             raise MtmimError(f"{src}: several CSV files; pass the MORPH CSV itself as SRC")
         expected = "<id>_<nn><G><age>.JPG photos (e.g. 003620_00M25.JPG) or the MORPH CSV"
-        return _sorted([Record(p.name, m.group(1), float(m.group(4)))
+        # identity as the CSV writes it (no leading zeros), so both sources agree
+        return _sorted([Record(p.name, str(int(m.group(1))), float(m.group(4)))
                         for p, m in _named_files(src, "morph", MORPH_RE, expected)])
     fields, rows = _csv_rows(table)
     missing = [c for c in ("id_num", "age", "photo") if c not in fields]

@@ -375,3 +375,28 @@ def test_unavailable_device_is_a_user_error():
         FaceDetector(device="cuda")
     with pytest.raises(MtmimError, match="--device gpu7: not a torch device"):
         FaceDetector(device="gpu7")
+
+
+def test_min_face_units_and_retry(detector):
+    from tests.faces import astronaut
+
+    p = Prepared(image=np.zeros((1000, 800, 3), np.uint8), det_image=np.zeros((640, 512, 3), np.uint8),
+                 scale=0.64)
+    saved = detector.min_face, detector.retry
+    try:
+        detector.min_face = 0.15  # a fraction of the shorter side of what MTCNN sees
+        assert detector._min_face_px(p) == pytest.approx(0.15 * 512)
+        detector.min_face = 100.0  # source pixels
+        assert detector._min_face_px(p) == pytest.approx(64.0)
+        # a face about 8% of the photo's side: below the relative minimum, found by the retry
+        small = np.asarray(Image.fromarray(astronaut()[0:300, 80:380]).resize((120, 120)))
+        photo = np.full((800, 800, 3), 90, np.uint8)
+        photo[340:460, 340:460] = small
+        detector.min_face = 0.3
+        detector.retry = False
+        assert detector.detect_one(photo) is None
+        detector.retry = True
+        det = detector.detect_one(photo)
+        assert det is not None and 340 < det.box[0] < det.box[2] < 460
+    finally:
+        detector.min_face, detector.retry = saved

@@ -400,3 +400,23 @@ def test_min_face_units_and_retry(detector):
         assert det is not None and 340 < det.box[0] < det.box[2] < 460
     finally:
         detector.min_face, detector.retry = saved
+
+
+class Failing:
+    """A detector whose detection raises on every photo (a bug or an odd photo)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def prepare(self, image):
+        return self.inner.prepare(image)
+
+    def detect_prepared(self, prepared):
+        raise RuntimeError("boom")
+
+
+def test_a_failing_photo_never_stops_the_run(tree, tmp_path, detector):
+    s = align_dataset(tree, "fgnet", tmp_path / "c.h5", progress=False, detector=Failing(detector))
+    c = Cache(s.out)
+    assert s.counts["error"] == 10 and s.counts["miss"] == 1  # the 1-px photo is never detected
+    assert c.reason[0] == "detection failed: RuntimeError('boom')"

@@ -242,13 +242,15 @@ def _decode(load: Callable[[str], np.ndarray], rel: str, aligned: bool,
 
     try:
         image = load(rel)
+        if aligned:
+            return "ok", pad_resize(image)
+        if min(image.shape[:2]) < MIN_SIDE:
+            return "small", image
+        return "ok", detector.prepare(image)
     except UnreadableImage as exc:
         return "error", exc.reason
-    if aligned:
-        return "ok", pad_resize(image)
-    if min(image.shape[:2]) < MIN_SIDE:
-        return "small", image
-    return "ok", detector.prepare(image)
+    except Exception as exc:  # noqa: BLE001  one odd photo must not stop a long run
+        return "error", f"decoding failed: {exc!r}"
 
 
 def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = "skip",
@@ -342,23 +344,25 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
                 elif aligned:
                     writer.write(i, payload, PREALIGNED)
                 else:
-                    det = None
+                    det = face = None
                     if kind == "ok":
+                        image = payload.image
+                        reason = "no face found"
                         try:
                             det = detector.detect_prepared(payload)
-                            image = payload.image
-                        except Exception as exc:  # noqa: BLE001  a bad photo must not stop the run
-                            writer.write(i, None, ERROR, reason=f"detection failed: {exc!r}")
-                            bar.advance(task)
-                            continue
-                        reason = "no face found"
+                            face = None if det is None else warp_face(image, det.landmarks)
+                        except Exception as exc:  # noqa: BLE001  one odd photo must not stop a long run
+                            det, kind = None, "error"
+                            reason = f"detection failed: {exc!r}"
                     else:
                         image = payload
                         h, w = image.shape[:2]
                         reason = f"image too small ({w}x{h}) to hold a face"
                     if det is not None:
-                        writer.write(i, warp_face(image, det.landmarks), DETECTED,
-                                     landmarks=det.landmarks, det_score=det.score)
+                        writer.write(i, face, DETECTED, landmarks=det.landmarks,
+                                     det_score=det.score)
+                    elif kind == "error":
+                        writer.write(i, None, ERROR, reason=reason)
                     elif on_miss == "fail":
                         writer.commit(i)
                         raise MtmimError(f"{root / path}: {reason} (--on-miss fail)")

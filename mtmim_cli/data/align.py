@@ -313,10 +313,14 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
                              "(remove it or pass --overwrite)")
         return summarize_cache(out, reused=True)
 
-    if threads and not aligned:
+    if not aligned:
         import torch
 
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
+        # MTCNN's activations underflow into denormal floats, which CPUs handle slowly;
+        # flushing them to zero gives the same landmarks here and ~10% more photos/s
+        torch.set_flush_denormal(True)
     if not aligned and detector is None:
         detector = FaceDetector(device=device, min_face=min_face, det_size=det_size, retry=retry)
     writer = CacheWriter(out, records, attrs, match_attrs=("settings",))
@@ -385,4 +389,6 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
             f.cancel()
         pool.shutdown(wait=True)
         writer.close()
+        if not aligned:
+            torch.set_flush_denormal(False)  # torch's default: leave the process as we found it
     return summarize_cache(out, processed=n - start, resumed_from=start, seconds=seconds)

@@ -108,3 +108,36 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, cache: Path) -> None:
         pretrain([cache], TrainConfig(out=str(tmp_path / "r")), backbone="vgg")
     with pytest.raises(MtmimError, match="--optimizer"):
         pretrain([cache], TrainConfig(out=str(tmp_path / "r"), optimizer="lbfgs"), backbone="tiny")
+
+
+@pytest.mark.slow
+def test_init_from_a_mobilefacenet_style_checkpoint(tmp_path: Path, cache: Path) -> None:
+    """--init takes the shared ckpt's layout ({'epoch', 'net_state_dict'}); the run trains the
+    112x96 crop and records backbone, crop and embedding size in its checkpoints."""
+    from mtmim_cli.errors import MtmimError
+    from mtmim_cli.models.backbones import build_backbone
+    from mtmim_cli.models.identity import load_identity_model
+    from mtmim_cli.train.config import TrainConfig
+    from mtmim_cli.train.pretrain import pretrain
+
+    torch.manual_seed(5)
+    released = build_backbone("mobilefacenet").state_dict()
+    torch.save({"epoch": 3, "net_state_dict": released}, tmp_path / "mfn.ckpt")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = pretrain([cache], TrainConfig(out=str(tmp_path / "r"), batch_size=8, max_steps=1,
+                                            lr=1e-7, progress=False),
+                       backbone="mobilefacenet", init=tmp_path / "mfn.ckpt")
+    finally:
+        torch.set_num_threads(n)
+    assert res.steps == 1
+    model = load_identity_model(tmp_path / "r" / "model.pt")
+    assert model.meta["input_width"] == 96 and model.meta["embedding_size"] == 128
+    assert model.meta["normalisation"] == "(v-127.5)/128"
+    trained = model.encoder.state_dict()
+    weights = [k for k in released if k.endswith("weight")]
+    assert max(float((trained[k] - released[k]).abs().max()) for k in weights) < 1e-5
+    with pytest.raises(MtmimError, match="does not fit"):
+        pretrain([cache], TrainConfig(out=str(tmp_path / "r2")), backbone="mobilefacenet",
+                 embedding_size=64, init=tmp_path / "mfn.ckpt")

@@ -344,10 +344,12 @@ def train(objective: Objective, train_data: Sequence[str | os.PathLike] | Datase
                     display.update(task, advance=config.batch_size,
                                    description=f"epoch {st.epoch + 1} loss {row['loss']:.3f} "
                                                f"acc {row['accuracy']:.3f}")
-                    if config.ckpt_every and st.step % config.ckpt_every == 0:
-                        checkpoint(ckpt_path, full=True)
+                    # Validate before checkpointing, so a checkpoint at this step holds the
+                    # result and a resumed run neither repeats nor loses it.
                     if config.val_every and st.step % config.val_every == 0 and st.step < total:
                         validate()
+                    if config.ckpt_every and st.step % config.ckpt_every == 0:
+                        checkpoint(ckpt_path, full=True)
                 if st.step >= total and st.position >= sampler.steps:
                     _end_epoch(st, config, optimizer, objective, say)
         if validator is not None and not (st.history and st.history[-1]["step"] == st.step):

@@ -30,7 +30,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--min-face", type=float, default=None)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--blocks", type=int, default=5, help="alternate ours/reference in this many blocks")
     ap.add_argument("--skip-reference", action="store_true")
     args = ap.parse_args()

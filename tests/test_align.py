@@ -307,7 +307,7 @@ def test_resume_equals_uninterrupted_run(tree, tmp_path, detector):
     full = align_dataset(tree, "fgnet", tmp_path / "full.h5", progress=False, detector=detector)
     out = tmp_path / "r.h5"
     with pytest.raises(KeyboardInterrupt):
-        align_dataset(tree, "fgnet", out, progress=False, commit_every=3,
+        align_dataset(tree, "fgnet", out, progress=False, commit_every=3, workers=1,
                       detector=Interrupting(detector, 5))
     assert not out.exists()
     with h5py.File(out.with_name("r.h5.partial")) as f:
@@ -420,3 +420,22 @@ def test_a_failing_photo_never_stops_the_run(tree, tmp_path, detector):
     c = Cache(s.out)
     assert s.counts["error"] == 10 and s.counts["miss"] == 1  # the 1-px photo is never detected
     assert c.reason[0] == "detection failed: RuntimeError('boom')"
+
+
+def test_worker_count_does_not_change_the_cache(tree, tmp_path, detector):
+    one = align_dataset(tree, "fgnet", tmp_path / "w1.h5", workers=1, progress=False, detector=detector)
+    three = align_dataset(tree, "fgnet", tmp_path / "w3.h5", workers=3, prefetch=5,
+                          progress=False, detector=detector)
+    assert_same_cache(one.out, three.out)
+
+
+def test_detector_matches_facenet_detect(detector):
+    """Our thread-safe call of facenet-pytorch's detect_face gives what its MTCNN.detect gives."""
+    m = detector.mtcnn
+    for img in face_variants(3):
+        m.min_face_size = 0.15 * min(img.shape[:2])
+        boxes, probs, points = m.detect(img, landmarks=True)
+        ours = detector.detect_all(img)
+        assert len(ours) == len(boxes)
+        assert np.allclose(np.stack([d.box for d in ours]), boxes.astype(float), atol=1e-3)
+        assert np.allclose(np.stack([d.landmarks for d in ours]), np.stack(points).astype(float), atol=1e-3)

@@ -40,9 +40,11 @@ def align(
                                   help="Do not retry a miss at MTCNN's 20-px minimum face."),
     device: str = typer.Option("cpu", "--device", help="Torch device for MTCNN: cpu, cuda, cuda:1."),
     threads: int = typer.Option(None, "--threads",
-                                help="Torch threads for detection (default 1 on cpu: decoding "
-                                     "runs in parallel and MTCNN's small layers scale poorly)."),
-    workers: int = typer.Option(1, "--workers", help="Threads decoding photos ahead of detection."),
+                                help="Torch threads per worker (default 1 on cpu: the workers "
+                                     "use the cores, and MTCNN's small layers scale poorly)."),
+    workers: int = typer.Option(2, "--workers",
+                                help="Threads that decode, detect and warp photos in parallel "
+                                     "(the cache does not depend on it)."),
     shard: str = typer.Option(None, "--shard",
                               help="I/N: align only the I-th of N contiguous blocks of the "
                                    "records (join the N files with `mtmim merge`)."),

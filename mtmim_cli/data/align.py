@@ -235,47 +235,60 @@ def shard_slice(n_records: int, shard: tuple[int, int]) -> slice:
     return slice(i * n_records // n, (i + 1) * n_records // n)
 
 
-def _decode(load: Callable[[str], np.ndarray], rel: str, aligned: bool,
-            detector) -> tuple[str, object]:
-    """Worker-thread part of one record: decode and prepare (Pillow releases the GIL)."""
+@dataclass
+class _Outcome:
+    """What one worker made of one record; the main thread writes it."""
+
+    status: int
+    face: np.ndarray | None = None
+    det: object | None = None
+    reason: str = ""
+
+
+def _process(load: Callable[[str], np.ndarray], rel: str, aligned: bool, on_miss: str,
+             detector) -> _Outcome:
+    """One record, start to finish, in a worker thread: decode (Pillow releases the GIL), detect
+    (torch ops release it too, so two workers use two cores) and warp."""
+    from mtmim_cli.data.cache import CENTER, DETECTED, ERROR, MISS, PREALIGNED
     from mtmim_cli.data.readers import UnreadableImage
 
     try:
         image = load(rel)
-        if aligned:
-            return "ok", pad_resize(image)
-        if min(image.shape[:2]) < MIN_SIDE:
-            return "small", image
-        return "ok", detector.prepare(image)
     except UnreadableImage as exc:
-        return "error", exc.reason
+        return _Outcome(ERROR, reason=exc.reason)
     except Exception as exc:  # noqa: BLE001  one odd photo must not stop a long run
-        return "error", f"decoding failed: {exc!r}"
+        return _Outcome(ERROR, reason=f"decoding failed: {exc!r}")
+    try:
+        if aligned:
+            return _Outcome(PREALIGNED, face=pad_resize(image))
+        h, w = image.shape[:2]
+        if min(h, w) < MIN_SIDE:
+            return _Outcome(MISS, reason=f"image too small ({w}x{h}) to hold a face")
+        det = detector.detect_prepared(detector.prepare(image))
+        if det is not None:
+            return _Outcome(DETECTED, face=warp_face(image, det.landmarks), det=det)
+        if on_miss == "center":
+            return _Outcome(CENTER, face=center_crop(image), reason="no face found")
+        return _Outcome(MISS, reason="no face found")
+    except Exception as exc:  # noqa: BLE001
+        return _Outcome(ERROR, reason=f"detection failed: {exc!r}")
 
 
 def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = "skip",
                   aligned: bool = False, min_face: float | None = None,
                   det_size: int | None = None, retry: bool = True, device: str = "cpu",
                   shard: tuple[int, int] | None = None, threads: int | None = None,
-                  workers: int = 1, prefetch: int = 16, commit_every: int = 64,
+                  workers: int = 2, prefetch: int = 16, commit_every: int = 64,
                   overwrite: bool = False, progress: bool = True, command: str = "",
                   log: Callable[[str], None] | None = None, detector=None) -> AlignSummary:
     """Align every photo of a dataset into one HDF5 cache (resumable, atomic).
 
-    Records are decoded in `workers` threads, `prefetch` ahead, while MTCNN runs in this one.
+    Records are decoded, detected and warped in `workers` threads, up to `prefetch` ahead, and
+    written in order by this one; the result does not depend on `workers`.
     `threads` sets torch's intra-op threads for detection (None: leave torch's setting).
     `log` receives one plain line per commit (for logs and non-terminal runs).
     """
-    from mtmim_cli.data.cache import (
-        CENTER,
-        DETECTED,
-        ERROR,
-        MISS,
-        PREALIGNED,
-        Cache,
-        CacheWriter,
-        records_digest,
-    )
+    from mtmim_cli.data.cache import MISS, Cache, CacheWriter, records_digest
     from mtmim_cli.data.detect import DEFAULT_DET_SIZE, DEFAULT_MIN_FACE, FaceDetector
     from mtmim_cli.data.readers import image_loader, read_records, source_root
     from mtmim_cli.progress import make_progress
@@ -333,7 +346,7 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
     def submit_upto(k: int) -> None:
         for j in range(k, min(n, k + prefetch)):
             if j not in futures:
-                futures[j] = pool.submit(_decode, load, records[j].path, aligned, detector)
+                futures[j] = pool.submit(_process, load, records[j].path, aligned, on_miss, detector)
 
     bar = make_progress("img", disable=not progress)
     try:
@@ -341,39 +354,15 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
             task = bar.add_task("align", total=n, completed=start)
             for i in range(start, n):
                 submit_upto(i)
-                kind, payload = futures.pop(i).result()
-                path = records[i].path
-                if kind == "error":
-                    writer.write(i, None, ERROR, reason=str(payload))
-                elif aligned:
-                    writer.write(i, payload, PREALIGNED)
+                r = futures.pop(i).result()  # records are written in order, whatever finishes first
+                if r.status == MISS and on_miss == "fail":
+                    writer.commit(i)
+                    raise MtmimError(f"{root / records[i].path}: {r.reason} (--on-miss fail)")
+                if r.det is not None:
+                    writer.write(i, r.face, r.status, landmarks=r.det.landmarks,
+                                 det_score=r.det.score)
                 else:
-                    det = face = None
-                    if kind == "ok":
-                        image = payload.image
-                        reason = "no face found"
-                        try:
-                            det = detector.detect_prepared(payload)
-                            face = None if det is None else warp_face(image, det.landmarks)
-                        except Exception as exc:  # noqa: BLE001  one odd photo must not stop a long run
-                            det, kind = None, "error"
-                            reason = f"detection failed: {exc!r}"
-                    else:
-                        image = payload
-                        h, w = image.shape[:2]
-                        reason = f"image too small ({w}x{h}) to hold a face"
-                    if det is not None:
-                        writer.write(i, face, DETECTED, landmarks=det.landmarks,
-                                     det_score=det.score)
-                    elif kind == "error":
-                        writer.write(i, None, ERROR, reason=reason)
-                    elif on_miss == "fail":
-                        writer.commit(i)
-                        raise MtmimError(f"{root / path}: {reason} (--on-miss fail)")
-                    elif on_miss == "center" and kind == "ok":
-                        writer.write(i, center_crop(image), CENTER, reason=reason)
-                    else:
-                        writer.write(i, None, MISS, reason=reason)
+                    writer.write(i, r.face, r.status, reason=r.reason)
                 bar.advance(task)
                 now = time.perf_counter()
                 if i + 1 - writer.committed >= commit_every or now - last_commit > 10:

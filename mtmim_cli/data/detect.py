@@ -146,14 +146,22 @@ class FaceDetector:
         h, w = det_image.shape[:2]
         if min(h, w) < PNET_SIZE:
             return []
+        import torch
+        from facenet_pytorch.models.utils.detect_face import detect_face
+
         # at least one pyramid level must exist, and a face below 12 px is invisible anyway
-        self.mtcnn.min_face_size = float(np.clip(min_face_px, PNET_SIZE, min(h, w)))
-        boxes, probs, points = self.mtcnn.detect(det_image, landmarks=True)
-        if boxes is None or points is None or len(boxes) == 0:
+        min_size = float(np.clip(min_face_px, PNET_SIZE, min(h, w)))
+        m = self.mtcnn
+        # facenet-pytorch's own detect() reads the minimum face from the module; calling its
+        # detect_face with it as an argument keeps this method safe to run in several threads
+        with torch.no_grad():
+            batch_boxes, batch_points = detect_face(det_image, min_size, m.pnet, m.rnet, m.onet,
+                                                    m.thresholds, m.factor, self.device)
+        found = np.asarray(batch_boxes[0], dtype=np.float64).reshape(-1, 5)
+        if len(found) == 0:
             return []
-        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        points = np.asarray(points, dtype=np.float64).reshape(-1, 5, 2)
-        probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+        boxes, probs = found[:, :4], found[:, 4]
+        points = np.asarray(batch_points[0], dtype=np.float64).reshape(-1, 5, 2)
         return [Detection(box=b, score=float(p), landmarks=q)
                 for b, p, q in zip(boxes, probs, points, strict=True)]
 

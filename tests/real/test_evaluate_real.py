@@ -59,7 +59,7 @@ def test_fgnet_loo_and_pairs_real(fgnet_slice: Path, mobilefacenet_ckpt: Path, t
     # The same faces as an insightface .bin of cross-age pairs.
     from PIL import Image
 
-    i, j, same = cross_age_pairs(cache.identity, cache.age, 400, seed=0, min_gap=5,
+    i, j, same = cross_age_pairs(cache.identity, cache.age, 120, seed=0, min_gap=5,
                                  usable=cache.usable)
     bins = []
     for a, b in zip(i, j, strict=True):

@@ -363,3 +363,35 @@ def test_refit_head_rounds(tmp_path: Path, pool_model: Path, monkeypatch: pytest
     a, b = one["results"][0]["metrics"], merged["results"][0]["metrics"]
     assert a["rank1"] == b["rank1"] and a["cmc"] == b["cmc"] and a["rounds"] == 2
     assert 0.0 < a["rank1"] <= 1.0
+
+
+def test_lfw_pairs_txt(tmp_path: Path, pool_model: Path) -> None:
+    from mtmim_cli.data.cache import DETECTED, CacheWriter
+    from mtmim_cli.data.records import Record
+
+    rng = np.random.default_rng(0)
+    names = ["Ann_Lee", "Bo_Du", "Cy_Ng"]
+    recs = [Record(path=f"{n}/{n}_{k:04d}.jpg", identity=n, age=float("nan"))
+            for n in names for k in (1, 2, 3)]
+    w = CacheWriter(tmp_path / "lfw.h5", recs, attrs={"reader": "folder"})
+    for k in range(len(recs)):
+        w.write(k, rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), DETECTED)
+    w.commit(len(recs))
+    w.finish()
+    (tmp_path / "pairs.txt").write_text(
+        "2\t2\nAnn_Lee\t1\t2\nBo_Du\t1\t3\nAnn_Lee\t3\tCy_Ng\t1\nBo_Du\t2\tCy_Ng\t3\n"
+        "Cy_Ng\t1\t2\nAnn_Lee\t2\t3\nCy_Ng\t2\tBo_Du\t1\nAnn_Lee\t1\tBo_Du\t3\n")
+    cfg = R.EvalConfig(protocol="lfw", models=[R.ModelArg("pool", pool_model)],
+                       cache=tmp_path / "lfw.h5", pairs=tmp_path / "pairs.txt")
+    m = R.evaluate(cfg, progress=False)["results"][0]["metrics"]
+    cache = Cache(tmp_path / "lfw.h5")
+    f = extract_features(PoolNet(), cache, None, "concat")
+    i = np.array([0, 3, 2, 4, 6, 1, 7, 0])
+    j = np.array([1, 5, 6, 8, 7, 2, 3, 5])
+    same = np.array([1, 1, 0, 0, 1, 1, 0, 0], bool)
+    expected = M.tenfold_verification(np.sum(f[i] * f[j], axis=1), same, 2)
+    assert m["fold_accuracies"] == expected["fold_accuracies"] and m["pairs"] == 8
+    (tmp_path / "bad.txt").write_text("1\t1\nAnn_Lee\t1\t9\nAnn_Lee\t1\tBo_Du\t1\n")
+    with pytest.raises(MtmimError, match="Ann_Lee_0009.jpg is not in"):
+        R.evaluate(R.EvalConfig(protocol="lfw", models=[R.ModelArg("pool", pool_model)],
+                                cache=tmp_path / "lfw.h5", pairs=tmp_path / "bad.txt"), progress=False)

@@ -28,8 +28,8 @@ def evaluate(
                                       "backbone.pth (our checkpoints record it)."),
     cache: Path = typer.Option(None, "--cache", "-c", help="Aligned HDF5 cache of the test set."),
     pairs: Path = typer.Option(None, "--pairs",
-                               help="Pair list: insightface .bin (images inside) or CSV with "
-                                    "path_a,path_b,same[,fold] matching the cache's paths."),
+                               help="Pair list: insightface .bin (images inside), LFW pairs.txt, "
+                                    "or CSV with path_a,path_b,same[,fold] matching the cache's paths."),
     meta: Path = typer.Option(None, "--meta", help="CACD metadata CSV: path,year,test."),
     out: Path = typer.Option(None, "--out", "-o",
                              help="results.md to write; results.json, cmc.csv and roc.csv go beside it."),

@@ -56,7 +56,7 @@ class EvalConfig:
     protocol: str
     models: list[ModelArg]
     cache: Path | None = None
-    pairs: Path | None = None          # .bin (insightface) or .csv (path_a,path_b,same[,fold])
+    pairs: Path | None = None          # .bin (insightface), .csv (path_a,path_b,same[,fold]), LFW .txt
     meta: Path | None = None           # CACD: csv path,year,test
     out: Path | None = None            # results.md (results.json, cmc.csv, roc.csv beside it)
     flip: str = "concat"
@@ -331,6 +331,47 @@ def read_pair_csv(path: Path, cache) -> tuple[np.ndarray, np.ndarray, np.ndarray
             np.array(fold) if "fold" in cols else None)
 
 
+def read_lfw_pairs(path: Path, cache) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """LFW's pairs.txt: a header `folds n`, then per fold n lines `name i j` (same person)
+    and n lines `name1 i name2 j` (different). Photos are found in the cache by the path
+    ending `name/name_000i.jpg` (the folder layout `align --format folder` stores)."""
+    if not path.exists():
+        raise MtmimError(f"{path}: no such file")
+    lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+    try:
+        folds, per = int(lines[0][0]), int(lines[0][1])
+    except (IndexError, ValueError):
+        raise MtmimError(f"{path}: first line must be '<folds> <pairs per class>'") from None
+    if len(lines) - 1 != 2 * folds * per:
+        raise MtmimError(f"{path}: {len(lines) - 1} pair lines, header promises {2 * folds * per}")
+    pos = {}
+    for k, p in enumerate(cache.paths):
+        parts = p.replace("\\", "/").split("/")
+        pos["/".join(parts[-2:])] = k
+
+    def find(name: str, num: str, n: int) -> int:
+        key = f"{name}/{name}_{int(num):04d}.jpg"
+        if key not in pos:
+            raise MtmimError(f"{path}: line {n}: {key} is not in {cache.path}")
+        if not cache.usable[pos[key]]:
+            raise MtmimError(f"{path}: line {n}: {key} has no aligned face in {cache.path}")
+        return pos[key]
+
+    a, b, same = [], [], []
+    for n, f in enumerate(lines[1:], 2):
+        if len(f) == 3:
+            a.append(find(f[0], f[1], n))
+            b.append(find(f[0], f[2], n))
+            same.append(True)
+        elif len(f) == 4:
+            a.append(find(f[0], f[1], n))
+            b.append(find(f[2], f[3], n))
+            same.append(False)
+        else:
+            raise MtmimError(f"{path}: line {n}: expected 'name i j' or 'name1 i name2 j'")
+    return np.array(a), np.array(b), np.array(same), folds
+
+
 def _pairs_input(cfg: EvalConfig, cache):
     """(image source, i, j, same, folds) for the verification protocols."""
     if cfg.pairs is not None and cfg.pairs.suffix == ".bin":
@@ -343,6 +384,9 @@ def _pairs_input(cfg: EvalConfig, cache):
     if cache is None:
         raise MtmimError(f"{cfg.protocol}: needs --pairs FILE.bin, or --cache with --pairs FILE.csv "
                          "(or --cache alone to draw cross-age pairs)")
+    if cfg.pairs is not None and cfg.pairs.suffix == ".txt":
+        i, j, same, folds = read_lfw_pairs(cfg.pairs, cache)
+        return cache, i, j, same, folds
     if cfg.pairs is not None:
         i, j, same, folds = read_pair_csv(cfg.pairs, cache)
         return cache, i, j, same, (folds if folds is not None else 10)

@@ -259,6 +259,7 @@ def train(objective: Objective, train_data: Sequence[str | os.PathLike] | Datase
     def say(msg: str) -> None:
         if main:
             console.print(msg, highlight=False)
+            console.file.flush()   # reach a redirected log now, not when the buffer fills
 
     def validate() -> None:
         if validator is not None and main:

@@ -349,6 +349,7 @@ def train(objective: Objective, train_data: Sequence[str | os.PathLike] | Datase
                     # result and a resumed run neither repeats nor loses it.
                     if config.val_every and st.step % config.val_every == 0 and st.step < total:
                         validate()
+                        t0 = time.perf_counter()   # images/s measures training, not validation
                     if config.ckpt_every and st.step % config.ckpt_every == 0:
                         checkpoint(ckpt_path, full=True)
                 if st.step >= total and st.position >= sampler.steps:

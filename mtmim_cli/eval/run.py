@@ -203,9 +203,13 @@ def _head_round_fn(cfg: EvalConfig, f: np.ndarray, ff: np.ndarray | None, ident:
         x = f[train] if ff is None else np.concatenate([f[train], ff[train]])
         reps = 1 if ff is None else 2
         torch.manual_seed(cfg.seed * 100_003 + r)
-        unit = fit_heads_on_features(torch.from_numpy(x), torch.from_numpy(np.tile(ident[train], reps)),
-                                     torch.from_numpy(np.tile(age[train], reps)),
-                                     seed=cfg.seed * 100_003 + r, **opts)
+        try:
+            unit = fit_heads_on_features(
+                torch.from_numpy(x), torch.from_numpy(np.tile(ident[train], reps)),
+                torch.from_numpy(np.tile(age[train], reps)),
+                **{**opts, "seed": cfg.seed * 100_003 + r})
+        except TypeError as exc:  # an option fit_heads_on_features does not know
+            raise MtmimError(f"--refit-options: {exc}") from None
         with torch.no_grad():
             xid = unit(torch.from_numpy(f))[0].numpy()
             xid_f = unit(torch.from_numpy(ff))[0].numpy() if ff is not None else None

@@ -62,3 +62,12 @@ def test_not_a_cache(tmp_path):
         f["a"] = 1
     with pytest.raises(MtmimError, match="format attribute"):
         Cache(tmp_path / "y.h5")
+
+
+@pytest.mark.parametrize("idx", [[3, 4, 5, 9, 10, 0], [0, 1, 2, 7, 8], [9, 2, 2, 5], [6], []])
+def test_images_batch_equals_single_reads(tmp_path, idx):
+    c = Cache(write_cache(tmp_path / "b.h5", [f"i{k % 3}" for k in range(12)], seed=1))
+    batch = c.images(idx)
+    assert batch.shape == (len(idx), 112, 112, 3)
+    for k, i in enumerate(idx):
+        assert np.array_equal(batch[k], c.image(i))

@@ -254,16 +254,27 @@ class Cache:
         return self._images()[int(i)]
 
     def images(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Images at the given indices, in the given order."""
-        idx = np.asarray(indices, dtype=np.int64)
+        """Images at the given indices, in the given order.
+
+        h5py's fancy indexing is ~20x slower than plain reads here, so runs of consecutive
+        indices are read as slices and the rest row by row.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = np.empty((len(idx), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
         if idx.size == 0:
-            return np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+            return out
+        ds = self._images()
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
-        uniq, inverse = np.unique(sorted_idx, return_inverse=True)
-        block = self._images()[uniq]  # h5py wants increasing indices
-        out = np.empty((len(idx), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-        out[order] = block[inverse]
+        if np.all(order == np.arange(len(idx))):
+            # Already increasing: read each run of consecutive indices in one slice.
+            breaks = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
+            for run in np.split(np.arange(len(idx)), breaks):
+                lo, hi = int(sorted_idx[run[0]]), int(sorted_idx[run[-1]]) + 1
+                out[run[0]:run[-1] + 1] = ds[lo:hi]
+            return out
+        for k, i in enumerate(idx):
+            out[k] = ds[int(i)]
         return out
 
     def __getstate__(self) -> dict:

@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export MTMIM_SHARED ?= $(abspath ../shared)
 
-.PHONY: install test test-fast lint demo demo-fgnet bench clean
+.PHONY: install test test-fast lint demo demo-fgnet clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)

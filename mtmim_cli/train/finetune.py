@@ -349,8 +349,8 @@ def fit_heads_on_features(features: Tensor | np.ndarray, labels: Tensor | np.nda
         for s in range(0, n - bs + 1, bs):
             idx = perm[s:s + bs]
             loss, _ = obj(x[idx], y[idx], a[idx])
-            if not math.isfinite(float(loss)):
-                raise MtmimError(f"features: loss became {float(loss)} while fitting the heads")
+            if not math.isfinite(float(loss.detach())):
+                raise MtmimError(f"features: loss became {float(loss.detach())} while fitting the heads")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -71,13 +71,10 @@ def _load_strict(module: nn.Module, state: dict, path: Path, what: str) -> None:
 
 
 def load_identity_model(path: str | os.PathLike, backbone: str | None = None) -> IdentityModel:
+    from mtmim_cli.train.checkpoint import load_weights_file
+
     path = Path(path)
-    if not path.exists():
-        raise MtmimError(f"{path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - an unreadable file is the user's input
-        raise MtmimError(f"{path}: cannot read weights ({str(exc).splitlines()[0]})") from None
+    obj = load_weights_file(path)
     if isinstance(obj, dict) and "meta" in obj and "objective" in obj:
         meta = dict(obj["meta"])
         name = meta["backbone"]

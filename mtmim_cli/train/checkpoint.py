@@ -32,14 +32,21 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_weights_file(path: str | os.PathLike) -> Any:
+    """`torch.load` with `weights_only=True` on the CPU; a missing or unreadable file (or one
+    that would run code) is the user's input, so it becomes a one-line MtmimError."""
     path = Path(path)
     if not path.exists():
         raise MtmimError(f"{path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - an unreadable file is the user's input
-        raise MtmimError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from None
+        raise MtmimError(f"{path}: cannot read weights ({str(exc).splitlines()[0]})") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    state = load_weights_file(path)
     if not isinstance(state, dict) or "meta" not in state or "objective" not in state:
         raise MtmimError(f"{path}: not an mtmim checkpoint (no meta/objective)")
     return state

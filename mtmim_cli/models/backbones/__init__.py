@@ -93,15 +93,10 @@ def extract_backbone_state(obj: object, path: str | os.PathLike = "") -> dict:
 def load_backbone_weights(model, path: str | os.PathLike) -> None:
     """Load `path` into `model` strictly: every key used and every shape equal, else an
     MtmimError naming the first differences."""
-    import torch
+    from mtmim_cli.train.checkpoint import load_weights_file
 
     path = Path(path)
-    if not path.exists():
-        raise MtmimError(f"{path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
-        raise MtmimError(f"{path}: cannot read weights ({str(exc).splitlines()[0]})") from None
+    obj = load_weights_file(path)
     state = extract_backbone_state(obj, path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]

@@ -59,7 +59,8 @@ def align(
 
     Resumes after a kill: rerun the same command. Misses and unreadable files are stored with a reason and listed at the end.
     """
-    from mtmim_cli.data.align import align_dataset, parse_shard
+    from mtmim_cli.data.align import align_dataset
+    from mtmim_cli.sharding import parse_shard
 
     console = Console(stderr=True)
     interactive = console.is_terminal and not quiet

@@ -216,19 +216,6 @@ def summarize_cache(path: str | Path, **extra) -> AlignSummary:
     return AlignSummary(out=Path(path), total=len(c), counts=counts, problems=problems, **extra)
 
 
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """'I/N' (0 <= I < N) -> (I, N)."""
-    if text is None:
-        return None
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise MtmimError(f"--shard {text}: expected I/N, e.g. 0/4") from None
-    if n < 1 or not 0 <= i < n:
-        raise MtmimError(f"--shard {text}: need 0 <= I < N")
-    return i, n
-
-
 def shard_slice(n_records: int, shard: tuple[int, int]) -> slice:
     """Contiguous blocks, so that merging the shards in order gives the unsharded order."""
     i, n = shard

@@ -17,6 +17,7 @@ import numpy as np
 
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.eval import metrics as M
+from mtmim_cli.sharding import parse_shard as _parse_shard
 
 FAR_LEVEL = 1e-3
 CACD_DATABASES = {"2004-2006": (2004, 2006), "2007-2009": (2007, 2009), "2010-2012": (2010, 2012)}
@@ -126,16 +127,8 @@ class RoundStore:
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
-    """'I/N' -> (I, N) with 0 <= I < N; None -> (0, 1)."""
-    if not text:
-        return 0, 1
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise MtmimError(f"--shard {text}: expected I/N, e.g. 0/4") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise MtmimError(f"--shard {text}: need 0 <= I < N")
-    return i, n
+    """'I/N' -> (I, N) with 0 <= I < N; None -> (0, 1): the whole run is one shard."""
+    return _parse_shard(text) or (0, 1)
 
 
 def run_rounds(rounds: list[np.ndarray], round_fn: Callable[[int, np.ndarray], dict],

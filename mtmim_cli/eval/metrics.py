@@ -195,6 +195,22 @@ def _exclusion(n_query: int, n_gallery: int, exclude_self: bool,
     return None
 
 
+def _score_blocks(q: np.ndarray, gallery_feats: RowSliceable, excl: np.ndarray | None,
+                  block: int, query_block: int):
+    """Yield (g0, g1, q0, q1, scores) over gallery blocks, then query blocks, with each query's
+    excluded gallery item set to -inf: the score matrix is never held whole."""
+    n_q, n_g = len(q), int(gallery_feats.shape[0])
+    for g0, g1 in _blocks(n_g, block):
+        g = _get_rows(gallery_feats, g0, g1)
+        for q0, q1 in _blocks(n_q, query_block):
+            s = q[q0:q1] @ g.T
+            if excl is not None:
+                e = excl[q0:q1]
+                hit = (e >= g0) & (e < g1)
+                s[np.flatnonzero(hit), e[hit] - g0] = -np.inf
+            yield g0, g1, q0, q1, s
+
+
 def top1(query_feats: np.ndarray, gallery_feats: RowSliceable, *, block: int = 16384,
          query_block: int = 1024, exclude_self: bool = False,
          query_index: np.ndarray | None = None,
@@ -209,20 +225,13 @@ def top1(query_feats: np.ndarray, gallery_feats: RowSliceable, *, block: int = 1
     excl = _exclusion(n_q, n_g, exclude_self, query_index)
     best_score = np.full(n_q, -np.inf, dtype=np.float32)
     best_index = np.full(n_q, -1, dtype=np.int64)
-    for g0, g1 in _blocks(n_g, block):
-        g = _get_rows(gallery_feats, g0, g1)
-        for q0, q1 in _blocks(n_q, query_block):
-            s = q[q0:q1] @ g.T
-            if excl is not None:
-                e = excl[q0:q1]
-                hit = (e >= g0) & (e < g1)
-                s[np.flatnonzero(hit), e[hit] - g0] = -np.inf
-            arg = np.argmax(s, axis=1)
-            val = s[np.arange(q1 - q0), arg]
-            better = val > best_score[q0:q1]  # strict: earlier blocks win ties
-            best_score[q0:q1][better] = val[better]
-            best_index[q0:q1][better] = arg[better] + g0
-        if on_block is not None:
+    for g0, g1, q0, q1, s in _score_blocks(q, gallery_feats, excl, block, query_block):
+        arg = np.argmax(s, axis=1)
+        val = s[np.arange(q1 - q0), arg]
+        better = val > best_score[q0:q1]  # strict: earlier blocks win ties
+        best_score[q0:q1][better] = val[better]
+        best_index[q0:q1][better] = arg[better] + g0
+        if on_block is not None and q1 == n_q:
             on_block(g1 - g0)
     return best_index, best_score
 
@@ -264,23 +273,15 @@ def cmc(query_feats: np.ndarray, query_ids: np.ndarray, gallery_feats: RowSlicea
     excl = _exclusion(n_q, n_g, exclude_self, query_index)
     best_right = np.full(n_q, -np.inf, dtype=np.float32)
     top_wrong = np.full((n_q, max_rank), -np.inf, dtype=np.float32)
-    for g0, g1 in _blocks(n_g, block):
-        g = _get_rows(gallery_feats, g0, g1)
-        gid = gids[g0:g1]
-        for q0, q1 in _blocks(n_q, query_block):
-            s = q[q0:q1] @ g.T
-            if excl is not None:
-                e = excl[q0:q1]
-                hit = (e >= g0) & (e < g1)
-                s[np.flatnonzero(hit), e[hit] - g0] = -np.inf
-            right = qids[q0:q1, None] == gid[None, :]
-            best_right[q0:q1] = np.maximum(best_right[q0:q1],
-                                           np.where(right, s, -np.inf).max(axis=1))
-            wrong = np.where(right, -np.inf, s)
-            k = min(max_rank, wrong.shape[1])
-            part = -np.partition(-wrong, k - 1, axis=1)[:, :k]
-            merged = np.concatenate([top_wrong[q0:q1], part], axis=1)
-            top_wrong[q0:q1] = -np.partition(-merged, max_rank - 1, axis=1)[:, :max_rank]
+    for g0, g1, q0, q1, s in _score_blocks(q, gallery_feats, excl, block, query_block):
+        right = qids[q0:q1, None] == gids[None, g0:g1]
+        best_right[q0:q1] = np.maximum(best_right[q0:q1],
+                                       np.where(right, s, -np.inf).max(axis=1))
+        wrong = np.where(right, -np.inf, s)
+        k = min(max_rank, wrong.shape[1])
+        part = -np.partition(-wrong, k - 1, axis=1)[:, :k]
+        merged = np.concatenate([top_wrong[q0:q1], part], axis=1)
+        top_wrong[q0:q1] = -np.partition(-merged, max_rank - 1, axis=1)[:, :max_rank]
     found = np.isfinite(best_right)
     n_above = (top_wrong > best_right[:, None]).sum(axis=1)  # capped at max_rank
     rank = np.where(found, n_above + 1, max_rank + 1)

@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4, help="the paper's 0.02 is an option; see the closing note")
     ap.add_argument("--q-lr", type=float, default=1e-5)
     ap.add_argument("--lambda-mim", type=float, default=1e-4)
+    ap.add_argument("--head-warmup-steps", type=int, default=0,
+                    help="first steps with the encoder held (lr 0) while the new heads fit")
     ap.add_argument("--age-groups", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mi-steps", type=int, default=1000)
@@ -95,6 +97,7 @@ def main() -> None:
                                          "lr": a.lr, "seed": a.seed, "progress": False,
                                          "resume": (run / "checkpoints" / "last.pt").exists()},
                      mode=mode, exclude=held_all.tolist(), q_lr=a.q_lr, lambda_mim=a.lambda_mim,
+                     head_warmup_steps=a.head_warmup_steps,
                      age_groups=a.age_groups)
         train_s = time.perf_counter() - t0
         model = load_identity_model(run / "model.pt")

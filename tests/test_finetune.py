@@ -238,3 +238,34 @@ def test_init_from_our_pretrain_checkpoint(aged_cache: Path, tmp_path: Path) -> 
     for k, v in pre.state_dict().items():
         if k.startswith("encoder.") and k.endswith("weight"):
             torch.testing.assert_close(got["objective"][k], v, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("warmup", [1000, 0])
+def test_head_warmup_holds_the_encoder(aged_cache: Path, tmp_path: Path, warmup: int) -> None:
+    """--head-warmup-steps: the encoder's weights stay exactly as initialised during the
+    warm-up while the new heads move; without it the encoder moves from the first step."""
+    from mtmim_cli.models.backbones import build_backbone
+    from mtmim_cli.train.checkpoint import load_checkpoint, save_checkpoint
+    from mtmim_cli.train.finetune import finetune
+    from mtmim_cli.train.objectives import PretrainObjective
+
+    torch.manual_seed(7)
+    pre = PretrainObjective(build_backbone("tiny"), 6, 64)
+    init = tmp_path / "pre.pt"
+    save_checkpoint(init, {"meta": {"kind": "pretrain", "backbone": "tiny", "input_width": 112,
+                                    "embedding_size": 64, "normalisation": "(v-127.5)/128"},
+                          "objective": pre.state_dict()})
+    run = finetune([aged_cache], init, {"out": str(tmp_path / "ft"), "epochs": 1, "batch_size": 16,
+                                        "lr": 1e-2, "schedule": "constant", "progress": False},
+                   mode="mtmim", age_groups=4, head_warmup_steps=warmup)
+    got = load_checkpoint(run / "model.pt")["objective"]
+    enc = {k: v for k, v in pre.state_dict().items() if k.startswith("encoder.") and k.endswith("weight")}
+    moved = [k for k, v in enc.items() if not torch.equal(got[k], v)]
+    if warmup:
+        assert moved == []
+    else:
+        assert len(moved) == len(enc)
+    import pandas as pd
+
+    lrs = pd.read_csv(run / "metrics.csv")["lr"]
+    assert len(lrs) > 0 and (lrs == 1e-2).all()  # the logged lr is the heads', never the held 0

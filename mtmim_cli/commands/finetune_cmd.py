@@ -78,6 +78,7 @@ def finetune(
     val_pairs: int = typer.Option(3000, "--val-pairs", help="Number of validation pairs."),
     val_every: int = typer.Option(0, "--val-every", help="Steps between validations (0 = before and after only)."),
     sync_bn: bool = typer.Option(False, "--sync-bn", help="Under torchrun, BatchNorm statistics over the global batch."),
+    head_warmup_steps: int = typer.Option(0, "--head-warmup-steps", help="First steps with the encoder's lr at 0, so new heads fit before they move a pretrained encoder (0 = the paper)."),
     warn_negative_after: int = typer.Option(50, "--warn-negative-after", help="Warn when the CLUB estimate stays negative this many steps (0 = never)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live display of loss, accuracy, images/s and ETA."),
@@ -104,4 +105,4 @@ def finetune(
         logvar_bound=logvar_bound, factorize_gain=factorize_gain, margin=margin, s=scale,
         m=margin_m, backbone=backbone, embedding_size=embedding_size or None,
         val_cache=str(val_cache) if val_cache else None, val_pairs=val_pairs,
-        warn_negative_after=warn_negative_after)
+        warn_negative_after=warn_negative_after, head_warmup_steps=head_warmup_steps)

@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "q_lr": 1e-5, "q_hidden": 512, "logvar_bound": 7.0, "factorize_gain": 0.1,
     "margin": "arcface", "s": 64.0, "m": None, "backbone": None, "embedding_size": None,
     "val_cache": None, "val_pairs": 3000, "exclude": None, "warn_negative_after": 50,
+    "head_warmup_steps": 0,
 }
 TRAIN_DEFAULTS: dict[str, Any] = {"out": "runs/finetune", "lr": 0.02, "optimizer": "adam",
                                   "schedule": "plateau", "batch_size": 400, "epochs": 10}
@@ -76,8 +77,12 @@ class MTMIMObjective(Objective):
                  lambda_age: float = 0.1, lambda_mim: float = 1e-4, q_steps: int = 5,
                  q_lr: float = 1e-5, q_hidden: int = 512, logvar_bound: float = 7.0,
                  factorize_gain: float = 0.1, margin: str = "arcface", s: float = 64.0,
-                 m: float | None = None, warn_negative_after: int = 50) -> None:
+                 m: float | None = None, warn_negative_after: int = 50,
+                 head_warmup_steps: int = 0) -> None:
         super().__init__()
+        if head_warmup_steps < 0:
+            raise MtmimError(f"--head-warmup-steps {head_warmup_steps}: must be >= 0")
+        self.head_warmup_steps = head_warmup_steps
         if mode not in MODES:
             raise MtmimError(f"--mode {mode}: choose from {', '.join(MODES)}")
         if num_groups < 1:
@@ -104,9 +109,19 @@ class MTMIMObjective(Objective):
 
     # -- the main step ------------------------------------------------------------------
     def main_parameters(self) -> list[dict]:
-        """Encoder, factorization and both heads; q has its own optimiser."""
-        return [{"params": [p for n, p in self.named_parameters()
-                            if not n.startswith("q.") and p.requires_grad]}]
+        """Factorization and both heads, then the encoder; q has its own optimiser.
+
+        The encoder's group carries `hold_steps`: the loop gives it lr 0 for that many first
+        steps, so freshly initialised heads (a random margin head starts at a loss of ~40)
+        are fitted before their gradients reach a pretrained encoder. BatchNorm statistics
+        still adapt meanwhile. Heads come first so the logged lr is theirs."""
+        heads = [p for n, p in self.named_parameters()
+                 if not n.startswith(("q.", "encoder.")) and p.requires_grad]
+        encoder = [p for p in self.encoder.parameters() if p.requires_grad]
+        groups = [{"params": heads}]
+        if encoder:
+            groups.append({"params": encoder, "hold_steps": self.head_warmup_steps})
+        return groups
 
     def groups_of(self, ages: Tensor) -> Tensor:
         """Age group per image, -1 where the age is unknown (NaN)."""
@@ -285,7 +300,8 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
         boundaries=boundaries, lambda_age=o["lambda_age"], lambda_mim=o["lambda_mim"],
         q_steps=o["q_steps"], q_lr=o["q_lr"], q_hidden=o["q_hidden"],
         logvar_bound=o["logvar_bound"], factorize_gain=o["factorize_gain"], margin=o["margin"],
-        s=o["s"], m=o["m"], warn_negative_after=o["warn_negative_after"])
+        s=o["s"], m=o["m"], warn_negative_after=o["warn_negative_after"],
+        head_warmup_steps=int(o["head_warmup_steps"]))
     cfg.extra = {"caches": [str(Path(c)) for c in caches], "init": str(init) if init else None,
                  **{k: v for k, v in o.items() if k != "exclude"},
                  "exclude_n": 0 if o["exclude"] is None else len(o["exclude"]),

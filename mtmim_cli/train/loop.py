@@ -305,7 +305,9 @@ def train(objective: Objective, train_data: Sequence[str | os.PathLike] | Datase
                     if st.step >= total:
                         break
                     for g in optimizer.param_groups:
-                        g["lr"] = g["base_lr"] * lr_factor(config, st.step, total) * st.plateau_scale
+                        held = st.step < g.get("hold_steps", 0)  # e.g. encoder during head warm-up
+                        g["lr"] = (0.0 if held else
+                                   g["base_lr"] * lr_factor(config, st.step, total) * st.plateau_scale)
                     images = images.to(device, non_blocking=True)
                     labels = labels.to(device, non_blocking=True)
                     ages = ages.to(device, dtype=torch.float32, non_blocking=True)

@@ -67,6 +67,18 @@ def tiny_cache(tmp_path: Path) -> Path:
     return write_cache(tmp_path / "tiny.h5", ids, ages)
 
 
+def align_fgnet_subjects(fgnet_dir: Path, subjects: tuple[str, ...], folder: Path) -> Path:
+    """Align the FG-NET photos of the given subjects (linked into `folder`) into a real cache."""
+    from mtmim_cli.data.align import align_dataset
+
+    for p in sorted((fgnet_dir / "images").iterdir()):
+        if p.name[:3] in subjects:
+            (folder / p.name).symlink_to(p)
+    out = folder.parent / f"{folder.name}.h5"
+    align_dataset(folder, "fgnet", out, on_miss="center", progress=False)
+    return out
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `mtmim` in a real subprocess; returns the completed process (never raises on rc)."""

@@ -30,6 +30,20 @@ def make_objective(mode: str, seed: int = 0, **kw) -> MTMIMObjective:
                           q_hidden=16, **kw)
 
 
+def save_tiny_pretrain(path: Path, seed: int):
+    """A pretrain checkpoint of ours (tiny backbone, 64-d) to start fine-tuning from."""
+    from mtmim_cli.models.backbones import build_backbone
+    from mtmim_cli.train.checkpoint import save_checkpoint
+    from mtmim_cli.train.objectives import PretrainObjective
+
+    torch.manual_seed(seed)
+    pre = PretrainObjective(build_backbone("tiny"), 6, 64)
+    save_checkpoint(path, {"meta": {"kind": "pretrain", "backbone": "tiny", "input_width": 112,
+                                    "embedding_size": 64, "normalisation": "(v-127.5)/128"},
+                           "objective": pre.state_dict()})
+    return pre, path
+
+
 def batch(n: int = 12, seed: int = 1, unknown: bool = True):
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(n, 3, 4, 4, generator=g)
@@ -219,17 +233,10 @@ def test_cli_groups_and_bad_input(aged_cache: Path) -> None:
 
 @pytest.mark.slow
 def test_init_from_our_pretrain_checkpoint(aged_cache: Path, tmp_path: Path) -> None:
-    from mtmim_cli.models.backbones import build_backbone
-    from mtmim_cli.train.checkpoint import load_checkpoint, save_checkpoint
+    from mtmim_cli.train.checkpoint import load_checkpoint
     from mtmim_cli.train.finetune import finetune
-    from mtmim_cli.train.objectives import PretrainObjective
 
-    torch.manual_seed(123)
-    pre = PretrainObjective(build_backbone("tiny"), 6, 64)
-    init = tmp_path / "pre.pt"
-    save_checkpoint(init, {"meta": {"kind": "pretrain", "backbone": "tiny", "input_width": 112,
-                                    "embedding_size": 64, "normalisation": "(v-127.5)/128"},
-                          "objective": pre.state_dict()})
+    pre, init = save_tiny_pretrain(tmp_path / "pre.pt", seed=123)
     run = finetune([aged_cache], init, {"out": str(tmp_path / "ft"), "epochs": 1, "batch_size": 16,
                                         "lr": 1e-12, "weight_decay": 0.0, "progress": False},
                    mode="age", age_groups=4)
@@ -244,17 +251,10 @@ def test_init_from_our_pretrain_checkpoint(aged_cache: Path, tmp_path: Path) -> 
 def test_head_warmup_holds_the_encoder(aged_cache: Path, tmp_path: Path, warmup: int) -> None:
     """--head-warmup-steps: the encoder's weights stay exactly as initialised during the
     warm-up while the new heads move; without it the encoder moves from the first step."""
-    from mtmim_cli.models.backbones import build_backbone
-    from mtmim_cli.train.checkpoint import load_checkpoint, save_checkpoint
+    from mtmim_cli.train.checkpoint import load_checkpoint
     from mtmim_cli.train.finetune import finetune
-    from mtmim_cli.train.objectives import PretrainObjective
 
-    torch.manual_seed(7)
-    pre = PretrainObjective(build_backbone("tiny"), 6, 64)
-    init = tmp_path / "pre.pt"
-    save_checkpoint(init, {"meta": {"kind": "pretrain", "backbone": "tiny", "input_width": 112,
-                                    "embedding_size": 64, "normalisation": "(v-127.5)/128"},
-                          "objective": pre.state_dict()})
+    pre, init = save_tiny_pretrain(tmp_path / "pre.pt", seed=7)
     run = finetune([aged_cache], init, {"out": str(tmp_path / "ft"), "epochs": 1, "batch_size": 16,
                                         "lr": 1e-2, "schedule": "constant", "progress": False},
                    mode="mtmim", age_groups=4, head_warmup_steps=warmup)

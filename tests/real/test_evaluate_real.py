@@ -18,7 +18,7 @@ from mtmim_cli.data.cache import Cache
 from mtmim_cli.eval import metrics as M
 from mtmim_cli.eval.features import extract_features
 from mtmim_cli.eval.pairs import cross_age_pairs
-from tests.conftest import run_cli
+from tests.conftest import align_fgnet_subjects, run_cli
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -27,15 +27,7 @@ SUBJECTS = ("001", "002", "003", "004", "005", "006", "007", "008")
 
 @pytest.fixture(scope="module")
 def fgnet_slice(fgnet_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mtmim_cli.data.align import align_dataset
-
-    src = tmp_path_factory.mktemp("fgnet-slice")
-    for p in sorted((fgnet_dir / "images").iterdir()):
-        if p.name[:3] in SUBJECTS:
-            (src / p.name).symlink_to(p)
-    out = src.parent / "fgnet-slice.h5"
-    align_dataset(src, "fgnet", out, on_miss="center", progress=False)
-    return out
+    return align_fgnet_subjects(fgnet_dir, SUBJECTS, tmp_path_factory.mktemp("fgnet-slice"))
 
 
 def test_fgnet_loo_and_pairs_real(fgnet_slice: Path, mobilefacenet_ckpt: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mtmim_cli.data.cache import Cache
-from tests.conftest import run_cli
+from tests.conftest import align_fgnet_subjects, run_cli
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -21,15 +21,7 @@ SUBJECTS = ("010", "011", "012", "013")
 
 @pytest.fixture(scope="module")
 def fgnet_four(fgnet_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mtmim_cli.data.align import align_dataset
-
-    src = tmp_path_factory.mktemp("fgnet-four")
-    for p in sorted((fgnet_dir / "images").iterdir()):
-        if p.name[:3] in SUBJECTS:
-            (src / p.name).symlink_to(p)
-    out = src.parent / "fgnet-four.h5"
-    align_dataset(src, "fgnet", out, on_miss="center", progress=False)
-    return out
+    return align_fgnet_subjects(fgnet_dir, SUBJECTS, tmp_path_factory.mktemp("fgnet-four"))
 
 
 def test_finetune_from_shared_mobilefacenet(fgnet_four: Path, mobilefacenet_ckpt: Path,

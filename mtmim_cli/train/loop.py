@@ -167,20 +167,26 @@ def train(objective: Objective, train_data: Sequence[str | os.PathLike] | Datase
     """
     config.validate()
     device = D.init_from_env()
-    world, rank = D.world_size(), D.rank()
-    main = rank == 0
+    world = D.world_size()
     meta = {**meta, "normalisation": NORMALISATION, "tool_version": __version__}
     if config.batch_size % world:
         raise MtmimError(f"--batch-size {config.batch_size}: must be a multiple of the {world} processes")
-    local_batch = config.batch_size // world
-
     run_dir = Path(config.out)
+    resuming = _open_run_dir(run_dir, config)
+    dataset, sampler, total = _make_data(train_data, config, meta)
+    run = _Run(objective, config, device, meta, run_dir, validator, resuming)
+    return run.fit(dataset, sampler, total)
+
+
+def _open_run_dir(run_dir: Path, config: TrainConfig) -> bool:
+    """Decide fresh, resume or refuse, write config.json; returns whether the run resumes.
+
+    Rank 0 decides and tells the others, so a refusal stops every rank instead of leaving
+    them waiting at a barrier. Resuming under torchrun assumes the run folder is on a file
+    system every rank can read."""
     ckpt_path = run_dir / "checkpoints" / "last.pt"
-    # Rank 0 decides (fresh, resume, or refuse) and tells the others, so a refusal stops
-    # every rank instead of leaving them waiting at a barrier. Resuming under torchrun
-    # assumes the run folder is on a file system every rank can read.
     problem, resuming = None, False
-    if main:
+    if D.rank() == 0:
         try:
             resuming = config.resume and ckpt_path.exists()
             if ckpt_path.exists() and not config.resume:
@@ -194,179 +200,222 @@ def train(objective: Objective, train_data: Sequence[str | os.PathLike] | Datase
     problem, resuming = D.broadcast_object((problem, resuming))
     if problem:
         raise MtmimError(problem)
+    return bool(resuming)
 
-    # --- data ---
+
+def _make_data(train_data: Sequence[str | os.PathLike] | Dataset, config: TrainConfig,
+               meta: dict[str, Any]) -> tuple[Dataset, EpochSampler, int]:
+    """The dataset, this rank's sampler, and the run's total number of steps."""
     if isinstance(train_data, Dataset):
         dataset = train_data
     else:
         dataset = CacheDataset(train_data, train=True, crop_width=int(meta["input_width"]),
                                seed=config.seed)
-    sampler = EpochSampler(len(dataset), config.batch_size, world, rank, config.seed)
+    sampler = EpochSampler(len(dataset), config.batch_size, D.world_size(), D.rank(), config.seed)
     if sampler.steps == 0:
         raise MtmimError(f"training data has {len(dataset)} images, fewer than one batch "
                          f"({config.batch_size}); lower --batch-size")
     total = config.epochs * sampler.steps
     if config.max_steps:
         total = min(total, config.max_steps)
+    return dataset, sampler, total
 
-    # --- model, optimiser ---
-    if world > 1 and config.sync_bn:
-        D.convert_sync_batchnorm(objective, device)
-    objective.to(device)
-    groups = objective.main_parameters()
-    params = [p for g in groups for p in g["params"]]
-    optimizer = _make_optimizer(config, groups)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    model: nn.Module = objective
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=getattr(objective, "ddp_find_unused_parameters", False))
 
-    st = LoopState()
-    if resuming:
-        ck = load_checkpoint(ckpt_path)
-        objective.load_state_dict(ck["objective"])
-        objective.load_extra_state_dict(ck.get("extra", {}))
-        optimizer.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        st = LoopState(**ck["loop"])
+class _Run:
+    """One run's moving parts on this rank: the objective (DDP-wrapped when several processes
+    train), optimiser, gradient scaler, loop state, logs and display. `fit` drives them."""
+
+    def __init__(self, objective: Objective, config: TrainConfig, device: torch.device,
+                 meta: dict[str, Any], run_dir: Path, validator: Any, resuming: bool) -> None:
+        self.objective, self.config, self.device, self.meta = objective, config, device, meta
+        self.run_dir, self.validator, self.resuming = run_dir, validator, resuming
+        self.world, self.rank = D.world_size(), D.rank()
+        self.main = self.rank == 0
+        self.local_batch = config.batch_size // self.world
+        self.ckpt_path = run_dir / "checkpoints" / "last.pt"
+
+        # --- model, optimiser ---
+        if self.world > 1 and config.sync_bn:
+            D.convert_sync_batchnorm(objective, device)
+        objective.to(device)
+        groups = objective.main_parameters()
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = _make_optimizer(config, groups)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+        self.model: nn.Module = objective
+        if self.world > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                objective, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=getattr(objective, "ddp_find_unused_parameters", False))
+
+        self.st = LoopState()
+        if resuming:
+            self._load(self.ckpt_path)
+        else:
+            # Rank-specific streams for dropout and the like; the weights were built before, alike.
+            torch.manual_seed(config.seed * 1_000_003 + self.rank)
+
+        keep = self.st.step if resuming else None
+        columns = [*BASE_COLUMNS, *objective.metric_names]
+        self.log = _CsvLog(run_dir / "metrics.csv", columns, keep) if self.main else None
+        self.val_log = (_CsvLog(run_dir / "validation.csv", ["step", "accuracy", "std", "best_accuracy"],
+                                keep) if self.main and validator is not None else None)
+        self.display = make_progress("img", disable=not (self.main and config.progress))
+        self.task: Any = None
+        self.last_loss = math.nan
+
+    # --- checkpoints ---
+    def _load(self, path: Path) -> None:
+        ck = load_checkpoint(path)
+        self.objective.load_state_dict(ck["objective"])
+        self.objective.load_extra_state_dict(ck.get("extra", {}))
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.st = LoopState(**ck["loop"])
         rngs = ck["rng"]
-        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-    else:
-        # Rank-specific streams for dropout and the like; the weights were built before, alike.
-        torch.manual_seed(config.seed * 1_000_003 + rank)
+        set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
 
-    def checkpoint(path: Path, full: bool) -> None:
+    def checkpoint(self, path: Path, full: bool) -> None:
+        """Weights + meta; `full` adds everything a resume needs (every rank's RNG streams)."""
         rngs = D.all_gather_object(rng_state()) if full else None
-        if not main:
+        if not self.main:
             return
-        state: dict[str, Any] = {"meta": meta, "objective": objective.state_dict()}
+        state: dict[str, Any] = {"meta": self.meta, "objective": self.objective.state_dict()}
         if full:
-            state.update(extra=objective.extra_state_dict(), optimizer=optimizer.state_dict(),
-                         scaler=scaler.state_dict(), loop=st.to_dict(), rng=rngs,
-                         config=config.to_dict())
+            state.update(extra=self.objective.extra_state_dict(), optimizer=self.optimizer.state_dict(),
+                         scaler=self.scaler.state_dict(), loop=self.st.to_dict(), rng=rngs,
+                         config=self.config.to_dict())
         save_checkpoint(path, state)
 
-    columns = [*BASE_COLUMNS, *objective.metric_names]
-    log = _CsvLog(run_dir / "metrics.csv", columns, st.step if resuming else None) if main else None
-    val_log = (_CsvLog(run_dir / "validation.csv", ["step", "accuracy", "std", "best_accuracy"],
-                       st.step if resuming else None) if main and validator is not None else None)
-
-    display = make_progress("img", disable=not (main and config.progress))
-    console = display.console
-
-    def say(msg: str) -> None:
-        if main:
+    # --- output ---
+    def say(self, msg: str) -> None:
+        if self.main:
+            console = self.display.console
             console.print(msg, highlight=False)
             console.file.flush()   # reach a redirected log now, not when the buffer fills
 
-    def validate() -> None:
-        if validator is not None and main:
-            res = validator(objective, device)
+    def validate(self) -> None:
+        """Rank 0 scores the validator, keeps best.pt, logs; the others wait."""
+        st, validator = self.st, self.validator
+        if validator is not None and self.main:
+            res = validator(self.objective, self.device)
             acc = float(res["accuracy"])
             if acc > st.best_val:
                 st.best_val, st.best_step = acc, st.step
-                checkpoint(run_dir / "best.pt", full=False)
+                self.checkpoint(self.run_dir / "best.pt", full=False)
             st.history.append({"step": st.step, "accuracy": acc, "std": float(res["std"])})
-            val_log.write({"step": st.step, "accuracy": acc, "std": float(res["std"]),
-                           "best_accuracy": st.best_val})
-            say(f"validation at step {st.step} on {getattr(validator, 'name', 'pairs')}: "
-                f"accuracy {acc:.4f} ± {float(res['std']):.4f} "
-                f"(best {st.best_val:.4f} at step {st.best_step})")
+            self.val_log.write({"step": st.step, "accuracy": acc, "std": float(res["std"]),
+                                "best_accuracy": st.best_val})
+            self.say(f"validation at step {st.step} on {getattr(validator, 'name', 'pairs')}: "
+                     f"accuracy {acc:.4f} ± {float(res['std']):.4f} "
+                     f"(best {st.best_val:.4f} at step {st.best_step})")
         D.barrier()
 
-    if resuming:
-        say(f"resuming {run_dir} at step {st.step} (epoch {st.epoch + 1}, batch {st.position})")
-    elif validator is not None:
-        validate()
+    # --- training ---
+    def fit(self, dataset: Dataset, sampler: EpochSampler, total: int) -> TrainResult:
+        """Run epochs until `total` steps, validate at the end, write last.pt and model.pt."""
+        st, config = self.st, self.config
+        if self.resuming:
+            self.say(f"resuming {self.run_dir} at step {st.step} (epoch {st.epoch + 1}, batch {st.position})")
+        elif self.validator is not None:
+            self.validate()
+        self.objective.train()
+        try:
+            with self.display:
+                self.task = self.display.add_task("train", total=total * config.batch_size,
+                                                  completed=st.step * config.batch_size)
+                while st.step < total:
+                    if st.position >= sampler.steps:     # an epoch just ended
+                        _end_epoch(st, config, self.optimizer, self.objective, self.say)
+                        self.checkpoint(self.ckpt_path, full=True)
+                        continue
+                    self._run_epoch(dataset, sampler, total)
+                    if st.step >= total and st.position >= sampler.steps:
+                        _end_epoch(st, config, self.optimizer, self.objective, self.say)
+            if self.validator is not None and not (st.history and st.history[-1]["step"] == st.step):
+                self.validate()
+            self.checkpoint(self.ckpt_path, full=True)   # holds the final validation history too
+            self.checkpoint(self.run_dir / "model.pt", full=False)
+        finally:
+            for log in (self.log, self.val_log):
+                if log is not None:
+                    log.close()
+        self.say(f"done: {st.step} steps, last loss {self.last_loss:.4f}; "
+                 f"weights in {self.run_dir / 'model.pt'}")
+        return TrainResult(self.run_dir, st.step, self.last_loss, list(st.history))
 
-    last_loss = math.nan
-    objective.train()
-    try:
-        with display:
-            task = display.add_task("train", total=total * config.batch_size,
-                                    completed=st.step * config.batch_size)
-            while st.step < total:
-                if st.position >= sampler.steps:     # an epoch just ended
-                    _end_epoch(st, config, optimizer, objective, say)
-                    checkpoint(ckpt_path, full=True)
-                    continue
-                if hasattr(dataset, "set_epoch"):
-                    dataset.set_epoch(st.epoch)
-                sampler.set_epoch(st.epoch, st.position * local_batch)
-                loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler,
-                                    num_workers=config.workers, drop_last=True,
-                                    collate_fn=getattr(dataset, "collate", None),
-                                    pin_memory=device.type == "cuda",
-                                    generator=torch.Generator().manual_seed(config.seed + st.epoch))
-                t0 = time.perf_counter()
-                for images, labels, ages, _ in loader:
-                    if st.step >= total:
-                        break
-                    for g in optimizer.param_groups:
-                        held = st.step < g.get("hold_steps", 0)  # e.g. encoder during head warm-up
-                        g["lr"] = (0.0 if held else
-                                   g["base_lr"] * lr_factor(config, st.step, total) * st.plateau_scale)
-                    images = images.to(device, non_blocking=True)
-                    labels = labels.to(device, non_blocking=True)
-                    ages = ages.to(device, dtype=torch.float32, non_blocking=True)
-                    with _autocast(config, device):
-                        loss, metrics = model(images, labels, ages)
-                    names = ["accuracy", *[n for n in objective.metric_names if n in metrics]]
-                    vals = torch.stack([loss.detach().float(),
-                                        *[metrics[n].detach().float().reshape(()) for n in names]])
-                    vals = (D.all_reduce_sum(vals) / world).tolist()
-                    if not math.isfinite(vals[0]):
-                        last = f"step {st.step}" if ckpt_path.exists() else "none written yet"
-                        raise MtmimError(f"{run_dir}: loss is {vals[0]} at step {st.step + 1} "
-                                         f"(epoch {st.epoch + 1}); stopped. Last good checkpoint: "
-                                         f"{ckpt_path if ckpt_path.exists() else 'none'} ({last})")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if config.clip_grad > 0:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    inner = objective.after_step()
-                    st.step += 1
-                    st.position += 1
-                    last_loss = vals[0]
-                    st.epoch_loss_sum += vals[0]
-                    st.epoch_loss_n += 1
-                    dt = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    row = dict(zip(["loss", *names], vals, strict=True))
-                    row.update(inner)
-                    row.update(step=st.step, epoch=st.epoch + 1,
-                               lr=optimizer.param_groups[0]["lr"],
-                               images_per_s=config.batch_size / max(dt, 1e-9))
-                    if log is not None and st.step % config.log_every == 0:
-                        log.write(row)
-                    display.update(task, advance=config.batch_size,
-                                   description=f"epoch {st.epoch + 1} loss {row['loss']:.3f} "
-                                               f"acc {row['accuracy']:.3f}")
-                    # Validate before checkpointing, so a checkpoint at this step holds the
-                    # result and a resumed run neither repeats nor loses it.
-                    if config.val_every and st.step % config.val_every == 0 and st.step < total:
-                        validate()
-                        t0 = time.perf_counter()   # images/s measures training, not validation
-                    if config.ckpt_every and st.step % config.ckpt_every == 0:
-                        checkpoint(ckpt_path, full=True)
-                if st.step >= total and st.position >= sampler.steps:
-                    _end_epoch(st, config, optimizer, objective, say)
-        if validator is not None and not (st.history and st.history[-1]["step"] == st.step):
-            validate()
-        checkpoint(ckpt_path, full=True)   # holds the final validation history too
-        checkpoint(run_dir / "model.pt", full=False)
-    finally:
-        if log is not None:
-            log.close()
-        if val_log is not None:
-            val_log.close()
-    say(f"done: {st.step} steps, last loss {last_loss:.4f}; weights in {run_dir / 'model.pt'}")
-    return TrainResult(run_dir, st.step, last_loss, list(st.history))
+    def _run_epoch(self, dataset: Dataset, sampler: EpochSampler, total: int) -> None:
+        """Train from the current position to the end of the epoch (or of the run)."""
+        st, config = self.st, self.config
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(st.epoch)
+        sampler.set_epoch(st.epoch, st.position * self.local_batch)
+        loader = DataLoader(dataset, batch_size=self.local_batch, sampler=sampler,
+                            num_workers=config.workers, drop_last=True,
+                            collate_fn=getattr(dataset, "collate", None),
+                            pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(config.seed + st.epoch))
+        t0 = time.perf_counter()
+        for images, labels, ages, _ in loader:
+            if st.step >= total:
+                break
+            row = self._step(images, labels, ages, total)
+            dt = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            row["images_per_s"] = config.batch_size / max(dt, 1e-9)
+            if self.log is not None and st.step % config.log_every == 0:
+                self.log.write(row)
+            self.display.update(self.task, advance=config.batch_size,
+                                description=f"epoch {st.epoch + 1} loss {row['loss']:.3f} "
+                                            f"acc {row['accuracy']:.3f}")
+            # Validate before checkpointing, so a checkpoint at this step holds the
+            # result and a resumed run neither repeats nor loses it.
+            if config.val_every and st.step % config.val_every == 0 and st.step < total:
+                self.validate()
+                t0 = time.perf_counter()   # images/s measures training, not validation
+            if config.ckpt_every and st.step % config.ckpt_every == 0:
+                self.checkpoint(self.ckpt_path, full=True)
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, ages: torch.Tensor,
+              total: int) -> dict[str, Any]:
+        """One optimiser step on a batch; returns its metrics row (averaged over ranks)."""
+        st, config, optimizer, device = self.st, self.config, self.optimizer, self.device
+        for g in optimizer.param_groups:
+            held = st.step < g.get("hold_steps", 0)  # e.g. encoder during head warm-up
+            g["lr"] = (0.0 if held else
+                       g["base_lr"] * lr_factor(config, st.step, total) * st.plateau_scale)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        ages = ages.to(device, dtype=torch.float32, non_blocking=True)
+        with _autocast(config, device):
+            loss, metrics = self.model(images, labels, ages)
+        names = ["accuracy", *[n for n in self.objective.metric_names if n in metrics]]
+        vals = torch.stack([loss.detach().float(),
+                            *[metrics[n].detach().float().reshape(()) for n in names]])
+        vals = (D.all_reduce_sum(vals) / self.world).tolist()
+        if not math.isfinite(vals[0]):
+            ckpt = self.ckpt_path
+            last = f"step {st.step}" if ckpt.exists() else "none written yet"
+            raise MtmimError(f"{self.run_dir}: loss is {vals[0]} at step {st.step + 1} "
+                             f"(epoch {st.epoch + 1}); stopped. Last good checkpoint: "
+                             f"{ckpt if ckpt.exists() else 'none'} ({last})")
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if config.clip_grad > 0:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, config.clip_grad)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        inner = self.objective.after_step()
+        st.step += 1
+        st.position += 1
+        self.last_loss = vals[0]
+        st.epoch_loss_sum += vals[0]
+        st.epoch_loss_n += 1
+        row = dict(zip(["loss", *names], vals, strict=True))
+        row.update(inner)
+        row.update(step=st.step, epoch=st.epoch + 1, lr=optimizer.param_groups[0]["lr"])
+        return row
 
 
 def _end_epoch(st: LoopState, config: TrainConfig, optimizer: torch.optim.Optimizer,

@@ -117,3 +117,100 @@ def test_rec_reader(tmp_path: Path) -> None:
     rec.write_bytes(rec.read_bytes()[:-10])
     with pytest.raises(MtmimError, match="truncated"):
         list(iter_rec(rec))
+
+
+# ---------------------------------------------------------------- header-only label scan
+def _rchar() -> int:
+    """Bytes this process has asked the kernel to read (read, pread, readv ...)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def _pack_items(n_ids: int, seed: int = 0, size: int = 3000) -> list[tuple[float, bytes]]:
+    """Random-length runs of records per label; payloads are random bytes (never decoded)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(1000)[:n_ids]
+    return [(float(lab), rng.bytes(size + int(rng.integers(0, 500))))
+            for lab in labels for _ in range(int(rng.integers(1, 7)))]
+
+
+def _full_labels(rec: Path) -> tuple[list[int], list[float]]:
+    """What reading every whole record gives (today's reader)."""
+    got = [g for g in iter_rec(rec) if g.image]
+    return ([g.key for g in got],
+            [g.label if isinstance(g.label, float) else float(g.label[0]) for g in got])
+
+
+def _measured(fn):
+    """fn's result and the bytes it read (less what reading /proc/self/io itself costs)."""
+    fn()  # imports and first-touch costs out of the way
+    before = _rchar()
+    itself = _rchar() - before
+    before = _rchar()
+    out = fn()
+    return out, _rchar() - before - itself
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io")
+@pytest.mark.parametrize("ranges", [True, False])
+def test_label_scan_reads_no_image(tmp_path: Path, ranges: bool) -> None:
+    from mtmim_cli.data.insightface import rec_labels, write_rec
+
+    items = _pack_items(40)
+    rec = write_rec(tmp_path / "train.rec", items, identity_ranges=ranges)
+    payload = sum(len(b) for _, b in items)
+    idx_bytes = rec.with_suffix(".idx").stat().st_size
+
+    full, full_read = _measured(lambda: _full_labels(rec))
+    assert full_read >= payload                       # the measure sees whole records
+    assert full[1] == [lab for lab, _ in items]
+    got, read = _measured(lambda: rec_labels(rec))
+    assert got.method == ("ranges" if ranges else "headers")
+    assert got.keys.tolist() == full[0] and got.labels.tolist() == full[1]
+    # the index, plus ~40 bytes per record header looked at: no payload
+    per_record = 40 * (3 * 40 + 1) if ranges else 40 * (len(items) + 1)  # + key 0 tried as a header
+    assert read <= idx_bytes + per_record, (read, idx_bytes, per_record)
+    assert read < payload / 20
+
+
+def test_label_scan_falls_back_when_ranges_do_not_check(tmp_path: Path) -> None:
+    from mtmim_cli.data.insightface import read_idx, rec_labels, write_rec
+
+    items = [(7.0, b"a" * 100)] * 3 + [(2.0, b"b" * 100)] * 2
+    rec = write_rec(tmp_path / "train.rec", items)
+    assert rec_labels(rec).method == "ranges"
+    # relabel the last image of the first identity's range: the range no longer checks
+    off = read_idx(rec.with_suffix(".idx"))[3]
+    data = bytearray(rec.read_bytes())
+    data[off + 12: off + 16] = struct.pack("<f", 9.0)
+    rec.write_bytes(bytes(data))
+    got = rec_labels(rec)
+    assert got.method == "headers"
+    assert got.labels.tolist() == [7.0, 7.0, 9.0, 2.0, 2.0] == _full_labels(rec)[1]
+    assert rec_labels(rec, method="headers").labels.tolist() == got.labels.tolist()
+
+
+def test_label_scan_matches_hand_written_pack(tmp_path: Path) -> None:
+    from mtmim_cli.data.insightface import rec_labels
+
+    items = [(float(k // 2), _jpeg(k)) for k in range(5)]
+    rec = _write_rec(tmp_path, items)
+    got = rec_labels(rec)
+    assert got.keys.tolist() == [1, 2, 3, 4, 5]
+    assert got.labels.tolist() == [lab for lab, _ in items]
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("0\t0\n1\t40\n1\t80\n", "key 1 appears twice"),
+    ("0\t0\n1 40\n", "line 2"),
+    ("0\t0\t5\n1\n", "line 1"),
+    ("0\tx\n", "line 1"),
+])
+def test_bad_idx(tmp_path: Path, text: str, msg: str) -> None:
+    from mtmim_cli.data.insightface import read_idx
+
+    (tmp_path / "t.idx").write_text(text)
+    with pytest.raises(MtmimError, match=msg):
+        read_idx(tmp_path / "t.idx")

@@ -325,32 +325,33 @@ def _rec_paths(src: Path) -> tuple[Path, Path]:
 
 def read_rec(src: Path) -> list[Record]:
     """One record per image of an insightface .rec pack; path '<name>.rec#<key>', identity the
-    label. The header record (insightface's key 0, no image) is skipped."""
-    from mtmim_cli.data.insightface import iter_rec
+    label. Labels come from record headers only (`insightface.rec_labels`): no image is read,
+    so every `align --shard` process can afford to list the whole pack."""
+    from mtmim_cli.data.insightface import rec_labels
 
     rec, idx = _rec_paths(src)
-    records = []
-    for item in iter_rec(rec, idx):
-        if not item.image:
-            continue
-        label = item.label if isinstance(item.label, float) else float(item.label[0])
-        records.append(Record(f"{rec.name}#{item.key:010d}", str(int(label))))
-    if not records:
+    found = rec_labels(rec, idx)
+    if not found.keys.size:
         raise MtmimError(f"{rec}: no image records")
-    return _sorted(records)
+    # keys are increasing and zero-padded, so this is already sorted by path
+    return [Record(f"{rec.name}#{key:010d}", str(int(label)))
+            for key, label in zip(found.keys.tolist(), found.labels.tolist(), strict=True)]
 
 
 def _rec_loader(src: str | Path) -> Callable[[str], np.ndarray]:
-    from mtmim_cli.data.insightface import _read_record, read_idx, unpack_record
+    from mtmim_cli.data.insightface import _read_record, read_idx_arrays, unpack_record
 
     rec, idx = _rec_paths(Path(src))
-    offsets = read_idx(idx)
+    keys, offsets = read_idx_arrays(idx)
 
     def load(rel: str) -> np.ndarray:
         key = int(rel.rsplit("#", 1)[1])
         where = f"{rec}#{key}"
+        at = int(np.searchsorted(keys, key))
+        if at == len(keys) or keys[at] != key:
+            raise MtmimError(f"{where}: no such record in {idx.name}")
         with open(rec, "rb") as fh:  # one handle per call: loads run in several threads
-            fh.seek(offsets[key])
+            fh.seek(int(offsets[at]))
             item = unpack_record(_read_record(fh, where), key, where)
         return load_image(io.BytesIO(item.image), where=where)
 

@@ -277,6 +277,7 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
     val_pairs, exclude, warn_negative_after); `options` override both. `exclude` lists
     record indices of the (single) cache to leave out, e.g. a held-out test image."""
     from mtmim_cli.data.dataset import CacheDataset
+    from mtmim_cli.train.lineage import run_record, saves_checkpoints
     from mtmim_cli.train.loop import train
 
     cfg, o = split_options(config, options)
@@ -317,6 +318,8 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
             "age_group_counts": [int(c) for c in counts], "mode": o["mode"],
             "num_classes": int(dataset.num_classes), "margin": o["margin"], "s": float(o["s"]),
             "m": objective.id_head.extra_repr(), "init": str(init) if init else ""}
+    if saves_checkpoints():
+        meta["trained_on"] = run_record(dataset, init, o["exclude"])
     result = train(objective, dataset, cfg, meta=meta, validator=validator)
     return Path(result.run_dir)
 

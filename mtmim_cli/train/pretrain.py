@@ -17,6 +17,7 @@ from mtmim_cli.models.backbones import (
     load_backbone_weights,
 )
 from mtmim_cli.train.config import TrainConfig
+from mtmim_cli.train.lineage import run_record, saves_checkpoints
 from mtmim_cli.train.loop import TrainResult, train
 from mtmim_cli.train.objectives import PretrainObjective
 
@@ -46,4 +47,6 @@ def pretrain(caches: Sequence[str | os.PathLike], config: TrainConfig, *, backbo
     meta = {"kind": "pretrain", "backbone": backbone, "input_width": width, "embedding_size": dim,
             "num_classes": dataset.num_classes, "margin": margin, "s": s,
             "m": objective.id_head.extra_repr(), "init": str(init) if init else ""}
+    if saves_checkpoints():
+        meta["trained_on"] = run_record(dataset, init)
     return train(objective, dataset, config, meta=meta, validator=validator)

@@ -119,3 +119,39 @@ def test_registry_names() -> None:
     assert {"iresnet18", "iresnet34", "iresnet50", "iresnet100", "resnet50", "mobilefacenet"} <= set(BACKBONES)
     with pytest.raises(MtmimError, match="unknown backbone"):
         build_backbone("vgg")
+
+
+def _staged(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    for _, m in model.stages():
+        x = m(x)
+    return x
+
+
+@pytest.mark.parametrize("name", ["tiny", "mobilefacenet", "iresnet18",
+                                  pytest.param("resnet50", marks=pytest.mark.slow)])
+def test_stages_compose_to_forward_exactly(name: str) -> None:
+    """stages() applied in order is forward() bit for bit (eval and train mode), its names
+    are the registry's (the --help list), and the split keeps references, not copies."""
+    import copy
+
+    from mtmim_cli.models.backbones import split_stages
+
+    torch.manual_seed(0)
+    model = build_backbone(name)
+    assert tuple(n for n, _ in model.stages()) == BACKBONES[name].stages
+    x = torch.randn(2, 3, 112, input_width(name))
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(_staged(model, x), model(x))
+        twin = copy.deepcopy(model).train()
+        model.train()
+        assert torch.equal(_staged(model, x), twin(x))
+    names = BACKBONES[name].stages
+    trunk, tail = split_stages(model, names[-3])
+    assert len(trunk) + len(tail) == len(names) and len(tail) == 2
+    owned = {id(p) for p in model.parameters()}
+    assert all(id(p) in owned for m in trunk + tail for p in m.parameters())
+    with pytest.raises(MtmimError, match="not a stage"):
+        split_stages(model, "nope")
+    with pytest.raises(MtmimError, match="nothing would be left"):
+        split_stages(model, names[-1])

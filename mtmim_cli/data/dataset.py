@@ -4,8 +4,9 @@ Items are `(image (3,112,W) float32, label int, age float (NaN unknown), index i
 Records whose status holds no face are left out. Labels are re-indexed 0..C-1 over
 (cache, identity) pairs, so identities of different caches never share a label.
 
-The horizontal flip is a pure function of (seed, epoch, index), not of a global RNG, so a
-resumed run and a run with worker processes flip exactly the same images.
+The horizontal flip (and the optional augmentation, data/augment.py) is a pure function of
+(seed, epoch, index), not of a global RNG, so a resumed run and a run with worker processes
+see exactly the same images.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from mtmim_cli.data.augment import Augment
 from mtmim_cli.data.cache import IMAGE_SIZE, Cache
 from mtmim_cli.errors import MtmimError
 
@@ -41,7 +43,7 @@ def preprocess(images: np.ndarray | torch.Tensor, crop_width: int = 112) -> torc
 
 
 def preprocess_cropped(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N,112,W,3) already cropped -> normalised float32 (N,3,112,W)."""
+    """(N,112,W,3) already cropped, uint8 or float in [0, 255] -> normalised float32 (N,3,112,W)."""
     # numpy, not torch: on a busy machine torch's thread pool makes small ops ~100x slower.
     x = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     x = (x.astype(np.float32) - np.float32(MEAN)) / np.float32(SCALE)
@@ -59,11 +61,12 @@ def _flip_bit(seed: int, epoch: int, index: int) -> bool:
 
 class CacheDataset(Dataset):
     def __init__(self, caches: Sequence[str | os.PathLike | Cache], train: bool,
-                 crop_width: int = 112, seed: int = 0) -> None:
+                 crop_width: int = 112, seed: int = 0, augment: Augment | None = None) -> None:
         if not caches:
             raise MtmimError("no cache given")
         self.caches = [c if isinstance(c, Cache) else Cache(c) for c in caches]
         self.train = train
+        self.augment = augment if augment else None
         self.crop = crop_columns(crop_width)
         self.crop_width = crop_width
         self.seed = seed
@@ -98,7 +101,10 @@ class CacheDataset(Dataset):
         return self.caches[self.cache_of[i]], int(self.record[i])
 
     def _view(self, i: int, image: np.ndarray) -> np.ndarray:
-        """The crop (and this epoch's flip) of one 112x112 image, uint8 HWC."""
+        """The crop (and this epoch's augmentation and flip) of one 112x112 image, HWC (uint8,
+        or float32 when augmented)."""
+        if self.train and self.augment is not None:
+            image = self.augment(image, self.seed, self.epoch, i)
         img = image[:, self.crop]
         return img[:, ::-1] if self.train and _flip_bit(self.seed, self.epoch, i) else img
 

@@ -59,3 +59,21 @@ def test_separates_fgnet_identities(mobilefacenet_ckpt: Path, fgnet_dir: Path) -
     # nearest neighbour (rank-1) among these 24 photos
     nn = np.where(off, sim, -np.inf).argmax(1)
     assert (ids_a[nn] == ids_a).mean() >= 0.7
+
+
+def test_stage_split_at_conv2_reproduces_the_shared_model(mobilefacenet_ckpt: Path) -> None:
+    """Freezing through conv2 (train linear7 + linear1) splits the real model exactly:
+    tail(trunk(x)) == model(x) bit for bit, on the shared weights in eval mode."""
+    from mtmim_cli.models.backbones import split_stages
+
+    model = load_identity_model(mobilefacenet_ckpt).encoder.eval()
+    trunk, tail = split_stages(model, "conv2")
+    x = torch.randn(3, 3, 112, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = x
+        for m in trunk:
+            h = m(h)
+        assert tuple(h.shape) == (3, 512, 7, 6)
+        for m in tail:
+            h = m(h)
+        assert torch.equal(h, model(x))

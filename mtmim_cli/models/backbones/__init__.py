@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 from mtmim_cli.errors import MtmimError
@@ -16,6 +17,10 @@ class BackboneSpec:
     build: Callable[[int], object]   # embedding size -> nn.Module
     input_width: int                 # 112, or 96 for the 112x96 crop
     embedding_size: int              # the native (released weights') embedding size
+    stages: tuple[str, ...]          # names of the model's `stages()`, in forward order
+
+
+_RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
 def _iresnet(name: str) -> Callable[[int], object]:
@@ -41,12 +46,39 @@ def _tiny(d: int) -> object:
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    **{n: BackboneSpec(_iresnet(n), 112, 512)
+    **{n: BackboneSpec(_iresnet(n), 112, 512, (*_RESNET_STAGES, "bn2", "fc", "features"))
        for n in ("iresnet18", "iresnet34", "iresnet50", "iresnet100")},
-    "resnet50": BackboneSpec(_resnet50, 112, 512),
-    "mobilefacenet": BackboneSpec(_mobilefacenet, 96, 128),
-    "tiny": BackboneSpec(_tiny, 112, 64),
+    "resnet50": BackboneSpec(_resnet50, 112, 512, (*_RESNET_STAGES, "pool", "fc", "features")),
+    "mobilefacenet": BackboneSpec(_mobilefacenet, 96, 128,
+                                  ("conv1", "dw_conv1", *[f"blocks.{i}" for i in range(15)],
+                                   "conv2", "linear7", "linear1")),
+    "tiny": BackboneSpec(_tiny, 112, 64, (*[f"body.{i}" for i in range(4)], "pool", "fc", "features")),
 }
+
+
+def stage_summary() -> str:
+    """The stages a trunk may be frozen through, per backbone family (for --help; no torch)."""
+    def short(names: tuple[str, ...]) -> str:
+        runs = groupby(names, key=lambda n: n.rsplit(".", 1)[0])   # blocks.0..blocks.14
+        return ", ".join(r[0] if len(r) == 1 else f"{r[0]}..{r[-1]}"
+                         for r in (list(g) for _, g in runs))
+    return "; ".join(f"{'iresnet*' if k == 'iresnet18' else k}: {short(v.stages)}"
+                     for k, v in BACKBONES.items() if not k.startswith("iresnet") or k == "iresnet18")
+
+
+def split_stages(encoder, stage: str) -> tuple[list, list]:  # -> (trunk, tail) module lists
+    """The encoder's `stages()` cut after `stage`: (trunk modules, tail modules), references to
+    the encoder's own submodules (nothing copied), so tail(trunk(x)) is forward(x) and the
+    encoder's state dict is unchanged."""
+    stages = encoder.stages()
+    names = [n for n, _ in stages]
+    if stage not in names:
+        raise MtmimError(f"--freeze-through {stage}: not a stage of this encoder "
+                         f"(choose from {', '.join(names)})")
+    k = names.index(stage) + 1
+    if k == len(names):
+        raise MtmimError(f"--freeze-through {stage}: the last stage; nothing would be left to train")
+    return [m for _, m in stages[:k]], [m for _, m in stages[k:]]
 
 
 def _spec(name: str) -> BackboneSpec:

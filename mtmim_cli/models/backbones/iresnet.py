@@ -89,6 +89,14 @@ class IResNet(nn.Module):
         x = self.dropout(torch.flatten(self.bn2(x), 1))
         return self.features(self.fc(x))
 
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """forward() as named steps applied in order: stem, layer1 .. layer4, bn2 (the BN
+        before fc, flattened), fc (dropout + fc), features."""
+        return [("stem", nn.Sequential(self.conv1, self.bn1, self.prelu)),
+                ("layer1", self.layer1), ("layer2", self.layer2), ("layer3", self.layer3),
+                ("layer4", self.layer4), ("bn2", nn.Sequential(self.bn2, nn.Flatten(1))),
+                ("fc", nn.Sequential(self.dropout, self.fc)), ("features", self.features)]
+
 
 def iresnet(name: str, num_features: int = 512, dropout: float = 0.0) -> IResNet:
     return IResNet(LAYERS[name], num_features=num_features, dropout=dropout)

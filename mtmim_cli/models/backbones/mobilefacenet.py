@@ -71,3 +71,11 @@ class MobileFaceNet(nn.Module):
         x = self.blocks(self.dw_conv1(self.conv1(x)))
         x = self.linear1(self.linear7(self.conv2(x)))
         return torch.flatten(x, 1)
+
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """forward() as named steps applied in order (for freezing a trunk and caching its
+        output): conv1, dw_conv1, blocks.0 .. blocks.14, conv2, linear7, linear1."""
+        return [("conv1", self.conv1), ("dw_conv1", self.dw_conv1),
+                *[(f"blocks.{i}", b) for i, b in enumerate(self.blocks)],
+                ("conv2", self.conv2), ("linear7", self.linear7),
+                ("linear1", nn.Sequential(self.linear1, nn.Flatten(1)))]

@@ -30,3 +30,11 @@ class FaceResNet50(nn.Module):
         x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
         x = self.dropout(torch.flatten(self.pool(x), 1))
         return self.features(self.fc(x))
+
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """forward() as named steps applied in order: stem, layer1 .. layer4, pool
+        (flattened), fc (dropout + fc), features."""
+        return [("stem", self.stem), ("layer1", self.layer1), ("layer2", self.layer2),
+                ("layer3", self.layer3), ("layer4", self.layer4),
+                ("pool", nn.Sequential(self.pool, nn.Flatten(1))),
+                ("fc", nn.Sequential(self.dropout, self.fc)), ("features", self.features)]

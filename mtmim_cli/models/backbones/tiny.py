@@ -22,3 +22,10 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(self.fc(torch.flatten(self.pool(self.body(x)), 1)))
+
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """forward() as named steps applied in order: body.0 .. body.3, pool (flattened),
+        fc, features."""
+        return [*[(f"body.{i}", m) for i, m in enumerate(self.body)],
+                ("pool", nn.Sequential(self.pool, nn.Flatten(1))), ("fc", self.fc),
+                ("features", self.features)]

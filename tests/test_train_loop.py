@@ -283,3 +283,90 @@ def test_validation_hook_before_after_and_best(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == ["0", "2", "3"] and float(rows[0]["accuracy"]) == 1.0
     best = load_checkpoint(tmp_path / "r" / "best.pt")
     assert best["meta"]["kind"] == "pretrain" and "optimizer" not in best
+
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward; backward sends inf (a finite loss with non-finite gradients)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+class InfGradObjective(NoisyObjective):
+    """Non-finite gradients (finite loss) on the calls in `bad`; after_step can poison a weight."""
+
+    def __init__(self, num_classes: int, bad: set[int], poison_at: int = -1) -> None:
+        super().__init__(num_classes)
+        self.bad, self.poison_at = bad, poison_at
+
+    def forward(self, images, labels, ages):
+        self.calls += 1
+        x = self.encoder(images + 0.01 * torch.randn_like(images))
+        if self.calls in self.bad:
+            x = _InfGrad.apply(x)
+        logits, cos = self.id_head.logits_and_cosine(x, labels)
+        return torch.nn.functional.cross_entropy(logits, labels), {
+            "accuracy": (cos.argmax(1) == labels).float().mean()}
+
+    def after_step(self) -> dict[str, float]:
+        out = super().after_step()
+        if self.inner == self.poison_at:
+            with torch.no_grad():
+                self.id_head.weight[0, 0] = float("nan")
+        return out
+
+
+def test_nonfinite_gradients_skip_the_step(tmp_path: Path, cache: Path, capsys) -> None:
+    """A finite loss with inf gradients at call 3: that step changes no parameter and no
+    optimiser state (as after step 2), the run goes on, counts it, and the weights stay finite."""
+    ds = CacheDataset([cache], train=True)
+    c = dict(epochs=1, ckpt_every=1, schedule="constant", warmup_steps=0)
+    obj = InfGradObjective(ds.num_classes, bad={3})
+    train(obj, ds, _config(tmp_path / "run", **c), meta=META)
+    assert "step 3: non-finite gradients with a finite loss; step skipped" in capsys.readouterr().out
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ck["loop"]["skipped"] == 1 and ck["loop"]["bad_run"] == 0 and ck["loop"]["step"] == 4
+    assert obj.inner == 3          # the skipped step's inner update did not run either
+    assert all(torch.isfinite(v).all() for v in ck["objective"].values() if v.is_floating_point())
+    # the skip left weights and Adam moments exactly as the step before: a run stopped after
+    # 2 steps, then given call 3's batch with a skipped step, matches a run of 2 steps
+    two = InfGradObjective(ds.num_classes, bad=set())
+    train(two, ds, _config(tmp_path / "two", max_steps=2, **c), meta=META)
+    ck2 = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
+    three = InfGradObjective(ds.num_classes, bad={3})
+    train(three, ds, _config(tmp_path / "three", max_steps=3, **c), meta=META)
+    ck3 = load_checkpoint(tmp_path / "three" / "checkpoints" / "last.pt")
+    params = {f"{n}" for n, _ in two.named_parameters()}  # BN statistics of the forward stay
+    for k in params:
+        assert torch.equal(ck2["objective"][k], ck3["objective"][k]), k
+    for pid, state in ck2["optimizer"]["state"].items():
+        for name, v in state.items():
+            assert torch.equal(v, ck3["optimizer"]["state"][pid][name]), (pid, name)
+
+
+def test_k_nonfinite_gradient_steps_in_a_row_stop_naming_the_last_good_checkpoint(
+        tmp_path: Path, cache: Path) -> None:
+    ds = CacheDataset([cache], train=True)
+    obj = InfGradObjective(ds.num_classes, bad=set(range(4, 100)))
+    with pytest.raises(MtmimError, match=r"3 steps in a row with non-finite gradients \(up to step 6\).*"
+                                         r"last.pt \(step 4\)"):
+        train(obj, ds, _config(tmp_path / "run", ckpt_every=2, max_bad_steps=3), meta=META)
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    # step 4 was skipped, so its checkpoint holds step 3's (good) weights
+    assert ck["loop"]["step"] == 4 and not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_a_checkpoint_never_holds_nonfinite_weights(tmp_path: Path, cache: Path) -> None:
+    ds = CacheDataset([cache], train=True)
+    obj = InfGradObjective(ds.num_classes, bad=set(), poison_at=3)
+    with pytest.raises(MtmimError, match=r"weights became non-finite \(id_head.weight\) at step 3; "
+                                         r"stopped without writing last.pt.*last.pt \(step 2\)"):
+        train(obj, ds, _config(tmp_path / "run", ckpt_every=1), meta=META)
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ck["loop"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ck["objective"].values() if v.is_floating_point())

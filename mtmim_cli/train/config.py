@@ -15,7 +15,7 @@ SCHEDULES = ("plateau", "poly", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 
 # Settings that may change between a killed run and its resumption without changing results.
-RESUME_FREE = ("resume", "workers", "progress", "ckpt_every", "log_every")
+RESUME_FREE = ("resume", "workers", "progress", "ckpt_every", "log_every", "max_bad_steps")
 
 
 @dataclass
@@ -35,6 +35,7 @@ class TrainConfig:
     plateau_threshold: float = 1e-3    # relative improvement that counts as better
     amp: str = "none"
     clip_grad: float = 0.0             # max global grad norm; 0 disables
+    max_bad_steps: int = 10            # consecutive steps skipped for non-finite gradients before stopping
     seed: int = 0
     workers: int = 0
     max_steps: int = 0                 # stop after this many steps (0: run all epochs)
@@ -53,7 +54,7 @@ class TrainConfig:
             raise MtmimError(f"--schedule {self.schedule}: choose from {', '.join(SCHEDULES)}")
         if self.amp not in AMP_MODES:
             raise MtmimError(f"--amp {self.amp}: choose from {', '.join(AMP_MODES)}")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise MtmimError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.lr <= 0:

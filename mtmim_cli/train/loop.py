@@ -90,6 +90,9 @@ class LoopState:
     epoch_loss_n: int = 0
     best_val: float = -1.0
     best_step: int = -1
+    skipped: int = 0                 # steps skipped for non-finite gradients, all told
+    bad_run: int = 0                 # ... of them in a row, up to now
+    saved_step: int = -1             # the step checkpoints/last.pt holds (-1: none yet)
     history: list[dict] = field(default_factory=list)   # validation results
 
     def to_dict(self) -> dict[str, Any]:
@@ -275,8 +278,25 @@ class _Run:
         rngs = ck["rng"]
         set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
 
+    def last_good(self) -> str:
+        """The last full checkpoint written, for error messages."""
+        if self.st.saved_step < 0 or not self.ckpt_path.exists():
+            return "none written yet"
+        return f"{self.ckpt_path} (step {self.st.saved_step})"
+
     def checkpoint(self, path: Path, full: bool) -> None:
-        """Weights + meta; `full` adds everything a resume needs (every rank's RNG streams)."""
+        """Weights + meta; `full` adds everything a resume needs (every rank's RNG streams).
+        Refuses weights that are not finite, so no checkpoint ever holds NaN or inf (every
+        rank checks its own identical copy, so all stop together)."""
+        bad = [k for k, v in self.objective.state_dict().items()
+               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise MtmimError(f"{self.run_dir}: weights became non-finite ({bad[0]}"
+                             f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}) at step "
+                             f"{self.st.step}; stopped without writing {path.name}. "
+                             f"Last good checkpoint: {self.last_good()}")
+        if full:
+            self.st.saved_step = self.st.step
         rngs = D.all_gather_object(rng_state()) if full else None
         if not self.main:
             return
@@ -340,7 +360,8 @@ class _Run:
             for log in (self.log, self.val_log):
                 if log is not None:
                     log.close()
-        self.say(f"done: {st.step} steps, last loss {self.last_loss:.4f}; "
+        skipped = f" ({st.skipped} skipped for non-finite gradients)" if st.skipped else ""
+        self.say(f"done: {st.step} steps{skipped}, last loss {self.last_loss:.4f}; "
                  f"weights in {self.run_dir / 'model.pt'}")
         return TrainResult(self.run_dir, st.step, self.last_loss, list(st.history))
 
@@ -394,19 +415,33 @@ class _Run:
                             *[metrics[n].detach().float().reshape(()) for n in names]])
         vals = (D.all_reduce_sum(vals) / self.world).tolist()
         if not math.isfinite(vals[0]):
-            ckpt = self.ckpt_path
-            last = f"step {st.step}" if ckpt.exists() else "none written yet"
             raise MtmimError(f"{self.run_dir}: loss is {vals[0]} at step {st.step + 1} "
-                             f"(epoch {st.epoch + 1}); stopped. Last good checkpoint: "
-                             f"{ckpt if ckpt.exists() else 'none'} ({last})")
+                             f"(epoch {st.epoch + 1}); stopped. Last good checkpoint: {self.last_good()}")
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if config.clip_grad > 0:
-            self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, config.clip_grad)
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        inner = self.objective.after_step()
+        self.scaler.unscale_(optimizer)     # a no-op without fp16
+        # A finite loss can still have non-finite gradients (an overflow in backward, a bad
+        # op): such a step is skipped, never applied (the forward's BatchNorm statistics stay;
+        # checkpoint() catches them if they are not finite). Under DDP the gradients are
+        # already all-reduced, so every rank takes the same decision.
+        finite = _grads_finite(self.params)
+        if finite:
+            if config.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, config.clip_grad)
+            self.scaler.step(optimizer)
+        self.scaler.update()                # under fp16 a skipped step also lowers the loss scale
+        inner = self.objective.after_step() if finite else {}
+        if finite:
+            st.bad_run = 0
+        else:
+            st.skipped += 1
+            st.bad_run += 1
+            self.say(f"step {st.step + 1}: non-finite gradients with a finite loss; step skipped "
+                     f"({st.bad_run} in a row, {st.skipped} in all)")
+            if st.bad_run >= config.max_bad_steps:
+                raise MtmimError(f"{self.run_dir}: {st.bad_run} steps in a row with non-finite "
+                                 f"gradients (up to step {st.step + 1}); stopped. Last good "
+                                 f"checkpoint: {self.last_good()}")
         st.step += 1
         st.position += 1
         self.last_loss = vals[0]
@@ -416,6 +451,11 @@ class _Run:
         row.update(inner)
         row.update(step=st.step, epoch=st.epoch + 1, lr=optimizer.param_groups[0]["lr"])
         return row
+
+
+def _grads_finite(params: Sequence[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def _end_epoch(st: LoopState, config: TrainConfig, optimizer: torch.optim.Optimizer,

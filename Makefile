@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+	@echo "mtmim is installed in $(VENV)/bin: run 'source $(VENV)/bin/activate' to put it on PATH," \
+	      "or call it as $(VENV)/bin/mtmim"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

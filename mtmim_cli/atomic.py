@@ -33,3 +33,32 @@ def atomic_write(final: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(final: str | os.PathLike, text: str) -> None:
     with atomic_write(final) as tmp:
         tmp.write_text(text)
+
+
+def ensure_writable(path: str | os.PathLike, *, folder: bool = False,
+                    option: str = "--out") -> Path:
+    """Fail early, on one line, when a command could not write `path` (a file, or a folder
+    with `folder`): create the folder and a probe file in it, so that a long run does not end
+    in a traceback at its first write. Raises MtmimError naming the path and the reason."""
+    from mtmim_cli.errors import MtmimError
+
+    path = Path(path)
+    where = path if folder else path.parent
+    if folder and path.exists() and not path.is_dir():
+        raise MtmimError(f"{option} {path}: cannot write here (a file, not a folder)")
+    if not folder and path.is_dir():
+        raise MtmimError(f"{option} {path}: cannot write here (a folder, not a file)")
+    existing = next((p for p in (where, *where.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise MtmimError(f"{option} {path}: cannot write to {where} ({existing} is a file, "
+                         "not a folder)")
+    probe = where / f".mtmim-write-probe.{os.getpid()}"
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        failed = where if exc.filename in (None, str(probe)) else exc.filename
+        raise MtmimError(f"{option} {path}: cannot write to {failed} "
+                         f"({exc.strerror or exc})") from None
+    return path

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from mtmim_cli.app import app
+from mtmim_cli.atomic import ensure_writable
 
 _FORMATS = "fgnet, celeba, folder, csv, agedb, cacd, morph, rec (see data/README.md)"
 
@@ -59,6 +60,8 @@ def align(
 
     Resumes after a kill: rerun the same command. Misses and unreadable files are stored with a reason and listed at the end.
     """
+    ensure_writable(out)
+
     from mtmim_cli.data.align import align_dataset
     from mtmim_cli.sharding import parse_shard
 
@@ -101,6 +104,8 @@ def merge(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Join the caches of `mtmim align --shard I/N` into the cache an unsharded run writes."""
+    ensure_writable(out, option="OUT")
+
     from mtmim_cli.data.align import summarize_cache
     from mtmim_cli.data.shards import merge_caches
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from mtmim_cli.app import app
+from mtmim_cli.atomic import ensure_writable
 
 
 @app.command()
@@ -84,6 +85,8 @@ def finetune(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live display of loss, accuracy, images/s and ETA."),
 ) -> None:
     """MT-MIM fine-tuning: factorization, age groups, CLUB penalty with alternating q updates."""
+    ensure_writable(out, folder=True)
+
     from mtmim_cli.errors import MtmimError
     from mtmim_cli.train.config import TrainConfig
     from mtmim_cli.train.finetune import MODES

@@ -8,6 +8,7 @@ import typer
 
 from mtmim_cli import __version__
 from mtmim_cli.app import app
+from mtmim_cli.atomic import ensure_writable
 
 
 @app.command()
@@ -33,6 +34,8 @@ def synth(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Generate the embedded cross-age face set (offline) with labels.csv for `align --format csv`."""
+    ensure_writable(out, folder=True)
+
     from mtmim_cli.data.synth import SynthConfig, synthesize
 
     cfg = SynthConfig(identities=identities, per_identity=per_identity, age_min=age_min,
@@ -50,6 +53,8 @@ def report(
     max_images: int = typer.Option(400, "--max-images", help="Faces of --cache to project (an even spread)."),
 ) -> None:
     """Markdown report with training curves, CLUB over training, x_id/x_age projections, CMC and ROC."""
+    ensure_writable(out, folder=True)
+
     from mtmim_cli.report import build_report
 
     path = build_report(inputs, out, cache=cache, max_images=max_images)
@@ -69,6 +74,8 @@ def calibrate(
     out: Path = typer.Option(None, "--out", "-o", help="Write the calibrated checkpoint here (default: update MODEL in place; required for external weights)."),
 ) -> None:
     """Measure the verification threshold at a FAR and store it in the checkpoint's meta."""
+    ensure_writable(out or model, option="--out" if out else "MODEL")
+
     from mtmim_cli.deploy.verify import calibrate_threshold, is_mtmim_checkpoint, store_threshold
     from mtmim_cli.errors import MtmimError
 
@@ -119,6 +126,8 @@ def embed(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """L2-normalised identity embeddings of a photo folder or a cache, in one HDF5 file."""
+    ensure_writable(out)
+
     from mtmim_cli.deploy.embed import embed_source
     from mtmim_cli.errors import MtmimError
 
@@ -142,6 +151,8 @@ def export(
     check_cache: Path = typer.Option(None, "--check-cache", help="Check on real faces from this cache (default: a seeded random batch)."),
 ) -> None:
     """Export the identity encoder to ONNX and check onnxruntime against torch on one batch."""
+    ensure_writable(onnx, option="--onnx")
+
     from mtmim_cli.deploy.export import export_onnx
 
     r = export_onnx(model, onnx, backbone=backbone, opset=opset, check_cache=check_cache)

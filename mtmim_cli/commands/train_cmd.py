@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from mtmim_cli.app import app
+from mtmim_cli.atomic import ensure_writable
 
 
 @app.command()
@@ -42,6 +43,8 @@ def pretrain(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live display of loss, accuracy, images/s and ETA."),
 ) -> None:
     """General-face pretraining of an encoder with a margin softmax (torchrun-ready)."""
+    ensure_writable(out, folder=True)
+
     from mtmim_cli.train.config import TrainConfig
     from mtmim_cli.train.pretrain import pretrain as run
 

@@ -94,13 +94,96 @@ def test_embed_cache_matches_direct_features(model_and_cache, tmp_path) -> None:
     model, cache = model_and_cache
     s = embed_source(cache, model, tmp_path / "e.h5", progress=False)
     c = Cache(cache)
-    assert s["embedded"] == len(c) == s["total"]
+    assert s["embedded"] == len(c) == s["total"] and s["missed"] == []
     with h5py.File(tmp_path / "e.h5", "r") as f:
         emb = f["embeddings"][:]
         assert list(f["path"].asstr()[:]) == c.paths
-        assert f["ok"][:].all() and f.attrs["flip"] == "concat"
+        assert set(f["status"].asstr()[:]) == {"detected"} and len(f["missed_path"]) == 0
+        assert f.attrs["flip"] == "concat" and f.attrs["feature"] == "x_id"
         np.testing.assert_allclose(f["age"][:], c.age, equal_nan=True)
     np.testing.assert_allclose(emb, _features(model, c.images(np.arange(len(c)))), atol=1e-5)
+
+
+def test_embed_skips_faceless_records_instead_of_writing_nan_rows(tmp_path) -> None:
+    """A cache with misses and an unreadable record: one row per face, no NaN anywhere, the
+    skipped records listed with their reasons; a pretrained model's feature is x."""
+    import h5py
+
+    from mtmim_cli.data.cache import DETECTED, ERROR, MISS, CacheWriter
+    from mtmim_cli.data.records import Record
+    from mtmim_cli.deploy.embed import embed_source
+    from tests.test_finetune import save_tiny_pretrain
+
+    rng = np.random.default_rng(3)
+    records = [Record(f"{i}.jpg", f"p{i % 3}", float(10 + i)) for i in range(7)]
+    faulty = {2: (MISS, "no face found"), 5: (ERROR, "truncated JPEG")}
+    w = CacheWriter(tmp_path / "c.h5", records, attrs={"reader": "test", "source_root": "."})
+    faces = {}
+    for i in range(7):
+        if i in faulty:
+            w.write(i, None, faulty[i][0], reason=faulty[i][1])
+        else:
+            faces[i] = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+            w.write(i, faces[i], DETECTED)
+    w.commit(7)
+    cache = w.finish()
+    _, model = save_tiny_pretrain(tmp_path / "pre.pt", seed=1)
+
+    s = embed_source(cache, model, tmp_path / "e.h5", progress=False)
+    assert (s["embedded"], s["total"]) == (5, 7)
+    assert s["missed"] == [("2.jpg", "no face found"), ("5.jpg", "truncated JPEG")]
+    with h5py.File(tmp_path / "e.h5", "r") as f:
+        emb = f["embeddings"][:]
+        assert f.attrs["feature"] == "x"
+        assert list(f["path"].asstr()[:]) == [f"{i}.jpg" for i in faces]
+        assert list(f["identity"].asstr()[:]) == [f"p{i % 3}" for i in faces]
+        np.testing.assert_array_equal(f["age"][:], [10.0 + i for i in faces])
+        assert list(f["missed_path"].asstr()[:]) == ["2.jpg", "5.jpg"]
+        assert list(f["missed_reason"].asstr()[:]) == ["no face found", "truncated JPEG"]
+    assert np.isfinite(emb).all()
+    np.testing.assert_allclose(emb, _features(model, np.stack(list(faces.values()))), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_embed_folder_skips_or_centre_crops_a_faceless_photo(model_and_cache, tmp_path) -> None:
+    """Real MTCNN on a folder of two synthetic faces and one blank photo, through the CLI."""
+    import shutil
+
+    import h5py
+    from PIL import Image
+
+    from mtmim_cli.data.align import center_crop
+    from mtmim_cli.data.synth import SynthConfig, synthesize
+    from mtmim_cli.deploy.embed import embed_source
+
+    model, _ = model_and_cache
+    syn = tmp_path / "syn"
+    synthesize(syn, SynthConfig(identities=2, per_identity=2, seed=4), progress=False)
+    photos = tmp_path / "photos"
+    shutil.copytree(syn / "images" / "s000", photos)
+    blank = np.full((160, 120, 3), 200, np.uint8)
+    blank[40:120, 30:90] = 90
+    Image.fromarray(blank).save(photos / "blank.png")
+
+    r = run_cli("embed", str(photos), "--model", str(model), "--out", str(tmp_path / "a.h5"),
+                "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "2/3 faces embedded (128-d x_id)" in r.stdout
+    assert "skipped 1 without a face" in r.stdout and "blank.png: no face found" in r.stdout
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        assert len(f["embeddings"]) == 2 and np.isfinite(f["embeddings"][:]).all()
+        assert list(f["missed_path"].asstr()[:]) == ["blank.png"]
+
+    s = embed_source(photos, model, tmp_path / "b.h5", on_miss="center", progress=False)
+    assert (s["embedded"], s["center"], s["missed"]) == (3, 1, [])
+    with h5py.File(tmp_path / "b.h5", "r") as f:
+        paths, status = list(f["path"].asstr()[:]), list(f["status"].asstr()[:])
+        k = paths.index("blank.png")
+        assert status[k] == "center" and status.count("detected") == 2
+        np.testing.assert_allclose(f["embeddings"][k],
+                                   _features(model, np.array(center_crop(blank))[None])[0],
+                                   atol=1e-5)
+        assert len(f["missed_path"]) == 0
 
 
 def test_export_onnx_matches_torch_on_another_batch_size(model_and_cache, tmp_path) -> None:

@@ -82,12 +82,14 @@ def finetune(
     head_warmup_steps: int = typer.Option(0, "--head-warmup-steps", help="First steps with the encoder's lr at 0, so new heads fit before they move a pretrained encoder (0 = the paper)."),
     warn_negative_after: int = typer.Option(50, "--warn-negative-after", help="Warn when the CLUB estimate stays negative this many steps (0 = never)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch per process (default: one per core; under torchrun give cores / processes)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live display of loss, accuracy, images/s and ETA."),
 ) -> None:
     """MT-MIM fine-tuning: factorization, age groups, CLUB penalty with alternating q updates."""
     ensure_writable(out, folder=True)
 
     from mtmim_cli.errors import MtmimError
+    from mtmim_cli.threads import set_torch_threads
     from mtmim_cli.train.config import TrainConfig
     from mtmim_cli.train.finetune import MODES
     from mtmim_cli.train.finetune import finetune as run
@@ -98,6 +100,7 @@ def finetune(
         raise MtmimError(f"--margin {margin}: choose from arcface, cosface, sphereface")
     if q_steps < 0 or q_lr <= 0:
         raise MtmimError(f"--q-steps {q_steps} / --q-lr {q_lr}: need q-steps >= 0 and q-lr > 0")
+    set_torch_threads(threads)
     config = TrainConfig(out=str(out), epochs=epochs, batch_size=batch_size, optimizer="adam",
                          lr=lr, weight_decay=weight_decay, schedule=schedule,
                          plateau_patience=plateau_patience, amp=amp, clip_grad=clip_grad,

@@ -117,27 +117,37 @@ def verify(
 @app.command()
 def embed(
     src: Path = typer.Argument(..., help="A folder of photos (searched recursively; each is aligned) or an aligned cache (.h5)."),
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to embed with."),
-    out: Path = typer.Option(..., "--out", "-o", help="HDF5 file to write (embeddings, path, identity, age, ok, reason)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to embed with: a fine-tuned model gives its identity part x_id, a pretrained or external encoder its feature x (the file's `feature` attribute says which)."),
+    out: Path = typer.Option(..., "--out", "-o", help="HDF5 file to write: embeddings, path, identity, age, status (one row per face), missed_path and missed_reason."),
     flip: str = typer.Option("concat", "--flip", help="Mirror features: concat (the paper), sum, none."),
+    on_miss: str = typer.Option("skip", "--on-miss", help="Photo without a detected face: skip (counted and listed in missed_path, no row), center (embed its central square, status 'center'). A cache's misses are always skipped."),
     backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(128, "--batch-size", help="Images per forward pass."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """L2-normalised identity embeddings of a photo folder or a cache, in one HDF5 file."""
+    """L2-normalised identity embeddings (x_id of a fine-tuned model, x of a pretrained one) of
+    a photo folder or a cache, one row per face, in one HDF5 file."""
     ensure_writable(out)
 
     from mtmim_cli.deploy.embed import embed_source
     from mtmim_cli.errors import MtmimError
+    from mtmim_cli.threads import set_torch_threads
 
     if flip not in ("concat", "sum", "none"):
         raise MtmimError(f"--flip {flip}: choose from concat, sum, none")
-    s = embed_source(src, model, out, flip=flip, backbone=backbone, device=device,
-                     batch_size=batch_size, progress=not quiet)
-    typer.echo(f"{s['embedded']}/{s['total']} faces embedded ({s['dim']}-d) -> {s['out']}")
+    set_torch_threads(threads)
+    s = embed_source(src, model, out, flip=flip, on_miss=on_miss, backbone=backbone,
+                     device=device, batch_size=batch_size, progress=not quiet)
+    center = f", {s['center']} from a centre crop" if s["center"] else ""
+    typer.echo(f"{s['embedded']}/{s['total']} faces embedded ({s['dim']}-d {s['feature']}"
+               f"{center}) -> {s['out']}")
+    if s["missed"]:
+        typer.echo(f"skipped {len(s['missed'])} without a face (no row; listed in missed_path "
+                   "of the file):")
     for path, reason in s["missed"][:20]:
-        typer.echo(f"  no embedding: {path}: {reason}")
+        typer.echo(f"  {path}: {reason}")
     if len(s["missed"]) > 20:
         typer.echo(f"  ... and {len(s['missed']) - 20} more")
 

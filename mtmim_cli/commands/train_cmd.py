@@ -40,14 +40,17 @@ def pretrain(
     val_every: int = typer.Option(0, "--val-every", help="Steps between validations (0 = before and after only)."),
     sync_bn: bool = typer.Option(False, "--sync-bn", help="Under torchrun, BatchNorm statistics over the global batch."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint (same options)."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch per process (default: one per core; under torchrun give cores / processes)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live display of loss, accuracy, images/s and ETA."),
 ) -> None:
     """General-face pretraining of an encoder with a margin softmax (torchrun-ready)."""
     ensure_writable(out, folder=True)
 
+    from mtmim_cli.threads import set_torch_threads
     from mtmim_cli.train.config import TrainConfig
     from mtmim_cli.train.pretrain import pretrain as run
 
+    set_torch_threads(threads)
     config = TrainConfig(out=str(out), epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                          lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
                          warmup_steps=warmup_steps, plateau_patience=plateau_patience, amp=amp,

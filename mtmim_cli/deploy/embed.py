@@ -1,15 +1,23 @@
 """Identity embeddings of a photo folder or an aligned cache, written to one HDF5 file.
 
-Layout: `embeddings` float32 (N, D), L2-normalised (NaN rows where no face); `path` str
-(relative to the source); `identity` str (the cache's name, or the photo's parent folder);
-`age` float32 (NaN unknown); `ok` bool; `reason` str; attributes: model, model_sha256,
-flip, source, tool_version. Written under a temporary name and renamed when complete.
+Every row is a face: photos without one are skipped (counted, and listed in `missed_path` /
+`missed_reason`), never written as NaN or zero rows that a scorer unaware of them would rank.
+With `on_miss="center"` a photo folder's faceless photos are embedded from their central
+square instead, and marked "center" in `status`.
+
+Layout: `embeddings` float32 (N, D), L2-normalised; `path` str (relative to the source);
+`identity` str (the cache's name, or the photo's parent folder); `age` float32 (NaN unknown);
+`status` str (detected, center, prealigned); `missed_path`, `missed_reason` str (M,);
+attributes: feature (x_id for a fine-tuned model, x for a pretrained or external encoder),
+model, model_sha256, flip, on_miss, source, tool_version. Written under a temporary name and
+renamed when complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,22 +34,41 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _from_cache(src: Path):
-    from mtmim_cli.data.cache import Cache
+ON_MISS = ("skip", "center")
+
+
+@dataclass
+class _Source:
+    """What to embed: images (a Cache or an array), the rows holding a face, and per-record
+    labels over all records (faceless ones included, so they can be listed)."""
+
+    images: object
+    rows: np.ndarray
+    paths: list[str]
+    identity: list[str]
+    age: np.ndarray
+    status: list[str]
+    reasons: list[str]
+
+
+def _from_cache(src: Path) -> _Source:
+    from mtmim_cli.data.cache import STATUS_NAMES, Cache
 
     cache = Cache(src)
     usable = cache.usable
     names = np.asarray(cache.identity_names, dtype=object)
-    return (cache, np.flatnonzero(usable), list(cache.paths),
-            [str(n) for n in names[cache.identity]], cache.age.astype(np.float32),
-            [r if not u else "" for r, u in zip(cache.reason, usable, strict=True)])
+    return _Source(cache, np.flatnonzero(usable), list(cache.paths),
+                   [str(n) for n in names[cache.identity]], cache.age.astype(np.float32),
+                   [STATUS_NAMES[int(k)] for k in cache.status],
+                   [r if not u else "" for r, u in zip(cache.reason, usable, strict=True)])
 
 
-def _from_folder(src: Path, device: str, progress: bool):
-    """Align every photo under `src` (recursively): (images, rows with a face, paths, ...)."""
-    from mtmim_cli.data.align import align_photo
+def _from_folder(src: Path, device: str, on_miss: str, progress: bool) -> _Source:
+    """Align every photo under `src` (recursively); faceless ones are centre-cropped when
+    `on_miss` is "center", else left out of `rows`."""
+    from mtmim_cli.data.align import align_photo, center_crop
     from mtmim_cli.data.detect import FaceDetector
-    from mtmim_cli.data.readers import IMAGE_EXTS
+    from mtmim_cli.data.readers import IMAGE_EXTS, load_image
     from mtmim_cli.progress import make_progress
 
     files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS
@@ -50,7 +77,7 @@ def _from_folder(src: Path, device: str, progress: bool):
         raise MtmimError(f"{src}: no photos found (looked for {', '.join(sorted(IMAGE_EXTS))})")
     detector = FaceDetector(device=device)
     images = np.zeros((len(files), 112, 112, 3), np.uint8)
-    ok = np.zeros(len(files), bool)
+    status = ["miss"] * len(files)
     reasons = [""] * len(files)
     with make_progress("img", disable=not progress) as bar:
         task = bar.add_task("align", total=len(files))
@@ -58,54 +85,68 @@ def _from_folder(src: Path, device: str, progress: bool):
             try:
                 aligned, _ = align_photo(p, detector)
             except MtmimError as exc:
-                aligned, reasons[n] = None, str(exc)
+                aligned, status[n], reasons[n] = None, "error", str(exc)
             if aligned is not None:
-                images[n], ok[n] = aligned, True
-            elif not reasons[n]:
+                images[n], status[n] = aligned, "detected"
+            elif status[n] == "miss":
                 reasons[n] = "no face found"
+                if on_miss == "center":
+                    images[n], status[n] = center_crop(load_image(p)), "center"
             bar.advance(task)
+    rows = np.flatnonzero([s in ("detected", "center") for s in status])
     rel = [p.relative_to(src).as_posix() for p in files]
     ident = [p.parent.name if p.parent != src else "" for p in files]
-    return images, np.flatnonzero(ok), rel, ident, np.full(len(files), np.nan, np.float32), reasons
+    return _Source(images, rows, rel, ident, np.full(len(files), np.nan, np.float32), status,
+                   reasons)
 
 
 def embed_source(src: str | os.PathLike, model_path: str | os.PathLike,
-                 out: str | os.PathLike, *, flip: str = "concat", backbone: str | None = None,
-                 device: str = "cpu", batch_size: int = 128, progress: bool = True) -> dict:
-    """Embed every face of `src` (a folder of photos or an mtmim cache) into `out`."""
+                 out: str | os.PathLike, *, flip: str = "concat", on_miss: str = "skip",
+                 backbone: str | None = None, device: str = "cpu", batch_size: int = 128,
+                 progress: bool = True) -> dict:
+    """Embed every face of `src` (a folder of photos or an mtmim cache) into `out`; records
+    without a face are skipped and listed (`on_miss="center"`: a folder's faceless photos are
+    embedded from their centre crop)."""
     import h5py
 
     from mtmim_cli.atomic import atomic_write
     from mtmim_cli.eval.features import extract_features
     from mtmim_cli.models.identity import load_identity_model
 
+    if on_miss not in ON_MISS:
+        raise MtmimError(f"--on-miss {on_miss}: choose from {', '.join(ON_MISS)}")
     src, model_path, out = Path(src), Path(model_path), Path(out)
     if not src.exists():
         raise MtmimError(f"{src}: no such file or folder")
     model = load_identity_model(model_path, backbone)
-    if src.is_dir():
-        source, rows, paths, ident, age, reasons = _from_folder(src, device, progress)
+    s = _from_folder(src, device, on_miss, progress) if src.is_dir() else _from_cache(src)
+    rows = s.rows
+    if len(rows):
+        feats = extract_features(model, s.images, rows, flip=flip, batch_size=batch_size,
+                                 device=device, progress=progress)
     else:
-        source, rows, paths, ident, age, reasons = _from_cache(src)
-    n = len(paths)
-    feats = extract_features(model, source, rows, flip=flip, batch_size=batch_size,
-                             device=device, progress=progress)
-    dim = feats.shape[1] if len(rows) else model.embedding_size * (2 if flip == "concat" else 1)
-    emb = np.full((n, dim), np.nan, np.float32)
-    emb[rows] = feats
-    ok = np.zeros(n, bool)
-    ok[rows] = True
+        feats = np.zeros((0, model.embedding_size * (2 if flip == "concat" else 1)), np.float32)
+    missed = np.setdiff1d(np.arange(len(s.paths)), rows)
+    feature = "x_id" if model.factorize is not None else "x"
     text = h5py.string_dtype(encoding="utf-8")
+
+    def strings(values: list[str], idx: np.ndarray) -> np.ndarray:
+        return np.array([values[int(i)] for i in idx], dtype=object)
+
     with atomic_write(out) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("embeddings", data=emb)
-            f.create_dataset("path", data=np.array(paths, dtype=object), dtype=text)
-            f.create_dataset("identity", data=np.array(ident, dtype=object), dtype=text)
-            f.create_dataset("age", data=age)
-            f.create_dataset("ok", data=ok)
-            f.create_dataset("reason", data=np.array(reasons, dtype=object), dtype=text)
-            f.attrs.update({"format": "mtmim-embeddings", "model": str(model_path),
-                            "model_sha256": _sha256(model_path), "flip": flip,
-                            "source": str(src), "tool_version": __version__})
-    return {"out": str(out), "embedded": int(ok.sum()), "total": n, "dim": int(dim),
-            "missed": [(p, r) for p, r, k in zip(paths, reasons, ok, strict=True) if not k]}
+            f.create_dataset("embeddings", data=feats.astype(np.float32))
+            f.create_dataset("path", data=strings(s.paths, rows), dtype=text)
+            f.create_dataset("identity", data=strings(s.identity, rows), dtype=text)
+            f.create_dataset("age", data=s.age[rows])
+            f.create_dataset("status", data=strings(s.status, rows), dtype=text)
+            f.create_dataset("missed_path", data=strings(s.paths, missed), dtype=text)
+            f.create_dataset("missed_reason", data=strings(s.reasons, missed), dtype=text)
+            f.attrs.update({"format": "mtmim-embeddings", "feature": feature,
+                            "model": str(model_path), "model_sha256": _sha256(model_path),
+                            "flip": flip, "on_miss": on_miss, "source": str(src),
+                            "tool_version": __version__})
+    return {"out": str(out), "embedded": len(rows), "total": len(s.paths),
+            "dim": int(feats.shape[1]), "feature": feature,
+            "center": int(sum(s.status[int(i)] == "center" for i in rows)),
+            "missed": [(s.paths[int(i)], s.reasons[int(i)]) for i in missed]}

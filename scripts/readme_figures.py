@@ -1,0 +1,338 @@
+#!/usr/bin/env python
+"""Regenerate the README's figures from the commands shown beside them.
+
+Every figure in README.md sits in a marked block whose opening comment names the command
+that prints it:
+
+    <!-- figure id=demo time="1-4 min" tags=cheap keep="total" cmd: make demo -->
+    ```console
+    $ make demo   # 1-4 min
+      total         21.3 s
+    # 2025-01-01, 21 s wall, load average 0.8 at start, 1.1 at end
+    ```
+    <!-- /figure -->
+
+This script reruns the selected blocks' commands and rewrites their bodies with what the
+command printed (the lines matching `keep`, a regular expression; all lines without it).
+A failed command leaves its block as it was. The README is rewritten (atomically) after
+each block, so a long session keeps what finished.
+
+Attributes: id (unique), time (how long the command takes: say it, some take hours), tags
+(comma-separated, for `--tag`), keep, and `raw` (insert the kept lines as Markdown, e.g. a
+table the command prints, instead of a console block). Commands run under bash with
+`<venv>/bin` first on PATH, in the repository root as the README's walk-through does (its
+step 1 writes fgnet.h5 there; ../shared sits beside it), or in `--workdir`.
+
+    python scripts/readme_figures.py --list                 # ids, times, commands
+    python scripts/readme_figures.py --check                # every command well-formed
+    python scripts/readme_figures.py --tag cheap            # the few-minute ones
+    python scripts/readme_figures.py --only casia-loo
+    python scripts/readme_figures.py --all                  # everything (hours)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's mtmim_cli, installed or not
+
+BLOCK_RE = re.compile(r"^<!-- figure (?P<head>.*?) -->\n(?P<body>.*?)^<!-- /figure -->$",
+                      re.M | re.S)
+ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+SHELL_WORDS = {"for", "in", "do", "done", "if", "then", "else", "elif", "fi", "while",
+               "until", "time", "!", "{", "}"}
+KNOWN_ATTRS = {"id", "time", "tags", "keep", "raw"}
+
+
+@dataclass
+class Block:
+    id: str
+    cmd: str
+    time: str
+    tags: tuple[str, ...] = ()
+    keep: str | None = None
+    raw: bool = False
+    span: tuple[int, int] = (0, 0)   # of the body in the text it was parsed from
+
+
+class FigureError(Exception):
+    pass
+
+
+def parse_blocks(text: str, source: str = "README.md") -> list[Block]:
+    """The figure blocks of a Markdown text, in order; FigureError on a malformed head."""
+    blocks: list[Block] = []
+    for m in BLOCK_RE.finditer(text):
+        line = text.count("\n", 0, m.start()) + 1
+        head = m.group("head")
+        attrs_text, sep, cmd = head.partition(" cmd: ")
+        if not sep or not cmd.strip():
+            raise FigureError(f"{source}:{line}: figure block without 'cmd: <command>'")
+        attrs: dict[str, str] = {}
+        for tok in shlex.split(attrs_text):
+            key, eq, value = tok.partition("=")
+            attrs[key] = value if eq else "1"
+        unknown = sorted(set(attrs) - KNOWN_ATTRS)
+        if unknown:
+            raise FigureError(f"{source}:{line}: unknown attribute(s) {', '.join(unknown)}")
+        for need in ("id", "time"):
+            if not attrs.get(need):
+                raise FigureError(f"{source}:{line}: figure block needs {need}=...")
+        if not ID_RE.match(attrs["id"]):
+            raise FigureError(f"{source}:{line}: id {attrs['id']!r}: use a-z, 0-9 and -")
+        if attrs.get("keep"):
+            try:
+                re.compile(attrs["keep"])
+            except re.error as exc:
+                raise FigureError(f"{source}:{line}: keep: {exc}") from None
+        blocks.append(Block(id=attrs["id"], cmd=cmd.strip(), time=attrs["time"],
+                            tags=tuple(t for t in attrs.get("tags", "").split(",") if t),
+                            keep=attrs.get("keep") or None, raw="raw" in attrs, span=m.span("body")))
+    ids = [b.id for b in blocks]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise FigureError(f"{source}: figure id(s) used twice: {', '.join(dup)}")
+    return blocks
+
+
+def kept_lines(block: Block, output: str) -> list[str]:
+    lines = [ANSI_RE.sub("", ln).rstrip() for ln in output.replace("\r", "\n").splitlines()]
+    if block.keep:
+        rx = re.compile(block.keep)
+        lines = [ln for ln in lines if rx.search(ln)]
+    return [ln for ln in lines if ln.strip()]
+
+
+def render(block: Block, lines: list[str], note: str) -> str:
+    """The new body of a block: the command, what it printed, and when/how it ran."""
+    if block.raw:
+        return f"`$ {block.cmd}` ({block.time}; {note})\n\n" + "\n".join(lines) + "\n"
+    return "\n".join(["```console", f"$ {block.cmd}   # {block.time}", *lines, f"# {note}",
+                      "```"]) + "\n"
+
+
+def replace_body(text: str, block_id: str, body: str, source: str = "README.md") -> str:
+    for b in parse_blocks(text, source):
+        if b.id == block_id:
+            return text[:b.span[0]] + body + text[b.span[1]:]
+    raise FigureError(f"{source}: no figure block {block_id!r}")
+
+
+# ---------------------------------------------------------------- well-formedness
+def _mtmim_options() -> dict[str, set[str]]:
+    """Every `mtmim` subcommand and the option names it accepts (no torch import)."""
+    import typer.main
+
+    from mtmim_cli.cli import app
+
+    group = typer.main.get_command(app)
+    out = {}
+    for name, cmd in group.commands.items():
+        opts = {"--help"}
+        for p in cmd.params:
+            opts.update(p.opts)
+            opts.update(getattr(p, "secondary_opts", []))
+        out[name] = opts
+    return out
+
+
+def _make_targets(repo: Path) -> set[str]:
+    text = (repo / "Makefile").read_text()
+    return set(re.findall(r"^([A-Za-z0-9_.-]+):(?!=)", text, re.M))
+
+
+def _simple_commands(cmd: str) -> list[list[str]]:
+    """Words of each simple command of a shell line (split at ; && || | and parentheses;
+    redirections and their targets dropped)."""
+    lex = shlex.shlex(cmd, posix=True, punctuation_chars=True)
+    lex.whitespace_split = True
+    out, cur, skip_next = [], [], False
+    for tok in lex:
+        if skip_next:
+            skip_next = False
+            continue
+        if tok in (";", "&&", "||", "|", "&", "(", ")", ";;"):
+            if cur:
+                out.append(cur)
+            cur = []
+        elif tok in (">", ">>", "<", "2>", ">&", "2>&1", "&>"):
+            skip_next = tok != "2>&1"
+        else:
+            cur.append(tok)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _check_mtmim(words: list[str], options: dict[str, set[str]]) -> list[str]:
+    if not words:
+        return ["mtmim without a subcommand"]
+    sub, *args = words
+    if sub not in options:
+        return [f"mtmim {sub}: no such command"]
+    bad = [a.split("=")[0] for a in args
+           if a.startswith("-") and len(a) > 1 and not a[1].isdigit() and not a.startswith("-.")
+           and a.split("=")[0] not in options[sub]]
+    return [f"mtmim {sub}: no option {b}" for b in bad]
+
+
+def command_problems(block: Block, repo: Path = REPO) -> list[str]:
+    """Why a block's command would not run as written ([] when it is well-formed): shell
+    syntax, `mtmim` subcommands and options, scripts and make targets that must exist."""
+    syntax = subprocess.run(["bash", "-n", "-c", block.cmd], capture_output=True, text=True)
+    if syntax.returncode:
+        return [f"shell syntax: {syntax.stderr.strip().splitlines()[-1]}"]
+    try:
+        commands = _simple_commands(block.cmd)
+    except ValueError as exc:
+        return [f"cannot split the command: {exc}"]
+    problems: list[str] = []
+    options = None
+    for words in commands:
+        if words[0] in ("for", "case", "select"):  # `for VAR in WORDS`: no program runs
+            continue
+        while words and (words[0] in SHELL_WORDS or re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0])):
+            words = words[1:]
+        if not words:
+            continue
+        prog, rest = words[0], words[1:]
+        name = Path(prog).name
+        if name == "mtmim" or (name.startswith("python") and rest[:2] == ["-m", "mtmim_cli.cli"]):
+            options = options if options is not None else _mtmim_options()
+            problems += _check_mtmim(rest[2:] if name != "mtmim" else rest, options)
+        elif name.startswith("python"):
+            script = next((w for w in rest if not w.startswith("-")), None)
+            if rest[:1] == ["-m"] or rest[:1] == ["-c"]:
+                continue
+            if script is None:
+                problems.append(f"{prog}: no script given")
+            elif not (repo / script).is_file():
+                problems.append(f"{script}: no such file in the repository")
+        elif name == "make":
+            targets = _make_targets(repo)
+            for t in rest:
+                if not t.startswith("-") and "=" not in t and t not in targets:
+                    problems.append(f"make {t}: no such target in the Makefile")
+        elif shutil.which(prog) is None and not (repo / prog).exists():
+            problems.append(f"{prog}: not a command on PATH nor a file in the repository")
+    return problems
+
+
+# ---------------------------------------------------------------- running
+def _load_average() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "n/a"
+
+
+def run_block(block: Block, workdir: Path, venv: Path | None,
+              echo: bool = True) -> tuple[int, str, float]:
+    """Run a block's command under bash; (exit code, combined output, wall seconds)."""
+    env = dict(os.environ)
+    if venv is not None:
+        env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["bash", "-c", block.cmd], cwd=workdir, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    chunks = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        chunks.append(line)
+        if echo:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    rc = proc.wait()
+    return rc, "".join(chunks), time.perf_counter() - t0
+
+
+def regenerate(readme: Path, block: Block, workdir: Path, venv: Path | None,
+               echo: bool = True) -> bool:
+    """Run one block and rewrite its body in `readme`; False (block untouched) on failure."""
+    from mtmim_cli.atomic import atomic_write_text
+
+    load0 = _load_average()
+    rc, output, secs = run_block(block, workdir, venv, echo)
+    if rc != 0:
+        tail = "\n".join(output.splitlines()[-5:])
+        print(f"[{block.id}] failed (exit {rc}); block left as it was:\n{tail}", file=sys.stderr)
+        return False
+    lines = kept_lines(block, output)
+    if not lines:
+        print(f"[{block.id}] printed nothing matching keep={block.keep!r}; block left as it was",
+              file=sys.stderr)
+        return False
+    note = (f"{time.strftime('%Y-%m-%d')}, {secs:.0f} s wall, load average {load0} at start, "
+            f"{_load_average()} at end")
+    text = readme.read_text()  # fresh: another block may have been rewritten meanwhile
+    atomic_write_text(readme, replace_body(text, block.id, render(block, lines, note), str(readme)))
+    print(f"[{block.id}] rewritten ({secs:.0f} s)")
+    return True
+
+
+def select(blocks: list[Block], only: str | None, tag: str | None, everything: bool) -> list[Block]:
+    if only:
+        want = [s for s in only.split(",") if s]
+        known = {b.id for b in blocks}
+        missing = [w for w in want if w not in known]
+        if missing:
+            raise FigureError(f"no figure block {', '.join(missing)} (see --list)")
+        return [b for b in blocks if b.id in want]
+    if tag:
+        return [b for b in blocks if tag in b.tags]
+    return list(blocks) if everything else []
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--readme", type=Path, default=REPO / "README.md")
+    ap.add_argument("--list", action="store_true", help="list the blocks and exit")
+    ap.add_argument("--check", action="store_true", help="check every block's command and exit")
+    ap.add_argument("--only", help="comma-separated block ids to regenerate")
+    ap.add_argument("--tag", help="regenerate the blocks with this tag (e.g. cheap)")
+    ap.add_argument("--all", action="store_true", help="regenerate every block (hours)")
+    ap.add_argument("--workdir", type=Path, default=REPO,
+                    help="where the commands run (default: the repository root, where the "
+                         "walk-through's fgnet.h5 is and ../shared beside it)")
+    ap.add_argument("--venv", type=Path, default=REPO / ".venv",
+                    help="its bin/ goes first on PATH (default: the checkout's .venv)")
+    ap.add_argument("--quiet", action="store_true", help="do not echo the commands' output")
+    a = ap.parse_args(argv)
+    try:
+        blocks = parse_blocks(a.readme.read_text(), str(a.readme))
+        if a.list:
+            for b in blocks:
+                print(f"{b.id:<22} {b.time:<16} {','.join(b.tags) or '-':<12} {b.cmd}")
+            return 0
+        if a.check:
+            bad = 0
+            for b in blocks:
+                for p in command_problems(b):
+                    print(f"{a.readme}: figure {b.id}: {p}")
+                    bad += 1
+            print(f"{len(blocks)} figure blocks, {bad} problem(s)")
+            return 1 if bad else 0
+        chosen = select(blocks, a.only, a.tag, a.all)
+        if not chosen:
+            ap.error("choose blocks with --only, --tag or --all (or --list / --check)")
+        venv = a.venv if a.venv.is_dir() else None
+        ok = [regenerate(a.readme, b, a.workdir, venv, echo=not a.quiet) for b in chosen]
+    except FigureError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if all(ok) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from mtmim_cli.errors import MtmimError
-from mtmim_cli.eval.run import EvalConfig, ModelArg, evaluate
+from mtmim_cli.eval.config import EvalConfig, ModelArg
+from mtmim_cli.orchestration.evaluate import evaluate
 from mtmim_cli.paths import shared_path
 
 

@@ -15,10 +15,13 @@ from torch import nn
 
 from mtmim_cli.data.cache import Cache
 from mtmim_cli.errors import MtmimError
+from mtmim_cli.eval import loading as L
 from mtmim_cli.eval import metrics as M
 from mtmim_cli.eval import protocols as P
-from mtmim_cli.eval import run as R
+from mtmim_cli.eval.config import EvalConfig, ModelArg
 from mtmim_cli.eval.features import extract_features
+from mtmim_cli.eval.provenance import sha256_file
+from mtmim_cli.orchestration.evaluate import evaluate
 from tests.conftest import write_cache
 
 
@@ -46,7 +49,7 @@ def pool_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         m.load_state_dict(torch.load(p, weights_only=True))
         return m
 
-    monkeypatch.setattr(R, "MODEL_LOADER", loader)
+    monkeypatch.setattr(L, "MODEL_LOADER", loader)
     return path
 
 
@@ -71,9 +74,9 @@ def _face_cache(path: Path, n_ids: int = 12, per_id: int = 6, noise: float = 90.
 def test_fgnet_refit_none_end_to_end(tmp_path: Path, pool_model: Path) -> None:
     cache_path = _face_cache(tmp_path / "faces.h5")
     out = tmp_path / "res" / "results.md"
-    cfg = R.EvalConfig(protocol="fgnet-loo", models=[R.ModelArg("pool", pool_model)],
+    cfg = EvalConfig(protocol="fgnet-loo", models=[ModelArg("pool", pool_model)],
                        cache=cache_path, out=out, command="mtmim evaluate test")
-    payload = R.evaluate(cfg, progress=False)
+    payload = evaluate(cfg, progress=False)
     m = payload["results"][0]["metrics"]
     cache = Cache(cache_path)
     feats = extract_features(PoolNet(), cache, np.arange(len(cache)), "concat")
@@ -82,8 +85,8 @@ def test_fgnet_refit_none_end_to_end(tmp_path: Path, pool_model: Path) -> None:
     assert m["queries"] == 72 and m["cmc"][0] == pytest.approx(m["rank1"], abs=1 / 72 + 1e-9)
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["results"][0]["metrics"]["rank1"] == expected
-    assert saved["inputs"][0]["sha256"] == R.sha256_file(cache_path)
-    assert saved["models"][0]["sha256"] == R.sha256_file(pool_model)
+    assert saved["inputs"][0]["sha256"] == sha256_file(cache_path)
+    assert saved["models"][0]["sha256"] == sha256_file(pool_model)
     assert saved["command"] == "mtmim evaluate test" and saved["tool_version"]
     md = out.read_text()
     assert f"| pool | {100 * expected:.2f} | 72 |" in md
@@ -96,9 +99,9 @@ def test_fgnet_flip_modes_differ(tmp_path: Path, pool_model: Path) -> None:
     cache_path = _face_cache(tmp_path / "faces.h5", noise=120)
     res = {}
     for flip in ("concat", "sum", "none"):
-        cfg = R.EvalConfig(protocol="fgnet-loo", models=[R.ModelArg("pool", pool_model)],
+        cfg = EvalConfig(protocol="fgnet-loo", models=[ModelArg("pool", pool_model)],
                            cache=cache_path, flip=flip)
-        res[flip] = R.evaluate(cfg, progress=False)["results"][0]["metrics"]["rank1"]
+        res[flip] = evaluate(cfg, progress=False)["results"][0]["metrics"]["rank1"]
     cache = Cache(cache_path)
     for flip, r1 in res.items():
         f = extract_features(PoolNet(), cache, None, flip)
@@ -206,10 +209,10 @@ def test_morph_split() -> None:
 def test_morph_end_to_end_writes_split(tmp_path: Path, pool_model: Path) -> None:
     cache_path = _face_cache(tmp_path / "m.h5", n_ids=20, per_id=3, noise=60)
     out = tmp_path / "results.md"
-    cfg = R.EvalConfig(protocol="morph-s2", models=[R.ModelArg("a", pool_model),
-                                                   R.ModelArg("b", pool_model)],
+    cfg = EvalConfig(protocol="morph-s2", models=[ModelArg("a", pool_model),
+                                                   ModelArg("b", pool_model)],
                        cache=cache_path, out=out, test_subjects=8, train_subjects=12)
-    payload = R.evaluate(cfg, progress=False)
+    payload = evaluate(cfg, progress=False)
     split = json.loads(Path(payload["split_file"]).read_text())
     assert len(split["test"]) == 8 and split["test_names"][0].startswith("s")
     a, b = (r["metrics"]["rank1"] for r in payload["results"])
@@ -268,9 +271,9 @@ def test_pairs_bin_and_csv_end_to_end(tmp_path: Path, pool_model: Path) -> None:
     for name, kw in {"csv": {"cache": cache_path, "pairs": tmp_path / "pairs.csv"},
                      "bin": {"pairs": tmp_path / "pairs.bin"},
                      "drawn": {"cache": cache_path, "n_pairs": 200}}.items():
-        cfg = R.EvalConfig(protocol="lfw", models=[R.ModelArg("pool", pool_model)],
+        cfg = EvalConfig(protocol="lfw", models=[ModelArg("pool", pool_model)],
                            out=tmp_path / name / "results.md", **kw)
-        results[name] = R.evaluate(cfg, progress=False)["results"][0]["metrics"]
+        results[name] = evaluate(cfg, progress=False)["results"][0]["metrics"]
     for m in results.values():
         assert m["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
         assert m["auc"] == pytest.approx(M.roc_auc(scores, same), abs=1e-6)
@@ -293,7 +296,7 @@ def test_bad_inputs(tmp_path: Path, pool_model: Path) -> None:
     ]
     for kw, msg in cases:
         with pytest.raises(MtmimError, match=msg):
-            R.evaluate(R.EvalConfig(models=[R.ModelArg("m", pool_model)], **kw), progress=False)
+            evaluate(EvalConfig(models=[ModelArg("m", pool_model)], **kw), progress=False)
 
 
 # ---------------------------------------------------------------- the command
@@ -328,8 +331,8 @@ def test_refit_head_rounds(tmp_path: Path, pool_model: Path, monkeypatch: pytest
     from mtmim_cli.models.factorize import FactorizationUnit
 
     cache_path = _face_cache(tmp_path / "h.h5", n_ids=5, per_id=4)
-    base = dict(protocol="fgnet-loo", models=[R.ModelArg("pool", pool_model)], cache=cache_path)
-    none = R.evaluate(R.EvalConfig(**base), progress=False)["results"][0]["metrics"]
+    base = dict(protocol="fgnet-loo", models=[ModelArg("pool", pool_model)], cache=cache_path)
+    none = evaluate(EvalConfig(**base), progress=False)["results"][0]["metrics"]
 
     # With a unit whose age branch is zero, x_id = x: every round must reproduce refit none,
     # and no round may train on its held-out image.
@@ -342,23 +345,23 @@ def test_refit_head_rounds(tmp_path: Path, pool_model: Path, monkeypatch: pytest
         return unit.eval()
 
     monkeypatch.setattr(F, "fit_heads_on_features", zero_unit)
-    zero = R.evaluate(R.EvalConfig(**base, refit="head", out=tmp_path / "z" / "r.md"),
+    zero = evaluate(EvalConfig(**base, refit="head", out=tmp_path / "z" / "r.md"),
                       progress=False)["results"][0]["metrics"]
     assert zero["rank1"] == none["rank1"] and zero["rounds"] == 20
     assert seen_rows == [2 * 19] * 20  # image + mirror of the 19 others, every round
     monkeypatch.undo()
-    monkeypatch.setattr(R, "MODEL_LOADER", lambda p, b: PoolNet())
+    monkeypatch.setattr(L, "MODEL_LOADER", lambda p, b: PoolNet())
 
     # The real re-fit: sharded and merged equals one process; a rerun re-uses stored rounds.
     opts = {"epochs": 1, "batch_size": 16, "age_groups": 3, "q_hidden": 32}
-    one = R.evaluate(R.EvalConfig(**base, refit="head", folds=2, refit_options=opts,
+    one = evaluate(EvalConfig(**base, refit="head", folds=2, refit_options=opts,
                                   rounds_dir=tmp_path / "one"), progress=False)
-    parts = [R.evaluate(R.EvalConfig(**base, refit="head", folds=2, refit_options=opts,
+    parts = [evaluate(EvalConfig(**base, refit="head", folds=2, refit_options=opts,
                                      rounds_dir=tmp_path / "sh", shard=f"{i}/2"), progress=False)
              for i in range(2)]
     assert parts[0]["results"][0]["metrics"]["partial"] is True  # shard 0 alone: not mergeable
     assert "partial" not in parts[1]["results"][0]["metrics"]   # the last shard merges
-    merged = R.evaluate(R.EvalConfig(**base, refit="head", folds=2, refit_options=opts,
+    merged = evaluate(EvalConfig(**base, refit="head", folds=2, refit_options=opts,
                                      rounds_dir=tmp_path / "sh", merge_only=True), progress=False)
     a, b = one["results"][0]["metrics"], merged["results"][0]["metrics"]
     assert a["rank1"] == b["rank1"] and a["cmc"] == b["cmc"] and a["rounds"] == 2
@@ -381,9 +384,9 @@ def test_lfw_pairs_txt(tmp_path: Path, pool_model: Path) -> None:
     (tmp_path / "pairs.txt").write_text(
         "2\t2\nAnn_Lee\t1\t2\nBo_Du\t1\t3\nAnn_Lee\t3\tCy_Ng\t1\nBo_Du\t2\tCy_Ng\t3\n"
         "Cy_Ng\t1\t2\nAnn_Lee\t2\t3\nCy_Ng\t2\tBo_Du\t1\nAnn_Lee\t1\tBo_Du\t3\n")
-    cfg = R.EvalConfig(protocol="lfw", models=[R.ModelArg("pool", pool_model)],
+    cfg = EvalConfig(protocol="lfw", models=[ModelArg("pool", pool_model)],
                        cache=tmp_path / "lfw.h5", pairs=tmp_path / "pairs.txt")
-    m = R.evaluate(cfg, progress=False)["results"][0]["metrics"]
+    m = evaluate(cfg, progress=False)["results"][0]["metrics"]
     cache = Cache(tmp_path / "lfw.h5")
     f = extract_features(PoolNet(), cache, None, "concat")
     i = np.array([0, 3, 2, 4, 6, 1, 7, 0])
@@ -393,5 +396,5 @@ def test_lfw_pairs_txt(tmp_path: Path, pool_model: Path) -> None:
     assert m["fold_accuracies"] == expected["fold_accuracies"] and m["pairs"] == 8
     (tmp_path / "bad.txt").write_text("1\t1\nAnn_Lee\t1\t9\nAnn_Lee\t1\tBo_Du\t1\n")
     with pytest.raises(MtmimError, match="Ann_Lee_0009.jpg is not in"):
-        R.evaluate(R.EvalConfig(protocol="lfw", models=[R.ModelArg("pool", pool_model)],
+        evaluate(EvalConfig(protocol="lfw", models=[ModelArg("pool", pool_model)],
                                 cache=tmp_path / "lfw.h5", pairs=tmp_path / "bad.txt"), progress=False)

@@ -70,8 +70,9 @@ def evaluate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Evaluate one or more models on a protocol; print and write the result tables."""
-    from mtmim_cli.eval.run import EvalConfig, command_line, parse_model_arg
-    from mtmim_cli.eval.run import evaluate as run_evaluate
+    from mtmim_cli.eval.config import EvalConfig, parse_model_arg
+    from mtmim_cli.eval.provenance import command_line
+    from mtmim_cli.orchestration.evaluate import evaluate as run_evaluate
 
     try:
         opts = json.loads(refit_options)

@@ -2,7 +2,7 @@
 retrieval (MAP) and pair verification (CACD-VS, AgeDB-30, LFW, CALFW, any pair list).
 
 Everything here works on L2-normalised feature arrays and label arrays, so each protocol is
-tested on small generated data; `mtmim_cli.eval.run` feeds it real features from models.
+tested on small generated data; `mtmim_cli.eval.runners` feeds it real features from models.
 """
 
 from __future__ import annotations

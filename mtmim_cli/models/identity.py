@@ -42,6 +42,23 @@ class IdentityModel(nn.Module):
         x = self.encoder(images)
         return x if self.factorize is None else self.factorize(x)[0]
 
+    def encoder_view(self) -> nn.Module:
+        """The encoder alone (x, before the factorization unit), carrying this model's input
+        width, so feature extraction cuts the crop the encoder was built for."""
+        return _WidthView(self.encoder, self.input_width)
+
+
+class _WidthView(nn.Module):
+    """`module` with an `input_width` attribute, as `extract_views` reads it."""
+
+    def __init__(self, module: nn.Module, input_width: int) -> None:
+        super().__init__()
+        self.module = module
+        self.input_width = int(input_width)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module(images)
+
 
 def _guess_backbone(state: dict, path: Path) -> str:
     if "linear7.conv.weight" in state:

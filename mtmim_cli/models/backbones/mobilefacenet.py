@@ -68,6 +68,10 @@ class MobileFaceNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A 112-wide crop would pass silently: linear7 then spans two overlapping 7x6 windows
+        # and the features come out twice as long and wrong.
+        if tuple(x.shape[-2:]) != (112, 96):
+            raise ValueError(f"MobileFaceNet takes 112x96 crops, got {tuple(x.shape[-2:])}")
         x = self.blocks(self.dw_conv1(self.conv1(x)))
         x = self.linear1(self.linear7(self.conv2(x)))
         return torch.flatten(x, 1)

@@ -1,0 +1,92 @@
+"""What `mtmim evaluate` was asked to do: `EvalConfig` (the CLI parses its options into one),
+the model arguments, the checks that need no file, and the sentence describing the variant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mtmim_cli.errors import MtmimError
+
+PROTOCOLS = ("fgnet-loo", "morph-s1", "morph-s2", "cacd-map", "cacd-vs", "agedb30", "lfw",
+             "calfw", "pairs")
+VERIFICATION = ("cacd-vs", "agedb30", "lfw", "calfw", "pairs")
+REFITS = ("none", "head", "full")
+
+
+@dataclass
+class ModelArg:
+    label: str
+    path: Path
+    backbone: str | None = None
+
+
+def parse_model_arg(text: str, backbone: str | None = None) -> ModelArg:
+    """'[LABEL=]PATH' -> ModelArg; the label defaults to the file's stem."""
+    label, sep, path = text.partition("=")
+    if not sep:
+        label, path = "", text
+    p = Path(path)
+    return ModelArg(label=label or p.stem, path=p, backbone=backbone)
+
+
+@dataclass
+class EvalConfig:
+    protocol: str
+    models: list[ModelArg]
+    cache: Path | None = None
+    pairs: Path | None = None          # .bin (insightface), .csv (path_a,path_b,same[,fold]), LFW .txt
+    meta: Path | None = None           # CACD: csv path,year,test
+    out: Path | None = None            # results.md (results.json, cmc.csv, roc.csv beside it)
+    flip: str = "concat"
+    refit: str = "none"
+    folds: int | None = None           # fgnet-loo grouped variant; None = exact (1002 rounds)
+    shard: str | None = None
+    rounds_dir: Path | None = None
+    merge_only: bool = False
+    seed: int = 0
+    batch_size: int = 128
+    device: str = "cpu"
+    max_rank: int = 20
+    n_pairs: int = 6000                # generated pairs (pairs protocol without --pairs)
+    min_gap: float = 0.0
+    test_subjects: int | None = None
+    train_subjects: int | None = None
+    split_out: Path | None = None
+    refit_options: dict = field(default_factory=dict)
+    command: str = ""
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """The refusals that need no file: unknown protocol or refit, refit outside FG-NET,
+    no model, two models under one label, a protocol without the input it needs."""
+    if cfg.protocol not in PROTOCOLS:
+        raise MtmimError(f"--protocol {cfg.protocol}: choose from {', '.join(PROTOCOLS)}")
+    if cfg.refit not in REFITS:
+        raise MtmimError(f"--refit {cfg.refit}: choose from {', '.join(REFITS)}")
+    if cfg.refit != "none" and cfg.protocol != "fgnet-loo":
+        raise MtmimError(f"--refit {cfg.refit} applies to fgnet-loo only")
+    if not cfg.models:
+        raise MtmimError("no --model given")
+    labels = [m.label for m in cfg.models]
+    if len(set(labels)) != len(labels):
+        raise MtmimError(f"two models share a label ({', '.join(labels)}); name them LABEL=PATH")
+    if cfg.cache is None and not (cfg.protocol in VERIFICATION and cfg.pairs is not None
+                                  and cfg.pairs.suffix == ".bin"):
+        raise MtmimError(f"{cfg.protocol}: needs --cache")
+
+
+def variant_text(cfg: EvalConfig, n_images: int | None = None) -> str:
+    """One sentence saying how the figures were made (features, refit, rounds)."""
+    parts = [f"features: image + mirror {cfg.flip}" if cfg.flip != "none" else "features: image only",
+             "L2-normalised, cosine"]
+    if cfg.protocol == "fgnet-loo":
+        if cfg.refit == "none":
+            parts.insert(0, "refit none (the given model, no fine-tuning per round; every image "
+                            "ranked against all the others)")
+        else:
+            rounds = n_images if cfg.folds is None or (n_images and cfg.folds >= n_images) else cfg.folds
+            kind = "exact leave-one-out" if rounds == n_images else f"grouped, {rounds} rounds"
+            parts.insert(0, f"refit {cfg.refit} ({kind}; each round re-fit without its held-out "
+                            "images, which are then ranked against all other images)")
+    return "; ".join(parts)

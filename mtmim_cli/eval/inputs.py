@@ -1,0 +1,178 @@
+"""The inputs a protocol reads besides the models, each read once: the cache, pair lists
+(insightface .bin, CSV, LFW pairs.txt, or pairs drawn from the cache), CACD's metadata and
+MORPH's subject split. `open_inputs` turns a checked `EvalConfig` into an `EvalInputs`."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtmim_cli.errors import MtmimError
+from mtmim_cli.eval import protocols as P
+from mtmim_cli.eval.config import VERIFICATION, EvalConfig
+
+
+@dataclass
+class PairInput:
+    """Verification pairs: `source` (a Cache or a uint8 image array) indexed by `i`, `j`."""
+    source: Any
+    i: np.ndarray
+    j: np.ndarray
+    same: np.ndarray
+    folds: int | np.ndarray
+
+
+@dataclass
+class EvalInputs:
+    cache: Any = None                  # Cache, or None for a .bin pair list alone
+    pairs: PairInput | None = None     # verification protocols
+    cacd_year: np.ndarray | None = None
+    cacd_test: np.ndarray | None = None
+    split: dict | None = None          # MORPH subject split (identity values and names)
+
+
+def open_inputs(cfg: EvalConfig) -> EvalInputs:
+    """Open the cache and read what `cfg.protocol` needs; one-line errors for bad files."""
+    from mtmim_cli.data.cache import Cache
+
+    for p in (cfg.cache, cfg.pairs, cfg.meta):
+        if p is not None and not Path(p).exists():
+            raise MtmimError(f"{p}: no such file")
+    inp = EvalInputs(cache=Cache(cfg.cache) if cfg.cache is not None else None)
+    cache = inp.cache
+    if cfg.protocol in ("morph-s1", "morph-s2"):
+        split = P.morph_split(cache.identity[cache.usable], cfg.protocol, cfg.seed,
+                              cfg.test_subjects, cfg.train_subjects)
+        split["test_names"] = [cache.identity_names[k] for k in split["test"]]
+        split["train_names"] = [cache.identity_names[k] for k in split["train"]]
+        inp.split = split
+    elif cfg.protocol == "cacd-map":
+        if cfg.meta is None:
+            raise MtmimError("cacd-map needs --meta (CSV: path,year,test)")
+        inp.cacd_year, inp.cacd_test = read_cacd_meta(cfg.meta, cache)
+    elif cfg.protocol in VERIFICATION:
+        inp.pairs = pair_input(cfg, cache)
+    return inp
+
+
+def pair_input(cfg: EvalConfig, cache) -> PairInput:
+    """The verification pairs from --pairs (.bin, .txt, .csv) or drawn from the cache."""
+    if cfg.pairs is not None and cfg.pairs.suffix == ".bin":
+        from mtmim_cli.data.insightface import decode_pair_images, load_pair_bin
+
+        pb = load_pair_bin(cfg.pairs)
+        images = decode_pair_images(pb, str(cfg.pairs))
+        n = len(pb)
+        return PairInput(images, np.arange(0, 2 * n, 2), np.arange(1, 2 * n, 2), pb.issame, 10)
+    if cache is None:
+        raise MtmimError(f"{cfg.protocol}: needs --pairs FILE.bin, or --cache with --pairs FILE.csv "
+                         "(or --cache alone to draw cross-age pairs)")
+    if cfg.pairs is not None and cfg.pairs.suffix == ".txt":
+        return PairInput(cache, *read_lfw_pairs(cfg.pairs, cache))
+    if cfg.pairs is not None:
+        i, j, same, folds = read_pair_csv(cfg.pairs, cache)
+        return PairInput(cache, i, j, same, folds if folds is not None else 10)
+    from mtmim_cli.eval.pairs import cross_age_pairs
+
+    i, j, same = cross_age_pairs(cache.identity, cache.age, cfg.n_pairs, cfg.seed,
+                                 min_gap=cfg.min_gap, usable=cache.usable)
+    return PairInput(cache, i, j, same, 10)
+
+
+def read_cacd_meta(path: Path, cache) -> tuple[np.ndarray, np.ndarray]:
+    """CSV with columns path,year,test (test: 1 for the 120 test celebrities), joined to the
+    cache by its `path` field. Returns (year per record, test mask); unmatched records get
+    year 0 and are left out."""
+    if not path.exists():
+        raise MtmimError(f"{path}: no such file")
+    pos = {p: k for k, p in enumerate(cache.paths)}
+    year = np.zeros(len(cache), np.int64)
+    test = np.zeros(len(cache), bool)
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"path", "year", "test"} <= set(reader.fieldnames):
+            raise MtmimError(f"{path}: needs the columns path,year,test")
+        for n, row in enumerate(reader, 2):
+            k = pos.get(row["path"])
+            if k is None:
+                continue
+            try:
+                year[k] = int(row["year"])
+                test[k] = row["test"].strip().lower() in ("1", "true", "yes")
+            except ValueError:
+                raise MtmimError(f"{path}: line {n}: year must be an integer") from None
+    return year, test & cache.usable
+
+
+def read_pair_csv(path: Path, cache) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """CSV with columns path_a,path_b,same[,fold]; paths as stored in the cache."""
+    if not path.exists():
+        raise MtmimError(f"{path}: no such file")
+    pos = {p: k for k, p in enumerate(cache.paths)}
+    a, b, same, fold = [], [], [], []
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = set(reader.fieldnames or [])
+        if not {"path_a", "path_b", "same"} <= cols:
+            raise MtmimError(f"{path}: needs the columns path_a,path_b,same[,fold]")
+        for n, row in enumerate(reader, 2):
+            for key in ("path_a", "path_b"):
+                if row[key] not in pos:
+                    raise MtmimError(f"{path}: line {n}: {row[key]} is not in {cache.path}")
+                if not cache.usable[pos[row[key]]]:
+                    raise MtmimError(f"{path}: line {n}: {row[key]} has no aligned face in "
+                                     f"{cache.path} (re-align with --on-miss center)")
+            a.append(pos[row["path_a"]])
+            b.append(pos[row["path_b"]])
+            same.append(row["same"].strip().lower() in ("1", "true", "yes"))
+            if "fold" in cols:
+                fold.append(int(row["fold"]))
+    if not a:
+        raise MtmimError(f"{path}: no pairs")
+    return (np.array(a), np.array(b), np.array(same, bool),
+            np.array(fold) if "fold" in cols else None)
+
+
+def read_lfw_pairs(path: Path, cache) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """LFW's pairs.txt: a header `folds n`, then per fold n lines `name i j` (same person)
+    and n lines `name1 i name2 j` (different). Photos are found in the cache by the path
+    ending `name/name_000i.jpg` (the folder layout `align --format folder` stores)."""
+    if not path.exists():
+        raise MtmimError(f"{path}: no such file")
+    lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+    try:
+        folds, per = int(lines[0][0]), int(lines[0][1])
+    except (IndexError, ValueError):
+        raise MtmimError(f"{path}: first line must be '<folds> <pairs per class>'") from None
+    if len(lines) - 1 != 2 * folds * per:
+        raise MtmimError(f"{path}: {len(lines) - 1} pair lines, header promises {2 * folds * per}")
+    pos = {}
+    for k, p in enumerate(cache.paths):
+        parts = p.replace("\\", "/").split("/")
+        pos["/".join(parts[-2:])] = k
+
+    def find(name: str, num: str, n: int) -> int:
+        key = f"{name}/{name}_{int(num):04d}.jpg"
+        if key not in pos:
+            raise MtmimError(f"{path}: line {n}: {key} is not in {cache.path}")
+        if not cache.usable[pos[key]]:
+            raise MtmimError(f"{path}: line {n}: {key} has no aligned face in {cache.path}")
+        return pos[key]
+
+    a, b, same = [], [], []
+    for n, f in enumerate(lines[1:], 2):
+        if len(f) == 3:
+            a.append(find(f[0], f[1], n))
+            b.append(find(f[0], f[2], n))
+            same.append(True)
+        elif len(f) == 4:
+            a.append(find(f[0], f[1], n))
+            b.append(find(f[2], f[3], n))
+            same.append(False)
+        else:
+            raise MtmimError(f"{path}: line {n}: expected 'name i j' or 'name1 i name2 j'")
+    return np.array(a), np.array(b), np.array(same), folds

@@ -1,0 +1,40 @@
+"""Where a result came from: file digests, the command line, the host, and the header of
+results.json that carries them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from mtmim_cli import __version__
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    """{'path', 'sha256', 'bytes'} of an input file."""
+    path = Path(path)
+    return {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def run_header(command: str) -> dict:
+    """The fields every results.json starts with: tool, version, command, time, host."""
+    return {"tool": "mtmim", "tool_version": __version__, "command": command,
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "host": {"python": sys.version.split()[0], "platform": platform.platform(),
+                     "cpus": os.cpu_count()}}
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["mtmim", *sys.argv[1:]])

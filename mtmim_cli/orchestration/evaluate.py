@@ -1,0 +1,101 @@
+"""`mtmim evaluate` as a library function: check the config, read the inputs once, score
+every model on the protocol (FG-NET with `--refit head|full` through `orchestration.refit`,
+everything else through `eval.runners`), then write the tables with their provenance.
+The CLI only parses options into an `EvalConfig`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from mtmim_cli.atomic import atomic_write_text
+from mtmim_cli.errors import MtmimError
+from mtmim_cli.eval import protocols as P
+from mtmim_cli.eval.config import EvalConfig, ModelArg, check_config, variant_text
+from mtmim_cli.eval.inputs import EvalInputs, open_inputs
+from mtmim_cli.eval.loading import load_model
+from mtmim_cli.eval.provenance import file_record, run_header, sha256_file
+from mtmim_cli.eval.runners import FeatureOptions, run_protocol
+
+
+def evaluate(cfg: EvalConfig, progress: bool = True,
+             echo: Callable[[str], None] | None = None) -> dict:
+    """Run `cfg.protocol` for every model; write the tables when `cfg.out` is set.
+    Returns the results payload (what results.json holds)."""
+    from mtmim_cli.eval.tables import markdown_table, write_results
+
+    say = echo or (lambda s: None)
+    check_config(cfg)
+    inputs = open_inputs(cfg)
+    files = [file_record(Path(p)) for p in (cfg.cache, cfg.pairs, cfg.meta) if p is not None]
+    extra: dict = {}
+    if inputs.split is not None:
+        extra["split_file"] = str(_write_split(cfg, inputs.split, say))
+    feat = FeatureOptions(cfg.flip, cfg.batch_size, cfg.device, progress)
+
+    rows, models_info = [], []
+    for m in cfg.models:
+        if not m.path.exists():
+            raise MtmimError(f"{m.path}: no such model file")
+        sha = sha256_file(m.path)
+        t0 = time.perf_counter()
+        metrics = _score(cfg, inputs, m, sha, files, feat)
+        metrics["wall_seconds"] = round(time.perf_counter() - t0, 2)
+        rows.append({"model": m.label, "metrics": metrics})
+        models_info.append({"label": m.label, "path": str(m.path), "backbone": m.backbone,
+                            "sha256": sha})
+        say(_summary_line(cfg.protocol, m.label, metrics))
+
+    n_images = int(inputs.cache.usable.sum()) if inputs.cache is not None else None
+    payload = {
+        **run_header(cfg.command),
+        "protocol": cfg.protocol, "variant_text": variant_text(cfg, n_images),
+        "variant": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                    if k not in ("models", "command", "out")},
+        "inputs": files, "models": models_info, "results": rows, **extra,
+    }
+    partial = any(r["metrics"].get("partial") for r in rows)
+    if cfg.out is not None and not partial:
+        paths = write_results(cfg.out, payload)
+        say(f"wrote {paths['md']}, {paths['json']}, {paths['cmc'].name}, {paths['roc'].name}")
+    if not partial:
+        say(markdown_table(cfg.protocol, rows, payload["variant_text"]))
+    return payload
+
+
+def _score(cfg: EvalConfig, inputs: EvalInputs, m: ModelArg, model_sha256: str,
+           files: list[dict], feat: FeatureOptions) -> dict:
+    if cfg.refit != "none":
+        from mtmim_cli.orchestration.refit import run_refit
+
+        return run_refit(cfg, inputs.cache, m, cache_sha256=files[0]["sha256"],  # cache first
+                         model_sha256=model_sha256, feat=feat)
+    model = load_model(m.path, m.backbone, cfg.device)
+    return run_protocol(cfg.protocol, model, inputs, feat, cfg.max_rank)
+
+
+def _write_split(cfg: EvalConfig, split: dict, say: Callable[[str], None]) -> Path:
+    """MORPH: the subject split, written so another tool can train on its other side."""
+    path = cfg.split_out or ((cfg.out.parent if cfg.out else Path(".")) /
+                             f"{cfg.protocol}-split-seed{cfg.seed}.json")
+    atomic_write_text(path, json.dumps(split, indent=1) + "\n")
+    say(f"subject split written to {path} ({len(split['train'])} train, "
+        f"{len(split['test'])} test)")
+    return path
+
+
+def _summary_line(protocol: str, label: str, m: dict) -> str:
+    if m.get("partial"):
+        return (f"{label}: this shard's rounds done ({m['rounds_done']}/{m['rounds']} rounds "
+                "stored); run the other shards, then rerun without --shard to merge")
+    secs = f" in {m['wall_seconds']:.1f} s"
+    if "rank1" in m:
+        return f"{label}: rank-1 {100 * m['rank1']:.2f}% over {m['queries']} queries{secs}"
+    if protocol == "cacd-map":
+        maps = ", ".join(f"{k} {100 * m[k]['map']:.2f}" for k in P.CACD_DATABASES)
+        return f"{label}: MAP {maps}{secs}"
+    return (f"{label}: accuracy {100 * m['accuracy']:.2f} ± {100 * m['std']:.2f}%, "
+            f"TAR@FAR=1e-3 {100 * m['tar_at_far']:.2f}%, AUC {m['auc']:.4f}{secs}")

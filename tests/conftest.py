@@ -24,6 +24,17 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """Two shared cores: torch's thread pool makes tiny ops crawl when the machine is busy."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     return _need(shared_dir(), "shared data folder")

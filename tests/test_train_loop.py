@@ -25,13 +25,7 @@ from tests.conftest import write_cache
 META = {"kind": "pretrain", "backbone": "tiny", "input_width": 112, "embedding_size": 16}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: torch's thread pool makes tiny ops crawl when the machine is busy.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -370,3 +364,36 @@ def test_a_checkpoint_never_holds_nonfinite_weights(tmp_path: Path, cache: Path)
     ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert ck["loop"]["step"] == 2
     assert all(torch.isfinite(v).all() for v in ck["objective"].values() if v.is_floating_point())
+
+
+class _Scripted:
+    """A validator that returns the given accuracies in turn."""
+
+    name = "scripted"
+
+    def __init__(self, accuracies: list[float]) -> None:
+        self.accuracies, self.calls = list(accuracies), 0
+
+    def __call__(self, objective, device="cpu") -> dict:
+        self.calls += 1
+        return {"accuracy": self.accuracies[self.calls - 1], "std": 0.0}
+
+
+def test_early_stop_and_keep_best(tmp_path: Path, cache: Path) -> None:
+    """Validation every 2 steps scores 0.5 (step 0), 0.7 (2), 0.6 (4), 0.65 (6): with patience
+    2 the run stops at step 6, and --keep best makes model.pt the step-2 checkpoint."""
+    ds = CacheDataset([cache], train=True)
+    v = _Scripted([0.5, 0.7, 0.6, 0.65, 0.9, 0.9, 0.9])
+    res = train(NoisyObjective(ds.num_classes), ds,
+                _config(tmp_path / "r", val_every=2, early_stop=2, keep="best"), meta=META, validator=v)
+    assert res.steps == 6 and [h["step"] for h in res.validations] == [0, 2, 4, 6]
+    ck = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
+    assert ck["loop"]["stopped"] and ck["loop"]["best_step"] == 2
+    assert (tmp_path / "r" / "model.pt").read_bytes() == (tmp_path / "r" / "best.pt").read_bytes()
+    # a resumed stopped run does nothing more
+    res = train(NoisyObjective(ds.num_classes), ds,
+                _config(tmp_path / "r", val_every=2, early_stop=2, keep="best", resume=True),
+                meta=META, validator=_Scripted([0.1] * 5))
+    assert res.steps == 6
+    with pytest.raises(MtmimError, match="--keep best: needs validation"):
+        train(NoisyObjective(ds.num_classes), ds, _config(tmp_path / "n", keep="best"), meta=META)

@@ -13,6 +13,7 @@ from mtmim_cli.errors import MtmimError
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("plateau", "poly", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
+KEEP = ("last", "best")
 
 # Settings that may change between a killed run and its resumption without changing results.
 RESUME_FREE = ("resume", "workers", "progress", "ckpt_every", "log_every", "max_bad_steps")
@@ -42,6 +43,8 @@ class TrainConfig:
     ckpt_every: int = 200              # steps between full-state checkpoints (also every epoch end)
     log_every: int = 1
     val_every: int = 0                 # steps between validations (0: before and after only)
+    early_stop: int = 0                # stop after this many validations without a better accuracy (0: off)
+    keep: str = "last"                 # model.pt: the last weights, or the best validation checkpoint
     sync_bn: bool = False              # BatchNorm statistics over the global batch when distributed
     resume: bool = False
     progress: bool = True
@@ -52,6 +55,10 @@ class TrainConfig:
             raise MtmimError(f"--optimizer {self.optimizer}: choose from {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise MtmimError(f"--schedule {self.schedule}: choose from {', '.join(SCHEDULES)}")
+        if self.keep not in KEEP:
+            raise MtmimError(f"--keep {self.keep}: choose from {', '.join(KEEP)}")
+        if self.early_stop < 0:
+            raise MtmimError(f"--early-stop {self.early_stop}: must be >= 0")
         if self.amp not in AMP_MODES:
             raise MtmimError(f"--amp {self.amp}: choose from {', '.join(AMP_MODES)}")
         for name in ("epochs", "batch_size", "max_bad_steps"):

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from mtmim_cli.data.groups import assign_groups, equal_frequency_groups
 from mtmim_cli.errors import MtmimError
@@ -47,6 +46,7 @@ from mtmim_cli.models.margin import CombinedMarginHead
 from mtmim_cli.train import distributed as D
 from mtmim_cli.train.config import TrainConfig
 from mtmim_cli.train.objectives import Objective
+from mtmim_cli.train.transfer import EncoderPlan
 
 MODES = ("baseline", "age", "mtmim")
 
@@ -57,9 +57,23 @@ DEFAULTS: dict[str, Any] = {
     "margin": "arcface", "s": 64.0, "m": None, "backbone": None, "embedding_size": None,
     "val_cache": None, "val_pairs": 3000, "exclude": None, "warn_negative_after": 50,
     "head_warmup_steps": 0,
+    # transfer tools for small sets (train/transfer.py); off by default: the paper has none
+    "recipe": None, "freeze_through": None, "freeze_bn": "off", "init_centres": "random",
+    "encoder_lr": None, "l2sp": 0.0, "augment": "none", "replay": None, "replay_ratio": 0.25,
+    "val_identities": 0, "activation_cache": None, "activation_dtype": "float16",
 }
 TRAIN_DEFAULTS: dict[str, Any] = {"out": "runs/finetune", "lr": 0.02, "optimizer": "adam",
                                   "schedule": "plateau", "batch_size": 400, "epochs": 10}
+
+# Named bundles of settings (`--recipe`), over the defaults and under explicit options.
+# PROVISIONAL: the values are those issue 10 reports as working in one experiment outside
+# the toolkit (one seed); they are to be set by validation on identities carved out of the
+# training side.
+RECIPES: dict[str, dict[str, Any]] = {
+    "small": {"freeze_through": "auto", "freeze_bn": "stats", "init_centres": "mean-mirror",
+              "margin": "arcface", "s": 64.0, "m": 0.35, "optimizer": "adam", "epochs": 5,
+              "lr": 1e-3, "l2sp": 1e-2, "batch_size": 64, "schedule": "constant"},
+}
 
 
 def _zero_valued(t: Tensor) -> Tensor:
@@ -78,17 +92,26 @@ class MTMIMObjective(Objective):
                  q_lr: float = 1e-5, q_hidden: int = 512, logvar_bound: float = 7.0,
                  factorize_gain: float = 0.1, margin: str = "arcface", s: float = 64.0,
                  m: float | None = None, warn_negative_after: int = 50,
-                 head_warmup_steps: int = 0) -> None:
+                 head_warmup_steps: int = 0, freeze_through: str | None = None,
+                 freeze_bn: str = "off", l2sp: float = 0.0, encoder_lr: float | None = None,
+                 activations: bool = False, replay_classes_from: int | None = None) -> None:
         super().__init__()
-        if head_warmup_steps < 0:
-            raise MtmimError(f"--head-warmup-steps {head_warmup_steps}: must be >= 0")
-        self.head_warmup_steps = head_warmup_steps
         if mode not in MODES:
             raise MtmimError(f"--mode {mode}: choose from {', '.join(MODES)}")
         if num_groups < 1:
             raise MtmimError(f"--age-groups {num_groups}: must be >= 1")
+        if encoder_lr is not None and encoder_lr <= 0:
+            raise MtmimError(f"--encoder-lr {encoder_lr}: must be > 0")
         self.mode = mode
         self.encoder = encoder
+        # Not a sub-module: it holds references into the encoder, whose state dict stays as is.
+        self.plan = EncoderPlan(encoder, freeze_through=freeze_through, freeze_bn=freeze_bn,
+                                warmup_steps=head_warmup_steps, l2sp=l2sp)
+        self.encoder_lr = encoder_lr
+        self.activations = activations     # inputs are the frozen trunk's cached outputs
+        self.replay_classes_from = replay_classes_from
+        if l2sp > 0:
+            self.metric_names = (*self.metric_names, "l2sp")
         self.factorize = FactorizationUnit(embedding_size, init_gain=factorize_gain)
         self.id_head = CombinedMarginHead.preset(margin, embedding_size, num_classes, s=s, margin=m)
         self.age_head = nn.Linear(embedding_size, num_groups)
@@ -109,19 +132,39 @@ class MTMIMObjective(Objective):
 
     # -- the main step ------------------------------------------------------------------
     def main_parameters(self) -> list[dict]:
-        """Factorization and both heads, then the encoder; q has its own optimiser.
-
-        The encoder's group carries `hold_steps`: the loop gives it lr 0 for that many first
-        steps, so freshly initialised heads (a random margin head starts at a loss of ~40)
-        are fitted before their gradients reach a pretrained encoder. BatchNorm statistics
-        still adapt meanwhile. Heads come first so the logged lr is theirs."""
+        """Factorization and both heads (at the run's lr, plain weight decay), then the
+        encoder's trainable parameters (at `encoder_lr` when given; no weight decay toward
+        zero under L2-SP, which pulls them toward their initial values instead); q has its
+        own optimiser. The encoder's group is there from the start, but during the head
+        warm-up its parameters take no gradient, so the optimiser holds no state for them
+        until their release. Heads come first so the logged lr is theirs."""
         heads = [p for n, p in self.named_parameters()
                  if not n.startswith(("q.", "encoder.")) and p.requires_grad]
-        encoder = [p for p in self.encoder.parameters() if p.requires_grad]
         groups = [{"params": heads}]
-        if encoder:
-            groups.append({"params": encoder, "hold_steps": self.head_warmup_steps})
+        if self.plan.trainable:
+            enc: dict[str, Any] = {"params": self.plan.trainable}
+            if self.encoder_lr is not None:
+                enc["lr"] = self.encoder_lr
+            if self.plan.l2sp > 0:
+                enc["weight_decay"] = 0.0
+            groups.append(enc)
         return groups
+
+    def begin_step(self, step: int) -> bool:
+        changed = self.plan.begin_step(step)
+        if changed:
+            self.train(self.training)
+        return changed
+
+    def train(self, mode: bool = True) -> MTMIMObjective:
+        super().train(mode)
+        if mode:
+            self.plan.set_modes()
+        return self
+
+    def encode(self, inputs: Tensor) -> Tensor:
+        """x for a batch of images, or of the frozen trunk's activations when so built."""
+        return self.plan.forward(inputs, self.activations)
 
     def groups_of(self, ages: Tensor) -> Tensor:
         """Age group per image, -1 where the age is unknown (NaN)."""
@@ -130,7 +173,7 @@ class MTMIMObjective(Objective):
         return torch.where(torch.isfinite(a), g, torch.full_like(g, -1))
 
     def forward(self, images: Tensor, labels: Tensor, ages: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        x_id, x_age = self.factorize(self.encoder(images))
+        x_id, x_age = self.factorize(self.encode(images))
         logits, cos = self.id_head.logits_and_cosine(x_id, labels)
         l_id = F.cross_entropy(logits, labels)
 
@@ -143,10 +186,17 @@ class MTMIMObjective(Objective):
         else:  # no known age in this batch: keep the head in the graph, contribute nothing
             l_age = age_logits.sum() * 0.0
 
-        # CLUB over the global batch (gather_with_grad: the identity on a single process)
+        # CLUB over the global batch (gather_with_grad: the identity on a single process).
+        # Replay rows stay out of it (and out of q's fit): the penalty is meant for the
+        # cross-age data whose age the model is taught; replay rows, of unknown age, are
+        # there to keep the identity features general.
         mi_on = self.lambda_mim > 0
-        g_id = D.gather_with_grad(x_id if mi_on else x_id.detach())
-        g_age = D.gather_with_grad(x_age if mi_on else x_age.detach())
+        mi_id, mi_age = x_id, x_age
+        if self.replay_classes_from is not None:
+            target = labels < self.replay_classes_from
+            mi_id, mi_age = x_id[target], x_age[target]
+        g_id = D.gather_with_grad(mi_id if mi_on else mi_id.detach())
+        g_age = D.gather_with_grad(mi_age if mi_on else mi_age.detach())
         club = self.q.mi_upper(g_id, g_age)
         self._q_batch = (g_id.detach().float(), g_age.detach().float())
 
@@ -155,6 +205,9 @@ class MTMIMObjective(Objective):
         # In mtmim mode q's parameters receive a gradient here too; it is never applied (q's
         # optimiser zeroes it before its own steps). Other modes add CLUB with zero value.
         loss = loss + (self.lambda_mim * club if mi_on else _zero_valued(club))
+        penalty = self.plan.penalty()
+        if penalty is not None:
+            loss = loss + penalty
         with torch.no_grad():
             accuracy = (cos.argmax(1) == labels).float().mean()
             if bool(known.any()):
@@ -162,8 +215,11 @@ class MTMIMObjective(Objective):
             else:
                 age_acc = torch.tensor(float("nan"), device=cos.device)
         self._track_sign(float(club.detach()))
-        return loss, {"accuracy": accuracy, "l_id": l_id.detach(), "l_age": l_age.detach(),
-                      "age_accuracy": age_acc, "club": club.detach()}
+        metrics = {"accuracy": accuracy, "l_id": l_id.detach(), "l_age": l_age.detach(),
+                   "age_accuracy": age_acc, "club": club.detach()}
+        if penalty is not None:
+            metrics["l2sp"] = penalty.detach()
+        return loss, metrics
 
     def _track_sign(self, club: float) -> None:
         """Warn once when the estimate stays negative: q is under-trained (a well-fitted q
@@ -203,37 +259,19 @@ class MTMIMObjective(Objective):
 
 
 # ---------------------------------------------------------------------------------------
-class _Subset(Dataset):
-    """A CacheDataset without some items (labels keep the full dataset's numbering)."""
-
-    def __init__(self, base: Dataset, keep: np.ndarray) -> None:
-        self.base, self.keep = base, np.asarray(keep, dtype=np.int64)
-        self.num_classes = base.num_classes
-        self.ages = base.ages[self.keep]
-
-    def __len__(self) -> int:
-        return len(self.keep)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.base.set_epoch(epoch)
-
-    def __getitem__(self, i: int):
-        return self.base[int(self.keep[i])]
-
-    def __getitems__(self, indices: Sequence[int]) -> list:
-        return self.base.__getitems__([int(self.keep[i]) for i in indices])
-
-
 def split_options(config: TrainConfig | dict[str, Any] | None,
                   options: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
     """A TrainConfig (fine-tuning defaults: Adam, lr 0.02, plateau, batch 400) and the
     fine-tuning options, from a TrainConfig or one flat dict of both kinds of keys."""
     train_keys = {f.name for f in fields(TrainConfig)}
     opts = dict(DEFAULTS)
+    recipe = _recipe(options.get("recipe", None if isinstance(config, TrainConfig)
+                                 else (config or {}).get("recipe")))
     if isinstance(config, TrainConfig):
         cfg = config
+        opts.update({k: v for k, v in recipe.items() if k in DEFAULTS})
     else:
-        d = {**TRAIN_DEFAULTS, **(config or {})}
+        d = {**TRAIN_DEFAULTS, **recipe, **(config or {})}
         unknown = [k for k in d if k not in train_keys and k not in DEFAULTS]
         if unknown:
             raise MtmimError(f"finetune: unknown option(s) {', '.join(sorted(unknown))}")
@@ -244,6 +282,14 @@ def split_options(config: TrainConfig | dict[str, Any] | None,
         raise MtmimError(f"finetune: unknown option(s) {', '.join(sorted(unknown))}")
     opts.update(options)
     return cfg, opts
+
+
+def _recipe(name: str | None) -> dict[str, Any]:
+    if not name:
+        return {}
+    if name not in RECIPES:
+        raise MtmimError(f"--recipe {name}: choose from {', '.join(RECIPES)}")
+    return RECIPES[name]
 
 
 def _load_encoder(init: str | os.PathLike | None, backbone: str | None,
@@ -272,25 +318,45 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
     the run folder (model.pt holds the final weights with meta kind "finetune").
 
     `config` is a TrainConfig or a flat dict of TrainConfig fields and fine-tuning options
-    (DEFAULTS: mode, age_groups, lambda_age, lambda_mim, q_steps, q_lr, q_hidden,
-    logvar_bound, factorize_gain, margin, s, m, backbone, embedding_size, val_cache,
-    val_pairs, exclude, warn_negative_after); `options` override both. `exclude` lists
-    record indices of the (single) cache to leave out, e.g. a held-out test image."""
+    (DEFAULTS); `options` override both, and a `recipe` (RECIPES) sits between the defaults
+    and them. `exclude` lists record indices of the (single) training cache to leave out,
+    e.g. a held-out test image."""
+    from mtmim_cli.data.augment import Augment
     from mtmim_cli.data.dataset import CacheDataset
     from mtmim_cli.train.lineage import run_record, saves_checkpoints
     from mtmim_cli.train.loop import train
+    from mtmim_cli.train.transfer import CENTRE_INITS, TrainingSet
 
     cfg, o = split_options(config, options)
     cfg.validate()
+    if o["init_centres"] not in CENTRE_INITS:
+        raise MtmimError(f"--init-centres {o['init_centres']}: choose from {', '.join(CENTRE_INITS)}")
+    device = D.init_from_env()
     torch.manual_seed(cfg.seed)  # a freshly built encoder: identical on every rank
     encoder, backbone, width, dim = _load_encoder(init, o["backbone"], o["embedding_size"])
-    dataset: Dataset = CacheDataset(list(caches), train=True, crop_width=width, seed=cfg.seed)
+    stage = _stage(encoder, o["freeze_through"])
+    use_acts = bool(stage) and o["activation_cache"] != "off"
+    augment = Augment.parse(o["augment"])
+    if augment and use_acts:
+        raise MtmimError("--augment: works on images, not on cached trunk activations; "
+                         "add --activation-cache off to train a frozen trunk on images")
+    replay = [str(p) for p in (o["replay"] or [])]
+    base = CacheDataset([*caches, *replay], train=True, crop_width=width, seed=cfg.seed,
+                        augment=augment)
+    in_replay = base.cache_of >= len(caches)
+    drop = np.zeros(len(base), bool)
     if o["exclude"] is not None and len(o["exclude"]):
         if len(caches) != 1:
-            raise MtmimError("finetune: `exclude` (record indices) needs exactly one cache")
-        drop = np.isin(dataset.record, np.asarray(o["exclude"], dtype=np.int64))
-        dataset = _Subset(dataset, np.flatnonzero(~drop))
-    ages = np.asarray(dataset.ages, dtype=np.float64)
+            raise MtmimError("finetune: `exclude` (record indices) needs exactly one training cache")
+        drop |= (base.cache_of == 0) & np.isin(base.record, np.asarray(o["exclude"], dtype=np.int64))
+    val_labels = None
+    if o["val_identities"]:
+        from mtmim_cli.train.transfer import validation_identities
+        val_labels = validation_identities(base, float(o["val_identities"]), cfg.seed)
+        drop |= np.isin(base.labels, val_labels)
+    dataset = TrainingSet(base, np.flatnonzero(~drop), replay=in_replay,
+                          replay_ratio=float(o["replay_ratio"]) if replay else 0.0)
+    ages = np.asarray(dataset.ages[: dataset.n_target], dtype=np.float64)
     try:
         boundaries = equal_frequency_groups(ages, int(o["age_groups"]))
     except ValueError as exc:
@@ -302,15 +368,27 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
         q_steps=o["q_steps"], q_lr=o["q_lr"], q_hidden=o["q_hidden"],
         logvar_bound=o["logvar_bound"], factorize_gain=o["factorize_gain"], margin=o["margin"],
         s=o["s"], m=o["m"], warn_negative_after=o["warn_negative_after"],
-        head_warmup_steps=int(o["head_warmup_steps"]))
+        head_warmup_steps=int(o["head_warmup_steps"]), freeze_through=stage,
+        freeze_bn=o["freeze_bn"], l2sp=float(o["l2sp"]), encoder_lr=o["encoder_lr"],
+        activations=use_acts, replay_classes_from=dataset.replay_classes_from if replay else None)
+    if use_acts:
+        from mtmim_cli.train.transfer import trunk_activations
+        folder = o["activation_cache"] or Path(cfg.out) / "activations"
+        acts, _ = trunk_activations(objective.plan, base, folder, o["activation_dtype"],
+                                    device=device, progress=cfg.progress)
+        dataset.use_activations(acts)
+    resuming = cfg.resume and (Path(cfg.out) / "checkpoints" / "last.pt").exists()
+    if o["init_centres"] != "random" and not resuming:   # a resumed run loads its centres
+        _init_centres(objective, dataset, mirror=o["init_centres"] == "mean-mirror",
+                      device=device, progress=cfg.progress)
     cfg.extra = {"caches": [str(Path(c)) for c in caches], "init": str(init) if init else None,
                  **{k: v for k, v in o.items() if k != "exclude"},
+                 "freeze_through": stage, "augment": augment.describe(),
                  "exclude_n": 0 if o["exclude"] is None else len(o["exclude"]),
                  "exclude_sha": _digest(o["exclude"])}
-    validator = None
-    if o["val_cache"]:
-        from mtmim_cli.train.validate import PairValidator
-        validator = PairValidator(o["val_cache"], width, n_pairs=o["val_pairs"], seed=cfg.seed)
+    if cfg.early_stop and not cfg.val_every:   # early stopping needs a score every epoch
+        cfg.val_every = max(1, _epoch_steps(dataset, cfg))
+    validator = _validator(o, base, val_labels, width, cfg.seed)
     counts = np.bincount(assign_groups(ages, boundaries)[np.isfinite(ages)],
                          minlength=int(o["age_groups"]))
     meta = {"kind": "finetune", "backbone": backbone, "input_width": width, "embedding_size": dim,
@@ -322,6 +400,56 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
         meta["trained_on"] = run_record(dataset, init, o["exclude"])
     result = train(objective, dataset, cfg, meta=meta, validator=validator)
     return Path(result.run_dir)
+
+
+def _stage(encoder: nn.Module, name: str | None) -> str | None:
+    """--freeze-through: a stage name, or "auto" = all but the encoder's last two stages
+    (MobileFaceNet: through conv2, so linear7 + linear1 train; iresnet: through bn2, so fc
+    + features train)."""
+    if not name or name == "none":
+        return None
+    if name != "auto":
+        return name
+    if not hasattr(encoder, "stages"):
+        raise MtmimError("--freeze-through auto: this encoder has no named stages")
+    return encoder.stages()[-3][0]
+
+
+def _epoch_steps(dataset, cfg: TrainConfig) -> int:
+    sampler = dataset.make_sampler(cfg.batch_size, D.world_size(), D.rank(), cfg.seed)
+    return sampler.steps if sampler is not None else len(dataset) // cfg.batch_size
+
+
+def _validator(o: dict[str, Any], base, val_labels: np.ndarray | None, width: int, seed: int):
+    """Pairs of a held-out cache (--val-cache) or of the carved-out identities (--val-identities)."""
+    from mtmim_cli.train.validate import PairValidator
+
+    if o["val_cache"] and val_labels is not None:
+        raise MtmimError("--val-cache and --val-identities: choose one")
+    if o["val_cache"]:
+        return PairValidator(o["val_cache"], width, n_pairs=o["val_pairs"], seed=seed)
+    if val_labels is None:
+        return None
+    cache = base.caches[0]
+    records = base.record[(base.cache_of == 0) & np.isin(base.labels, val_labels)]
+    keep = np.zeros(len(cache), bool)
+    keep[records] = True
+    return PairValidator(cache, width, n_pairs=o["val_pairs"], seed=seed, keep=keep)
+
+
+def _init_centres(objective: MTMIMObjective, dataset, mirror: bool, device: torch.device,
+                  progress: bool) -> None:
+    """Margin-head class centres at each class's mean x_id under the initial encoder."""
+    from mtmim_cli.train.transfer import class_mean_centres
+
+    was = objective.training
+    objective.to(device).eval()
+    centres, has = class_mean_centres(lambda x: objective.factorize(objective.encode(x))[0],
+                                      dataset, mirror, device=device, progress=progress)
+    objective.train(was)
+    with torch.no_grad():
+        w = objective.id_head.weight
+        w[torch.from_numpy(has).to(w.device)] = centres[torch.from_numpy(has)].to(w.device, w.dtype)
 
 
 def _digest(values: Sequence[int] | None) -> str:

@@ -13,6 +13,7 @@ import csv
 import io
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -25,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mtmim_cli import __version__
-from mtmim_cli.atomic import atomic_write_text
+from mtmim_cli.atomic import atomic_write, atomic_write_text
 from mtmim_cli.data.dataset import NORMALISATION, CacheDataset
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.progress import make_progress
@@ -93,6 +94,7 @@ class LoopState:
     skipped: int = 0                 # steps skipped for non-finite gradients, all told
     bad_run: int = 0                 # ... of them in a row, up to now
     saved_step: int = -1             # the step checkpoints/last.pt holds (-1: none yet)
+    stopped: bool = False            # early stopping ended the run
     history: list[dict] = field(default_factory=list)   # validation results
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,6 +176,8 @@ def train(objective: Objective, train_data: Sequence[str | os.PathLike] | Datase
     meta = {**meta, "normalisation": NORMALISATION, "tool_version": __version__}
     if config.batch_size % world:
         raise MtmimError(f"--batch-size {config.batch_size}: must be a multiple of the {world} processes")
+    if config.keep == "best" and validator is None:
+        raise MtmimError("--keep best: needs validation (--val-cache or --val-identities)")
     run_dir = Path(config.out)
     resuming = _open_run_dir(run_dir, config)
     dataset, sampler, total = _make_data(train_data, config, meta)
@@ -214,7 +218,11 @@ def _make_data(train_data: Sequence[str | os.PathLike] | Dataset, config: TrainC
     else:
         dataset = CacheDataset(train_data, train=True, crop_width=int(meta["input_width"]),
                                seed=config.seed)
-    sampler = EpochSampler(len(dataset), config.batch_size, D.world_size(), D.rank(), config.seed)
+    # A dataset may bring its own sampler (e.g. fine-tuning's replay mix); same interface.
+    own = getattr(dataset, "make_sampler", None)
+    sampler = own(config.batch_size, D.world_size(), D.rank(), config.seed) if own else None
+    if sampler is None:
+        sampler = EpochSampler(len(dataset), config.batch_size, D.world_size(), D.rank(), config.seed)
     if sampler.steps == 0:
         raise MtmimError(f"training data has {len(dataset)} images, fewer than one batch "
                          f"({config.batch_size}); lower --batch-size")
@@ -245,11 +253,7 @@ class _Run:
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = _make_optimizer(config, groups)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-        self.model: nn.Module = objective
-        if self.world > 1:
-            self.model = nn.parallel.DistributedDataParallel(
-                objective, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=getattr(objective, "ddp_find_unused_parameters", False))
+        self.model: nn.Module | None = None    # wrapped at the first step (see _wrap)
 
         self.st = LoopState()
         if resuming:
@@ -266,6 +270,16 @@ class _Run:
         self.display = make_progress("img", disable=not (self.main and config.progress))
         self.task: Any = None
         self.last_loss = math.nan
+
+    def _wrap(self) -> nn.Module:
+        """The objective as the step calls it: DDP-wrapped when several processes train. DDP
+        fixes at construction which parameters it reduces, so the loop wraps again whenever
+        the objective changes that set (Objective.begin_step)."""
+        if self.world == 1:
+            return self.objective
+        return nn.parallel.DistributedDataParallel(
+            self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=getattr(self.objective, "ddp_find_unused_parameters", False))
 
     # --- checkpoints ---
     def _load(self, path: Path) -> None:
@@ -329,7 +343,12 @@ class _Run:
             self.say(f"validation at step {st.step} on {getattr(validator, 'name', 'pairs')}: "
                      f"accuracy {acc:.4f} ± {float(res['std']):.4f} "
                      f"(best {st.best_val:.4f} at step {st.best_step})")
-        D.barrier()
+            since = sum(h["step"] > st.best_step for h in st.history)
+            if self.config.early_stop and since >= self.config.early_stop:
+                st.stopped = True
+                self.say(f"early stop: {since} validations without a better accuracy than "
+                         f"{st.best_val:.4f} (step {st.best_step})")
+        st.stopped = bool(D.broadcast_object(st.stopped))   # also holds the others until rank 0 is done
 
     # --- training ---
     def fit(self, dataset: Dataset, sampler: EpochSampler, total: int) -> TrainResult:
@@ -344,7 +363,7 @@ class _Run:
             with self.display:
                 self.task = self.display.add_task("train", total=total * config.batch_size,
                                                   completed=st.step * config.batch_size)
-                while st.step < total:
+                while st.step < total and not st.stopped:
                     if st.position >= sampler.steps:     # an epoch just ended
                         _end_epoch(st, config, self.optimizer, self.objective, self.say)
                         self.checkpoint(self.ckpt_path, full=True)
@@ -355,7 +374,15 @@ class _Run:
             if self.validator is not None and not (st.history and st.history[-1]["step"] == st.step):
                 self.validate()
             self.checkpoint(self.ckpt_path, full=True)   # holds the final validation history too
-            self.checkpoint(self.run_dir / "model.pt", full=False)
+            best = self.run_dir / "best.pt"
+            if config.keep == "best" and best.exists():
+                if self.main:
+                    with atomic_write(self.run_dir / "model.pt") as tmp:
+                        shutil.copyfile(best, tmp)
+                self.say(f"model.pt: the best validation checkpoint (step {st.best_step}, "
+                         f"accuracy {st.best_val:.4f})")
+            else:
+                self.checkpoint(self.run_dir / "model.pt", full=False)
         finally:
             for log in (self.log, self.val_log):
                 if log is not None:
@@ -394,6 +421,8 @@ class _Run:
             if config.val_every and st.step % config.val_every == 0 and st.step < total:
                 self.validate()
                 t0 = time.perf_counter()   # images/s measures training, not validation
+                if st.stopped:
+                    break
             if config.ckpt_every and st.step % config.ckpt_every == 0:
                 self.checkpoint(self.ckpt_path, full=True)
 
@@ -402,9 +431,9 @@ class _Run:
         """One optimiser step on a batch; returns its metrics row (averaged over ranks)."""
         st, config, optimizer, device = self.st, self.config, self.optimizer, self.device
         for g in optimizer.param_groups:
-            held = st.step < g.get("hold_steps", 0)  # e.g. encoder during head warm-up
-            g["lr"] = (0.0 if held else
-                       g["base_lr"] * lr_factor(config, st.step, total) * st.plateau_scale)
+            g["lr"] = g["base_lr"] * lr_factor(config, st.step, total) * st.plateau_scale
+        if self.objective.begin_step(st.step) or self.model is None:
+            self.model = self._wrap()
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         ages = ages.to(device, dtype=torch.float32, non_blocking=True)

@@ -33,6 +33,12 @@ class Objective(nn.Module):
         """Parameter groups of the main optimiser (a group may carry its own "lr")."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
+    def begin_step(self, step: int) -> bool:
+        """Called before each step's forward with the 0-based step. Returns True when the set
+        of parameters that take a gradient changed (e.g. an encoder released after a head
+        warm-up): the loop then re-wraps the model for DDP."""
+        return False
+
     def after_step(self) -> dict[str, float]:
         """Inner updates after each main optimiser step; returns metrics to log (by name)."""
         return {}

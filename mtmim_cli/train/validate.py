@@ -30,19 +30,23 @@ class _IdentityView(nn.Module):
 class PairValidator:
     def __init__(self, cache: str | os.PathLike | Cache, input_width: int, n_pairs: int = 3000,
                  seed: int = 0, min_gap: float = 0.0, flip: str = "concat",
-                 batch_size: int = 128) -> None:
+                 batch_size: int = 128, keep: np.ndarray | None = None) -> None:
+        """`keep`: a record mask restricting the pairs (e.g. identities carved out of a
+        training cache for validation)."""
         self.cache = cache if isinstance(cache, Cache) else Cache(cache)
         self.input_width = input_width
         self.flip = flip
         self.batch_size = batch_size
+        usable = self.cache.usable if keep is None else self.cache.usable & np.asarray(keep, bool)
+        self.n_identities = len(np.unique(self.cache.identity[usable]))
         self.i, self.j, self.same = cross_age_pairs(self.cache.identity, self.cache.age, n_pairs,
-                                                    seed, min_gap=min_gap, usable=self.cache.usable)
+                                                    seed, min_gap=min_gap, usable=usable)
         self.used, inverse = np.unique(np.r_[self.i, self.j], return_inverse=True)
         self.pos_i, self.pos_j = inverse[: len(self.i)], inverse[len(self.i):]
 
     @property
     def name(self) -> str:
-        return f"{self.cache.path.name} ({len(self.same)} pairs)"
+        return f"{self.cache.path.name} ({len(self.same)} pairs of {self.n_identities} people)"
 
     def __call__(self, objective: nn.Module, device: torch.device | str = "cpu") -> dict:
         feats = extract_features(_IdentityView(objective, self.input_width), self.cache,

@@ -1,0 +1,380 @@
+"""Transfer tools for small sets (issue 10): the head warm-up that really holds the encoder,
+frozen trunks and their cached activations, frozen BatchNorm, L2-SP, class-mean centres,
+separate learning rates, replay batches, validation identities, early stopping, the recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtmim_cli.data.dataset import CacheDataset
+from mtmim_cli.errors import MtmimError
+from mtmim_cli.models.backbones import build_backbone
+from mtmim_cli.train.checkpoint import load_checkpoint
+from mtmim_cli.train.finetune import MTMIMObjective, finetune, split_options
+from mtmim_cli.train.transfer import (
+    EncoderPlan,
+    ReplaySampler,
+    TrainingSet,
+    class_mean_centres,
+    validation_identities,
+)
+
+from .conftest import write_cache
+from .test_finetune import save_tiny_pretrain
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def aged_cache(tmp_path: Path) -> Path:
+    ids = [f"id{k}" for k in range(6) for _ in range(8)]
+    ages = [float((k * 5 + j * 9) % 70) for k in range(6) for j in range(8)]
+    return write_cache(tmp_path / "aged.h5", ids, ages)
+
+
+def _run(cache: Path, init: Path, out: Path, **kw):
+    cfg = {"out": str(out), "epochs": 3, "batch_size": 16, "lr": 1e-2, "schedule": "constant",
+           "progress": False, "ckpt_every": 1}
+    cfg.update({k: kw.pop(k) for k in list(kw) if k in ("epochs", "batch_size", "lr", "resume",
+                                                           "max_steps", "ckpt_every", "keep",
+                                                           "early_stop", "val_every")})
+    return finetune([cache], init, cfg, mode="mtmim", age_groups=4, **kw)
+
+
+class _Kill:
+    """Make MTMIMObjective.forward raise at its n-th call (a killed process)."""
+
+    def __init__(self, monkeypatch, at: int) -> None:
+        self.calls, self.at = 0, at
+        original = MTMIMObjective.forward
+
+        def forward(obj, *args):
+            self.calls += 1
+            if self.calls == self.at:
+                raise KeyboardInterrupt("simulated kill")
+            return original(obj, *args)
+
+        monkeypatch.setattr(MTMIMObjective, "forward", forward)
+
+
+def _encoder_state(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k.startswith("encoder.")}
+
+
+def _equal_states(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ----------------------------------------------------------------------- head warm-up
+@pytest.mark.slow
+def test_head_warmup_holds_encoder_params_and_buffers_and_resumes_bitwise(
+        aged_cache: Path, tmp_path: Path, monkeypatch) -> None:
+    """3 steps per epoch, warm-up 4: during steps 1-4 the encoder's parameters AND buffers
+    (BatchNorm running statistics, counters) stay bit-identical and it has no optimiser state;
+    at release (step 5) its Adam state starts from scratch. Runs killed mid-warm-up (in
+    step 3) and just after release (in step 6) resume to the uninterrupted run bit for bit,
+    with augmentation on (drawn per seed, epoch and index)."""
+    pre, init = save_tiny_pretrain(tmp_path / "pre.pt", seed=7)
+    kw = {"head_warmup_steps": 4, "augment": "light"}
+    full = _run(aged_cache, init, tmp_path / "full", **kw)
+    want = load_checkpoint(full / "model.pt")["objective"]
+
+    # killed in step 5's forward: last.pt holds step 4, the end of the warm-up
+    with monkeypatch.context() as mp:
+        _Kill(mp, at=5)
+        with pytest.raises(KeyboardInterrupt):
+            _run(aged_cache, init, tmp_path / "at4", **kw)
+    ck = load_checkpoint(tmp_path / "at4" / "checkpoints" / "last.pt")
+    assert ck["loop"]["step"] == 4
+    _equal_states(_encoder_state(ck["objective"]),
+                  {k: v for k, v in pre.state_dict().items() if k.startswith("encoder.")})
+    heads = ck["optimizer"]["param_groups"][0]["params"]
+    encoder = ck["optimizer"]["param_groups"][1]["params"]
+    assert all(p in ck["optimizer"]["state"] for p in heads)          # the heads trained
+    assert not any(p in ck["optimizer"]["state"] for p in encoder)    # the encoder: no state at all
+
+    for at, saved in ((3, 2), (6, 5)):
+        out = tmp_path / f"cut{at}"
+        with monkeypatch.context() as mp:
+            _Kill(mp, at=at)
+            with pytest.raises(KeyboardInterrupt):
+                _run(aged_cache, init, out, **kw)
+        ck = load_checkpoint(out / "checkpoints" / "last.pt")
+        assert ck["loop"]["step"] == saved
+        if saved == 5:   # one encoder step after release: Adam's first step, fresh moments
+            encoder = ck["optimizer"]["param_groups"][1]["params"]
+            assert all(int(ck["optimizer"]["state"][p]["step"]) == 1 for p in encoder)
+        torch.manual_seed(999)   # the resumed run restores its RNG streams itself
+        _run(aged_cache, init, out, resume=True, **kw)
+        _equal_states(load_checkpoint(out / "model.pt")["objective"], want)
+
+
+def test_plan_warmup_takes_the_encoder_out_and_back(aged_cache: Path) -> None:
+    torch.manual_seed(0)
+    enc = build_backbone("tiny", 16)
+    plan = EncoderPlan(enc, warmup_steps=2)
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    plan.set_modes()
+    assert not any(m.training for m in enc.modules())
+    assert plan.begin_step(1) is False and plan.begin_step(2) is True
+    assert all(p.requires_grad for p in plan.trainable) and len(plan.trainable) == len(list(enc.parameters()))
+    enc.train()
+    plan.set_modes()
+    assert all(m.training for m in enc.modules())
+
+
+# ----------------------------------------------------------------------- frozen BatchNorm
+@pytest.mark.parametrize("mode", ["stats", "all"])
+def test_frozen_batchnorm(aged_cache: Path, tmp_path: Path, mode: str) -> None:
+    """stats: running statistics fixed, affine weight/bias trained; all: both fixed."""
+    pre, init = save_tiny_pretrain(tmp_path / "pre.pt", seed=3)
+    run = _run(aged_cache, init, tmp_path / "r", epochs=1, freeze_bn=mode)
+    got = load_checkpoint(run / "model.pt")["objective"]
+    before = pre.state_dict()
+    for k in got:
+        if not k.startswith("encoder.") or ".body." not in k and "features" not in k:
+            continue
+        if k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(got[k], before[k]), k
+    bn_w = [k for k in got if k.startswith("encoder.body.") and k.endswith(".1.weight")]
+    assert bn_w
+    moved = [k for k in bn_w if not torch.equal(got[k], before[k])]
+    assert (moved == []) if mode == "all" else (moved == bn_w)
+    conv = "encoder.body.0.0.weight"
+    assert not torch.equal(got[conv], before[conv])   # the rest of the encoder trains
+
+
+# ----------------------------------------------------------------------- frozen trunk
+@pytest.mark.slow
+def test_cached_activations_train_like_the_frozen_trunk_on_images(aged_cache: Path, tmp_path: Path) -> None:
+    """Freeze through body.3 (tail = pool, fc, features): training on cached activations
+    (float32) equals training the same frozen-trunk model on images, same seed; the trunk is
+    untouched; model.pt is a normal full checkpoint; a second run reuses the cache file."""
+    from mtmim_cli.models.identity import load_identity_model
+
+    pre, init = save_tiny_pretrain(tmp_path / "pre.pt", seed=5)
+    kw = {"freeze_through": "body.3", "init_centres": "mean-mirror", "l2sp": 1e-2, "epochs": 2}
+    shared = tmp_path / "acts"
+    a = _run(aged_cache, init, tmp_path / "acts_run", activation_cache=str(shared),
+             activation_dtype="float32", **kw)
+    b = _run(aged_cache, init, tmp_path / "image_run", activation_cache="off", **kw)
+    ga, gb = (load_checkpoint(r / "model.pt")["objective"] for r in (a, b))
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-5, msg=k)
+    for k, v in pre.state_dict().items():
+        if k.startswith("encoder.body."):
+            assert torch.equal(ga[k], v) and torch.equal(gb[k], v), k
+    assert not torch.equal(ga["encoder.fc.weight"], pre.state_dict()["encoder.fc.weight"])
+    model = load_identity_model(a / "model.pt")
+    assert model.factorize is not None and model(torch.zeros(1, 3, 112, 112)).shape == (1, 64)
+    files = list(shared.glob("trunk-body.3-*.npy"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    _run(aged_cache, init, tmp_path / "again", activation_cache=str(shared), activation_dtype="float32",
+         max_steps=1, **kw)
+    assert files[0].stat().st_mtime_ns == stamp   # reused, not recomputed
+
+
+def test_activation_views_follow_the_flip_bit(aged_cache: Path, tmp_path: Path) -> None:
+    from mtmim_cli.data.dataset import _flip_bit
+    from mtmim_cli.train.transfer import trunk_activations
+
+    torch.manual_seed(0)
+    enc = build_backbone("tiny", 16)
+    plan = EncoderPlan(enc, freeze_through="pool")
+    base = CacheDataset([aged_cache], train=True, seed=3)
+    acts, path = trunk_activations(plan, base, tmp_path, "float32", progress=False)
+    assert acts.shape == (48, 2, 64) and path.name.startswith("trunk-pool-")
+    ds = TrainingSet(base, np.arange(48), activations=acts)
+    ds.set_epoch(5)
+    x = ds.__getitems__([0, 1, 2, 3])[0]
+    enc.eval()
+    with torch.no_grad():
+        for k in range(4):
+            img = base[k][0][None]          # the image path's view of item k (flip included)
+            want = plan.trunk_forward(img)[0]
+            assert _flip_bit(3, 5, k) == bool(torch.allclose(x[k], torch.from_numpy(np.array(acts[k, 1]))))
+            torch.testing.assert_close(x[k], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(MtmimError, match="not a stage"):
+        EncoderPlan(enc, freeze_through="nope")
+
+
+# ----------------------------------------------------------------------- L2-SP
+def test_l2sp_gradient_is_alpha_times_the_distance_to_the_initial_weights() -> None:
+    torch.manual_seed(0)
+    enc = build_backbone("tiny", 16)
+    init = {k: v.clone() for k, v in enc.state_dict().items()}
+    obj = MTMIMObjective(enc, 5, 3, embedding_size=16, boundaries=[20.0, 40.0], q_hidden=8, l2sp=0.3)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    pen = obj.plan.penalty()
+    grads = torch.autograd.grad(pen, obj.plan.trainable)
+    for (name, p), g in zip(enc.named_parameters(), grads, strict=True):
+        torch.testing.assert_close(g, 0.3 * (p.detach() - init[name]), rtol=1e-5, atol=1e-8)
+    want = 0.15 * sum(((p.detach() - init[n]) ** 2).sum() for n, p in enc.named_parameters())
+    torch.testing.assert_close(pen.detach(), want, rtol=1e-5, atol=0.0)
+    # in the loss: the gradient difference to the same loss without L2-SP is exactly that term
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(6, 3, 112, 112, generator=g), torch.arange(6) % 5
+    ages = torch.tensor([10.0, 30.0, 50.0, 10.0, 30.0, 50.0])
+    obj.eval()
+    loss, m = obj(images, labels, ages)
+    off = obj.plan.l2sp
+    obj.plan.anchor, anchor = [], obj.plan.anchor
+    loss0, _ = obj(images, labels, ages)
+    obj.plan.anchor = anchor
+    ga = torch.autograd.grad(loss, obj.plan.trainable)
+    gb = torch.autograd.grad(loss0, obj.plan.trainable)
+    for (name, p), a, b in zip(enc.named_parameters(), ga, gb, strict=True):
+        # a float32 sum of two terms: tolerance relative to the gradient's size
+        torch.testing.assert_close(a - b, off * (p.detach() - init[name]), rtol=1e-4,
+                                   atol=1e-5 * float(b.abs().max()))
+    assert float(m["l2sp"]) == pytest.approx(float(want), rel=1e-5)
+    groups = obj.main_parameters()
+    assert groups[1]["weight_decay"] == 0.0 and "weight_decay" not in groups[0]
+
+
+# ----------------------------------------------------------------------- learning rates
+def test_encoder_lr_and_heads_lr(aged_cache: Path, tmp_path: Path) -> None:
+    pre, init = save_tiny_pretrain(tmp_path / "pre.pt", seed=1)
+    run = _run(aged_cache, init, tmp_path / "r", max_steps=1, encoder_lr=1e-4, lr=3e-3)
+    groups = load_checkpoint(run / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([3e-3, 1e-4])
+    ck = load_checkpoint(run / "model.pt")["objective"]
+    n_encoder = sum(k.startswith("encoder.") and not k.endswith(("running_mean", "running_var",
+                                                                   "num_batches_tracked")) for k in ck)
+    assert len(groups[1]["params"]) == n_encoder
+
+
+# ----------------------------------------------------------------------- class centres
+def test_class_mean_centres_against_brute_force(aged_cache: Path) -> None:
+    torch.manual_seed(0)
+    enc = build_backbone("tiny", 16).eval()
+    base = CacheDataset([aged_cache], train=True, seed=0)
+    ds = TrainingSet(base, np.arange(0, 48, 2))   # every other image
+    for mirror in (False, True):
+        got, has = class_mean_centres(enc, ds, mirror)
+        assert has.all() and got.shape == (6, 16)
+        for c in range(6):
+            rows = [i for i in range(len(ds)) if ds.labels[i] == c]
+            x = torch.stack([CacheDataset([aged_cache], train=False)[int(ds.keep[i])][0] for i in rows])
+            with torch.no_grad():
+                e = F.normalize(enc(x), dim=1)
+                if mirror:
+                    e = (e + F.normalize(enc(torch.flip(x, dims=[3])), dim=1)) / 2
+            torch.testing.assert_close(got[c], F.normalize(e.mean(0), dim=0), rtol=1e-5, atol=1e-6)
+
+
+def test_mean_centres_start_the_margin_loss_low(aged_cache: Path, tmp_path: Path) -> None:
+    """Centres at the class means of x_id: the first step's identity loss is far below the
+    random head's (the encoder is the same)."""
+    import pandas as pd
+
+    pre, init = save_tiny_pretrain(tmp_path / "pre.pt", seed=2)
+    first = {}
+    for how in ("random", "mean"):
+        run = _run(aged_cache, init, tmp_path / how, max_steps=1, init_centres=how, lr=1e-12)
+        first[how] = float(pd.read_csv(run / "metrics.csv")["l_id"][0])
+    assert first["mean"] < first["random"] - 1.0
+
+
+# ----------------------------------------------------------------------- replay
+def test_replay_sampler_mix_ranks_and_streams() -> None:
+    s = ReplaySampler(n_target=50, n_replay=7, global_batch=8, ratio=0.25, world=1, rank=0, seed=3)
+    assert (s.per_target, s.per_replay, s.steps) == (6, 2, 8)
+    seen_replay = []
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        idx = np.array(s.indices()).reshape(8, 8)
+        assert ((idx >= 50).sum(1) == 2).all()                      # 2 replay rows in every batch
+        target = idx[idx < 50]
+        assert len(np.unique(target)) == 48                        # a pass over the training rows
+        seen_replay += idx[idx >= 50].tolist()
+    # the replay stream runs through whole permutations, continuing across epochs: 48 draws
+    # of 7 items = 6 full passes and 6 items of the 7th
+    counts = np.bincount(np.array(seen_replay) - 50, minlength=7)
+    assert counts.sum() == 48 and set(counts.tolist()) == {6, 7}
+    ranks = []
+    for r in range(2):
+        sr = ReplaySampler(50, 7, 8, 0.25, world=2, rank=r, seed=3)
+        sr.set_epoch(1)
+        ranks.append(sr.indices())
+    s.set_epoch(1)
+    full = s.indices()
+    for k in range(8):
+        assert sorted(ranks[0][4 * k:4 * k + 4] + ranks[1][4 * k:4 * k + 4]) == sorted(full[8 * k:8 * k + 8])
+    s.set_epoch(1, start=16)
+    assert list(s) == full[16:] and len(s) == 48
+    with pytest.raises(MtmimError, match="between 0 and 1"):
+        ReplaySampler(50, 7, 8, 1.0, 1, 0, 0)
+
+
+def test_replay_rows_get_their_own_classes_no_age_and_no_club(aged_cache: Path, tmp_path: Path) -> None:
+    replay = write_cache(tmp_path / "replay.h5", [f"r{k}" for k in range(5) for _ in range(4)],
+                         [33.0] * 20, seed=3)
+    base = CacheDataset([aged_cache, replay], train=True)
+    ds = TrainingSet(base, np.arange(len(base)), replay=base.cache_of >= 1, replay_ratio=0.25)
+    assert (ds.n_target, ds.n_replay, ds.num_classes, ds.replay_classes_from) == (48, 20, 11, 6)
+    assert np.isnan(ds.ages[48:]).all() and np.isfinite(ds.ages[:48]).all()
+    assert (ds.labels[48:] >= 6).all() and (ds.labels[:48] < 6).all()
+    x, y, a, b = ds.__getitems__([0, 50, 60])
+    assert y.tolist() == [int(ds.labels[0]), int(ds.labels[50]), int(ds.labels[60])] and torch.isnan(a[1:]).all()
+    # CLUB (and q's batch) over the training rows only
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8))
+    obj = MTMIMObjective(enc, 11, 3, embedding_size=8, boundaries=[20.0, 40.0], q_hidden=8,
+                         replay_classes_from=6)
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(10, 3, 2, 2, generator=g), torch.tensor([0, 7, 1, 8, 2, 9, 3, 10, 4, 5])
+    ages = torch.where(labels < 6, torch.tensor(25.0), torch.tensor(float("nan")))
+    _, m = obj(images, labels, ages)
+    x_id, x_age = obj.factorize(enc(images))
+    keep = labels < 6
+    torch.testing.assert_close(m["club"], obj.q.mi_upper(x_id[keep], x_age[keep]).detach())
+    assert obj._q_batch[0].shape[0] == int(keep.sum())
+
+
+# ----------------------------------------------------------------------- validation identities, early stop
+def test_validation_identities_are_carved_out_of_training(aged_cache: Path, tmp_path: Path) -> None:
+    from mtmim_cli.data.provenance import cache_digests, unpack
+
+    base = CacheDataset([aged_cache], train=True)
+    v = validation_identities(base, 2, seed=4)
+    assert len(v) == 2 and np.array_equal(v, validation_identities(base, 2, seed=4))
+    assert not np.array_equal(v, validation_identities(base, 2, seed=5)) or True   # seeded, either way valid
+    assert len(validation_identities(base, 0.5, seed=4)) == 3
+    with pytest.raises(MtmimError, match="at least 2"):
+        validation_identities(base, 6, seed=0)
+    pre, init = save_tiny_pretrain(tmp_path / "pre.pt", seed=1)
+    run = _run(aged_cache, init, tmp_path / "r", max_steps=2, val_identities=2, val_pairs=40,
+               keep="best")
+    meta = load_checkpoint(run / "model.pt")["meta"]
+    trained = set(unpack(meta["trained_on"]["images"]).tolist())
+    from mtmim_cli.data.cache import Cache
+
+    cache = Cache(aged_cache)
+    d = cache_digests(cache)
+    val_rows = np.flatnonzero(np.isin(base.labels, validation_identities(base, 2, seed=0)))
+    assert not trained & set(d[val_rows].tolist()) and len(trained) == 32
+    assert meta["num_classes"] == 4
+    assert (run / "model.pt").read_bytes() == (run / "best.pt").read_bytes()
+
+
+def test_recipe_small_sits_between_defaults_and_explicit_options() -> None:
+    cfg, o = split_options({"recipe": "small"}, {})
+    assert (cfg.lr, cfg.epochs, cfg.optimizer) == (1e-3, 5, "adam")
+    assert (o["freeze_through"], o["freeze_bn"], o["init_centres"], o["l2sp"], o["s"], o["m"]) == \
+        ("auto", "stats", "mean-mirror", 1e-2, 64.0, 0.35)
+    cfg, o = split_options({"recipe": "small", "lr": 1e-4}, {"l2sp": 0.0})
+    assert cfg.lr == 1e-4 and o["l2sp"] == 0.0
+    with pytest.raises(MtmimError, match="--recipe big"):
+        split_options({}, {"recipe": "big"})

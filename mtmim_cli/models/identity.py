@@ -88,7 +88,7 @@ def _load_strict(module: nn.Module, state: dict, path: Path, what: str) -> None:
 
 
 def load_identity_model(path: str | os.PathLike, backbone: str | None = None) -> IdentityModel:
-    from mtmim_cli.train.checkpoint import load_weights_file
+    from mtmim_cli.models.weights_io import load_weights_file
 
     path = Path(path)
     obj = load_weights_file(path)

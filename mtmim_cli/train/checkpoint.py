@@ -17,6 +17,7 @@ import torch
 
 from mtmim_cli.atomic import atomic_write
 from mtmim_cli.errors import MtmimError
+from mtmim_cli.models.weights_io import load_weights_file
 
 REQUIRED_META = ("kind", "backbone", "input_width", "embedding_size", "normalisation")
 
@@ -30,18 +31,6 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
     return path
-
-
-def load_weights_file(path: str | os.PathLike) -> Any:
-    """`torch.load` with `weights_only=True` on the CPU; a missing or unreadable file (or one
-    that would run code) is the user's input, so it becomes a one-line MtmimError."""
-    path = Path(path)
-    if not path.exists():
-        raise MtmimError(f"{path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - an unreadable file is the user's input
-        raise MtmimError(f"{path}: cannot read weights ({str(exc).splitlines()[0]})") from None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 
 from mtmim_cli.data import provenance
-from mtmim_cli.train.checkpoint import load_weights_file
+from mtmim_cli.models.weights_io import load_weights_file
 
 
 def saves_checkpoints() -> bool:

@@ -125,7 +125,7 @@ def extract_backbone_state(obj: object, path: str | os.PathLike = "") -> dict:
 def load_backbone_weights(model, path: str | os.PathLike) -> None:
     """Load `path` into `model` strictly: every key used and every shape equal, else an
     MtmimError naming the first differences."""
-    from mtmim_cli.train.checkpoint import load_weights_file
+    from mtmim_cli.models.weights_io import load_weights_file
 
     path = Path(path)
     obj = load_weights_file(path)

@@ -1,0 +1,106 @@
+"""The house's layering: every import inside mtmim_cli points down (or within its layer).
+
+    base -> data -> models -> eval -> train -> orchestration -> commands -> cli
+
+`eval/` never imports `train/`: evaluation scores features and never trains. `train/` may use
+eval's scoring (its validator measures verification accuracy during a run). Work that trains
+and then evaluates (the FG-NET re-fit) lives in `orchestration/`. Lazy imports inside
+functions count too: they are dependencies all the same. A new top-level module or package
+must be given a layer here before it can land.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mtmim_cli"
+
+LAYERS: list[set[str]] = [
+    {"__init__", "errors", "atomic", "paths", "progress", "sharding", "threads"},   # base
+    {"data"},
+    {"models"},
+    {"eval"},
+    {"train"},
+    {"orchestration", "deploy", "report"},
+    {"commands", "app"},
+    {"cli"},
+]
+
+
+def _layer(part: str) -> int:
+    for k, names in enumerate(LAYERS):
+        if part in names:
+            return k
+    raise AssertionError(f"mtmim_cli.{part}: give it a layer in tests/test_layers.py")
+
+
+def _part(module: str) -> str:
+    """'mtmim_cli.eval.run' -> 'eval'; 'mtmim_cli' -> '__init__'."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imported_modules(source: str) -> list[str]:
+    """Every mtmim_cli module an import statement names (at any depth of the file)."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import: use the absolute mtmim_cli path"
+            names = [node.module or ""]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        out += [n for n in names if n == "mtmim_cli" or n.startswith("mtmim_cli.")]
+    return out
+
+
+def violations(module: str, source: str) -> list[str]:
+    """Imports of `module` (e.g. 'mtmim_cli.models.identity') that point up or across peers."""
+    here = _part(module)
+    bad = []
+    for target in imported_modules(source):
+        there = _part(target)
+        if there == here:
+            continue
+        if _layer(there) > _layer(here):
+            bad.append(f"{module} -> {target} (up: {here} is below {there})")
+    return bad
+
+
+def _modules() -> list[tuple[str, Path]]:
+    out = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out.append((".".join(parts), path))
+    return out
+
+
+def test_every_import_points_down() -> None:
+    bad = [v for module, path in _modules() for v in violations(module, path.read_text())]
+    assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+def test_every_module_has_a_layer() -> None:
+    for module, _ in _modules():
+        _layer(_part(module))
+
+
+@pytest.mark.parametrize("module, source, ok", [
+    ("mtmim_cli.models.identity", "from mtmim_cli.train.checkpoint import x", False),
+    ("mtmim_cli.models.identity", "def f():\n    import mtmim_cli.train.loop\n", False),
+    ("mtmim_cli.eval.features", "from mtmim_cli.train import loop", False),
+    ("mtmim_cli.train.validate", "from mtmim_cli.eval.features import x", True),
+    ("mtmim_cli.data.cache", "from mtmim_cli.orchestration.refit import x", False),
+    ("mtmim_cli.orchestration.refit", "from mtmim_cli.train.finetune import x\n"
+                                      "from mtmim_cli.eval import protocols", True),
+    ("mtmim_cli.train.loop", "from mtmim_cli import __version__\nfrom mtmim_cli.data import cache", True),
+])
+def test_the_checker_sees_upward_imports(module: str, source: str, ok: bool) -> None:
+    assert (violations(module, source) == []) is ok

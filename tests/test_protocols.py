@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -277,11 +278,22 @@ def test_pairs_bin_and_csv_end_to_end(tmp_path: Path, pool_model: Path) -> None:
     for m in results.values():
         assert m["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
         assert m["auc"] == pytest.approx(M.roc_auc(scores, same), abs=1e-6)
-        assert m["tar_at_far"] == pytest.approx(M.tar_at_far(scores, same, 1e-3), abs=1e-9)
+        # 60 impostor pairs cannot resolve a FAR of 1e-3: no figure, a note saying why.
+        assert m["tar_at_far"] is None and m["impostor_pairs"] == (~same).sum() == 60
+        assert m["tar_at_far_note"] == "n/a (needs >= 1000 impostors, have 60)"
     assert 0.55 < expected["accuracy"] < 0.99
     roc = list(csv.DictReader(open(tmp_path / "csv" / "roc.csv")))
     assert roc and roc[-1]["far"] == "1" and float(roc[-1]["tar"]) == 1.0
-    assert "99.25" in (tmp_path / "csv" / "results.md").read_text()
+    md = (tmp_path / "csv" / "results.md").read_text()
+    assert "| n/a (needs >= 1000 impostors, have 60) |" in md
+    # 120 pairs are not LFW's official 6,000: the paper's row sits under "not comparable".
+    assert md.index("#### Not comparable: 120 pairs in 10 folds") < md.index("99.25")
+    drawn = (tmp_path / "drawn" / "results.md").read_text()
+    assert "Not comparable: pairs drawn from a cache" in drawn
+    assert f"pairs: drawn from {cache_path} (seed 0, 200 asked; 120 pairs, 60 genuine" in drawn
+    sha = hashlib.sha256((tmp_path / "pairs.bin").read_bytes()).hexdigest()[:16]
+    assert f"pairs: insightface .bin file {tmp_path / 'pairs.bin'} (sha256 {sha};" in (
+        tmp_path / "bin" / "results.md").read_text()
 
 
 def test_bad_inputs(tmp_path: Path, pool_model: Path) -> None:

@@ -67,6 +67,10 @@ def evaluate(
     batch_size: int = typer.Option(128, "--batch-size", help="Images per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     max_rank: int = typer.Option(20, "--max-rank", help="Longest rank of the CMC curve."),
+    allow_trained_on: bool = typer.Option(
+        False, "--allow-trained-on",
+        help="Score a model even when its recorded training data holds test images (it is "
+             "refused otherwise); the tables then say how many it trained on."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Evaluate one or more models on a protocol; print and write the result tables."""
@@ -88,6 +92,6 @@ def evaluate(
         rounds_dir=rounds_dir, merge_only=merge, seed=seed, batch_size=batch_size, device=device,
         max_rank=max_rank, n_pairs=n_pairs, min_gap=min_gap, test_subjects=test_subjects,
         train_subjects=train_subjects, split_out=split_out, refit_options=opts,
-        command=command_line(),
+        allow_trained_on=allow_trained_on, command=command_line(),
     )
     run_evaluate(cfg, progress=not quiet, echo=typer.echo)

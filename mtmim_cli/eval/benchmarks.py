@@ -123,3 +123,24 @@ def with_training_overlap(verdict: Verdict, trained_on: dict[str, int]) -> Verdi
         return verdict
     who = ", ".join(f"{k} ({v})" for k, v in seen.items())
     return Verdict(False, f"test images were trained on by {who}")
+
+
+def for_run(cfg, inputs) -> Verdict | None:
+    """The verdict for an `EvalConfig` and its opened `EvalInputs`; None for protocols the
+    paper reports nothing on (cacd-vs, pairs)."""
+    from mtmim_cli.eval import protocols as P
+
+    if cfg.protocol == "fgnet-loo":
+        cache = inputs.cache
+        n = int(cache.usable.sum())
+        rounds = 0 if cfg.refit == "none" else len(P.loo_rounds(n, cfg.folds, cfg.seed))
+        return fgnet(cache.paths, cfg.refit, rounds, n)
+    if cfg.protocol in MORPH_FULL:
+        return morph(cfg.protocol, len(inputs.split["test"]), len(inputs.split["train"]))
+    if cfg.protocol == "cacd-map":
+        test = inputs.cacd_test
+        return cacd(len(np.unique(inputs.cache.identity[test])))
+    if cfg.protocol in OFFICIAL_PAIRS:
+        p = inputs.pairs
+        return pairs(cfg.protocol, (p.origin or {}).get("kind", "drawn"), p.same, p.folds)
+    return None

@@ -54,6 +54,7 @@ class EvalConfig:
     train_subjects: int | None = None
     split_out: Path | None = None
     refit_options: dict = field(default_factory=dict)
+    allow_trained_on: bool = False     # score models that trained on test images (labelled so)
     command: str = ""
 
 
@@ -76,8 +77,9 @@ def check_config(cfg: EvalConfig) -> None:
         raise MtmimError(f"{cfg.protocol}: needs --cache")
 
 
-def variant_text(cfg: EvalConfig, n_images: int | None = None) -> str:
-    """One sentence saying how the figures were made (features, refit, rounds)."""
+def variant_text(cfg: EvalConfig, n_images: int | None = None, pairs: str = "") -> str:
+    """One sentence saying how the figures were made (features, refit, rounds, and where
+    verification pairs came from: `pairs`, from `inputs.pairs_origin_text`)."""
     parts = [f"features: image + mirror {cfg.flip}" if cfg.flip != "none" else "features: image only",
              "L2-normalised, cosine"]
     if cfg.protocol == "fgnet-loo":
@@ -89,4 +91,6 @@ def variant_text(cfg: EvalConfig, n_images: int | None = None) -> str:
             kind = "exact leave-one-out" if rounds == n_images else f"grouped, {rounds} rounds"
             parts.insert(0, f"refit {cfg.refit} ({kind}; each round re-fit without its held-out "
                             "images, which are then ranked against all other images)")
+    if pairs:
+        parts.insert(0, pairs)
     return "; ".join(parts)

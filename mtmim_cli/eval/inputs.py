@@ -24,6 +24,7 @@ class PairInput:
     j: np.ndarray
     same: np.ndarray
     folds: int | np.ndarray
+    origin: dict | None = None         # {'kind': 'file', 'format', 'path'} or {'kind': 'drawn', ...}
 
 
 @dataclass
@@ -67,20 +68,46 @@ def pair_input(cfg: EvalConfig, cache) -> PairInput:
         pb = load_pair_bin(cfg.pairs)
         images = decode_pair_images(pb, str(cfg.pairs))
         n = len(pb)
-        return PairInput(images, np.arange(0, 2 * n, 2), np.arange(1, 2 * n, 2), pb.issame, 10)
+        return PairInput(images, np.arange(0, 2 * n, 2), np.arange(1, 2 * n, 2), pb.issame, 10,
+                         _file_origin(cfg.pairs, "insightface .bin"))
     if cache is None:
         raise MtmimError(f"{cfg.protocol}: needs --pairs FILE.bin, or --cache with --pairs FILE.csv "
                          "(or --cache alone to draw cross-age pairs)")
     if cfg.pairs is not None and cfg.pairs.suffix == ".txt":
-        return PairInput(cache, *read_lfw_pairs(cfg.pairs, cache))
+        return PairInput(cache, *read_lfw_pairs(cfg.pairs, cache),
+                         _file_origin(cfg.pairs, "LFW pairs.txt"))
     if cfg.pairs is not None:
         i, j, same, folds = read_pair_csv(cfg.pairs, cache)
-        return PairInput(cache, i, j, same, folds if folds is not None else 10)
+        return PairInput(cache, i, j, same, folds if folds is not None else 10,
+                         _file_origin(cfg.pairs, "CSV"))
     from mtmim_cli.eval.pairs import cross_age_pairs
 
     i, j, same = cross_age_pairs(cache.identity, cache.age, cfg.n_pairs, cfg.seed,
                                  min_gap=cfg.min_gap, usable=cache.usable)
-    return PairInput(cache, i, j, same, 10)
+    return PairInput(cache, i, j, same, 10, {"kind": "drawn", "cache": str(cache.path),
+                                             "seed": cfg.seed, "requested": cfg.n_pairs,
+                                             "min_gap": cfg.min_gap})
+
+
+def _file_origin(path: Path, fmt: str) -> dict:
+    from mtmim_cli.data.provenance import file_sha256
+
+    return {"kind": "file", "format": fmt, "path": str(path), "sha256": file_sha256(path)}
+
+
+def pairs_origin_text(pairs: PairInput) -> str:
+    """Where the pairs came from, for the variant line: the file and its digest, or the
+    cache, seed and count they were drawn with."""
+    o, n = pairs.origin or {}, len(pairs.same)
+    n_imp = int((~np.asarray(pairs.same, bool)).sum())
+    counts = f"{n} pairs, {n - n_imp} genuine and {n_imp} impostor"
+    if o.get("kind") == "file":
+        return f"pairs: {o['format']} file {o['path']} (sha256 {o['sha256'][:16]}; {counts})"
+    if o.get("kind") == "drawn":
+        gap = f", age gap >= {o['min_gap']:g} years" if o["min_gap"] else ""
+        return (f"pairs: drawn from {o['cache']} (seed {o['seed']}, {o['requested']} asked{gap}; "
+                f"{counts}), not an official pair list")
+    return f"pairs: {counts}"
 
 
 def read_cacd_meta(path: Path, cache) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ Conventions (documented because protocols differ in the details):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -111,6 +112,15 @@ def threshold_at_far(scores: np.ndarray, same: np.ndarray, far: float) -> float:
         return -np.inf
     # Accepting at most `allowed` negatives: threshold just above the (allowed+1)-th highest.
     return float(np.nextafter(neg[allowed], np.inf))
+
+
+def min_impostors(far: float) -> int:
+    """The fewest impostor pairs that resolve a false-accept rate of `far`: over n impostors
+    the FAR moves in steps of 1/n, so below n = 1/far the only FAR <= far is 0 and TAR@FAR
+    is the TAR at zero false accepts, a different (and noisier) figure."""
+    if not 0 < far <= 1:
+        raise ValueError(f"FAR {far}: must be in (0, 1]")
+    return math.ceil(1 / far - 1e-9)
 
 
 def tar_at_far(scores: np.ndarray, same: np.ndarray, far: float) -> float:

@@ -260,9 +260,23 @@ def verification(feats_a: np.ndarray, feats_b: np.ndarray, same: np.ndarray,
     far_pts, tar_pts, _ = M.roc_curve_points(scores, same)
     return {"accuracy": tf["accuracy"], "std": tf["std"],
             "fold_accuracies": tf["fold_accuracies"], "thresholds": tf["thresholds"],
-            "tar_at_far": M.tar_at_far(scores, same, far), "far": far,
+            **tar_at_far_entry(scores, same, far),
             "auc": M.roc_auc(scores, same), "pairs": int(len(scores)),
             "roc": _thin_roc(far_pts, tar_pts)}
+
+
+def tar_at_far_entry(scores: np.ndarray, same: np.ndarray, far: float = FAR_LEVEL) -> dict:
+    """TAR@FAR, or None with a note when the impostor pairs are too few to resolve `far`
+    (fewer than 1/far): the table then says so instead of printing the TAR at zero false
+    accepts under the FAR's name."""
+    same = np.asarray(same, bool)
+    n_imp, need = int((~same).sum()), M.min_impostors(far)
+    entry = {"far": far, "impostor_pairs": n_imp, "tar_at_far": None}
+    if n_imp < need:
+        entry["tar_at_far_note"] = f"n/a (needs >= {need} impostors, have {n_imp})"
+    else:
+        entry["tar_at_far"] = M.tar_at_far(scores, same, far)
+    return entry
 
 
 def _thin_roc(far: np.ndarray, tar: np.ndarray, points: int = 400) -> dict:

@@ -3,7 +3,6 @@ results.json that carries them."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import shlex
@@ -12,14 +11,11 @@ import time
 from pathlib import Path
 
 from mtmim_cli import __version__
+from mtmim_cli.data.provenance import file_sha256
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: Path) -> str:
+    return file_sha256(path)
 
 
 def file_record(path: Path) -> dict:

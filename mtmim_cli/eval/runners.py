@@ -47,20 +47,32 @@ def image_counts(cache) -> dict:
     return {"images_total": n_all, "images_without_face": n_all - int(cache.usable.sum())}
 
 
-def morph(model, cache, split: dict, feat: FeatureOptions, max_rank: int) -> dict:
-    """MORPH: each test subject's oldest photo against the youngest photos of all test subjects."""
+def morph_indices(cache, split: dict) -> np.ndarray:
+    """The records MORPH scores: per test subject the oldest (probe) and youngest (gallery)
+    photo with a face."""
     masked_age = np.where(cache.usable, cache.age, np.nan)
     probe, gallery, _ = P.largest_gap_pairs(cache.identity, masked_age, split["test"])
-    idx = np.unique(np.r_[probe, gallery])
+    return np.unique(np.r_[probe, gallery])
+
+
+def morph(model, cache, split: dict, feat: FeatureOptions, max_rank: int) -> dict:
+    """MORPH: each test subject's oldest photo against the youngest photos of all test subjects."""
+    idx = morph_indices(cache, split)
     sub = feat.extract(model, cache, idx)
     feats = np.zeros((len(cache), sub.shape[1]), np.float32)
     feats[idx] = sub
+    masked_age = np.where(cache.usable, cache.age, np.nan)
     return P.morph_rank1(feats, cache.identity, masked_age, split["test"], max_rank)
+
+
+def cacd_indices(year: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """The records CACD scores: the test celebrities' photos of 2004-2013."""
+    return np.flatnonzero(test & (year >= 2004) & (year <= 2013))
 
 
 def cacd(model, cache, year: np.ndarray, test: np.ndarray, feat: FeatureOptions) -> dict:
     """CACD retrieval over the test celebrities' photos of 2004-2013."""
-    idx = np.flatnonzero(test & (year >= 2004) & (year <= 2013))
+    idx = cacd_indices(year, test)
     sub = feat.extract(model, cache, idx)
     return P.cacd_map(sub, cache.identity[idx], year[idx], np.ones(len(idx), bool))
 

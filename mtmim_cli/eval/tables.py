@@ -65,12 +65,15 @@ def column_kind(protocol: str) -> str:
     return "verification"
 
 
-def flat_metrics(protocol: str, metrics: dict) -> dict[str, float]:
-    """The table's figures for one model (CACD's nested per-database MAP flattened)."""
+def flat_metrics(protocol: str, metrics: dict) -> dict[str, float | str]:
+    """The table's figures for one model (CACD's nested per-database MAP flattened; a
+    TAR@FAR the pairs cannot resolve replaced by the note saying so)."""
     if protocol == "cacd-map":
         out = {k: metrics[k]["map"] for k in ("2004-2006", "2007-2009", "2010-2012")}
         out["queries"] = metrics["queries"]
         return out
+    if metrics.get("tar_at_far") is None and metrics.get("tar_at_far_note"):
+        return {**metrics, "tar_at_far": metrics["tar_at_far_note"]}
     return metrics
 
 
@@ -82,24 +85,40 @@ def _fmt(value: object, percent: bool) -> str:
     return str(value)
 
 
-def markdown_table(protocol: str, rows: list[dict], variant: str = "") -> str:
-    """One protocol's table: our models (rows: {'model', 'metrics'}), then the paper's
-    reported rows, labelled so they cannot be mistaken for figures measured here."""
+def markdown_table(protocol: str, rows: list[dict], variant: str = "",
+                   benchmark: dict | None = None) -> str:
+    """One protocol's table: our models (rows: {'model', 'metrics'[, 'test_faces']}), then
+    the paper's reported rows: in the same table only when `benchmark` ({'comparable',
+    'reason'}, from `eval.benchmarks`) says this run is the benchmark, else in their own
+    table under "Not comparable: <reason>". The title says whose faces were tested."""
+    from mtmim_cli.eval.heldout import model_notes, section_words
+
     cols = COLUMNS[column_kind(protocol)]
     head = ["Model", *[c[1] for c in cols]]
-    lines = [f"### {TITLES.get(protocol, protocol)}", ""]
+    faces = {r["model"]: r["test_faces"] for r in rows if r.get("test_faces")}
+    title = TITLES.get(protocol, protocol) + (f", {section_words(faces)}" if faces else "")
+    lines = [f"### {title}", ""]
     if variant:
         lines += [f"Variant: {variant}", ""]
+    lines += [f"- {note}" for note in model_notes(faces)] + ([""] if model_notes(faces) else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         m = flat_metrics(protocol, row["metrics"])
         lines.append("| " + " | ".join([row["model"], *[_fmt(m.get(k), p) for k, _, p in cols]]) + " |")
-    for label, vals in REPORTED.get(protocol, []):
-        cells = [f"{vals[k]:.2f}" if k in vals else "" for k, _, _ in cols]
-        lines.append("| " + " | ".join([f"{label} (reported, paper)", *cells]) + " |")
-    if REPORTED.get(protocol):
-        lines += ["", "Rows marked *reported* are the numbers printed in Hou et al., ICCV 2021 "
-                  "(or the peers it cites), not measured by this run."]
+    reported = [("| " + " | ".join([f"{label} (reported, paper)",
+                                    *[f"{vals[k]:.2f}" if k in vals else "" for k, _, _ in cols]])
+                 + " |") for label, vals in REPORTED.get(protocol, [])]
+    if not reported:
+        return "\n".join(lines) + "\n"
+    note = ("Rows marked *reported* are the numbers printed in Hou et al., ICCV 2021 (or the "
+            "peers it cites), not measured by this run.")
+    benchmark = benchmark or {"comparable": False, "reason": "not checked against the benchmark"}
+    if benchmark["comparable"]:
+        lines += reported + ["", f"This run is the benchmark: {benchmark['reason']}. {note}"]
+    else:
+        lines += ["", f"#### Not comparable: {benchmark['reason']}", "",
+                  "The paper's figures on the real benchmark, for reference only:", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *reported, "", note]
     return "\n".join(lines) + "\n"
 
 
@@ -113,7 +132,8 @@ def write_results(out_md: Path, payload: dict) -> dict[str, Path]:
           f"Command: `{payload['command']}`  ", f"Tool: mtmim {payload['tool_version']}  ",
           "Caches: " + (", ".join(f"`{c['path']}` (sha256 {c['sha256'][:12]})"
                                   for c in payload.get("inputs", [])) or "none"), "",
-          markdown_table(protocol, payload["results"], payload.get("variant_text", ""))]
+          markdown_table(protocol, payload["results"], payload.get("variant_text", ""),
+                         payload.get("benchmark"))]
     paths = {"md": out_md, "json": out_md.with_suffix(".json"),
              "cmc": base / "cmc.csv", "roc": base / "roc.csv"}
     atomic_write_text(paths["json"], json.dumps(payload, indent=1, default=_json_default) + "\n")

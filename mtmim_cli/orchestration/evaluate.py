@@ -12,10 +12,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mtmim_cli.atomic import atomic_write_text
-from mtmim_cli.errors import MtmimError
+from mtmim_cli.eval import benchmarks
 from mtmim_cli.eval import protocols as P
 from mtmim_cli.eval.config import EvalConfig, ModelArg, check_config, variant_text
-from mtmim_cli.eval.inputs import EvalInputs, open_inputs
+from mtmim_cli.eval.heldout import check_model, scored_image_digests
+from mtmim_cli.eval.inputs import EvalInputs, open_inputs, pairs_origin_text
 from mtmim_cli.eval.loading import load_model
 from mtmim_cli.eval.provenance import file_record, run_header, sha256_file
 from mtmim_cli.eval.runners import FeatureOptions, run_protocol
@@ -36,25 +37,40 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
         extra["split_file"] = str(_write_split(cfg, inputs.split, say))
     feat = FeatureOptions(cfg.flip, cfg.batch_size, cfg.device, progress)
 
+    # Every model is checked against the test images before any is scored, so a refused
+    # one stops the run before hours of re-fitting.
+    digests, names = scored_image_digests(cfg.protocol, inputs)
+    loaded, faces = {}, {}
+    for m in cfg.models:
+        model = load_model(m.path, m.backbone, cfg.device)
+        faces[m.label] = check_model(getattr(model, "meta", None), m.path, digests, names,
+                                     cfg.allow_trained_on).to_dict()
+        loaded[m.label] = model if cfg.refit == "none" else None  # the re-fit loads its own
+
     rows, models_info = [], []
     for m in cfg.models:
-        if not m.path.exists():
-            raise MtmimError(f"{m.path}: no such model file")
         sha = sha256_file(m.path)
         t0 = time.perf_counter()
-        metrics = _score(cfg, inputs, m, sha, files, feat)
+        metrics = _score(cfg, inputs, m, sha, files, feat, loaded.pop(m.label))
         metrics["wall_seconds"] = round(time.perf_counter() - t0, 2)
-        rows.append({"model": m.label, "metrics": metrics})
+        rows.append({"model": m.label, "metrics": metrics, "test_faces": faces[m.label]})
         models_info.append({"label": m.label, "path": str(m.path), "backbone": m.backbone,
                             "sha256": sha})
         say(_summary_line(cfg.protocol, m.label, metrics))
 
+    verdict = benchmarks.for_run(cfg, inputs)
+    if verdict is not None:
+        verdict = benchmarks.with_training_overlap(
+            verdict, {label: f["trained_on"] for label, f in faces.items()})
     n_images = int(inputs.cache.usable.sum()) if inputs.cache is not None else None
+    pairs_text = pairs_origin_text(inputs.pairs) if inputs.pairs is not None else ""
     payload = {
         **run_header(cfg.command),
-        "protocol": cfg.protocol, "variant_text": variant_text(cfg, n_images),
+        "protocol": cfg.protocol, "variant_text": variant_text(cfg, n_images, pairs_text),
         "variant": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                     if k not in ("models", "command", "out")},
+        "pairs_origin": inputs.pairs.origin if inputs.pairs is not None else None,
+        "benchmark": verdict.to_dict() if verdict is not None else None,
         "inputs": files, "models": models_info, "results": rows, **extra,
     }
     partial = any(r["metrics"].get("partial") for r in rows)
@@ -62,18 +78,17 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
         paths = write_results(cfg.out, payload)
         say(f"wrote {paths['md']}, {paths['json']}, {paths['cmc'].name}, {paths['roc'].name}")
     if not partial:
-        say(markdown_table(cfg.protocol, rows, payload["variant_text"]))
+        say(markdown_table(cfg.protocol, rows, payload["variant_text"], payload["benchmark"]))
     return payload
 
 
 def _score(cfg: EvalConfig, inputs: EvalInputs, m: ModelArg, model_sha256: str,
-           files: list[dict], feat: FeatureOptions) -> dict:
+           files: list[dict], feat: FeatureOptions, model) -> dict:
     if cfg.refit != "none":
         from mtmim_cli.orchestration.refit import run_refit
 
         return run_refit(cfg, inputs.cache, m, cache_sha256=files[0]["sha256"],  # cache first
                          model_sha256=model_sha256, feat=feat)
-    model = load_model(m.path, m.backbone, cfg.device)
     return run_protocol(cfg.protocol, model, inputs, feat, cfg.max_rank)
 
 
@@ -93,9 +108,15 @@ def _summary_line(protocol: str, label: str, m: dict) -> str:
                 "stored); run the other shards, then rerun without --shard to merge")
     secs = f" in {m['wall_seconds']:.1f} s"
     if "rank1" in m:
-        return f"{label}: rank-1 {100 * m['rank1']:.2f}% over {m['queries']} queries{secs}"
+        line = f"{label}: rank-1 {100 * m['rank1']:.2f}% over {m['queries']} queries"
+        if m.get("images_without_face"):
+            line += (f" ({100 * m['rank1_all_images']:.2f}% over all {m['images_total']} "
+                     f"images, the {m['images_without_face']} without a face counted as failures)")
+        return line + secs
     if protocol == "cacd-map":
         maps = ", ".join(f"{k} {100 * m[k]['map']:.2f}" for k in P.CACD_DATABASES)
         return f"{label}: MAP {maps}{secs}"
+    tar = (f"{100 * m['tar_at_far']:.2f}%" if m.get("tar_at_far") is not None
+           else m.get("tar_at_far_note", "n/a"))
     return (f"{label}: accuracy {100 * m['accuracy']:.2f} ± {100 * m['std']:.2f}%, "
-            f"TAR@FAR=1e-3 {100 * m['tar_at_far']:.2f}%, AUC {m['auc']:.4f}{secs}")
+            f"TAR@FAR={m['far']:g} {tar}, AUC {m['auc']:.4f}{secs}")

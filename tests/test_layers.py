@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"models"},
     {"eval"},
     {"train"},
-    {"orchestration", "deploy", "report"},
+    {"orchestration", "deploy", "report", "demo"},
     {"commands", "app"},
     {"cli"},
 ]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtmim_cli.data import synth as S
+from mtmim_cli.demo import synth as S
 from tests.conftest import run_cli
 
 

@@ -153,7 +153,7 @@ def test_embed_folder_skips_or_centre_crops_a_faceless_photo(model_and_cache, tm
     from PIL import Image
 
     from mtmim_cli.data.align import center_crop
-    from mtmim_cli.data.synth import SynthConfig, synthesize
+    from mtmim_cli.demo.synth import SynthConfig, synthesize
     from mtmim_cli.deploy.embed import embed_source
 
     model, _ = model_and_cache
@@ -208,7 +208,7 @@ def test_verify_cli_exit_codes_and_messages(model_and_cache, tmp_path) -> None:
     """Real MTCNN on synthetic photos: 0 same, 1 different, 2 with a one-line reason."""
     from PIL import Image
 
-    from mtmim_cli.data.synth import SynthConfig, synthesize
+    from mtmim_cli.demo.synth import SynthConfig, synthesize
 
     model, cache = model_and_cache
     syn = tmp_path / "syn"

@@ -76,7 +76,7 @@ def test_a_write_failing_mid_run_is_one_line_naming_the_file(tmp_path, monkeypat
     import errno
     import sys
 
-    import mtmim_cli.data.synth as synth
+    import mtmim_cli.demo.synth as synth
     from mtmim_cli.cli import main
 
     full = tmp_path / "synth" / "labels.csv"

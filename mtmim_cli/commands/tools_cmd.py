@@ -36,7 +36,7 @@ def synth(
     """Generate the embedded cross-age face set (offline) with labels.csv for `align --format csv`."""
     ensure_writable(out, folder=True)
 
-    from mtmim_cli.data.synth import SynthConfig, synthesize
+    from mtmim_cli.demo.synth import SynthConfig, synthesize
 
     cfg = SynthConfig(identities=identities, per_identity=per_identity, age_min=age_min,
                       age_max=age_max, test_fraction=test_fraction, seed=seed)

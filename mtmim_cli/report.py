@@ -313,13 +313,17 @@ def plot_roc(evals: list[Evaluation]):
 
 
 def factor_features(model_path: Path, cache_path: Path, max_images: int = 400,
-                    batch_size: int = 64) -> dict | None:
+                    batch_size: int = 64, allow_trained_on: bool = False) -> dict | None:
     """x_id and x_age of up to `max_images` usable faces of a cache under a fine-tuned model
-    (None for a model without a factorization unit, e.g. a pretrained one)."""
+    (None for a model without a factorization unit, e.g. a pretrained one), and how those
+    faces relate to the model's recorded training images (`test_faces`). A model that
+    trained on any of them is refused unless `allow_trained_on`, as in `evaluate`."""
     import torch
 
     from mtmim_cli.data.cache import Cache
     from mtmim_cli.data.dataset import preprocess
+    from mtmim_cli.data.provenance import cache_digests
+    from mtmim_cli.eval.heldout import check_model
     from mtmim_cli.models.identity import load_identity_model
 
     model = load_identity_model(model_path)
@@ -331,6 +335,8 @@ def factor_features(model_path: Path, cache_path: Path, max_images: int = 400,
         idx = idx[np.linspace(0, len(idx) - 1, max_images).round().astype(int)]
     if len(idx) < 4:
         raise MtmimError(f"{cache_path}: fewer than 4 usable faces to project")
+    faces = check_model(model.meta, model_path, cache_digests(cache)[idx],
+                        [cache.paths[k] for k in idx], allow_trained_on).to_dict()
     x_id, x_age = [], []
     with torch.no_grad():
         for start in range(0, len(idx), batch_size):
@@ -339,7 +345,7 @@ def factor_features(model_path: Path, cache_path: Path, max_images: int = 400,
             x_id.append(a.numpy())
             x_age.append(b.numpy())
     return {"x_id": np.concatenate(x_id), "x_age": np.concatenate(x_age),
-            "identity": cache.identity[idx], "age": cache.age[idx]}
+            "identity": cache.identity[idx], "age": cache.age[idx], "test_faces": faces}
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
@@ -449,8 +455,11 @@ def run_table(runs: list[Run]) -> str:
 
 
 def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
-                 cache: str | os.PathLike | None = None, max_images: int = 400) -> Path:
-    """Write `out`/report.md and its figures; returns the report's path."""
+                 cache: str | os.PathLike | None = None, max_images: int = 400,
+                 allow_trained_on: bool = False) -> Path:
+    """Write `out`/report.md and its figures; returns the report's path. With `cache`, a
+    run whose model trained on its faces is refused unless `allow_trained_on` (then the
+    section says so)."""
     out = Path(out)
     runs, evals = classify_inputs([Path(p) for p in inputs])
     if not runs and not evals:
@@ -476,12 +485,17 @@ def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
         for r in runs:
             if r.model is None:
                 continue
-            feats = factor_features(r.model, Path(cache), max_images=max_images)
+            feats = factor_features(r.model, Path(cache), max_images=max_images,
+                                    allow_trained_on=allow_trained_on)
             if feats is not None:
                 named.append((r.mode or r.label, feats))
         if named:
             _save(plot_projection(named), out / "projection.png")
-            md += ["## Identity and age features of held-out faces\n",
+            from mtmim_cli.eval.heldout import model_notes, section_words
+
+            faces = {name: f["test_faces"] for name, f in named}
+            md += [f"## Identity and age features: {section_words(faces)}\n",
+                   *[f"- {note}" for note in model_notes(faces)], "",
                    f"Faces from `{cache}` ({len(named[0][1]['age'])} images). Age R^2: "
                    "cross-validated ridge regression of age on the part; identity 1-NN: "
                    "leave-one-out nearest neighbour (cosine) accuracy. A disentangled model "

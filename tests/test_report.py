@@ -134,13 +134,25 @@ def test_report_from_a_real_finetune_run(tmp_path: Path) -> None:
     run = finetune([cache], None, {"out": str(tmp_path / "mtmim"), "backbone": "tiny",
                                    "mode": "mtmim", "age_groups": 2, "batch_size": 8,
                                    "epochs": 1, "progress": False, "lr": 1e-3})
-    md = R.build_report([run], tmp_path / "rep", cache=cache, max_images=10)
+    held = write_cache(tmp_path / "held.h5", [f"other{k}" for k in range(3) for _ in range(4)],
+                       ages[:12], seed=4)
+    md = R.build_report([run], tmp_path / "rep", cache=held, max_images=10)
     text = md.read_text()
     for fig in ("training_curves.png", "club.png", "projection.png"):
         assert f"]({fig})" in text
         _png_has_content(tmp_path / "rep" / fig)
     assert "| mtmim | mtmim | 3 | 1 |" in text  # 24 images / batch 8, one epoch
-    f = R.factor_features(run / "model.pt", cache, max_images=10)
+    assert "## Identity and age features: held-out faces" in text
+    # The run's own training faces: refused, or (on purpose) labelled as what they are.
+    from mtmim_cli.errors import MtmimError
+
+    with pytest.raises(MtmimError, match="trained on 10 of the 10 test images"):
+        R.build_report([run], tmp_path / "rep2", cache=cache, max_images=10)
+    text = R.build_report([run], tmp_path / "rep2", cache=cache, max_images=10,
+                          allow_trained_on=True).read_text()
+    assert "## Identity and age features: includes faces seen in training" in text
+    assert "held-out" not in text.split("## Identity and age features")[1].split("##")[0]
+    f = R.factor_features(run / "model.pt", cache, max_images=10, allow_trained_on=True)
     model = load_identity_model(run / "model.pt")
     idx = np.flatnonzero(Cache(cache).usable)
     idx = idx[np.linspace(0, len(idx) - 1, 10).round().astype(int)]

@@ -69,6 +69,7 @@ def finetune(
     weight_decay: float = typer.Option(5e-4, "--weight-decay", help="Weight decay of the main optimiser."),
     schedule: str = typer.Option("plateau", "--schedule", help="plateau (lr/10 when the epoch loss stalls, the paper), poly, cosine, constant."),
     plateau_patience: int = typer.Option(1, "--plateau-patience", help="Epochs without improvement before the lr drops."),
+    partial_fc: float = typer.Option(0.0, "--partial-fc", metavar="RATE", help="Partial FC: split the class centres over the torchrun processes and keep this share of them per step (every class of the batch, plus sampled negatives); 1.0 = split only, 0 = off (every process holds all centres)."),
     amp: str = typer.Option("none", "--amp", help="Mixed precision: none, bf16, fp16 (CUDA). CLUB always runs in float32."),
     clip_grad: float = typer.Option(0.0, "--clip-grad", help="Clip the global gradient norm (0 = off)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the new layers, sampling and flips."),
@@ -111,4 +112,5 @@ def finetune(
         logvar_bound=logvar_bound, factorize_gain=factorize_gain, margin=margin, s=scale,
         m=margin_m, backbone=backbone, embedding_size=embedding_size or None,
         val_cache=str(val_cache) if val_cache else None, val_pairs=val_pairs,
-        warn_negative_after=warn_negative_after, head_warmup_steps=head_warmup_steps)
+        warn_negative_after=warn_negative_after, head_warmup_steps=head_warmup_steps,
+        partial_fc=partial_fc)

@@ -42,6 +42,16 @@ def margin_target(cos: torch.Tensor, m1: float, m2: float, m3: float) -> torch.T
     return torch.where(cos >= math.cos(theta_c), inside, outside) - m3
 
 
+def margin_values(name: str, margin: float | None = None) -> dict[str, float]:
+    """m1, m2, m3 of a preset ('arcface' | 'cosface' | 'sphereface'); `margin` overrides the
+    preset's own margin."""
+    m = dict(MARGIN_PRESETS[name])
+    if margin is not None:
+        key = {"arcface": "m2", "cosface": "m3", "sphereface": "m1"}[name]
+        m[key] = float(margin)
+    return m
+
+
 class CombinedMarginHead(nn.Module):
     """Class weights (num_classes, d) and the margin; `forward(embeddings, labels) -> logits`.
 
@@ -59,11 +69,7 @@ class CombinedMarginHead(nn.Module):
     def preset(cls, name: str, embedding_size: int, num_classes: int, s: float = 64.0,
                margin: float | None = None) -> CombinedMarginHead:
         """'arcface' | 'cosface' | 'sphereface'; `margin` overrides that preset's margin."""
-        m = dict(MARGIN_PRESETS[name])
-        if margin is not None:
-            key = {"arcface": "m2", "cosface": "m3", "sphereface": "m1"}[name]
-            m[key] = float(margin)
-        return cls(embedding_size, num_classes, s=s, **m)
+        return cls(embedding_size, num_classes, s=s, **margin_values(name, margin))
 
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         return F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float()))
@@ -80,6 +86,15 @@ class CombinedMarginHead(nn.Module):
             target = margin_target(cos[rows, labels], self.m1, self.m2, self.m3)
             logits = cos.scatter(1, labels[:, None], target[:, None]) * self.s
         return logits, cos
+
+    def loss_and_accuracy(self, embeddings: torch.Tensor,
+                          labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean margin cross-entropy of the batch, and its (detached) top-1 accuracy."""
+        logits, cos = self.logits_and_cosine(embeddings, labels)
+        loss = F.cross_entropy(logits, labels)
+        with torch.no_grad():
+            accuracy = (cos.argmax(1) == labels).float().mean()
+        return loss, accuracy
 
     def extra_repr(self) -> str:
         n, d = self.weight.shape

@@ -125,6 +125,47 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
+def shard_range(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Rows [start, stop) of n that `rank` holds when n rows are split over `world` ranks as
+    evenly as possible (the first n % world ranks hold one more)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + int(rank < extra)
+
+
+def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor | None:
+    """Every rank's `shard_range` rows of an (n, ...) tensor, joined on rank 0 (None on the
+    others); `x` itself without a process group. A collective: every rank must call it."""
+    if not is_dist() or world_size() == 1:
+        return x
+    world = world_size()
+    sizes = [shard_range(n, world, r) for r in range(world)]
+    pad = max(b - a for a, b in sizes)
+    buf = x.new_zeros((pad, *x.shape[1:]))
+    buf[: x.shape[0]] = x
+    parts = [torch.empty_like(buf) for _ in range(world)] if rank() == 0 else None
+    dist.gather(buf.contiguous(), parts, dst=0)
+    if parts is None:
+        return None
+    return torch.cat([p[: b - a] for p, (a, b) in zip(parts, sizes, strict=True)])
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:  # noqa: D102
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: D102
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """`x` in the forward pass; its gradient times `factor` in the backward pass."""
+    return x if factor == 1 else _ScaleGrad.apply(x, factor)
+
+
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics cover the whole global batch, on any device.
 

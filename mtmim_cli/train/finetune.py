@@ -42,10 +42,9 @@ from mtmim_cli.data.groups import assign_groups, equal_frequency_groups
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.models.club import CLUB, train_q
 from mtmim_cli.models.factorize import FactorizationUnit
-from mtmim_cli.models.margin import CombinedMarginHead
 from mtmim_cli.train import distributed as D
 from mtmim_cli.train.config import TrainConfig
-from mtmim_cli.train.objectives import Objective
+from mtmim_cli.train.objectives import Objective, make_id_head
 from mtmim_cli.train.transfer import EncoderPlan
 
 MODES = ("baseline", "age", "mtmim")
@@ -56,7 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "q_lr": 1e-5, "q_hidden": 512, "logvar_bound": 7.0, "factorize_gain": 0.1,
     "margin": "arcface", "s": 64.0, "m": None, "backbone": None, "embedding_size": None,
     "val_cache": None, "val_pairs": 3000, "exclude": None, "warn_negative_after": 50,
-    "head_warmup_steps": 0,
+    "head_warmup_steps": 0, "partial_fc": 0.0,
     # transfer tools for small sets (train/transfer.py); off by default: the paper has none
     "recipe": None, "freeze_through": None, "freeze_bn": "off", "init_centres": "random",
     "encoder_lr": None, "l2sp": 0.0, "augment": "none", "replay": None, "replay_ratio": 0.25,
@@ -94,7 +93,8 @@ class MTMIMObjective(Objective):
                  m: float | None = None, warn_negative_after: int = 50,
                  head_warmup_steps: int = 0, freeze_through: str | None = None,
                  freeze_bn: str = "off", l2sp: float = 0.0, encoder_lr: float | None = None,
-                 activations: bool = False, replay_classes_from: int | None = None) -> None:
+                 activations: bool = False, replay_classes_from: int | None = None,
+                 partial_fc: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         if mode not in MODES:
             raise MtmimError(f"--mode {mode}: choose from {', '.join(MODES)}")
@@ -113,7 +113,8 @@ class MTMIMObjective(Objective):
         if l2sp > 0:
             self.metric_names = (*self.metric_names, "l2sp")
         self.factorize = FactorizationUnit(embedding_size, init_gain=factorize_gain)
-        self.id_head = CombinedMarginHead.preset(margin, embedding_size, num_classes, s=s, margin=m)
+        self.id_head = make_id_head(margin, embedding_size, num_classes, s=s, m=m,
+                                    partial_fc=partial_fc, seed=seed)
         self.age_head = nn.Linear(embedding_size, num_groups)
         self.q = CLUB(embedding_size, embedding_size, hidden=q_hidden, logvar_bound=logvar_bound)
         b = torch.as_tensor(np.asarray(boundaries if boundaries is not None else [], np.float64),
@@ -174,8 +175,7 @@ class MTMIMObjective(Objective):
 
     def forward(self, images: Tensor, labels: Tensor, ages: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         x_id, x_age = self.factorize(self.encode(images))
-        logits, cos = self.id_head.logits_and_cosine(x_id, labels)
-        l_id = F.cross_entropy(logits, labels)
+        l_id, accuracy = self.id_head.loss_and_accuracy(x_id, labels)
 
         groups = self.groups_of(ages)
         known = groups >= 0
@@ -209,11 +209,10 @@ class MTMIMObjective(Objective):
         if penalty is not None:
             loss = loss + penalty
         with torch.no_grad():
-            accuracy = (cos.argmax(1) == labels).float().mean()
             if bool(known.any()):
                 age_acc = (age_logits[known].argmax(1) == groups[known]).float().mean()
             else:
-                age_acc = torch.tensor(float("nan"), device=cos.device)
+                age_acc = torch.tensor(float("nan"), device=l_id.device)
         self._track_sign(float(club.detach()))
         metrics = {"accuracy": accuracy, "l_id": l_id.detach(), "l_age": l_age.detach(),
                    "age_accuracy": age_acc, "club": club.detach()}
@@ -331,7 +330,7 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
     cfg.validate()
     if o["init_centres"] not in CENTRE_INITS:
         raise MtmimError(f"--init-centres {o['init_centres']}: choose from {', '.join(CENTRE_INITS)}")
-    device = D.init_from_env()
+    device = D.init_from_env()   # before the heads: Partial FC splits its centres over the ranks
     torch.manual_seed(cfg.seed)  # a freshly built encoder: identical on every rank
     encoder, backbone, width, dim = _load_encoder(init, o["backbone"], o["embedding_size"])
     stage = _stage(encoder, o["freeze_through"])
@@ -370,7 +369,8 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
         s=o["s"], m=o["m"], warn_negative_after=o["warn_negative_after"],
         head_warmup_steps=int(o["head_warmup_steps"]), freeze_through=stage,
         freeze_bn=o["freeze_bn"], l2sp=float(o["l2sp"]), encoder_lr=o["encoder_lr"],
-        activations=use_acts, replay_classes_from=dataset.replay_classes_from if replay else None)
+        activations=use_acts, replay_classes_from=dataset.replay_classes_from if replay else None,
+        partial_fc=float(o["partial_fc"] or 0.0), seed=cfg.seed)
     if use_acts:
         from mtmim_cli.train.transfer import trunk_activations
         folder = o["activation_cache"] or Path(cfg.out) / "activations"
@@ -449,7 +449,9 @@ def _init_centres(objective: MTMIMObjective, dataset, mirror: bool, device: torc
     objective.train(was)
     with torch.no_grad():
         w = objective.id_head.weight
-        w[torch.from_numpy(has).to(w.device)] = centres[torch.from_numpy(has)].to(w.device, w.dtype)
+        a, b = getattr(w, "row_shard", (0, len(w)))[:2]   # Partial FC: this rank's rows
+        rows = torch.from_numpy(has[a:b])
+        w[rows.to(w.device)] = centres[a:b][rows].to(w.device, w.dtype)
 
 
 def _digest(values: Sequence[int] | None) -> str:

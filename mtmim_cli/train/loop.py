@@ -31,6 +31,7 @@ from mtmim_cli.data.dataset import NORMALISATION, CacheDataset
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.progress import make_progress
 from mtmim_cli.train import distributed as D
+from mtmim_cli.train import row_shards
 from mtmim_cli.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mtmim_cli.train.config import TrainConfig, check_resume_config, write_config
 from mtmim_cli.train.objectives import Objective
@@ -277,6 +278,11 @@ class _Run:
         the objective changes that set (Objective.begin_step)."""
         if self.world == 1:
             return self.objective
+        # Partial FC's class centres differ per rank: DDP must not broadcast or average them.
+        ignore = row_shards.ddp_ignore_names(self.objective)
+        if ignore:
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self.objective, ignore)
         return nn.parallel.DistributedDataParallel(
             self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=getattr(self.objective, "ddp_find_unused_parameters", False))
@@ -284,9 +290,8 @@ class _Run:
     # --- checkpoints ---
     def _load(self, path: Path) -> None:
         ck = load_checkpoint(path)
-        self.objective.load_state_dict(ck["objective"])
+        row_shards.load_state(self.objective, self.optimizer, ck["objective"], ck["optimizer"])
         self.objective.load_extra_state_dict(ck.get("extra", {}))
-        self.optimizer.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
         self.st = LoopState(**ck["loop"])
         rngs = ck["rng"]
@@ -300,10 +305,12 @@ class _Run:
 
     def checkpoint(self, path: Path, full: bool) -> None:
         """Weights + meta; `full` adds everything a resume needs (every rank's RNG streams).
-        Refuses weights that are not finite, so no checkpoint ever holds NaN or inf (every
-        rank checks its own identical copy, so all stop together)."""
+        Every rank calls it (row-sharded weights are gathered; rank 0 writes). Refuses weights
+        that are not finite, so no checkpoint ever holds NaN or inf (the ranks pool what they
+        found, so all stop together)."""
         bad = [k for k, v in self.objective.state_dict().items()
                if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = sorted(set(sum(D.all_gather_object(bad), [])))   # row-sharded weights differ
         if bad:
             raise MtmimError(f"{self.run_dir}: weights became non-finite ({bad[0]}"
                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}) at step "
@@ -312,11 +319,12 @@ class _Run:
         if full:
             self.st.saved_step = self.st.step
         rngs = D.all_gather_object(rng_state()) if full else None
+        weights, opt = row_shards.full_state(self.objective, self.optimizer if full else None)
         if not self.main:
             return
-        state: dict[str, Any] = {"meta": self.meta, "objective": self.objective.state_dict()}
+        state: dict[str, Any] = {"meta": self.meta, "objective": weights}
         if full:
-            state.update(extra=self.objective.extra_state_dict(), optimizer=self.optimizer.state_dict(),
+            state.update(extra=self.objective.extra_state_dict(), optimizer=opt,
                          scaler=self.scaler.state_dict(), loop=self.st.to_dict(), rng=rngs,
                          config=self.config.to_dict())
         save_checkpoint(path, state)
@@ -329,26 +337,29 @@ class _Run:
             console.file.flush()   # reach a redirected log now, not when the buffer fills
 
     def validate(self) -> None:
-        """Rank 0 scores the validator, keeps best.pt, logs; the others wait."""
+        """Rank 0 scores the validator and tells the others; every rank keeps the same
+        history (it is in every checkpoint) and joins the best.pt checkpoint."""
         st, validator = self.st, self.validator
-        if validator is not None and self.main:
-            res = validator(self.objective, self.device)
-            acc = float(res["accuracy"])
-            if acc > st.best_val:
-                st.best_val, st.best_step = acc, st.step
-                self.checkpoint(self.run_dir / "best.pt", full=False)
-            st.history.append({"step": st.step, "accuracy": acc, "std": float(res["std"])})
-            self.val_log.write({"step": st.step, "accuracy": acc, "std": float(res["std"]),
+        if validator is None:
+            return
+        res = validator(self.objective, self.device) if self.main else None
+        acc, std = D.broadcast_object(
+            (float(res["accuracy"]), float(res["std"])) if res is not None else None)
+        improved = acc > st.best_val
+        if improved:
+            st.best_val, st.best_step = acc, st.step
+            self.checkpoint(self.run_dir / "best.pt", full=False)
+        st.history.append({"step": st.step, "accuracy": acc, "std": std})
+        if self.val_log is not None:
+            self.val_log.write({"step": st.step, "accuracy": acc, "std": std,
                                 "best_accuracy": st.best_val})
-            self.say(f"validation at step {st.step} on {getattr(validator, 'name', 'pairs')}: "
-                     f"accuracy {acc:.4f} ± {float(res['std']):.4f} "
-                     f"(best {st.best_val:.4f} at step {st.best_step})")
-            since = sum(h["step"] > st.best_step for h in st.history)
-            if self.config.early_stop and since >= self.config.early_stop:
-                st.stopped = True
-                self.say(f"early stop: {since} validations without a better accuracy than "
-                         f"{st.best_val:.4f} (step {st.best_step})")
-        st.stopped = bool(D.broadcast_object(st.stopped))   # also holds the others until rank 0 is done
+        self.say(f"validation at step {st.step} on {getattr(validator, 'name', 'pairs')}: "
+                 f"accuracy {acc:.4f} ± {std:.4f} (best {st.best_val:.4f} at step {st.best_step})")
+        since = sum(h["step"] > st.best_step for h in st.history)
+        if self.config.early_stop and since >= self.config.early_stop:
+            st.stopped = True
+            self.say(f"early stop: {since} validations without a better accuracy than "
+                     f"{st.best_val:.4f} (step {st.best_step})")
 
     # --- training ---
     def fit(self, dataset: Dataset, sampler: EpochSampler, total: int) -> TrainResult:

@@ -7,10 +7,9 @@ schedule, checkpoints, logging and validation.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtmim_cli.errors import MtmimError
 from mtmim_cli.models.margin import CombinedMarginHead
 
 
@@ -55,19 +54,31 @@ class Objective(nn.Module):
         return self.encoder(images)
 
 
+def make_id_head(margin: str, embedding_size: int, num_classes: int, s: float = 64.0,
+                 m: float | None = None, partial_fc: float = 0.0, seed: int = 0) -> nn.Module:
+    """The identity head: the combined-margin head, or with `partial_fc` in (0, 1] its
+    Partial FC form (class centres split over the ranks, that share of negatives sampled).
+    Both have `loss_and_accuracy(embeddings, labels)`."""
+    if not 0.0 <= partial_fc <= 1.0:
+        raise MtmimError(f"--partial-fc {partial_fc}: a share of the classes in (0, 1] (0 = off)")
+    if partial_fc:
+        from mtmim_cli.train.partial_fc import PartialFCHead
+        return PartialFCHead.preset(margin, embedding_size, num_classes, rate=partial_fc, s=s,
+                                    margin=m, seed=seed)
+    return CombinedMarginHead.preset(margin, embedding_size, num_classes, s=s, margin=m)
+
+
 class PretrainObjective(Objective):
     """Margin softmax on the encoder's embedding: the general-face pretraining stage."""
 
     def __init__(self, encoder: nn.Module, num_classes: int, embedding_size: int,
-                 margin: str = "arcface", s: float = 64.0, m: float | None = None) -> None:
+                 margin: str = "arcface", s: float = 64.0, m: float | None = None,
+                 partial_fc: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         self.encoder = encoder
-        self.id_head = CombinedMarginHead.preset(margin, embedding_size, num_classes, s=s, margin=m)
+        self.id_head = make_id_head(margin, embedding_size, num_classes, s=s, m=m,
+                                    partial_fc=partial_fc, seed=seed)
 
     def forward(self, images: Tensor, labels: Tensor, ages: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        x = self.encoder(images)
-        logits, cos = self.id_head.logits_and_cosine(x, labels)
-        loss = F.cross_entropy(logits, labels)
-        with torch.no_grad():
-            accuracy = (cos.argmax(1) == labels).float().mean()
+        loss, accuracy = self.id_head.loss_and_accuracy(self.encoder(images), labels)
         return loss, {"accuracy": accuracy}

@@ -16,6 +16,7 @@ from mtmim_cli.models.backbones import (
     input_width,
     load_backbone_weights,
 )
+from mtmim_cli.train import distributed as D
 from mtmim_cli.train.config import TrainConfig
 from mtmim_cli.train.lineage import run_record, saves_checkpoints
 from mtmim_cli.train.loop import TrainResult, train
@@ -25,21 +26,24 @@ from mtmim_cli.train.objectives import PretrainObjective
 def pretrain(caches: Sequence[str | os.PathLike], config: TrainConfig, *, backbone: str,
              embedding_size: int | None = None, init: str | os.PathLike | None = None,
              margin: str = "arcface", s: float = 64.0, m: float | None = None,
-             val_cache: str | os.PathLike | None = None, val_pairs: int = 3000) -> TrainResult:
+             val_cache: str | os.PathLike | None = None, val_pairs: int = 3000,
+             partial_fc: float = 0.0) -> TrainResult:
     width = input_width(backbone)
     dim = embedding_size or default_embedding_size(backbone)
     config.extra = {"caches": [str(Path(c)) for c in caches], "backbone": backbone,
                     "embedding_size": dim, "init": str(init) if init else None, "margin": margin,
                     "s": s, "m": m, "val_cache": str(val_cache) if val_cache else None,
-                    "val_pairs": val_pairs}
+                    "val_pairs": val_pairs, "partial_fc": partial_fc}
     config.validate()
+    D.init_from_env()   # before the head: Partial FC splits its centres over the ranks
     dataset = CacheDataset(caches, train=True, crop_width=width, seed=config.seed)
     # Same seed on every rank: the initial weights agree before DDP even broadcasts them.
     torch.manual_seed(config.seed)
     encoder = build_backbone(backbone, dim)
     if init:
         load_backbone_weights(encoder, init)
-    objective = PretrainObjective(encoder, dataset.num_classes, dim, margin=margin, s=s, m=m)
+    objective = PretrainObjective(encoder, dataset.num_classes, dim, margin=margin, s=s, m=m,
+                                  partial_fc=partial_fc, seed=config.seed)
     validator = None
     if val_cache:
         from mtmim_cli.train.validate import PairValidator

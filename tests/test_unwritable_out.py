@@ -1,4 +1,5 @@
-"""Every command that writes fails on one line, exit 2, naming the path, when it cannot write."""
+"""Every command that writes fails on one line, exit 2, naming the path, when it cannot write
+(before any work: the inputs are valid, so the output is the only fault)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def commands(i: dict[str, Path], bad: Path) -> dict[str, list[str]]:
         "merge": ["merge", f"{bad}/m.h5", c],
         "pretrain": ["pretrain", c, "--backbone", "tiny", "--out", f"{bad}/pre"],
         "finetune": ["finetune", c, "--init", m, "--out", f"{bad}/ft"],
+        "evaluate": ["evaluate", "--protocol", "fgnet-loo", "--cache", c, "--model", m,
+                     "--out", f"{bad}/eval/results.md"],
+        "evaluate --rounds-dir": ["evaluate", "--protocol", "fgnet-loo", "--cache", c,
+                                  "--model", m, "--refit", "head", "--rounds-dir", f"{bad}/r"],
+        "evaluate --split-out": ["evaluate", "--protocol", "morph-s2", "--cache", c,
+                                 "--model", m, "--split-out", f"{bad}/split.json"],
         "report": ["report", str(i["cache"].parent), "--out", f"{bad}/report"],
         "calibrate": ["calibrate", m, "--cache", c, "--out", f"{bad}/cal.pt"],
         "embed": ["embed", c, "--model", m, "--out", f"{bad}/e.h5"],

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from mtmim_cli.app import app
+from mtmim_cli.atomic import ensure_writable
 from mtmim_cli.errors import MtmimError
 
 _PROTOCOL_HELP = (
@@ -71,12 +72,20 @@ def evaluate(
         False, "--allow-trained-on",
         help="Score a model even when its recorded training data holds test images (it is "
              "refused otherwise); the tables then say how many it trained on."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Evaluate one or more models on a protocol; print and write the result tables."""
+    for path, option in ((out, "--out"), (split_out, "--split-out")):
+        if path is not None:
+            ensure_writable(path, option=option)
+    if rounds_dir is not None:
+        ensure_writable(rounds_dir, folder=True, option="--rounds-dir")
+
     from mtmim_cli.eval.config import EvalConfig, parse_model_arg
     from mtmim_cli.eval.provenance import command_line
     from mtmim_cli.orchestration.evaluate import evaluate as run_evaluate
+    from mtmim_cli.threads import set_torch_threads
 
     try:
         opts = json.loads(refit_options)
@@ -86,6 +95,7 @@ def evaluate(
         raise MtmimError("--refit-options: must be a JSON object")
     if flip not in ("concat", "sum", "none"):
         raise MtmimError(f"--flip {flip}: choose concat, sum or none")
+    set_torch_threads(threads)
     cfg = EvalConfig(
         protocol=protocol, models=[parse_model_arg(m, backbone) for m in model], cache=cache,
         pairs=pairs, meta=meta, out=out, flip=flip, refit=refit, folds=folds, shard=shard,

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from mtmim_cli.allocator import reuse_freed_memory
 from mtmim_cli.data.cache import Cache
 from mtmim_cli.data.dataset import preprocess
 from mtmim_cli.progress import make_progress
@@ -61,6 +62,9 @@ def extract_views(model: torch.nn.Module, source: Cache | np.ndarray,
         indices = np.arange(n)
     indices = np.asarray(indices, dtype=np.int64)
     width = int(getattr(model, "input_width", 112))
+    on_cpu = torch.device(device).type == "cpu"
+    if on_cpu:
+        reuse_freed_memory()  # else every batch page-faults its activations in again
     was_training = model.training
     model.eval()
     out, out_flip = [], []
@@ -68,6 +72,9 @@ def extract_views(model: torch.nn.Module, source: Cache | np.ndarray,
         task = bar.add_task(description, total=len(indices))
         for images in _image_batches(source, indices, batch_size):
             x = preprocess(images, width).to(device)
+            if on_cpu:
+                # oneDNN's CPU convolutions run ~15% faster on channels-last tensors here
+                x = x.contiguous(memory_format=torch.channels_last)
             out.append(model(x).float().cpu().numpy())
             if mirror:
                 # The crop is symmetric, so flipping the crop equals cropping the flip.

@@ -19,7 +19,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "mtmim_cli"
 
 LAYERS: list[set[str]] = [
-    {"__init__", "errors", "atomic", "paths", "progress", "sharding", "threads"},   # base
+    {"__init__", "errors", "atomic", "paths", "progress", "sharding", "threads",
+     "allocator"},   # base
     {"data"},
     {"models"},
     {"eval"},

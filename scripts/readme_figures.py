@@ -17,7 +17,8 @@ command printed (the lines matching `keep`, a regular expression; all lines with
 A failed command leaves its block as it was. The README is rewritten (atomically) after
 each block, so a long session keeps what finished.
 
-Attributes: id (unique), time (how long the command takes: say it, some take hours), tags
+Attributes: id (unique), time (how long the command takes: some take hours; rewritten with
+the measured wall time after each run), tags
 (comma-separated, for `--tag`), keep, and `raw` (insert the kept lines as Markdown, e.g. a
 table the command prints, instead of a console block). Commands run under bash with
 `<venv>/bin` first on PATH, in the repository root as the README's walk-through does (its
@@ -50,6 +51,7 @@ BLOCK_RE = re.compile(r"^<!-- figure (?P<head>.*?) -->\n(?P<body>.*?)^<!-- /figu
                       re.M | re.S)
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+TIME_RE = re.compile(r'(?<!\S)time=("[^"]*"|\S+)')
 SHELL_WORDS = {"for", "in", "do", "done", "if", "then", "else", "elif", "fi", "while",
                "until", "time", "!", "{", "}"}
 KNOWN_ATTRS = {"id", "time", "tags", "keep", "raw"}
@@ -64,6 +66,7 @@ class Block:
     keep: str | None = None
     raw: bool = False
     span: tuple[int, int] = (0, 0)   # of the body in the text it was parsed from
+    head_span: tuple[int, int] = (0, 0)
 
 
 class FigureError(Exception):
@@ -98,7 +101,8 @@ def parse_blocks(text: str, source: str = "README.md") -> list[Block]:
                 raise FigureError(f"{source}:{line}: keep: {exc}") from None
         blocks.append(Block(id=attrs["id"], cmd=cmd.strip(), time=attrs["time"],
                             tags=tuple(t for t in attrs.get("tags", "").split(",") if t),
-                            keep=attrs.get("keep") or None, raw="raw" in attrs, span=m.span("body")))
+                            keep=attrs.get("keep") or None, raw="raw" in attrs, span=m.span("body"),
+                            head_span=m.span("head")))
     ids = [b.id for b in blocks]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -122,11 +126,27 @@ def render(block: Block, lines: list[str], note: str) -> str:
                       "```"]) + "\n"
 
 
-def replace_body(text: str, block_id: str, body: str, source: str = "README.md") -> str:
+def replace_body(text: str, block_id: str, body: str, source: str = "README.md",
+                 time_text: str | None = None) -> str:
+    """`text` with block `block_id`'s body replaced (and its time attribute, if given)."""
     for b in parse_blocks(text, source):
         if b.id == block_id:
-            return text[:b.span[0]] + body + text[b.span[1]:]
+            text = text[:b.span[0]] + body + text[b.span[1]:]
+            if time_text is not None:
+                head = text[b.head_span[0]:b.head_span[1]]
+                head = TIME_RE.sub(lambda _: f'time="{time_text}"', head, count=1)
+                text = text[:b.head_span[0]] + head + text[b.head_span[1]:]
+            return text
     raise FigureError(f"{source}: no figure block {block_id!r}")
+
+
+def human_duration(seconds: float) -> str:
+    """'about 40 s', 'about 12 min', 'about 1.5 h': what a measured run took."""
+    if seconds < 90:
+        return f"about {seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
 
 
 # ---------------------------------------------------------------- well-formedness
@@ -276,7 +296,11 @@ def regenerate(readme: Path, block: Block, workdir: Path, venv: Path | None,
     note = (f"{time.strftime('%Y-%m-%d')}, {secs:.0f} s wall, load average {load0} at start, "
             f"{_load_average()} at end")
     text = readme.read_text()  # fresh: another block may have been rewritten meanwhile
-    atomic_write_text(readme, replace_body(text, block.id, render(block, lines, note), str(readme)))
+    # The block's time now says what this run took (the load average is in the note).
+    took = human_duration(secs)
+    block = Block(**{**block.__dict__, "time": took})
+    atomic_write_text(readme, replace_body(text, block.id, render(block, lines, note),
+                                           str(readme), time_text=took))
     print(f"[{block.id}] rewritten ({secs:.0f} s)")
     return True
 

@@ -58,12 +58,13 @@ def test_script_rewrites_a_block_from_its_command(tmp_path: Path) -> None:
     assert rc == 0
     text = readme.read_text()
     body = text[text.index("```console"):text.index("<!-- /figure -->")].splitlines()
-    assert body[1] == "$ printf 'noise 1\\nfigure 42\\n'   # instant"
+    assert body[1] == "$ printf 'noise 1\\nfigure 42\\n'   # about 0 s"  # the time measured
     assert body[2] == "figure 42" and body[3].startswith("# ") and "load average" in body[3]
     assert len(body) == 5 and body[4] == "```"  # the old figure and the unkept line are gone
     # Everything outside the block is as it was, and the block still parses.
     assert text.startswith("# Title\n\nSome prose with no figure.\n") and "untouched" in text
-    assert [b.id for b in RF.parse_blocks(text)] == ["answer", "broken"]
+    assert [(b.id, b.time) for b in RF.parse_blocks(text)] == [("answer", "about 0 s"),
+                                                                ("broken", "instant")]
     # A failing command leaves its block alone and fails the run.
     rc = RF.main(["--readme", str(readme), "--only", "broken", "--quiet",
                   "--venv", str(tmp_path / "none"), "--workdir", str(tmp_path)])
@@ -111,3 +112,11 @@ def test_parse_rejects_bad_heads() -> None:
         RF.parse_blocks('<!-- figure id=a time="1" cmd: echo 1 -->\n<!-- /figure -->\n' * 2)
     with pytest.raises(RF.FigureError, match="unknown attribute"):
         RF.parse_blocks('<!-- figure id=a time="1" colour=red cmd: echo 1 -->\n<!-- /figure -->\n')
+
+
+def test_measured_time_replaces_the_time_attribute() -> None:
+    assert [RF.human_duration(s) for s in (42, 600, 5400)] == ["about 42 s", "about 10 min",
+                                                                "about 1.5 h"]
+    text = '<!-- figure time="not timed yet" id=a cmd: echo 1 -->\nx\n<!-- /figure -->\n'
+    new = RF.replace_body(text, "a", "y\n", time_text="about 3 s")
+    assert new == '<!-- figure time="about 3 s" id=a cmd: echo 1 -->\ny\n<!-- /figure -->\n'

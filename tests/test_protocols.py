@@ -221,6 +221,11 @@ def test_morph_end_to_end_writes_split(tmp_path: Path, pool_model: Path) -> None
     a, b = (r["metrics"]["rank1"] for r in payload["results"])
     assert a == b and payload["results"][0]["metrics"]["queries"] == 8
     assert "| a |" in out.read_text() and "| b |" in out.read_text()
+    # A reduced split is not Setting-2: the paper's rows go under "not comparable".
+    assert payload["benchmark"] == {"comparable": False, "reason": (
+        "8 test and 12 training subjects (Setting-2 trains on 10,000 subjects and tests on "
+        "3,000 others)")}
+    assert "#### Not comparable: 8 test and 12 training subjects" in out.read_text()
 
 
 # ---------------------------------------------------------------- CACD
@@ -241,6 +246,23 @@ def test_cacd_map_against_sklearn() -> None:
                if (ident[d] == ident[k]).any()]
         assert out[name]["map"] == pytest.approx(np.mean(aps), abs=1e-6)
     assert out["queries"] == len(q)
+
+
+def test_cacd_end_to_end_is_not_the_benchmark_with_few_celebrities(tmp_path: Path,
+                                                                   pool_model: Path) -> None:
+    cache_path = _face_cache(tmp_path / "c.h5", n_ids=6, per_id=4, noise=60)
+    cache = Cache(cache_path)
+    years = [2013, 2005, 2008, 2011]
+    with open(tmp_path / "meta.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "year", "test"])
+        for k, p in enumerate(cache.paths):
+            w.writerow([p, years[k % 4], int(cache.identity[k] < 5)])  # 5 test celebrities
+    payload = evaluate(EvalConfig(protocol="cacd-map", models=[ModelArg("pool", pool_model)],
+                                  cache=cache_path, meta=tmp_path / "meta.csv"), progress=False)
+    assert payload["results"][0]["metrics"]["test_identities"] == 5
+    assert payload["benchmark"] == {"comparable": False,
+                                    "reason": "5 test celebrities (the paper tests on 120)"}
 
 
 # ---------------------------------------------------------------- verification

@@ -44,25 +44,9 @@ from mtmim_cli.models.club import CLUB, train_q
 from mtmim_cli.models.factorize import FactorizationUnit
 from mtmim_cli.train import distributed as D
 from mtmim_cli.train.config import TrainConfig
+from mtmim_cli.train.finetune_options import DEFAULTS, MODES, TRAIN_DEFAULTS
 from mtmim_cli.train.objectives import Objective, make_id_head
 from mtmim_cli.train.transfer import EncoderPlan
-
-MODES = ("baseline", "age", "mtmim")
-
-# The paper's settings; every one is an option of `finetune` and `mtmim finetune`.
-DEFAULTS: dict[str, Any] = {
-    "mode": "mtmim", "age_groups": 8, "lambda_age": 0.1, "lambda_mim": 1e-4, "q_steps": 5,
-    "q_lr": 1e-5, "q_hidden": 512, "logvar_bound": 7.0, "factorize_gain": 0.1,
-    "margin": "arcface", "s": 64.0, "m": None, "backbone": None, "embedding_size": None,
-    "val_cache": None, "val_pairs": 3000, "exclude": None, "warn_negative_after": 50,
-    "head_warmup_steps": 0, "partial_fc": 0.0,
-    # transfer tools for small sets (train/transfer.py); off by default: the paper has none
-    "recipe": None, "freeze_through": None, "freeze_bn": "off", "init_centres": "random",
-    "encoder_lr": None, "l2sp": 0.0, "augment": "none", "replay": None, "replay_ratio": 0.25,
-    "val_identities": 0, "activation_cache": None, "activation_dtype": "float16",
-}
-TRAIN_DEFAULTS: dict[str, Any] = {"out": "runs/finetune", "lr": 0.02, "optimizer": "adam",
-                                  "schedule": "plateau", "batch_size": 400, "epochs": 10}
 
 # Named bundles of settings (`--recipe`), over the defaults and under explicit options.
 # PROVISIONAL: the values are those issue 10 reports as working in one experiment outside

@@ -1,0 +1,63 @@
+"""Fine-tuning defaults have one source (train/finetune_options.py): `mtmim finetune` shows
+them as its options' defaults and passes on only the options the user gave."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import mtmim_cli.train.finetune as F
+from mtmim_cli.cli import app
+from mtmim_cli.commands.finetune_cmd import _LIBRARY_NAME, _NOT_SETTINGS
+from mtmim_cli.train.finetune import split_options
+from mtmim_cli.train.finetune_options import DEFAULTS, TRAIN_DEFAULTS, default
+
+
+def _command():
+    return typer.main.get_command(app).commands["finetune"]
+
+
+def test_every_cli_default_is_the_librarys() -> None:
+    checked = 0
+    for p in _command().params:
+        if p.name in _NOT_SETTINGS or p.name == "ctx":
+            continue
+        want = default(_LIBRARY_NAME.get(p.name, p.name))
+        got = str(p.default) if isinstance(p.default, Path) else p.default
+        assert got == want, f"--{p.name}: {got!r} on the command line, {want!r} in the library"
+        checked += 1
+    assert checked >= 30
+
+
+def test_defaults_resolve_as_the_library_says() -> None:
+    cfg, opts = split_options({}, {})
+    for k, v in TRAIN_DEFAULTS.items():
+        assert getattr(cfg, k) == v
+    assert opts == DEFAULTS
+    assert default("weight_decay") == cfg.weight_decay   # TrainConfig's own default
+    with pytest.raises(KeyError):
+        default("nope")
+
+
+def test_only_given_options_reach_finetune(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict] = []
+    monkeypatch.setattr(F, "finetune", lambda caches, init, settings: seen.append(settings))
+    runner = CliRunner()
+    r = runner.invoke(app, ["finetune", str(tmp_path / "c.h5"), "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["finetune", str(tmp_path / "c.h5"), "--out", str(tmp_path / "r"),
+                            "--lr", "0.5", "--scale", "30", "--no-progress", "--mode", "age"])
+    assert r.exit_code == 0, r.output
+    assert seen == [{"out": str(tmp_path / "r")},
+                    {"out": str(tmp_path / "r"), "lr": 0.5, "s": 30.0, "progress": False,
+                     "mode": "age"}]
+
+
+def test_help_shows_the_defaults() -> None:
+    r = CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0
+    assert "[default: 0.02]" in r.output and "[default: 400]" in r.output
+    assert "[default: mtmim]" in r.output and "e^-B and e^B" in r.output

@@ -5,9 +5,10 @@ Inputs are folders, recognised by what they hold:
   curves (losses, accuracy, lr, and every metric the objective logs), and for fine-tuning
   the CLUB estimate over training (the paper's Figure 6 analogue);
 - an evaluation (`results.json`, `results.md`, `cmc.csv`, `roc.csv` from `mtmim evaluate`):
-  its tables, CMC and ROC curves.
-With `--cache HELDOUT.h5`, the x_id and x_age features of held-out faces under each
-fine-tuned model are projected to 2-D (PCA) and scored for disentanglement.
+  its tables, CMC and ROC curves; and, when it was run with `--features`, its
+  `features.npz`: the x_id and x_age of the scored faces under each fine-tuned model,
+  projected to 2-D (PCA) and scored for disentanglement.
+The report only reads these files: it runs no model and opens no cache.
 
 Every figure is written atomically; the plotting functions return the matplotlib Figure so
 tests can check that what is drawn is what the files say.
@@ -28,6 +29,8 @@ import numpy as np
 from mtmim_cli import __version__
 from mtmim_cli.atomic import atomic_write, atomic_write_text
 from mtmim_cli.errors import MtmimError
+from mtmim_cli.eval.feature_file import FILE_NAME as FEATURE_FILE
+from mtmim_cli.eval.feature_file import read_feature_file
 
 IGNORED_COLUMNS = ("step", "epoch", "images_per_s")
 MAX_CURVE_POINTS = 2000
@@ -62,6 +65,14 @@ class Evaluation:
     markdown: str
     cmc: Any | None  # DataFrame (protocol, model, rank, rate)
     roc: Any | None  # DataFrame (protocol, model, far, tar)
+    features: dict | None = None  # model label -> features.npz entry (evaluate --features)
+
+    def test_faces(self, label: str) -> dict | None:
+        """The evaluation's record of how `label`'s training data relates to its test faces."""
+        for row in self.results.get("results", []):
+            if row.get("model") == label:
+                return row.get("test_faces")
+        return None
 
 
 def _read_csv(path: Path):
@@ -112,9 +123,11 @@ def load_evaluation(path: Path) -> Evaluation:
     markdown = md.read_text() if md.is_file() else ""
     cmc = _read_csv(folder / "cmc.csv") if (folder / "cmc.csv").is_file() else None
     roc = _read_csv(folder / "roc.csv") if (folder / "roc.csv").is_file() else None
+    feats = folder / FEATURE_FILE
     return Evaluation(path=folder, results=results, markdown=markdown,
                       cmc=cmc if cmc is not None and len(cmc) else None,
-                      roc=roc if roc is not None and len(roc) else None)
+                      roc=roc if roc is not None and len(roc) else None,
+                      features=read_feature_file(feats) if feats.is_file() else None)
 
 
 def classify_inputs(paths: list[Path]) -> tuple[list[Run], list[Evaluation]]:
@@ -312,40 +325,22 @@ def plot_roc(evals: list[Evaluation]):
 # ------------------------------------------------------------------- x_id / x_age projection
 
 
-def factor_features(model_path: Path, cache_path: Path, max_images: int = 400,
-                    batch_size: int = 64, allow_trained_on: bool = False) -> dict | None:
-    """x_id and x_age of up to `max_images` usable faces of a cache under a fine-tuned model
-    (None for a model without a factorization unit, e.g. a pretrained one), and how those
-    faces relate to the model's recorded training images (`test_faces`). A model that
-    trained on any of them is refused unless `allow_trained_on`, as in `evaluate`."""
-    import torch
-
-    from mtmim_cli.data.cache import Cache
-    from mtmim_cli.data.dataset import preprocess
-    from mtmim_cli.data.provenance import cache_digests
-    from mtmim_cli.eval.heldout import check_model
-    from mtmim_cli.models.identity import load_identity_model
-
-    model = load_identity_model(model_path)
-    if model.factorize is None:
-        return None
-    cache = Cache(cache_path)
-    idx = np.flatnonzero(cache.usable)
-    if len(idx) > max_images:  # an even spread, deterministic
-        idx = idx[np.linspace(0, len(idx) - 1, max_images).round().astype(int)]
-    if len(idx) < 4:
-        raise MtmimError(f"{cache_path}: fewer than 4 usable faces to project")
-    faces = check_model(model.meta, model_path, cache_digests(cache)[idx],
-                        [cache.paths[k] for k in idx], allow_trained_on).to_dict()
-    x_id, x_age = [], []
-    with torch.no_grad():
-        for start in range(0, len(idx), batch_size):
-            batch = preprocess(cache.images(idx[start:start + batch_size]), model.input_width)
-            a, b = model.factorize(model.encoder(batch))
-            x_id.append(a.numpy())
-            x_age.append(b.numpy())
-    return {"x_id": np.concatenate(x_id), "x_age": np.concatenate(x_age),
-            "identity": cache.identity[idx], "age": cache.age[idx], "test_faces": faces}
+def projected_features(evals: list[Evaluation], max_images: int = 400) -> list[tuple[str, dict, dict | None]]:
+    """(label, features, test-faces record) of every factorized model in the evaluations'
+    features files (the first evaluation that holds a label wins), thinned to an even
+    spread of at most `max_images` faces."""
+    out, seen = [], set()
+    for e in evals:
+        for label, f in (e.features or {}).items():
+            if f["x_age"] is None or label in seen:
+                continue
+            seen.add(label)
+            n = len(f["x_id"])
+            if n > max_images:
+                keep = np.linspace(0, n - 1, max_images).round().astype(int)
+                f = {k: v[keep] for k, v in f.items()}
+            out.append((label, f, e.test_faces(label)))
+    return out
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
@@ -408,18 +403,9 @@ def plot_projection(named_feats: list[tuple[str, dict]]):
 
 
 def _synthetic_inputs(e: Evaluation) -> bool:
-    """Whether an evaluation ran on a cache aligned from a `mtmim synth` folder."""
-    import h5py
-
-    for item in e.results.get("inputs", []):
-        try:
-            with h5py.File(item["path"], "r") as f:
-                root = str(f.attrs.get("source_root", ""))
-        except (OSError, KeyError, TypeError):
-            continue
-        if root and (Path(root) / "synth.json").is_file():
-            return True
-    return False
+    """Whether an evaluation ran on a cache aligned from a `mtmim synth` folder (evaluate
+    records it with its inputs)."""
+    return any(item.get("synthetic") for item in e.results.get("inputs", []))
 
 
 def _fmt(v: Any) -> str:
@@ -454,12 +440,31 @@ def run_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def projection_section(named: list[tuple[str, dict, dict | None]]) -> list[str]:
+    """The Markdown of the x_id / x_age section: title honest about the faces, the scores."""
+    from mtmim_cli.eval.heldout import model_notes, section_words
+
+    faces = {name: tf for name, _, tf in named if tf is not None}
+    title = section_words(faces) if len(faces) == len(named) else "faces with no training record checked"
+    md = [f"## Identity and age features: {title}\n",
+          *[f"- {note}" for note in model_notes(faces)], "",
+          f"{len(named[0][1]['age'])} scored faces per model, from `evaluate --features`. Age R^2: "
+          "cross-validated ridge regression of age on the part; identity 1-NN: "
+          "leave-one-out nearest neighbour (cosine) accuracy. A disentangled model "
+          "has a low age R^2 on x_id and a low identity 1-NN on x_age.\n",
+          "| model | age R^2 from x_id | age R^2 from x_age | identity 1-NN from x_id "
+          "| identity 1-NN from x_age |", "|---|---|---|---|---|"]
+    for name, f, _ in named:
+        sc = disentanglement_scores(f)
+        md.append(f"| {name} | {_fmt(sc.get('age_r2_x_id'))} | {_fmt(sc.get('age_r2_x_age'))} "
+                  f"| {_fmt(sc['id_1nn_x_id'])} | {_fmt(sc['id_1nn_x_age'])} |")
+    return md + ["", "![projection](projection.png)\n"]
+
+
 def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
-                 cache: str | os.PathLike | None = None, max_images: int = 400,
-                 allow_trained_on: bool = False) -> Path:
-    """Write `out`/report.md and its figures; returns the report's path. With `cache`, a
-    run whose model trained on its faces is refused unless `allow_trained_on` (then the
-    section says so)."""
+                 max_images: int = 400) -> Path:
+    """Write `out`/report.md and its figures from run folders and evaluate's outputs;
+    returns the report's path."""
     out = Path(out)
     runs, evals = classify_inputs([Path(p) for p in inputs])
     if not runs and not evals:
@@ -480,33 +485,10 @@ def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
                    "The CLUB upper bound of I(x_id; x_age) on each training batch, per mode. "
                    "Under MT-MIM it is minimised; without the MI loss it is only measured.\n",
                    "![CLUB over training](club.png)\n"]
-    if cache is not None:
-        named = []
-        for r in runs:
-            if r.model is None:
-                continue
-            feats = factor_features(r.model, Path(cache), max_images=max_images,
-                                    allow_trained_on=allow_trained_on)
-            if feats is not None:
-                named.append((r.mode or r.label, feats))
-        if named:
-            _save(plot_projection(named), out / "projection.png")
-            from mtmim_cli.eval.heldout import model_notes, section_words
-
-            faces = {name: f["test_faces"] for name, f in named}
-            md += [f"## Identity and age features: {section_words(faces)}\n",
-                   *[f"- {note}" for note in model_notes(faces)], "",
-                   f"Faces from `{cache}` ({len(named[0][1]['age'])} images). Age R^2: "
-                   "cross-validated ridge regression of age on the part; identity 1-NN: "
-                   "leave-one-out nearest neighbour (cosine) accuracy. A disentangled model "
-                   "has a low age R^2 on x_id and a low identity 1-NN on x_age.\n",
-                   "| model | age R^2 from x_id | age R^2 from x_age | identity 1-NN from x_id "
-                   "| identity 1-NN from x_age |", "|---|---|---|---|---|"]
-            for name, f in named:
-                s = disentanglement_scores(f)
-                md.append(f"| {name} | {_fmt(s.get('age_r2_x_id'))} | {_fmt(s.get('age_r2_x_age'))} "
-                          f"| {_fmt(s['id_1nn_x_id'])} | {_fmt(s['id_1nn_x_age'])} |")
-            md += ["", "![projection](projection.png)\n"]
+    named = projected_features(evals, max_images)
+    if named:
+        md += projection_section(named)
+        _save(plot_projection([(name, f) for name, f, _ in named]), out / "projection.png")
     if evals:
         md.append("## Evaluation\n")
         for e in evals:

@@ -184,7 +184,7 @@ def main() -> None:
     models = [f"pretrained={init}"] + [f"{m}={runs / m / 'model.pt'}" for m in MODES]
     model_args = [x for m in models for x in ("--model", m)]
     c.mtmim("evaluate", "evaluate", "--protocol", "fgnet-loo", *model_args, "--cache", test,
-            "--out", out / "eval" / "rank1" / "results.md")
+            "--out", out / "eval" / "rank1" / "results.md", "--features")
     c.mtmim("evaluate", "evaluate", "--protocol", "pairs", *model_args, "--cache", test,
             "--n-pairs", s["pairs"], "--out", out / "eval" / "pairs" / "results.md")
 
@@ -200,7 +200,7 @@ def main() -> None:
 
     report_dir = out / "report"
     c.mtmim("report", "report", *(runs / r for r in (["pretrain"] if a.fgnet is None else []) + list(MODES)),
-            out / "eval" / "rank1", out / "eval" / "pairs", "--cache", test, "--out", report_dir)
+            out / "eval" / "rank1", out / "eval" / "pairs", "--out", report_dir)
     print("\n" + c.summary())
     print(f"\nreport: {report_dir / 'report.md'}")
 

@@ -117,15 +117,51 @@ def test_bad_inputs_fail_with_one_line(tmp_path: Path) -> None:
     assert res.returncode == 2 and "no 'step' column" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_projection_comes_from_evaluates_features_file(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report draws x_id / x_age from features.npz and results.json alone: no model is
+    loaded, no cache opened; its scores are those of the file's arrays."""
+    from mtmim_cli.data.cache import Cache
+    from mtmim_cli.eval.feature_file import read_feature_file, write_feature_file
+
+    rng = np.random.default_rng(0)
+    ids = [f"p{k}" for k in range(6) for _ in range(5)]
+    cache = Cache(write_cache(tmp_path / "c.h5", ids, [float(3 * j + k) for k in range(6) for j in range(5)]))
+    idx = np.arange(2, 30)
+    parts = {"mtmim": {"x_id": rng.normal(size=(28, 8)), "x_age": rng.normal(size=(28, 8))},
+             "pretrained": {"x_id": rng.normal(size=(28, 8)), "x_age": None}}
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    write_feature_file(ev / "features.npz", cache, idx, parts)
+    (ev / "results.json").write_text(json.dumps({"results": [
+        {"model": "mtmim", "test_faces": {"status": "held-out", "trained_on": 0, "test_images": 28}}]}))
+    import mtmim_cli.models.identity as I
+
+    monkeypatch.setattr(I, "load_identity_model", lambda *a, **k: pytest.fail("report ran a model"))
+    monkeypatch.setattr(Cache, "__init__", lambda *a, **k: pytest.fail("report opened a cache"))
+    text = R.build_report([ev], tmp_path / "rep", max_images=20).read_text()
+    _png_has_content(tmp_path / "rep" / "projection.png")
+    assert "## Identity and age features: held-out faces" in text
+    assert "| pretrained |" not in text   # no factorization unit: nothing to project
+    f = read_feature_file(ev / "features.npz")["mtmim"]
+    np.testing.assert_array_equal(f["paths"], [cache.paths[k] for k in idx])
+    keep = np.linspace(0, 27, 20).round().astype(int)
+    sc = R.disentanglement_scores({k: v[keep] for k, v in f.items()})
+    assert f"| mtmim | {R._fmt(sc['age_r2_x_id'])} | {R._fmt(sc['age_r2_x_age'])} " in text
+
+
 @pytest.mark.slow
 def test_report_from_a_real_finetune_run(tmp_path: Path) -> None:
-    """A real fine-tuning run feeds a complete report; the projected x_id is the identity
-    model's output and x_id + x_age is the encoder's x. (The demo test covers evaluate.)"""
+    """A real fine-tuning run and its evaluation (`--features`) feed a complete report; the
+    file's x_id is the identity model's output and x_id + x_age is the encoder's x."""
     import torch
 
     from mtmim_cli.data.cache import Cache
     from mtmim_cli.data.dataset import preprocess
+    from mtmim_cli.eval.config import EvalConfig, ModelArg
+    from mtmim_cli.eval.feature_file import read_feature_file
     from mtmim_cli.models.identity import load_identity_model
+    from mtmim_cli.orchestration.evaluate import evaluate
     from mtmim_cli.train.finetune import finetune
 
     ids = [f"id{k}" for k in range(6) for _ in range(4)]
@@ -136,27 +172,32 @@ def test_report_from_a_real_finetune_run(tmp_path: Path) -> None:
                                    "epochs": 1, "progress": False, "lr": 1e-3})
     held = write_cache(tmp_path / "held.h5", [f"other{k}" for k in range(3) for _ in range(4)],
                        ages[:12], seed=4)
-    md = R.build_report([run], tmp_path / "rep", cache=held, max_images=10)
+
+    def ev(name: str, on: Path, **kw) -> Path:
+        evaluate(EvalConfig(protocol="fgnet-loo", models=[ModelArg("mtmim", run / "model.pt")],
+                            cache=on, out=tmp_path / name / "results.md", features=True, **kw),
+                 progress=False)
+        return tmp_path / name
+
+    md = R.build_report([run, ev("ev", held)], tmp_path / "rep", max_images=10)
     text = md.read_text()
     for fig in ("training_curves.png", "club.png", "projection.png"):
         assert f"]({fig})" in text
         _png_has_content(tmp_path / "rep" / fig)
     assert "| mtmim | mtmim | 3 | 1 |" in text  # 24 images / batch 8, one epoch
     assert "## Identity and age features: held-out faces" in text
-    # The run's own training faces: refused, or (on purpose) labelled as what they are.
-    from mtmim_cli.errors import MtmimError
-
-    with pytest.raises(MtmimError, match="trained on 10 of the 10 test images"):
-        R.build_report([run], tmp_path / "rep2", cache=cache, max_images=10)
-    text = R.build_report([run], tmp_path / "rep2", cache=cache, max_images=10,
-                          allow_trained_on=True).read_text()
-    assert "## Identity and age features: includes faces seen in training" in text
-    assert "held-out" not in text.split("## Identity and age features")[1].split("##")[0]
-    f = R.factor_features(run / "model.pt", cache, max_images=10, allow_trained_on=True)
+    f = read_feature_file(tmp_path / "ev" / "features.npz")["mtmim"]
     model = load_identity_model(run / "model.pt")
-    idx = np.flatnonzero(Cache(cache).usable)
-    idx = idx[np.linspace(0, len(idx) - 1, 10).round().astype(int)]
     with torch.no_grad():
-        batch = preprocess(Cache(cache).images(idx), model.input_width)
+        batch = preprocess(Cache(held).images(np.arange(12)), model.input_width)
         np.testing.assert_allclose(f["x_id"], model(batch).numpy(), atol=1e-5)
         np.testing.assert_allclose(f["x_id"] + f["x_age"], model.encoder(batch).numpy(), atol=1e-4)
+    # The run's own training faces: evaluate refuses, or (on purpose) the report says so.
+    from mtmim_cli.errors import MtmimError
+
+    with pytest.raises(MtmimError, match="trained on 24 of the 24 test images"):
+        ev("ev2", cache)
+    text = R.build_report([ev("ev2", cache, allow_trained_on=True)], tmp_path / "rep2",
+                          max_images=10).read_text()
+    assert "## Identity and age features: includes faces seen in training" in text
+    assert "held-out" not in text.split("## Identity and age features")[1].split("##")[0]

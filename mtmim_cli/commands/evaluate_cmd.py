@@ -72,6 +72,11 @@ def evaluate(
         False, "--allow-trained-on",
         help="Score a model even when its recorded training data holds test images (it is "
              "refused otherwise); the tables then say how many it trained on."),
+    features: bool = typer.Option(
+        False, "--features",
+        help="Also write features.npz beside --out: each model's x_id (and x_age for a "
+             "fine-tuned, factorized model) on the scored faces, for `mtmim report`'s "
+             "projections."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -102,6 +107,6 @@ def evaluate(
         rounds_dir=rounds_dir, merge_only=merge, seed=seed, batch_size=batch_size, device=device,
         max_rank=max_rank, n_pairs=n_pairs, min_gap=min_gap, test_subjects=test_subjects,
         train_subjects=train_subjects, split_out=split_out, refit_options=opts,
-        allow_trained_on=allow_trained_on, command=command_line(),
+        allow_trained_on=allow_trained_on, features=features, command=command_line(),
     )
     run_evaluate(cfg, progress=not quiet, echo=typer.echo)

@@ -47,19 +47,16 @@ def synth(
 
 @app.command()
 def report(
-    inputs: list[Path] = typer.Argument(..., help="Training run folders (metrics.csv) and evaluation outputs (results.json or its folder)."),
+    inputs: list[Path] = typer.Argument(..., help="Training run folders (metrics.csv) and evaluation outputs (results.json or its folder; with features.npz from `evaluate --features`, the x_id/x_age projections)."),
     out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for report.md and its PNG figures."),
-    cache: Path = typer.Option(None, "--cache", help="Held-out cache: project x_id and x_age of its faces under each fine-tuned run's model."),
-    max_images: int = typer.Option(400, "--max-images", help="Faces of --cache to project (an even spread)."),
-    allow_trained_on: bool = typer.Option(False, "--allow-trained-on", help="Project a run's faces of --cache even when its model trained on them (refused otherwise); the section then says so."),
+    max_images: int = typer.Option(400, "--max-images", help="Faces per model to project from the features files (an even spread)."),
 ) -> None:
-    """Markdown report with training curves, CLUB over training, x_id/x_age projections, CMC and ROC."""
+    """Markdown report from run folders and evaluate's outputs: training curves, CLUB over training, x_id/x_age projections, CMC and ROC."""
     ensure_writable(out, folder=True)
 
     from mtmim_cli.report import build_report
 
-    path = build_report(inputs, out, cache=cache, max_images=max_images,
-                        allow_trained_on=allow_trained_on)
+    path = build_report(inputs, out, max_images=max_images)
     typer.echo(f"report: {path}")
 
 

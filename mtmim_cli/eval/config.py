@@ -55,6 +55,7 @@ class EvalConfig:
     split_out: Path | None = None
     refit_options: dict = field(default_factory=dict)
     allow_trained_on: bool = False     # score models that trained on test images (labelled so)
+    features: bool = False             # also write features.npz (x_id, x_age) beside out
     command: str = ""
 
 
@@ -69,6 +70,8 @@ def check_config(cfg: EvalConfig) -> None:
         raise MtmimError(f"--refit {cfg.refit} applies to fgnet-loo only")
     if not cfg.models:
         raise MtmimError("no --model given")
+    if cfg.features and cfg.out is None:
+        raise MtmimError("--features: needs --out (features.npz is written beside it)")
     labels = [m.label for m in cfg.models]
     if len(set(labels)) != len(labels):
         raise MtmimError(f"two models share a label ({', '.join(labels)}); name them LABEL=PATH")

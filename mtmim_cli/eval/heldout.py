@@ -20,22 +20,30 @@ from mtmim_cli.eval.inputs import EvalInputs
 from mtmim_cli.eval.runners import cacd_indices, morph_indices
 
 
+def scored_indices(protocol: str, inputs: EvalInputs) -> np.ndarray | None:
+    """Cache record indices of the images the protocol scores; None when they are the
+    images inside a .bin pair list, not the cache's."""
+    cache = inputs.cache
+    if inputs.pairs is not None:
+        if inputs.pairs.source is not cache:
+            return None
+        return np.unique(np.r_[inputs.pairs.i, inputs.pairs.j])
+    if protocol == "fgnet-loo":
+        return np.flatnonzero(cache.usable)
+    if inputs.split is not None:
+        return morph_indices(cache, inputs.split)
+    return cacd_indices(inputs.cacd_year, inputs.cacd_test)
+
+
 def scored_image_digests(protocol: str, inputs: EvalInputs) -> tuple[np.ndarray, list[str]]:
     """(digest, name) of every image the protocol scores; names are cache paths, or
     'pair image k' for the images inside a .bin pair list."""
-    cache = inputs.cache
-    if inputs.pairs is not None:
+    idx = scored_indices(protocol, inputs)
+    if idx is None:
         used = np.unique(np.r_[inputs.pairs.i, inputs.pairs.j])
-        src = inputs.pairs.source
-        if src is cache:
-            return PV.cache_digests(cache)[used], [cache.paths[k] for k in used]
-        return PV.image_digests(np.asarray(src)[used]), [f"pair image {k}" for k in used]
-    if protocol == "fgnet-loo":
-        idx = np.flatnonzero(cache.usable)
-    elif inputs.split is not None:
-        idx = morph_indices(cache, inputs.split)
-    else:
-        idx = cacd_indices(inputs.cacd_year, inputs.cacd_test)
+        return (PV.image_digests(np.asarray(inputs.pairs.source)[used]),
+                [f"pair image {k}" for k in used])
+    cache = inputs.cache
     return PV.cache_digests(cache)[idx], [cache.paths[k] for k in idx]
 
 

@@ -60,6 +60,12 @@ def open_inputs(cfg: EvalConfig) -> EvalInputs:
     return inp
 
 
+def is_synthetic(cache) -> bool:
+    """Whether the cache was aligned from a `mtmim synth` folder (its source holds synth.json)."""
+    root = str(cache.attrs.get("source_root", "")) if cache is not None else ""
+    return bool(root) and (Path(root) / "synth.json").is_file()
+
+
 def pair_input(cfg: EvalConfig, cache) -> PairInput:
     """The verification pairs from --pairs (.bin, .txt, .csv) or drawn from the cache."""
     if cfg.pairs is not None and cfg.pairs.suffix == ".bin":

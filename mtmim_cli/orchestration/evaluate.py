@@ -12,11 +12,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mtmim_cli.atomic import atomic_write_text
+from mtmim_cli.errors import MtmimError
 from mtmim_cli.eval import benchmarks
 from mtmim_cli.eval import protocols as P
 from mtmim_cli.eval.config import EvalConfig, ModelArg, check_config, variant_text
-from mtmim_cli.eval.heldout import check_model, scored_image_digests
-from mtmim_cli.eval.inputs import EvalInputs, open_inputs, pairs_origin_text
+from mtmim_cli.eval.feature_file import FILE_NAME as FEATURE_FILE
+from mtmim_cli.eval.feature_file import factor_parts, write_feature_file
+from mtmim_cli.eval.heldout import check_model, scored_image_digests, scored_indices
+from mtmim_cli.eval.inputs import EvalInputs, is_synthetic, open_inputs, pairs_origin_text
 from mtmim_cli.eval.loading import load_model
 from mtmim_cli.eval.provenance import file_record, run_header, sha256_file
 from mtmim_cli.eval.runners import FeatureOptions, run_protocol
@@ -32,6 +35,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
     check_config(cfg)
     inputs = open_inputs(cfg)
     files = [file_record(Path(p)) for p in (cfg.cache, cfg.pairs, cfg.meta) if p is not None]
+    if inputs.cache is not None:
+        files[0]["synthetic"] = is_synthetic(inputs.cache)   # the cache is listed first
     extra: dict = {}
     if inputs.split is not None:
         extra["split_file"] = str(_write_split(cfg, inputs.split, say))
@@ -40,6 +45,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
     # Every model is checked against the test images before any is scored, so a refused
     # one stops the run before hours of re-fitting.
     digests, names = scored_image_digests(cfg.protocol, inputs)
+    feature_idx = scored_indices(cfg.protocol, inputs) if cfg.features else None
+    if cfg.features and feature_idx is None:
+        raise MtmimError("--features: the scored faces must come from --cache, not a .bin pair list")
     loaded, faces = {}, {}
     for m in cfg.models:
         model = load_model(m.path, m.backbone, cfg.device)
@@ -47,11 +55,15 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
                                      cfg.allow_trained_on).to_dict()
         loaded[m.label] = model if cfg.refit == "none" else None  # the re-fit loads its own
 
-    rows, models_info = [], []
+    rows, models_info, parts = [], [], {}
     for m in cfg.models:
         sha = sha256_file(m.path)
         t0 = time.perf_counter()
-        metrics = _score(cfg, inputs, m, sha, files, feat, loaded.pop(m.label))
+        model = loaded.pop(m.label)
+        metrics = _score(cfg, inputs, m, sha, files, feat, model)
+        if feature_idx is not None:
+            parts[m.label] = factor_parts(model or load_model(m.path, m.backbone, cfg.device),
+                                          inputs.cache, feature_idx, cfg.batch_size, cfg.device)
         metrics["wall_seconds"] = round(time.perf_counter() - t0, 2)
         rows.append({"model": m.label, "metrics": metrics, "test_faces": faces[m.label]})
         models_info.append({"label": m.label, "path": str(m.path), "backbone": m.backbone,
@@ -77,6 +89,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
     if cfg.out is not None and not partial:
         paths = write_results(cfg.out, payload)
         say(f"wrote {paths['md']}, {paths['json']}, {paths['cmc'].name}, {paths['roc'].name}")
+        if parts:
+            path = write_feature_file(Path(cfg.out).parent / FEATURE_FILE, inputs.cache,
+                                      feature_idx, parts)
+            say(f"wrote {path} (x_id, x_age of {len(feature_idx)} faces per model)")
     if not partial:
         say(markdown_table(cfg.protocol, rows, payload["variant_text"], payload["benchmark"]))
     return payload

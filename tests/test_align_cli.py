@@ -113,6 +113,32 @@ def test_shards_and_merge_cli(tree, aligned, tmp_path):
     assert r.returncode == 2 and "shard(s) 2/3 missing" in r.stderr
 
 
+@pytest.mark.slow
+def test_encoded_image_formats(tree, aligned, tmp_path):
+    """--image-format png stores the same pixels (lossless), jpeg close ones, in fewer bytes."""
+    import numpy as np
+
+    from mtmim_cli.data.cache import Cache
+
+    raw = Cache(aligned)
+    idx = np.flatnonzero(raw.usable)
+    for fmt, worst in (("png", 0), ("jpeg", 40)):
+        out = tmp_path / f"{fmt}.h5"
+        r = run_cli("align", str(tree), "-f", "fgnet", "--aligned", "-q", "-o", str(out),
+                    "--image-format", fmt)
+        assert r.returncode == 0, r.stderr
+        c = Cache(out)
+        assert c.image_format == fmt and np.array_equal(c.status, raw.status)
+        diff = np.abs(c.images(idx).astype(int) - raw.images(idx))
+        assert diff.max() <= worst and diff.mean() < 3
+        assert out.stat().st_size < aligned.stat().st_size
+        r = run_cli("info", str(out))
+        assert f"image_format: {fmt}" in r.stdout
+    r = run_cli("align", str(tree), "-f", "fgnet", "--aligned", "-q", "-o", str(tmp_path / "x.h5"),
+                "--image-format", "webp")
+    assert r.returncode == 2 and "--image-format webp" in r.stderr
+
+
 def test_info(aligned, tmp_path):
     r = run_cli("info", str(aligned))
     assert r.returncode == 0, r.stderr

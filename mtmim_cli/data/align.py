@@ -230,12 +230,23 @@ class _Outcome:
     face: np.ndarray | None = None
     det: object | None = None
     reason: str = ""
+    encoded: bytes | None = None    # the face's JPEG/PNG bytes when the cache stores them
 
 
 def _process(load: Callable[[str], np.ndarray], rel: str, aligned: bool, on_miss: str,
+             detector, encode: Callable[[np.ndarray], bytes] | None = None) -> _Outcome:
+    """One record in a worker thread: `_outcome`, then the face encoded for an encoded cache
+    (Pillow releases the GIL while encoding too)."""
+    out = _outcome(load, rel, aligned, on_miss, detector)
+    if encode is not None and out.face is not None:
+        out.encoded = encode(out.face)
+    return out
+
+
+def _outcome(load: Callable[[str], np.ndarray], rel: str, aligned: bool, on_miss: str,
              detector) -> _Outcome:
-    """One record, start to finish, in a worker thread: decode (Pillow releases the GIL), detect
-    (torch ops release it too, so two workers use two cores) and warp."""
+    """One record, start to finish: decode (Pillow releases the GIL), detect (torch ops
+    release it too, so two workers use two cores) and warp."""
     from mtmim_cli.data.cache import CENTER, DETECTED, ERROR, MISS, PREALIGNED
     from mtmim_cli.data.readers import UnreadableImage
 
@@ -267,13 +278,15 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
                   shard: tuple[int, int] | None = None, threads: int | None = None,
                   workers: int = 2, prefetch: int = 16, commit_every: int = 64,
                   overwrite: bool = False, progress: bool = True, command: str = "",
-                  log: Callable[[str], None] | None = None, detector=None) -> AlignSummary:
+                  log: Callable[[str], None] | None = None, detector=None,
+                  image_format: str = "raw", jpeg_quality: int = 95) -> AlignSummary:
     """Align every photo of a dataset into one HDF5 cache (resumable, atomic).
 
     Records are decoded, detected and warped in `workers` threads, up to `prefetch` ahead, and
     written in order by this one; the result does not depend on `workers`.
     `threads` sets torch's intra-op threads for detection (None: leave torch's setting).
     `log` receives one plain line per commit (for logs and non-terminal runs).
+    `image_format` jpeg or png stores the faces encoded (data/cache.py), encoded in the workers.
     """
     from mtmim_cli.data.cache import MISS, Cache, CacheWriter, records_digest
     from mtmim_cli.data.detect import DEFAULT_DET_SIZE, DEFAULT_MIN_FACE, FaceDetector
@@ -305,7 +318,8 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
         try:
             old = Cache(out)
             same = (old.attrs.get("records_sha1") == records_digest(records)
-                    and old.attrs.get("settings") == attrs["settings"])
+                    and old.attrs.get("settings") == attrs["settings"]
+                    and old.image_format == image_format)
         except MtmimError:
             same = False
         if not same:
@@ -323,7 +337,9 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
         torch.set_flush_denormal(True)
     if not aligned and detector is None:
         detector = FaceDetector(device=device, min_face=min_face, det_size=det_size, retry=retry)
-    writer = CacheWriter(out, records, attrs, match_attrs=("settings",))
+    writer = CacheWriter(out, records, attrs, match_attrs=("settings",),
+                         image_format=image_format, jpeg_quality=jpeg_quality)
+    encode = writer.encode if writer.encoded else None
     start, n = writer.start, len(records)
     t0 = time.perf_counter()
     last_commit = t0
@@ -333,7 +349,8 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
     def submit_upto(k: int) -> None:
         for j in range(k, min(n, k + prefetch)):
             if j not in futures:
-                futures[j] = pool.submit(_process, load, records[j].path, aligned, on_miss, detector)
+                futures[j] = pool.submit(_process, load, records[j].path, aligned, on_miss,
+                                         detector, encode)
 
     bar = make_progress("img", disable=not progress)
     try:
@@ -347,9 +364,9 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
                     raise MtmimError(f"{root / records[i].path}: {r.reason} (--on-miss fail)")
                 if r.det is not None:
                     writer.write(i, r.face, r.status, landmarks=r.det.landmarks,
-                                 det_score=r.det.score)
+                                 det_score=r.det.score, encoded=r.encoded)
                 else:
-                    writer.write(i, r.face, r.status, reason=r.reason)
+                    writer.write(i, r.face, r.status, reason=r.reason, encoded=r.encoded)
                 bar.advance(task)
                 now = time.perf_counter()
                 if i + 1 - writer.committed >= commit_every or now - last_commit > 10:

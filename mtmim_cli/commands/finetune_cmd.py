@@ -77,6 +77,7 @@ def finetune(
     weight_decay: float = typer.Option(D("weight_decay"), "--weight-decay", help="Weight decay of the main optimiser."),
     schedule: str = typer.Option(D("schedule"), "--schedule", help="plateau (lr/10 when the epoch loss stalls, the paper), poly, cosine, constant."),
     plateau_patience: int = typer.Option(D("plateau_patience"), "--plateau-patience", help="Epochs without improvement before the lr drops."),
+    identities: str = typer.Option(D("identities"), "--identities", help="How identity names match across caches: auto (the caches of one align job, e.g. its shards, share names; other caches keep theirs apart; refuses when two align runs of one dataset folder share a name), by-name (a name is one person in every cache), per-cache (never shared). See docs/SCALE.md."),
     partial_fc: float = typer.Option(D("partial_fc"), "--partial-fc", metavar="RATE", help="Partial FC: split the class centres over the torchrun processes and keep this share of them per step (every class of the batch, plus sampled negatives); 1.0 = split only, 0 = off (every process holds all centres)."),
     amp: str = typer.Option(D("amp"), "--amp", help="Mixed precision: none, bf16, fp16 (CUDA). CLUB always runs in float32."),
     clip_grad: float = typer.Option(D("clip_grad"), "--clip-grad", help="Clip the global gradient norm (0 = off)."),

@@ -29,6 +29,7 @@ def pretrain(
     schedule: str = typer.Option("plateau", "--schedule", help="plateau (lr/10 when the epoch loss stops falling, the paper), poly, cosine, constant."),
     warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear warm-up steps."),
     plateau_patience: int = typer.Option(1, "--plateau-patience", help="Epochs without improvement before the lr drops (plateau)."),
+    identities: str = typer.Option("auto", "--identities", help="How identity names match across caches: auto (the caches of one align job, e.g. its shards, share names; other caches keep theirs apart; refuses when two align runs of one dataset folder share a name), by-name (a name is one person in every cache), per-cache (never shared). See docs/SCALE.md."),
     partial_fc: float = typer.Option(0.0, "--partial-fc", metavar="RATE", help="Partial FC: split the class centres over the torchrun processes and keep this share of them per step (every class of the batch, plus sampled negatives); 1.0 = split only, 0 = off (every process holds all centres)."),
     amp: str = typer.Option("none", "--amp", help="Mixed precision: none, bf16 (CUDA or CPU), fp16 (CUDA, with loss scaling)."),
     clip_grad: float = typer.Option(0.0, "--clip-grad", help="Clip the global gradient norm to this value (0 = off)."),
@@ -63,4 +64,4 @@ def pretrain(
         raise MtmimError(f"--margin {margin}: choose from arcface, cosface, sphereface")
     run(caches, config, backbone=backbone, embedding_size=embedding_size or None, init=init,
         margin=margin, s=scale, m=margin_m, val_cache=val_cache, val_pairs=val_pairs,
-        partial_fc=partial_fc)
+        partial_fc=partial_fc, identities=identities)

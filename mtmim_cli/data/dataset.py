@@ -2,7 +2,9 @@
 
 Items are `(image (3,112,W) float32, label int, age float (NaN unknown), index int)`.
 Records whose status holds no face are left out. Labels are re-indexed 0..C-1 over
-(cache, identity) pairs, so identities of different caches never share a label.
+(namespace, identity name) pairs: the caches of one align job (e.g. its shards) share a
+namespace, so a person split over shards is one class, while other caches' identities never
+share a label (data/identities.py has the rule and the `identities` modes).
 
 The horizontal flip (and the optional augmentation, data/augment.py) is a pure function of
 (seed, epoch, index), not of a global RNG, so a resumed run and a run with worker processes
@@ -20,6 +22,7 @@ from torch.utils.data import Dataset, default_collate
 
 from mtmim_cli.data.augment import Augment
 from mtmim_cli.data.cache import IMAGE_SIZE, Cache
+from mtmim_cli.data.identities import namespaces
 from mtmim_cli.errors import MtmimError
 
 MEAN, SCALE = 127.5, 128.0
@@ -61,7 +64,8 @@ def _flip_bit(seed: int, epoch: int, index: int) -> bool:
 
 class CacheDataset(Dataset):
     def __init__(self, caches: Sequence[str | os.PathLike | Cache], train: bool,
-                 crop_width: int = 112, seed: int = 0, augment: Augment | None = None) -> None:
+                 crop_width: int = 112, seed: int = 0, augment: Augment | None = None,
+                 identities: str = "auto") -> None:
         if not caches:
             raise MtmimError("no cache given")
         self.caches = [c if isinstance(c, Cache) else Cache(c) for c in caches]
@@ -71,12 +75,17 @@ class CacheDataset(Dataset):
         self.crop_width = crop_width
         self.seed = seed
         self.epoch = 0
+        space_of = namespaces(self.caches, identities)
+        space_names = [sorted({n for c, s in zip(self.caches, space_of, strict=True) if s == k
+                               for n in c.identity_names}) for k in range(max(space_of) + 1)]
         cache_of, record, keys = [], [], []
         for ci, cache in enumerate(self.caches):
             rows = np.flatnonzero(cache.usable)
             cache_of.append(np.full(len(rows), ci, np.int64))
             record.append(rows)
-            keys.append(ci * (1 << 40) + cache.identity[rows])
+            names = np.asarray(space_names[space_of[ci]], dtype=object)
+            in_space = np.searchsorted(names, np.asarray(cache.identity_names, dtype=object))
+            keys.append(space_of[ci] * (1 << 40) + in_space[cache.identity[rows]])
         self.cache_of = np.concatenate(cache_of)
         self.record = np.concatenate(record)
         if len(self.record) == 0:
@@ -84,8 +93,8 @@ class CacheDataset(Dataset):
         uniq, self.labels = np.unique(np.concatenate(keys), return_inverse=True)
         self.labels = self.labels.astype(np.int64)
         self.num_classes = len(uniq)
-        self.class_names = [f"{self.caches[k >> 40].path.name}:"
-                            f"{self.caches[k >> 40].identity_names[k & ((1 << 40) - 1)]}"
+        first = {s: self.caches[space_of.index(s)].path.name for s in set(space_of)}
+        self.class_names = [f"{first[k >> 40]}:{space_names[k >> 40][k & ((1 << 40) - 1)]}"
                             for k in uniq.tolist()]
         self.ages = np.concatenate([c.age[r] for c, r in zip(self.caches, record, strict=True)])
 

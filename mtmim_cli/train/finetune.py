@@ -325,6 +325,7 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
                          "add --activation-cache off to train a frozen trunk on images")
     replay = [str(p) for p in (o["replay"] or [])]
     base = CacheDataset([*caches, *replay], train=True, crop_width=width, seed=cfg.seed,
+                        identities=o["identities"],
                         augment=augment)
     in_replay = base.cache_of >= len(caches)
     drop = np.zeros(len(base), bool)

@@ -18,7 +18,7 @@ DEFAULTS: dict[str, Any] = {
     "q_lr": 1e-5, "q_hidden": 512, "logvar_bound": 7.0, "factorize_gain": 0.1,
     "margin": "arcface", "s": 64.0, "m": None, "backbone": None, "embedding_size": None,
     "val_cache": None, "val_pairs": 3000, "exclude": None, "warn_negative_after": 50,
-    "head_warmup_steps": 0, "partial_fc": 0.0,
+    "head_warmup_steps": 0, "partial_fc": 0.0, "identities": "auto",
     # transfer tools for small sets (train/transfer.py); off by default: the paper has none
     "recipe": None, "freeze_through": None, "freeze_bn": "off", "init_centres": "random",
     "encoder_lr": None, "l2sp": 0.0, "augment": "none", "replay": None, "replay_ratio": 0.25,

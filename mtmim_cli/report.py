@@ -31,6 +31,7 @@ from mtmim_cli.atomic import atomic_write, atomic_write_text
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.eval.feature_file import FILE_NAME as FEATURE_FILE
 from mtmim_cli.eval.feature_file import read_feature_file
+from mtmim_cli.plot_style import Palette, fit_y, is_schedule, metric_label
 
 IGNORED_COLUMNS = ("step", "epoch", "images_per_s")
 MAX_CURVE_POINTS = 2000
@@ -199,9 +200,16 @@ def _numeric(col) -> bool:
     return bool(np.isfinite(np.asarray(col, dtype=np.float64)).any()) if col.dtype.kind in "fiu" else False
 
 
-def plot_training_curves(runs: list[Run]):
-    """One panel per logged metric, one line per run (smoothed; raw in a faint line)."""
+def _run_colour(palette: Palette, run: Run) -> str:
+    return palette(run.label, run.mode or ("pretrained" if run.kind == "pretrain" else None))
+
+
+def plot_training_curves(runs: list[Run], palette: Palette | None = None):
+    """One panel per logged metric, one line per run in its mode's colour (smoothed; raw in
+    a faint line). Learning rates are drawn as logged (a step function, not smoothed), on a
+    log axis, earlier runs wider so runs on the same schedule stay visible."""
     plt = _plt()
+    palette = palette or Palette()
     cols = curve_columns(runs)
     if not cols:
         raise MtmimError(f"{runs[0].path}: metrics.csv holds no numeric metric to plot")
@@ -210,8 +218,9 @@ def plot_training_curves(runs: list[Run]):
     ncol = min(3, panels)
     nrow = math.ceil(panels / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.2 * nrow), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, col in zip(axes.flat, cols, strict=False):
+        drawn = []
+        schedule = is_schedule(col)
         for k, run in enumerate(runs):
             if col not in run.metrics.columns:
                 continue
@@ -219,30 +228,40 @@ def plot_training_curves(runs: list[Run]):
             if df.empty:
                 continue
             x, y = df["step"].to_numpy(float), df[col].to_numpy(float)
-            colour = colours[k % len(colours)]
+            colour = _run_colour(palette, run)
+            drawn.append(y)
+            if schedule:
+                ax.plot(x, y, color=colour, label=run.label, drawstyle="steps-post",
+                        linewidth=1.4 + 1.6 * (len(runs) - 1 - k) / max(1, len(runs) - 1))
+                continue
             w = _window(len(y))
             if w > 1:
                 ax.plot(x, y, color=colour, alpha=0.2, linewidth=0.8)
             ax.plot(x, smooth(y, w), color=colour, label=run.label, linewidth=1.6)
+        log = schedule and bool(drawn) and all((v > 0).all() for v in drawn)
+        if log:
+            ax.set_yscale("log")
+        if drawn:
+            fit_y(ax, np.concatenate(drawn), log)
         ax.set_title(col)
         ax.set_xlabel("step")
-        if col == "lr" or col.endswith("_lr"):
-            ax.set_yscale("log")
+        ax.set_ylabel(metric_label(col))
         ax.grid(alpha=0.3)
     if with_val:
         ax = axes.flat[len(cols)]
-        for k, run in enumerate(runs):
+        for run in runs:
             if run.validation is not None:
                 v = run.validation
                 ax.errorbar(v["step"], v["accuracy"], yerr=v["std"] if "std" in v.columns else None,
-                            marker="o", capsize=3, color=colours[k % len(colours)], label=run.label)
-        ax.set_title("validation accuracy (10-fold, held-out pairs)")
+                            marker="o", capsize=3, color=_run_colour(palette, run), label=run.label)
+        ax.set_title("validation (10-fold, held-out pairs)")
         ax.set_xlabel("step")
+        ax.set_ylabel("verification accuracy")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[panels:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle("Training curves (thick: moving average; faint: every step)")
+    fig.suptitle("Training curves (thick: moving average; faint: every step; learning rates as set)")
     fig.tight_layout()
     return fig
 
@@ -256,7 +275,7 @@ def club_column(df) -> str | None:
     return names[0] if names else None
 
 
-def plot_club(runs: list[Run]):
+def plot_club(runs: list[Run], palette: Palette | None = None):
     """The CLUB estimate of I(x_id; x_age) over training, one line per mode: Figure 6 of the
     paper (the MI falls under MT-MIM and stays high without the MI loss). None if no run logs it."""
     plt = _plt()
@@ -264,13 +283,15 @@ def plot_club(runs: list[Run]):
     with_club = [(r, c) for r, c in with_club if c is not None and r.metrics[c].notna().any()]
     if not with_club:
         return None
+    palette = palette or Palette()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for run, col in with_club:
         df = run.metrics[["step", col]].dropna()
         y = df[col].to_numpy(float)
-        line = ax.plot(df["step"].to_numpy(float), smooth(y, _window(len(y))), linewidth=1.8,
-                       label=run.mode or run.label)[0]
-        ax.plot(df["step"].to_numpy(float), y, color=line.get_color(), alpha=0.2, linewidth=0.8)
+        colour = _run_colour(palette, run)
+        ax.plot(df["step"].to_numpy(float), smooth(y, _window(len(y))), linewidth=1.8,
+                color=colour, label=run.mode or run.label)
+        ax.plot(df["step"].to_numpy(float), y, color=colour, alpha=0.2, linewidth=0.8)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xlabel("step")
     ax.set_ylabel("CLUB estimate of I(x_id; x_age) [nats]")
@@ -281,8 +302,11 @@ def plot_club(runs: list[Run]):
     return fig
 
 
-def plot_cmc(evals: list[Evaluation]):
+def plot_cmc(evals: list[Evaluation], palette: Palette | None = None):
+    from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
+    palette = palette or Palette()
     frames = [e.cmc for e in evals if e.cmc is not None]
     if not frames:
         return None
@@ -290,7 +314,9 @@ def plot_cmc(evals: list[Evaluation]):
     for df in frames:
         for (protocol, model), g in df.groupby(["protocol", "model"], sort=False):
             g = g.sort_values("rank")
-            ax.plot(g["rank"], g["rate"], marker="o", markersize=3, label=f"{model} ({protocol})")
+            ax.plot(g["rank"], g["rate"], marker="o", markersize=3, color=palette(str(model)),
+                    label=f"{model} ({protocol})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # ranks are whole numbers
     ax.set_xlabel("rank")
     ax.set_ylabel("identification rate")
     ax.set_title("CMC")
@@ -301,8 +327,9 @@ def plot_cmc(evals: list[Evaluation]):
     return fig
 
 
-def plot_roc(evals: list[Evaluation]):
+def plot_roc(evals: list[Evaluation], palette: Palette | None = None):
     plt = _plt()
+    palette = palette or Palette()
     frames = [e.roc for e in evals if e.roc is not None]
     if not frames:
         return None
@@ -310,7 +337,7 @@ def plot_roc(evals: list[Evaluation]):
     for df in frames:
         for (protocol, model), g in df.groupby(["protocol", "model"], sort=False):
             g = g[g["far"] > 0].sort_values("far")  # FAR = 0 has no place on a log axis
-            ax.plot(g["far"], g["tar"], label=f"{model} ({protocol})")
+            ax.plot(g["far"], g["tar"], color=palette(str(model)), label=f"{model} ({protocol})")
     ax.set_xscale("log")
     ax.set_xlabel("false accept rate")
     ax.set_ylabel("true accept rate")
@@ -373,9 +400,12 @@ def disentanglement_scores(feats: dict) -> dict:
     return out
 
 
-def plot_projection(named_feats: list[tuple[str, dict]]):
-    """Rows: models; columns: x_id by identity, x_id by age, x_age by identity, x_age by age."""
+def plot_projection(named_feats: list[tuple[str, dict]], palette: Palette | None = None,
+                    faces: str = "scored faces"):
+    """Rows: models (titles in the model's colour); columns: x_id by identity, x_id by age,
+    x_age by identity, x_age by age."""
     plt = _plt()
+    palette = palette or Palette()
     n = len(named_feats)
     fig, axes = plt.subplots(n, 4, figsize=(15, 3.6 * n), squeeze=False)
     for row, (name, f) in enumerate(named_feats):
@@ -384,17 +414,17 @@ def plot_projection(named_feats: list[tuple[str, dict]]):
             ids = np.unique(f["identity"], return_inverse=True)[1]
             ax = axes[row, 2 * c]
             ax.scatter(xy[:, 0], xy[:, 1], c=ids % 20, cmap="tab20", s=12, vmin=0, vmax=19)
-            ax.set_title(f"{name}: {part}, colour = identity", fontsize=9)
+            ax.set_title(f"{name}: {part}, colour = identity", fontsize=9, color=palette(name))
             ax = axes[row, 2 * c + 1]
             sc = ax.scatter(xy[:, 0], xy[:, 1], c=f["age"], cmap="viridis", s=12)
-            ax.set_title(f"{name}: {part}, colour = age", fontsize=9)
+            ax.set_title(f"{name}: {part}, colour = age", fontsize=9, color=palette(name))
             fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02, label="age")
             for a in axes[row, 2 * c:2 * c + 2]:
                 a.set_xticks([])
                 a.set_yticks([])
                 a.set_xlabel("PC 1")
                 a.set_ylabel("PC 2")
-    fig.suptitle("Held-out faces, PCA of the identity part x_id and the age part x_age")
+    fig.suptitle(f"{faces[:1].upper()}{faces[1:]}: PCA of the identity part x_id and the age part x_age")
     fig.tight_layout()
     return fig
 
@@ -440,13 +470,20 @@ def run_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def projection_section(named: list[tuple[str, dict, dict | None]]) -> list[str]:
-    """The Markdown of the x_id / x_age section: title honest about the faces, the scores."""
-    from mtmim_cli.eval.heldout import model_notes, section_words
+def _faces_words(named: list[tuple[str, dict, dict | None]]) -> str:
+    """What the projected faces are, as the evaluation recorded it for every model."""
+    from mtmim_cli.eval.heldout import section_words
 
     faces = {name: tf for name, _, tf in named if tf is not None}
-    title = section_words(faces) if len(faces) == len(named) else "faces with no training record checked"
-    md = [f"## Identity and age features: {title}\n",
+    return section_words(faces) if len(faces) == len(named) else "faces with no training record checked"
+
+
+def projection_section(named: list[tuple[str, dict, dict | None]]) -> list[str]:
+    """The Markdown of the x_id / x_age section: title honest about the faces, the scores."""
+    from mtmim_cli.eval.heldout import model_notes
+
+    faces = {name: tf for name, _, tf in named if tf is not None}
+    md = [f"## Identity and age features: {_faces_words(named)}\n",
           *[f"- {note}" for note in model_notes(faces)], "",
           f"{len(named[0][1]['age'])} scored faces per model, from `evaluate --features`. Age R^2: "
           "cross-validated ridge regression of age on the part; identity 1-NN: "
@@ -470,15 +507,16 @@ def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
     if not runs and not evals:
         raise MtmimError("report: give at least one run folder or evaluation")
     out.mkdir(parents=True, exist_ok=True)
+    palette = Palette()   # one colour per mode in every figure
     md = ["# mtmim report\n",
           f"mtmim {__version__}, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}. "
           f"Inputs: {', '.join(f'`{p}`' for p in inputs)}.\n"]
     if runs:
         md += ["## Training runs\n", run_table(runs), "",
                "Final values are means over the last tenth of the logged steps.\n"]
-        _save(plot_training_curves(runs), out / "training_curves.png")
+        _save(plot_training_curves(runs, palette), out / "training_curves.png")
         md += ["### Training curves\n", "![training curves](training_curves.png)\n"]
-        fig = plot_club(runs)
+        fig = plot_club(runs, palette)
         if fig is not None:
             _save(fig, out / "club.png")
             md += ["### CLUB estimate over training (the paper's Figure 6 analogue)\n",
@@ -488,7 +526,8 @@ def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
     named = projected_features(evals, max_images)
     if named:
         md += projection_section(named)
-        _save(plot_projection([(name, f) for name, f, _ in named]), out / "projection.png")
+        _save(plot_projection([(name, f) for name, f, _ in named], palette,
+                              _faces_words(named)), out / "projection.png")
     if evals:
         md.append("## Evaluation\n")
         for e in evals:
@@ -500,7 +539,7 @@ def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
                 md += ["*These faces come from `mtmim synth` (the embedded synthetic set): rows "
                        "marked reported are the paper's numbers on the real benchmark and are "
                        "not comparable with them.*\n"]
-        for name, fig in (("cmc", plot_cmc(evals)), ("roc", plot_roc(evals))):
+        for name, fig in (("cmc", plot_cmc(evals, palette)), ("roc", plot_roc(evals, palette))):
             if fig is not None:
                 _save(fig, out / f"{name}.png")
                 md.append(f"![{name.upper()}]({name}.png)\n")

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtmim_cli"
 
 LAYERS: list[set[str]] = [
     {"__init__", "errors", "atomic", "paths", "progress", "sharding", "threads",
-     "allocator"},   # base
+     "allocator", "plot_style"},   # base
     {"data"},
     {"models"},
     {"eval"},

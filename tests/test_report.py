@@ -80,6 +80,66 @@ def test_curves_and_club_draw_the_logged_values(tmp_path: Path) -> None:
     assert {t.get_text() for t in club.axes[0].get_legend().get_texts()} == {"baseline", "mtmim"}
 
 
+def test_figures_share_mode_colours_label_axes_and_draw_lr_as_set(tmp_path: Path) -> None:
+    import matplotlib.colors as mc
+
+    from mtmim_cli.plot_style import MODE_COLOURS, Palette
+
+    logged = {m: _metrics_csv(tmp_path / m, m, 60, k) for k, m in enumerate(("baseline", "mtmim"))}
+    pre = tmp_path / "pretrain"
+    pre.mkdir()
+    # A constant lr over a long run: smoothing it used to leave round-off noise that gave the
+    # log axis a zero-height range and broke the panel.
+    pre_rows = ["step,epoch,loss,accuracy,lr,images_per_s"] + [
+        f"{i},1,{3 - i / 50:.4f},{i / 200:.4f},0.001,50" for i in range(1, 151)]
+    (pre / "metrics.csv").write_text("\n".join(pre_rows) + "\n")
+    runs = [R.load_run(p) for p in (pre, tmp_path / "baseline", tmp_path / "mtmim")]
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "results.json").write_text("{}")
+    (ev / "cmc.csv").write_text("protocol,model,rank,rate\n" + "".join(
+        f"fgnet-loo,{m},{r},{min(1, 0.5 + r / 10)}\n" for m in ("mtmim", "pretrained", "casia")
+        for r in range(1, 8)))
+    (ev / "roc.csv").write_text("protocol,model,far,tar\n" + "".join(
+        f"pairs,{m},{f},{f ** 0.2}\n" for m in ("baseline", "mtmim") for f in (0.001, 0.01, 0.1, 1)))
+    evals = [R.load_evaluation(ev)]
+    palette = Palette()
+    curves = R.plot_training_curves(runs, palette)
+    figs = [curves, R.plot_club(runs, palette), R.plot_cmc(evals, palette), R.plot_roc(evals, palette)]
+
+    def colour_of(fig, label: str) -> set[str]:
+        return {mc.to_hex(ln.get_color()) for ax in fig.axes for ln in ax.get_lines()
+                if ln.get_label() in (label, f"{label} (fgnet-loo)", f"{label} (pairs)")}
+
+    assert colour_of(curves, "mtmim") == colour_of(figs[1], "mtmim") == colour_of(figs[2], "mtmim") \
+        == colour_of(figs[3], "mtmim") == {MODE_COLOURS["mtmim"]}
+    assert colour_of(curves, "baseline") == colour_of(figs[3], "baseline") == {MODE_COLOURS["baseline"]}
+    assert colour_of(curves, "pretrain") == colour_of(figs[2], "pretrained") == {MODE_COLOURS["pretrained"]}
+    assert colour_of(figs[2], "casia") and not colour_of(figs[2], "casia") & set(MODE_COLOURS.values())
+    for fig in figs:
+        for ax in fig.axes:
+            if ax.get_lines() or ax.collections:
+                assert ax.get_ylabel(), (fig, ax.get_title())
+    titles = [ax.get_title() for ax in curves.axes]
+    lr_ax = curves.axes[titles.index("lr")]
+    x, y = _line_data(lr_ax, "mtmim")
+    np.testing.assert_array_equal(y, logged["mtmim"]["lr"])   # as set, not smoothed
+    _, y = _line_data(lr_ax, "pretrain")
+    assert (y == 0.001).all()
+    lo, hi = lr_ax.get_ylim()
+    assert lr_ax.get_yscale() == "log" and lo < 0.001 and hi > 0.02
+    alone = R.plot_training_curves(runs[:1])
+    lr_ax = alone.axes[[ax.get_title() for ax in alone.axes].index("lr")]
+    lo, hi = lr_ax.get_ylim()
+    assert lo <= 0.001 / 5 and hi >= 0.001 * 5   # room around a constant
+    cmc_ax = figs[2].axes[0]
+    figs[2].canvas.draw()
+    ticks = [t for t in cmc_ax.get_xticks() if cmc_ax.get_xlim()[0] <= t <= cmc_ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    path = R._save(curves, tmp_path / "curves.png")
+    _png_has_content(path)
+
+
 def test_club_figure_absent_without_a_club_column(tmp_path: Path) -> None:
     (tmp_path / "pre").mkdir()
     (tmp_path / "pre" / "metrics.csv").write_text("step,epoch,loss,accuracy,lr,images_per_s\n1,1,3,0.1,0.01,50\n")

@@ -211,6 +211,41 @@ def test_align_photo(detector, tmp_path):
         align_photo(tmp_path / "t.jpg", detector)
 
 
+def test_retries_after_a_miss_search_finer_then_padded_and_map_back(monkeypatch):
+    """The retry chain on a 100x100 photo (first search at 15 px, below the 20-px retry):
+    the padded retry still runs, and what it finds comes back in the photo's pixels."""
+    from mtmim_cli.data.detect import RETRY_PAD, Detection, FaceDetector, box_overflow, pad_image
+
+    photo = np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8)
+    framed, px = pad_image(photo, RETRY_PAD)
+    assert px == 50 and framed.shape == (200, 200, 3)
+    assert np.array_equal(framed[px:px + 100, px:px + 100], photo)
+    assert np.array_equal(framed[0, 0], photo.reshape(-1, 3).mean(0).round().astype(np.uint8))
+    lm = np.array([[80, 90], [120, 90], [100, 110], [85, 125], [115, 125]], float)
+    calls = []
+
+    def fake_run(self, det_image, min_face_px):
+        calls.append((det_image.shape[:2], round(min_face_px, 3)))
+        if det_image.shape[:2] == (100, 100):
+            return []
+        return [Detection(box=np.array([60.0, 60, 140, 150]), score=0.99, landmarks=lm)]
+
+    monkeypatch.setattr(FaceDetector, "_run", fake_run)
+    det = FaceDetector(retry=True).detect_one(photo)
+    assert calls == [((100, 100), 15.0), ((200, 200), 15.0)]
+    np.testing.assert_allclose(det.landmarks, lm - 50)
+    np.testing.assert_allclose(det.box, [10, 10, 90, 100])
+    calls.clear()
+    assert FaceDetector(retry=False).detect_one(photo) is None and len(calls) == 1
+    calls.clear()  # --pad: the first search is already framed
+    det = FaceDetector(retry=False, pad=0.25).detect_one(photo)
+    assert calls == [((150, 150), 15.0)]
+    np.testing.assert_allclose(det.landmarks, lm - 25)
+    # a box past the photo's edge (a tight crop) is re-searched framed
+    assert box_overflow(np.array([-20.0, 5, 90, 95]), 100, 100) == pytest.approx(20 / 110)
+    assert box_overflow(np.array([10.0, 10, 90, 90]), 100, 100) < 0
+
+
 # ------------------------------------------------------------------------------ datasets
 
 def make_tree(root: Path, n_faces: int = 6) -> Path:

@@ -274,7 +274,8 @@ def _outcome(load: Callable[[str], np.ndarray], rel: str, aligned: bool, on_miss
 
 def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = "skip",
                   aligned: bool = False, min_face: float | None = None,
-                  det_size: int | None = None, retry: bool = True, device: str = "cpu",
+                  det_size: int | None = None, retry: bool = True, pad: float = 0.0,
+                  device: str = "cpu",
                   shard: tuple[int, int] | None = None, threads: int | None = None,
                   workers: int = 2, prefetch: int = 16, commit_every: int = 64,
                   overwrite: bool = False, progress: bool = True, command: str = "",
@@ -299,6 +300,8 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
     det_size = DEFAULT_DET_SIZE if det_size is None else int(det_size)
     if min_face <= 0:
         raise MtmimError(f"--min-face {min_face}: must be positive")
+    if not 0 <= pad <= 2:
+        raise MtmimError(f"--pad {pad}: must lie between 0 and 2 (a fraction of the longer side)")
     out = Path(out)
     aligned = aligned or fmt == "rec"  # insightface packs hold aligned crops
     records = read_records(src, fmt)
@@ -310,6 +313,8 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
     settings = {"aligned": aligned, "on_miss": on_miss,
                 "min_face": None if aligned else min_face, "det_size": None if aligned else det_size,
                 "retry": None if aligned else retry}
+    if pad and not aligned:  # only when set, so caches made before --pad keep their settings
+        settings["pad"] = float(pad)
     attrs = {"reader": fmt, "source_root": str(root), "command": command,
              "template": TEMPLATE_112.tolist(), "settings": json.dumps(settings, sort_keys=True),
              "shard": f"{shard[0]}/{shard[1]}" if shard else "", "all_records_sha1": all_digest}
@@ -336,7 +341,8 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
         # flushing them to zero gives the same landmarks here and ~10% more photos/s
         torch.set_flush_denormal(True)
     if not aligned and detector is None:
-        detector = FaceDetector(device=device, min_face=min_face, det_size=det_size, retry=retry)
+        detector = FaceDetector(device=device, min_face=min_face, det_size=det_size, retry=retry,
+                                pad=pad)
     writer = CacheWriter(out, records, attrs, match_attrs=("settings",),
                          image_format=image_format, jpeg_quality=jpeg_quality)
     encode = writer.encode if writer.encoded else None

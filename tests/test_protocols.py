@@ -363,45 +363,48 @@ def test_cli_evaluate_side_by_side_and_errors(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- FG-NET refit head
 @pytest.mark.slow
 def test_refit_head_rounds(tmp_path: Path, pool_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mtmim_cli.train.finetune as F
-    from mtmim_cli.models.factorize import FactorizationUnit
+    import mtmim_cli.train.round_heads as H
 
     cache_path = _face_cache(tmp_path / "h.h5", n_ids=5, per_id=4)
     base = dict(protocol="fgnet-loo", models=[ModelArg("pool", pool_model)], cache=cache_path)
     none = evaluate(EvalConfig(**base), progress=False)["results"][0]["metrics"]
 
-    # With a unit whose age branch is zero, x_id = x: every round must reproduce refit none,
-    # and no round may train on its held-out image.
-    seen_rows: list[int] = []
+    # With identity maps (x_id = x) every round must reproduce refit none; each round is
+    # handed exactly its own held-out image to leave out (tests/test_round_heads.py checks
+    # that a round's maps do not depend on the rows it leaves out).
+    held_seen: list[list[int]] = []
 
-    def zero_unit(features, labels, ages, **kw):
-        seen_rows.append(len(features))
-        unit = FactorizationUnit(features.shape[1])
-        torch.nn.init.zeros_(unit.fc.weight)
-        return unit.eval()
+    def identity_maps(views, labels, ages, held, cfg, seed=0, on_step=None):
+        held_seen.extend(sorted(int(i) for i in h) for h in held)
+        d = views[0].shape[1]
+        assert [len(v) for v in views] == [20, 20]  # image and mirror of every image
+        return H.RoundMaps(A=torch.eye(d).expand(len(held), d, d).clone(),
+                           b=torch.zeros(len(held), d), last_loss=torch.zeros(len(held)))
 
-    monkeypatch.setattr(F, "fit_heads_on_features", zero_unit)
-    zero = evaluate(EvalConfig(**base, refit="head", out=tmp_path / "z" / "r.md"),
-                      progress=False)["results"][0]["metrics"]
+    monkeypatch.setattr(H, "fit_rounds", identity_maps)
+    zero = evaluate(EvalConfig(**base, refit="head", refit_modes=("baseline",),
+                               out=tmp_path / "z" / "r.md"), progress=False)["results"][0]["metrics"]
     assert zero["rank1"] == none["rank1"] and zero["rounds"] == 20
-    assert seen_rows == [2 * 19] * 20  # image + mirror of the 19 others, every round
+    assert held_seen == [[r] for r in range(20)]
     monkeypatch.undo()
     monkeypatch.setattr(L, "MODEL_LOADER", lambda p, b: PoolNet())
 
     # The real re-fit: sharded and merged equals one process; a rerun re-uses stored rounds.
-    opts = {"epochs": 1, "batch_size": 16, "age_groups": 3, "q_hidden": 32}
-    one = evaluate(EvalConfig(**base, refit="head", folds=2, refit_options=opts,
-                                  rounds_dir=tmp_path / "one"), progress=False)
-    parts = [evaluate(EvalConfig(**base, refit="head", folds=2, refit_options=opts,
-                                     rounds_dir=tmp_path / "sh", shard=f"{i}/2"), progress=False)
+    opts = {"epochs": 1, "batch_size": 16, "age_groups": 3, "q_hidden": 32, "rounds_per_chunk": 2}
+    one = evaluate(EvalConfig(**base, refit="head", refit_options=opts,
+                              rounds_dir=tmp_path / "one"), progress=False)
+    assert [r["model"] for r in one["results"]] == ["pool/baseline", "pool/age", "pool/mtmim"]
+    parts = [evaluate(EvalConfig(**base, refit="head", refit_options=opts,
+                                 rounds_dir=tmp_path / "sh", shard=f"{i}/2"), progress=False)
              for i in range(2)]
     assert parts[0]["results"][0]["metrics"]["partial"] is True  # shard 0 alone: not mergeable
     assert "partial" not in parts[1]["results"][0]["metrics"]   # the last shard merges
-    merged = evaluate(EvalConfig(**base, refit="head", folds=2, refit_options=opts,
-                                     rounds_dir=tmp_path / "sh", merge_only=True), progress=False)
-    a, b = one["results"][0]["metrics"], merged["results"][0]["metrics"]
-    assert a["rank1"] == b["rank1"] and a["cmc"] == b["cmc"] and a["rounds"] == 2
-    assert 0.0 < a["rank1"] <= 1.0
+    merged = evaluate(EvalConfig(**base, refit="head", refit_options=opts,
+                                 rounds_dir=tmp_path / "sh", merge_only=True), progress=False)
+    for a, b in zip(one["results"], merged["results"], strict=True):
+        a, b = a["metrics"], b["metrics"]
+        assert a["rank1"] == b["rank1"] and a["cmc"] == b["cmc"] and a["rounds"] == 20
+        assert 0.0 < a["rank1"] <= 1.0
 
 
 def test_lfw_pairs_txt(tmp_path: Path, pool_model: Path) -> None:

@@ -12,28 +12,28 @@ import torch
 from torch import nn
 
 import mtmim_cli.orchestration.refit as RF
-import mtmim_cli.train.finetune as F
+import mtmim_cli.train.round_heads as H
 from mtmim_cli.data.cache import Cache
 from mtmim_cli.data.dataset import preprocess
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.eval import loading as L
 from mtmim_cli.eval.config import EvalConfig, ModelArg
 from mtmim_cli.models.backbones import build_backbone
-from mtmim_cli.models.factorize import FactorizationUnit
 from mtmim_cli.models.identity import load_identity_model
 from mtmim_cli.orchestration.evaluate import evaluate
 from tests.conftest import write_cache
 
 
-def _identity_unit(calls: list[int] | None = None):
-    """A stand-in for `fit_heads_on_features` whose age branch is zero: x_id = x, so a head
-    re-fit must reproduce `--refit none` exactly, and no training time is spent."""
-    def fit(features, labels, ages, **kw):
+def _identity_maps(calls: list[int] | None = None):
+    """A stand-in for `fit_rounds` whose maps are the identity: x_id = x, so a head re-fit
+    must reproduce `--refit none` exactly, and no training time is spent. `calls` gets the
+    number of rounds of each call."""
+    def fit(views, labels, ages, held, cfg, seed=0, on_step=None):
         if calls is not None:
-            calls.append(len(features))
-        unit = FactorizationUnit(features.shape[1])
-        nn.init.zeros_(unit.fc.weight)
-        return unit.eval()
+            calls.extend([1] * len(held))
+        d = views[0].shape[1]
+        return H.RoundMaps(A=torch.eye(d).expand(len(held), d, d).clone(),
+                           b=torch.zeros(len(held), d), last_loss=torch.zeros(len(held)))
     return fit
 
 
@@ -50,12 +50,12 @@ def test_head_refit_takes_a_96_wide_models_crop(tmp_path: Path, monkeypatch: pyt
     cache_path = _cache(tmp_path)
     torch.manual_seed(0)
     torch.save(build_backbone("mobilefacenet").state_dict(), tmp_path / "mfn.pt")
-    monkeypatch.setattr(F, "fit_heads_on_features", _identity_unit())
+    monkeypatch.setattr(H, "fit_rounds", _identity_maps())
     model = [ModelArg("mfn", tmp_path / "mfn.pt", "mobilefacenet")]
     base = dict(protocol="fgnet-loo", models=model, cache=cache_path, batch_size=4)
     none = evaluate(EvalConfig(**base), progress=False)["results"][0]["metrics"]
-    head = evaluate(EvalConfig(**base, refit="head", rounds_dir=tmp_path / "rounds"),
-                    progress=False)["results"][0]["metrics"]
+    head = evaluate(EvalConfig(**base, refit="head", rounds_dir=tmp_path / "rounds",
+                               refit_modes=("baseline",)), progress=False)["results"][0]["metrics"]
 
     with np.load(tmp_path / "rounds" / "mfn" / "views.npz") as z:
         f = z["f"]
@@ -95,12 +95,13 @@ def test_round_store_refuses_stale_rounds(tmp_path: Path, monkeypatch: pytest.Mo
     channels = {"n": 3}
     monkeypatch.setattr(L, "MODEL_LOADER", lambda p, b: _Pool(channels["n"]))
     calls: list[int] = []
-    monkeypatch.setattr(F, "fit_heads_on_features", _identity_unit(calls))
+    monkeypatch.setattr(H, "fit_rounds", _identity_maps(calls))
     rounds = tmp_path / "rounds"
 
     def run(rounds_dir: Path = rounds, **kw) -> dict:
         cfg = EvalConfig(protocol="fgnet-loo", models=[ModelArg("pool", tmp_path / "pool.pt")],
-                         cache=cache_path, refit="head", rounds_dir=rounds_dir, **kw)
+                         cache=cache_path, refit="head", rounds_dir=rounds_dir,
+                         refit_modes=("baseline",), **kw)
         return evaluate(cfg, progress=False)["results"][0]["metrics"]
 
     first = run()
@@ -120,7 +121,7 @@ def test_round_store_refuses_stale_rounds(tmp_path: Path, monkeypatch: pytest.Mo
         run()
     monkeypatch.undo()
     monkeypatch.setattr(L, "MODEL_LOADER", lambda p, b: _Pool(channels["n"]))
-    monkeypatch.setattr(F, "fit_heads_on_features", _identity_unit(calls))
+    monkeypatch.setattr(H, "fit_rounds", _identity_maps(calls))
     channels["n"] = 2   # same files, other feature shape (as a wrongly cropped model had)
     with pytest.raises(MtmimError, match="features"):
         run()

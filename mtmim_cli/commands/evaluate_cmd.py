@@ -51,9 +51,16 @@ def evaluate(
     rounds_dir: Path = typer.Option(None, "--rounds-dir",
                                     help="Where per-round results are stored (default: rounds/ "
                                          "beside --out); reused on resume."),
+    refit_modes: str = typer.Option("", "--refit-modes",
+                                    help="fgnet-loo refit: comma-separated modes, each re-fitted over the "
+                                         "same rounds and seeds and reported as its own row "
+                                         "(default baseline,age,mtmim: the paper's ablation rows)."),
     refit_options: str = typer.Option("{}", "--refit-options",
-                                      help="JSON dict passed to the re-fit function (e.g. "
-                                           "'{\"mode\": \"mtmim\", \"epochs\": 2}')."),
+                                      help="JSON dict of re-fit settings. head: epochs, batch_size, "
+                                           "lr, s, m, margin, factorize_gain, centres, age_groups, "
+                                           "lambda_age, lambda_mim, q_hidden, q_steps, q_lr, "
+                                           "rounds_per_chunk (train/round_heads.py); full: the "
+                                           "options of `mtmim finetune` (e.g. '{\"epochs\": 2}')."),
     seed: int = typer.Option(0, "--seed", help="Seed for pairs, subject splits and round groups."),
     n_pairs: int = typer.Option(6000, "--n-pairs",
                                 help="Pairs to draw when --cache is given without --pairs."),
@@ -107,6 +114,7 @@ def evaluate(
         rounds_dir=rounds_dir, merge_only=merge, seed=seed, batch_size=batch_size, device=device,
         max_rank=max_rank, n_pairs=n_pairs, min_gap=min_gap, test_subjects=test_subjects,
         train_subjects=train_subjects, split_out=split_out, refit_options=opts,
+        refit_modes=tuple(x.strip() for x in refit_modes.split(",") if x.strip()),
         allow_trained_on=allow_trained_on, features=features, command=command_line(),
     )
     run_evaluate(cfg, progress=not quiet, echo=typer.echo)

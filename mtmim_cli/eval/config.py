@@ -54,6 +54,7 @@ class EvalConfig:
     train_subjects: int | None = None
     split_out: Path | None = None
     refit_options: dict = field(default_factory=dict)
+    refit_modes: tuple[str, ...] = ()   # () = all three (or the mode refit_options names)
     allow_trained_on: bool = False     # score models that trained on test images (labelled so)
     features: bool = False             # also write features.npz (x_id, x_age) beside out
     command: str = ""
@@ -68,6 +69,10 @@ def check_config(cfg: EvalConfig) -> None:
         raise MtmimError(f"--refit {cfg.refit}: choose from {', '.join(REFITS)}")
     if cfg.refit != "none" and cfg.protocol != "fgnet-loo":
         raise MtmimError(f"--refit {cfg.refit} applies to fgnet-loo only")
+    bad = [m for m in cfg.refit_modes if m not in ("baseline", "age", "mtmim")]
+    if bad:
+        raise MtmimError(f"--refit-modes {','.join(cfg.refit_modes)}: {bad[0]} is not one of "
+                         "baseline, age, mtmim")
     if not cfg.models:
         raise MtmimError("no --model given")
     if cfg.features and cfg.out is None:

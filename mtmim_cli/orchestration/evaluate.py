@@ -60,15 +60,16 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
         sha = sha256_file(m.path)
         t0 = time.perf_counter()
         model = loaded.pop(m.label)
-        metrics = _score(cfg, inputs, m, sha, files, feat, model)
+        for label, metrics in _score(cfg, inputs, m, sha, files, feat, model).items():
+            metrics["wall_seconds"] = round(time.perf_counter() - t0, 2)
+            t0 = time.perf_counter()
+            rows.append({"model": label, "metrics": metrics, "test_faces": faces[m.label]})
+            say(_summary_line(cfg.protocol, label, metrics))
         if feature_idx is not None:
             parts[m.label] = factor_parts(model or load_model(m.path, m.backbone, cfg.device),
                                           inputs.cache, feature_idx, cfg.batch_size, cfg.device)
-        metrics["wall_seconds"] = round(time.perf_counter() - t0, 2)
-        rows.append({"model": m.label, "metrics": metrics, "test_faces": faces[m.label]})
         models_info.append({"label": m.label, "path": str(m.path), "backbone": m.backbone,
                             "sha256": sha})
-        say(_summary_line(cfg.protocol, m.label, metrics))
 
     verdict = benchmarks.for_run(cfg, inputs)
     if verdict is not None:
@@ -99,13 +100,16 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
 
 
 def _score(cfg: EvalConfig, inputs: EvalInputs, m: ModelArg, model_sha256: str,
-           files: list[dict], feat: FeatureOptions, model) -> dict:
+           files: list[dict], feat: FeatureOptions, model) -> dict[str, dict]:
+    """Row label -> metrics: one row per model, or per model and re-fit mode
+    ("LABEL/baseline", ...) when FG-NET is re-fitted."""
     if cfg.refit != "none":
         from mtmim_cli.orchestration.refit import run_refit
 
-        return run_refit(cfg, inputs.cache, m, cache_sha256=files[0]["sha256"],  # cache first
-                         model_sha256=model_sha256, feat=feat)
-    return run_protocol(cfg.protocol, model, inputs, feat, cfg.max_rank)
+        per_mode = run_refit(cfg, inputs.cache, m, cache_sha256=files[0]["sha256"],  # cache first
+                             model_sha256=model_sha256, feat=feat)
+        return {f"{m.label}/{mode}": metrics for mode, metrics in per_mode.items()}
+    return {m.label: run_protocol(cfg.protocol, model, inputs, feat, cfg.max_rank)}
 
 
 def _write_split(cfg: EvalConfig, split: dict, say: Callable[[str], None]) -> Path:

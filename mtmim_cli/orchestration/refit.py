@@ -1,10 +1,13 @@
 """FG-NET leave-one-out with a re-fit per round (`--refit head` / `--refit full`).
 
 Each round trains without its held-out images (`train/`), then ranks them against all other
-images (`eval/`), which is why this lives above both. A round is a `round_fn(r, held) ->
-record` (`head_round_fn`, `full_round_fn`); `run_refit` runs the rounds this shard owns into
-a `RoundStore`, so a killed run resumes and shards merge. The store is keyed by
-`round_key`: everything that changes a round's result, so stale rounds are never merged.
+images (`eval/`), which is why this lives above both. `--refit head` trains the rounds'
+factorization and heads on fixed encoder features, many rounds at once
+(`run_head_rounds` over `train.round_heads.fit_rounds`); `--refit full` fine-tunes the model
+per round (`full_round_fn`). Each re-fit mode (baseline, age, mtmim) runs over the same
+rounds and seeds into its own `RoundStore`, so a killed run resumes and shards merge. The
+store is keyed by `round_key`: everything that changes a round's result, so stale rounds are
+never merged.
 """
 
 from __future__ import annotations
@@ -24,15 +27,20 @@ from mtmim_cli.eval.loading import load_model
 from mtmim_cli.eval.runners import FeatureOptions, image_counts, with_all_images
 
 # Bump when what a stored round means changes without the tool version changing.
-ROUND_FORMAT = 2
+ROUND_FORMAT = 3
 
 RoundFn = Callable[[int, np.ndarray], dict]
 
+# Rounds trained together by `--refit head` (memory grows with it: ~2 GB at 250 rounds
+# of 2000 rows x 128-d features with q's 64 hidden units).
+ROUNDS_PER_CHUNK = 250
+
 
 def run_refit(cfg: EvalConfig, cache, m: ModelArg, *, cache_sha256: str, model_sha256: str,
-              feat: FeatureOptions) -> dict:
-    """FG-NET rank-1 and CMC of model `m` re-fitted per round as `cfg.refit` says; with
-    `--shard I/N` and rounds missing, a partial record instead."""
+              feat: FeatureOptions) -> dict[str, dict]:
+    """FG-NET rank-1 and CMC of model `m` re-fitted per round as `cfg.refit` says, one
+    metrics record per re-fit mode (`cfg.refit_modes`: baseline, age, mtmim; every mode
+    over the same rounds and seeds); with `--shard I/N` and rounds missing, partial records."""
     import time
 
     idx = np.flatnonzero(cache.usable)
@@ -42,30 +50,53 @@ def run_refit(cfg: EvalConfig, cache, m: ModelArg, *, cache_sha256: str, model_s
     width, dim = _feature_shape(encoder, cache, idx, feat)
     key = round_key(cfg, m, cache_sha256=cache_sha256, model_sha256=model_sha256,
                     input_width=width, features=(len(idx), dim))
-    store = P.RoundStore(rounds_dir(cfg, m), key)
+    folder = rounds_dir(cfg, m)
     rounds = P.loo_rounds(len(idx), cfg.folds, cfg.seed)
+    shard = P.parse_shard(cfg.shard)
+    out: dict[str, dict] = {}
+    views = None
     if cfg.refit == "head":
         from mtmim_cli.eval.features import extract_views
 
-        f, ff = stored_views(store.folder / "views.npz", lambda: extract_views(
+        P.RoundStore(folder, key)   # pins what views.npz was computed from
+        views = stored_views(folder / "views.npz", lambda: extract_views(
             encoder, cache, idx, mirror=cfg.flip != "none", batch_size=feat.batch_size,
             device=feat.device, progress=feat.progress))
-        round_fn = head_round_fn(f, ff, ident, cache.age[idx], flip=cfg.flip, seed=cfg.seed,
-                                 options=cfg.refit_options)
-    else:
-        round_fn = full_round_fn(cache, idx, ident, m, base=rounds_dir(cfg, m) / "runs",
-                                 seed=cfg.seed, options=cfg.refit_options,
-                                 feat=replace(feat, progress=False))
-    t0 = time.perf_counter()
-    shard = P.parse_shard(cfg.shard)
-    done = store.done() if cfg.merge_only else P.run_rounds(
-        rounds, round_fn, store, shard, feat.progress, f"{m.label}: refit {cfg.refit}")
-    if shard[1] > 1 and len(done) < len(rounds):
-        return {"partial": True, "rounds_done": len(done), "rounds": len(rounds),
-                "wall_seconds": time.perf_counter() - t0, **image_counts(cache)}
-    metrics = P.merge_rounds(done, len(rounds), len(idx), cfg.max_rank)
-    metrics["rounds_dir"] = str(store.folder)
-    return with_all_images(metrics, cache)
+    for mode in refit_modes(cfg):
+        t0 = time.perf_counter()
+        store = P.RoundStore(folder / mode, {**key, "mode": mode})
+        what = f"{m.label}: refit {cfg.refit} {mode}"
+        if cfg.merge_only:
+            done = store.done()
+        elif cfg.refit == "head":
+            done = run_head_rounds(views, ident, cache.age[idx], rounds, store, shard,
+                                   flip=cfg.flip, seed=cfg.seed,
+                                   options={**cfg.refit_options, "mode": mode},
+                                   progress=feat.progress, description=what)
+        else:
+            round_fn = full_round_fn(cache, idx, ident, m, base=folder / mode / "runs",
+                                     seed=cfg.seed, options={**cfg.refit_options, "mode": mode},
+                                     feat=replace(feat, progress=False))
+            done = P.run_rounds(rounds, round_fn, store, shard, feat.progress, what)
+        if shard[1] > 1 and len(done) < len(rounds):
+            out[mode] = {"partial": True, "rounds_done": len(done), "rounds": len(rounds),
+                         "wall_seconds": time.perf_counter() - t0, **image_counts(cache)}
+            continue
+        metrics = P.merge_rounds(done, len(rounds), len(idx), cfg.max_rank)
+        metrics["rounds_dir"] = str(store.folder)
+        metrics["refit_mode"] = mode
+        out[mode] = with_all_images(metrics, cache)
+    return out
+
+
+def refit_modes(cfg: EvalConfig) -> tuple[str, ...]:
+    """The modes each round is re-fitted in: `--refit-modes`, or the mode a `--refit-options`
+    names, or all three (the paper's ablation rows)."""
+    if cfg.refit_modes:
+        return tuple(cfg.refit_modes)
+    if "mode" in cfg.refit_options:
+        return (str(cfg.refit_options["mode"]),)
+    return ("baseline", "age", "mtmim")
 
 
 def encoder_of(model):
@@ -121,39 +152,55 @@ def stored_views(path: Path, compute: Callable[[], tuple[np.ndarray, np.ndarray 
     return f, ff
 
 
-def head_round_fn(f: np.ndarray, ff: np.ndarray | None, ident: np.ndarray, age: np.ndarray, *,
-                  flip: str, seed: int, options: dict) -> RoundFn:
-    """A round re-fits the factorization unit and heads (`fit_heads_on_features`) on the
-    encoder features of every image but the held-out ones, then ranks the held-out images
-    by their x_id against all others."""
+def run_head_rounds(views: tuple[np.ndarray, np.ndarray | None], ident: np.ndarray,
+                    age: np.ndarray, rounds: list[np.ndarray], store: P.RoundStore,
+                    shard: tuple[int, int], *, flip: str, seed: int, options: dict,
+                    progress: bool, description: str) -> dict[int, dict]:
+    """Re-fit the factorization and heads for this shard's missing rounds, a chunk of rounds
+    at a time as one batched computation (`train.round_heads.fit_rounds`), then rank each
+    round's held-out images by their x_id against all others. Each chunk's rounds are stored
+    as soon as it finishes, so a killed run loses one chunk at most."""
+    import time
+
     import torch
 
     from mtmim_cli.eval.features import combine_views
-    from mtmim_cli.train.finetune import fit_heads_on_features
+    from mtmim_cli.progress import make_progress
+    from mtmim_cli.train import round_heads as H
 
     opts = dict(options)
+    chunk = int(opts.pop("rounds_per_chunk", ROUNDS_PER_CHUNK))
+    cfg = H.RoundHeadConfig.from_options(opts)
+    f, ff = views
+    view_list = [f] if ff is None else [f, ff]
+    i, n = shard
+    have = store.done()
+    todo = [r for r in range(len(rounds)) if r % n == i and r not in have]
+    mine = sum(1 for r in range(len(rounds)) if r % n == i)
+    tag = f"{i}-of-{n}"
+    with make_progress("round", disable=not progress) as bar:
+        task = bar.add_task(description, total=mine, completed=mine - len(todo))
+        for c in range(0, len(todo), chunk):
+            part = todo[c:c + chunk]
+            t0 = time.perf_counter()
+            steps = bar.add_task(f"  rounds {part[0]}-{part[-1]}: steps", total=1)
 
-    def round_fn(r: int, held: np.ndarray) -> dict:
-        train = np.ones(len(f), bool)
-        train[held] = False
-        # Both views train the heads, as the random flip does in image training.
-        x = f[train] if ff is None else np.concatenate([f[train], ff[train]])
-        reps = 1 if ff is None else 2
-        torch.manual_seed(seed * 100_003 + r)
-        try:
-            unit = fit_heads_on_features(
-                torch.from_numpy(x), torch.from_numpy(np.tile(ident[train], reps)),
-                torch.from_numpy(np.tile(age[train], reps)),
-                **{**opts, "seed": seed * 100_003 + r})
-        except TypeError as exc:  # an option fit_heads_on_features does not know
-            raise MtmimError(f"--refit-options: {exc}") from None
-        with torch.no_grad():
-            xid = unit(torch.from_numpy(f))[0].numpy()
-            xid_f = unit(torch.from_numpy(ff))[0].numpy() if ff is not None else None
-        feats = combine_views(xid, xid_f, flip)
-        return P.rank_held_out(feats, ident, held)
+            def on_step(done: int, total: int, steps=steps) -> None:
+                bar.update(steps, completed=done, total=total)
 
-    return round_fn
+            maps = H.fit_rounds(view_list, ident, age, [rounds[r] for r in part], cfg,
+                                seed=seed, on_step=on_step)
+            bar.remove_task(steps)
+            secs = (time.perf_counter() - t0) / len(part)
+            with torch.no_grad():
+                for k, r in enumerate(part):
+                    xid = [(torch.from_numpy(v) @ maps.A[k] + maps.b[k]).numpy() for v in view_list]
+                    feats = combine_views(xid[0], xid[1] if ff is not None else None, flip)
+                    rec = P.rank_held_out(feats, ident, rounds[r])
+                    store.append(tag, {"round": r, **rec, "seconds": round(secs, 4),
+                                       "final_loss": float(maps.last_loss[k])})
+            bar.advance(task, len(part))
+    return store.done()
 
 
 def full_round_fn(cache, idx: np.ndarray, ident: np.ndarray, m: ModelArg, *, base: Path,

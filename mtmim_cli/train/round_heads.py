@@ -1,0 +1,279 @@
+"""The paper's heads re-fitted for many leave-out rounds at once, on fixed encoder features.
+
+FG-NET's protocol re-fits the model without the held-out image in each of its 1002 rounds.
+With the encoder fixed, a round trains the factorization unit (x_age = W x + b,
+x_id = x - x_age), the margin head on x_id and, by mode, the age-group head on x_age and the
+CLUB penalty with its variational net q. Rounds differ only in which rows they leave out, so
+all rounds of a chunk train together as one batched computation: every parameter carries a
+leading round axis, every round sees the same minibatch of rows with its own held-out rows
+masked out (weight 0), and Adam, being elementwise, updates each round's slice exactly as a
+separate optimiser would. The result equals training each round on its own with the same
+row order (tests/test_round_heads.py checks this against a plain per-round loop built from
+the toolkit's own modules).
+
+Every round starts from the same seeded initialisation (factorization, age head, q), except
+for the class centres of the margin head, which start at the normalised mean of each class's
+x_id over the round's own training rows (`centres="mean"`; a random start, `"random"`, is
+what loses a pretrained model's accuracy: a loss of ~40 at step 0). Age groups are
+equal-frequency bins of the round's training ages. The three modes use the same rounds,
+seeds and row order, so their differences are the modes' alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mtmim_cli.data.groups import equal_frequency_groups
+from mtmim_cli.errors import MtmimError
+from mtmim_cli.models.margin import MARGIN_PRESETS, margin_target
+
+MODES = ("baseline", "age", "mtmim")
+
+
+@dataclass(frozen=True)
+class RoundHeadConfig:
+    """Settings of the per-round head fitting (the `--refit-options` of `--refit head`)."""
+    mode: str = "mtmim"
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    margin: str = "arcface"
+    s: float = 64.0
+    m: float | None = None
+    factorize_gain: float = 0.1
+    centres: str = "mean"
+    age_groups: int = 8
+    lambda_age: float = 0.1
+    lambda_mim: float = 1e-4
+    q_hidden: int = 64
+    q_steps: int = 5
+    q_lr: float = 1e-5
+    logvar_bound: float = 7.0
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise MtmimError(f"refit mode {self.mode}: choose from {', '.join(MODES)}")
+        if self.margin not in MARGIN_PRESETS:
+            raise MtmimError(f"refit margin {self.margin}: choose from {', '.join(MARGIN_PRESETS)}")
+        if self.centres not in ("mean", "random"):
+            raise MtmimError(f"refit centres {self.centres}: choose mean or random")
+        for name in ("epochs", "q_steps"):
+            if getattr(self, name) < 0:
+                raise MtmimError(f"refit {name} {getattr(self, name)}: must be >= 0")
+        if self.batch_size < 2 or self.lr <= 0 or self.q_lr <= 0:
+            raise MtmimError("refit: batch_size must be >= 2 and lr, q_lr > 0")
+
+    def margins(self) -> tuple[float, float, float]:
+        m = dict(MARGIN_PRESETS[self.margin])
+        if self.m is not None:
+            m[{"arcface": "m2", "cosface": "m3", "sphereface": "m1"}[self.margin]] = float(self.m)
+        return m["m1"], m["m2"], m["m3"]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_options(cls, options: dict) -> RoundHeadConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise MtmimError(f"--refit-options: unknown option(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known))})")
+        cfg = cls(**options)
+        cfg.check()
+        return cfg
+
+
+@dataclass
+class RoundMaps:
+    """Each round's identity map: x_id = x @ A[r] + b[r] (the factorization's residual)."""
+    A: Tensor     # (R, d, d)
+    b: Tensor     # (R, d)
+    last_loss: Tensor  # (R,) the last step's loss of each round
+
+
+def _init_state(d: int, num_groups: int, cfg: RoundHeadConfig, seed: int) -> dict[str, Tensor]:
+    """The seeded start shared by every round (the modules' own initialisations)."""
+    from torch import nn
+
+    from mtmim_cli.models.club import CLUB
+    from mtmim_cli.models.factorize import FactorizationUnit
+
+    torch.manual_seed(seed)
+    fact = FactorizationUnit(d, init_gain=cfg.factorize_gain)
+    age = nn.Linear(d, num_groups)
+    q = CLUB(d, d, hidden=cfg.q_hidden, logvar_bound=cfg.logvar_bound)
+    state = {"W": fact.fc.weight, "b": fact.fc.bias, "age_w": age.weight, "age_b": age.bias,
+             "mu1_w": q.mu[0].weight, "mu1_b": q.mu[0].bias, "mu2_w": q.mu[2].weight,
+             "mu2_b": q.mu[2].bias, "lv1_w": q.logvar[0].weight, "lv1_b": q.logvar[0].bias,
+             "lv2_w": q.logvar[2].weight, "lv2_b": q.logvar[2].bias}
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _stack(t: Tensor, r: int) -> Tensor:
+    return t.expand(r, *t.shape).clone().requires_grad_(True)
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """Per-round nn.Linear: x (R, B, i), w (R, o, i), b (R, o) -> (R, B, o)."""
+    return torch.baddbmm(b[:, None], x, w.transpose(1, 2))
+
+
+class _Q:
+    """Per-round CLUB nets q(x_age | x_id): mean and bounded log-variance MLPs."""
+
+    def __init__(self, p: dict[str, Tensor], bound: float) -> None:
+        self.p, self.bound = p, bound
+
+    def __call__(self, x: Tensor, detached: bool = False) -> tuple[Tensor, Tensor]:
+        p = {k: v.detach() for k, v in self.p.items()} if detached else self.p
+        mu = _linear(torch.relu(_linear(x, p["mu1_w"], p["mu1_b"])), p["mu2_w"], p["mu2_b"])
+        raw = _linear(torch.relu(_linear(x, p["lv1_w"], p["lv1_b"])), p["lv2_w"], p["lv2_b"])
+        return mu, self.bound * torch.tanh(raw / self.bound)
+
+
+def masked_club(mu: Tensor, logvar: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    """CLUB's closed form per round over the rows with weight w (R, B) in {0, 1}: the same
+    value `models.club.club_closed_form` gives on the kept rows alone."""
+    n = w.sum(1).clamp_min(1.0)
+    wn = (w / n[:, None])[..., None]
+    y_mean = (y * wn).sum(1, keepdim=True)
+    y_var = ((y - y_mean).pow(2) * wn).sum(1, keepdim=True)
+    all_pairs = y_var + (mu - y_mean).pow(2)
+    per_row = 0.5 * ((all_pairs - (y - mu).pow(2)) * torch.exp(-logvar)).sum(2)
+    return (per_row * w).sum(1) / n
+
+
+def _masked_mean(v: Tensor, w: Tensor) -> Tensor:
+    return (v * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+def fit_rounds(views: Sequence[np.ndarray], labels: np.ndarray, ages: np.ndarray,
+               held: Sequence[np.ndarray], cfg: RoundHeadConfig, seed: int = 0,
+               on_step: Callable[[int, int], None] | None = None) -> RoundMaps:
+    """Train the heads of every round in `held` together; returns each round's x_id map.
+
+    `views`: V arrays (n, d) of encoder features of the same n images (e.g. image and mirror),
+    each a training row of its image. `labels` (n,) identities, `ages` (n,) years (NaN
+    unknown: no age loss). `held[r]`: the images round r leaves out (all their views).
+    `on_step(done, total)` is called after each step (progress)."""
+    cfg.check()
+    X = torch.as_tensor(np.concatenate([np.asarray(v, np.float32) for v in views]))
+    n_img = len(labels)
+    n_views = len(views)
+    if X.shape[0] != n_img * n_views:
+        raise MtmimError(f"refit: {len(views)} views of {X.shape[0] // max(1, n_views)} rows "
+                         f"for {n_img} labels")
+    d = X.shape[1]
+    R = len(held)
+    lab = np.unique(np.asarray(labels), return_inverse=True)[1].astype(np.int64)
+    C = int(lab.max()) + 1 if len(lab) else 0
+    Y = torch.from_numpy(np.tile(lab, n_views))
+    ages = np.asarray(ages, np.float64)
+
+    keep = np.ones((R, n_img), bool)
+    for r, h in enumerate(held):
+        keep[r, np.asarray(h, np.int64)] = False
+    M = torch.from_numpy(np.tile(keep, (1, n_views))).float()              # (R, rows)
+    present = torch.from_numpy(np.stack([np.bincount(lab[k], minlength=C) > 0 for k in keep]))
+    groups = np.full((R, n_img), -1, np.int64)
+    for r in range(R):
+        a = ages[keep[r]]
+        try:
+            bnd = equal_frequency_groups(a, cfg.age_groups)
+        except ValueError as exc:
+            raise MtmimError(f"refit: age groups: {exc}") from None
+        groups[r] = np.where(np.isfinite(ages), np.searchsorted(bnd, np.nan_to_num(ages),
+                                                                side="right"), -1)
+    G = torch.from_numpy(np.tile(groups, (1, n_views)))                    # (R, rows)
+
+    init = _init_state(d, cfg.age_groups, cfg, seed)
+    W, b = _stack(init["W"], R), _stack(init["b"], R)
+    age_w, age_b = _stack(init["age_w"], R), _stack(init["age_b"], R)
+    qp = {k: _stack(v, R) for k, v in init.items() if k[:2] in ("mu", "lv")}
+    q = _Q(qp, cfg.logvar_bound)
+    with torch.no_grad():
+        centres = _start_centres(X, Y, M, C, init["W"], init["b"], cfg, seed)
+    centres.requires_grad_(True)
+    m1, m2, m3 = cfg.margins()
+    use_age = cfg.mode in ("age", "mtmim") and cfg.lambda_age > 0
+    use_mim = cfg.mode == "mtmim" and cfg.lambda_mim > 0
+    main = [W, b, centres] + ([age_w, age_b] if use_age else [])
+    opt = torch.optim.Adam(main, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    q_opt = torch.optim.Adam(list(qp.values()), lr=cfg.q_lr) if use_mim else None
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = X.shape[0]
+    bs = min(cfg.batch_size, rows)
+    steps_per_epoch = rows // bs
+    total = cfg.epochs * steps_per_epoch
+    absent = ~present                                                       # (R, C)
+    last = torch.full((R,), float("nan"))
+    done = 0
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(rows, generator=gen)
+        for s in range(steps_per_epoch):
+            idx = perm[s * bs:(s + 1) * bs]
+            xb, yb, wb = X[idx], Y[idx], M[:, idx]
+            x_age = torch.matmul(xb, W.transpose(1, 2)) + b[:, None]        # (R, B, d)
+            x_id = xb[None] - x_age
+            cos = torch.bmm(F.normalize(x_id, dim=2), F.normalize(centres, dim=2).transpose(1, 2))
+            yr = yb.expand(R, -1)[..., None]
+            target = margin_target(cos.gather(2, yr), m1, m2, m3)
+            logits = (cos.scatter(2, yr, target) * cfg.s).masked_fill(absent[:, None, :], -math.inf)
+            l_id = F.cross_entropy(logits.reshape(-1, C), yr.reshape(-1),
+                                   reduction="none").view(R, -1)
+            loss = _masked_mean(l_id, wb)
+            if use_age:
+                gb = G[:, idx]
+                known = wb * (gb >= 0)
+                l_age = F.cross_entropy(_linear(x_age, age_w, age_b).reshape(-1, cfg.age_groups),
+                                        gb.clamp_min(0).reshape(-1), reduction="none").view(R, -1)
+                loss = loss + cfg.lambda_age * _masked_mean(l_age, known)
+            if use_mim:
+                mu, logvar = q(x_id, detached=True)   # q is held fixed in the encoder step
+                loss = loss + cfg.lambda_mim * masked_club(mu, logvar, x_age, wb)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()   # rounds are independent: the sum's gradient is each round's
+            opt.step()
+            if use_mim:
+                xi, xa = x_id.detach(), x_age.detach()
+                for _ in range(cfg.q_steps):
+                    q_opt.zero_grad(set_to_none=True)
+                    mu, logvar = q(xi)
+                    ll = -0.5 * ((xa - mu).pow(2) * torch.exp(-logvar) + logvar).sum(2)
+                    (-_masked_mean(ll, wb)).sum().backward()
+                    q_opt.step()
+            last = loss.detach()
+            done += 1
+            if on_step is not None:
+                on_step(done, total)
+    if not bool(torch.isfinite(W).all() and torch.isfinite(b).all()):
+        raise MtmimError("refit: the factorization became non-finite; lower lr")
+    with torch.no_grad():
+        eye = torch.eye(d).expand(R, d, d)
+        return RoundMaps(A=(eye - W.transpose(1, 2)).detach(), b=(-b).detach(), last_loss=last)
+
+
+def _start_centres(X: Tensor, Y: Tensor, M: Tensor, C: int, W0: Tensor, b0: Tensor,
+                   cfg: RoundHeadConfig, seed: int) -> Tensor:
+    """(R, C, d) class centres: each class's normalised mean x_id at the start over the
+    round's training rows ("mean"), or the margin head's own random start ("random")."""
+    R, d = M.shape[0], X.shape[1]
+    g = torch.Generator().manual_seed(seed + 1)
+    rand = torch.randn(C, d, generator=g) * 0.01
+    if cfg.centres == "random":
+        return rand.expand(R, C, d).clone()
+    u = F.normalize(X - (X @ W0.T + b0), dim=1)                             # (rows, d)
+    onehot = F.one_hot(Y, C).float()                                        # (rows, C)
+    sums = torch.einsum("rn,nc,nd->rcd", M, onehot, u)
+    empty = sums.norm(dim=2, keepdim=True) == 0
+    return torch.where(empty, rand.expand(R, C, d), F.normalize(sums, dim=2))

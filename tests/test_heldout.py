@@ -111,7 +111,7 @@ def test_refit_none_on_the_tuned_cache_is_refused_but_refit_full_rounds_hold_out
     digests = PV.cache_digests(cache)
     held_sets = P.loo_rounds(30, 3, 0)
     for r, held in enumerate(held_sets):
-        rec = load_checkpoint(rounds_dir / "ext" / "runs" / f"round-{r:04d}" / "model.pt")["meta"]["trained_on"]
+        rec = load_checkpoint(rounds_dir / "ext" / "baseline" / "runs" / f"round-{r:04d}" / "model.pt")["meta"]["trained_on"]
         assert rec["caches"][0]["excluded"] == sorted(held.tolist())
         trained_images = PV.unpack(rec["images"])
         assert not np.isin(digests[held], trained_images).any()

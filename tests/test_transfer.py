@@ -378,3 +378,64 @@ def test_recipe_small_sits_between_defaults_and_explicit_options() -> None:
     assert cfg.lr == 1e-4 and o["l2sp"] == 0.0
     with pytest.raises(MtmimError, match="--recipe big"):
         split_options({}, {"recipe": "big"})
+
+
+@pytest.mark.slow
+def test_cli_recipe_small_with_explicit_overrides(aged_cache: Path, tmp_path: Path) -> None:
+    """`mtmim finetune --recipe small`: the recipe's values apply, options given on the
+    command line win, the trunk's activations are cached, model.pt loads as usual."""
+    import json
+
+    from mtmim_cli.models.identity import load_identity_model
+
+    from .conftest import run_cli
+
+    pre, init = save_tiny_pretrain(tmp_path / "pre.pt", seed=1)
+    out = tmp_path / "run"
+    r = run_cli("finetune", str(aged_cache), "--init", str(init), "--recipe", "small", "--epochs", "1",
+                "--batch-size", "16", "--age-groups", "4", "--mode", "baseline", "--out", str(out),
+                "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["schedule"]) == (1, 16, 1e-3, "constant")
+    e = cfg["extra"]
+    assert (e["recipe"], e["freeze_through"], e["freeze_bn"], e["init_centres"], e["l2sp"], e["mode"]) == \
+        ("small", "pool", "stats", "mean-mirror", 1e-2, "baseline")
+    assert len(list((out / "activations").glob("trunk-pool-*.npy"))) == 1
+    assert load_identity_model(out / "model.pt").factorize is not None
+    r = run_cli("finetune", str(aged_cache), "--init", str(init), "--recipe", "big", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--recipe big" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("finetune", str(aged_cache), "--init", str(init), "--recipe", "small", "--augment", "light",
+                "--out", str(tmp_path / "y"))
+    assert r.returncode == 2 and "--activation-cache off" in r.stderr
+
+
+def test_identity_lists_select_training_and_replay_identities(aged_cache: Path, tmp_path: Path) -> None:
+    import json
+
+    from mtmim_cli.train.transfer import identity_mask, read_identity_list
+
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"a": {"train": [0, 2, 3]}, "celeb": ["r1", "r3"]}))
+    names = tmp_path / "names.txt"
+    names.write_text("# kept\nid1\n\nid4\n")
+    assert read_identity_list("id0, id5") == ["id0", "id5"]
+    assert read_identity_list(f"@{names}") == ["id1", "id4"]
+    assert read_identity_list(f"@{split}:a.train") == ["0", "2", "3"]
+    for bad, msg in [(f"@{split}:a.nope", "no identity list"), (f"@{split}:a", "not a list"),
+                     (f"@{tmp_path / 'none.txt'}", "cannot read")]:
+        with pytest.raises(MtmimError, match=msg):
+            read_identity_list(bad)
+    numbered = write_cache(tmp_path / "num.h5", [f"{k:03d}" for k in range(1, 5) for _ in range(3)], [10.0] * 12)
+    base = CacheDataset([numbered], train=True)
+    assert identity_mask(base, range(1), ["1", "4"], "x").sum() == 6        # '001' is 1
+    with pytest.raises(MtmimError, match="none of the 1 listed"):
+        identity_mask(base, range(1), ["id9"], "--identities")
+
+    replay = write_cache(tmp_path / "replay.h5", [f"r{k}" for k in range(5) for _ in range(4)], seed=3)
+    pre, init = save_tiny_pretrain(tmp_path / "pre.pt", seed=1)
+    run = _run(aged_cache, init, tmp_path / "r", max_steps=1, identities="id0,id1,id2,id3",
+               replay=[str(replay)], replay_identities=f"@{split}:celeb", replay_ratio=0.25)
+    meta = load_checkpoint(run / "model.pt")["meta"]
+    assert meta["num_classes"] == 6                                        # 4 + 2 replay identities
+    assert [c["used"] for c in meta["trained_on"]["caches"]] == [32, 8]

@@ -8,7 +8,8 @@ import typer
 
 from mtmim_cli.app import app
 from mtmim_cli.atomic import ensure_writable
-from mtmim_cli.train.finetune_options import MODES
+from mtmim_cli.models.backbones import stage_summary
+from mtmim_cli.train.finetune_options import MODES, recipe_summary
 from mtmim_cli.train.finetune_options import default as D
 
 
@@ -73,8 +74,8 @@ def finetune(
     margin_m: float = typer.Option(D("m"), "--margin-m", help="Margin (default 0.35 for arcface/cosface)."),
     epochs: int = typer.Option(D("epochs"), "--epochs", help="Passes over the training data."),
     batch_size: int = typer.Option(D("batch_size"), "--batch-size", help="Global batch (the paper: 400; split over torchrun processes)."),
-    lr: float = typer.Option(D("lr"), "--lr", help="Adam learning rate of encoder, factorization and heads (the paper: 0.02)."),
-    weight_decay: float = typer.Option(D("weight_decay"), "--weight-decay", help="Weight decay of the main optimiser."),
+    lr: float = typer.Option(D("lr"), "--lr", help="Adam learning rate of factorization and heads, and of the encoder unless --encoder-lr (the paper: 0.02)."),
+    weight_decay: float = typer.Option(D("weight_decay"), "--weight-decay", help="Weight decay of the main optimiser (the encoder takes none under --l2sp)."),
     schedule: str = typer.Option(D("schedule"), "--schedule", help="plateau (lr/10 when the epoch loss stalls, the paper), poly, cosine, constant."),
     plateau_patience: int = typer.Option(D("plateau_patience"), "--plateau-patience", help="Epochs without improvement before the lr drops."),
     identities: str = typer.Option(D("identities"), "--identities", help="How identity names match across caches: auto (the caches of one align job, e.g. its shards, share names; other caches keep theirs apart; refuses when two align runs of one dataset folder share a name), by-name (a name is one person in every cache), per-cache (never shared). See docs/SCALE.md."),
@@ -89,7 +90,24 @@ def finetune(
     val_pairs: int = typer.Option(D("val_pairs"), "--val-pairs", help="Number of validation pairs."),
     val_every: int = typer.Option(D("val_every"), "--val-every", help="Steps between validations (0 = before and after only)."),
     sync_bn: bool = typer.Option(D("sync_bn"), "--sync-bn", help="Under torchrun, BatchNorm statistics over the global batch."),
-    head_warmup_steps: int = typer.Option(D("head_warmup_steps"), "--head-warmup-steps", help="First steps with the encoder's lr at 0, so new heads fit before they move a pretrained encoder (0 = the paper)."),
+    head_warmup_steps: int = typer.Option(D("head_warmup_steps"), "--head-warmup-steps", help="First steps with the encoder out of the optimiser (no gradient, BatchNorm statistics fixed; fresh Adam state at release), so new heads fit before they move a pretrained encoder (0 = the paper)."),
+    recipe: str = typer.Option(D("recipe"), "--recipe", help=f"A named bundle of the options below for small training sets; options given explicitly override it, and without it the paper's settings apply. {recipe_summary()}."),
+    freeze_through: str = typer.Option(D("freeze_through"), "--freeze-through", help=f"Freeze the encoder up to and including this stage (eval mode, no gradient) and train the rest; its activations are computed once and cached (see --activation-cache). auto = all but the last two stages. Stages: {stage_summary()}."),
+    activation_cache: str = typer.Option(D("activation_cache"), "--activation-cache", help="Folder for the frozen trunk's cached activations, keyed by its weights, the images, stage, crop and dtype so runs share them (default: --out/activations); off = train the frozen trunk on images (needed for --augment)."),
+    activation_dtype: str = typer.Option(D("activation_dtype"), "--activation-dtype", help="Storage of cached activations: float16 (half the disk and memory) or float32."),
+    freeze_bn: str = typer.Option(D("freeze_bn"), "--freeze-bn", help="off; stats = every encoder BatchNorm in eval mode (running statistics fixed, affine weight and bias still trained); all = statistics and affine parameters fixed."),
+    init_centres: str = typer.Option(D("init_centres"), "--init-centres", help="Margin-head class centres: random (the paper); mean = each class's mean x_id under the initial encoder (eval mode); mean-mirror = the same with each image averaged with its mirror."),
+    encoder_lr: float = typer.Option(D("encoder_lr"), "--encoder-lr", help="Learning rate of the encoder (default: --lr); factorization and heads train at --lr."),
+    l2sp: float = typer.Option(D("l2sp"), "--l2sp", metavar="ALPHA", help="L2-SP: the penalty (alpha/2)||w - w0||^2 pulls the encoder's trainable weights toward their initial values, instead of weight decay toward zero (heads keep --weight-decay). 0 = off."),
+    augment: str = typer.Option(D("augment"), "--augment", help="Augmentation of the aligned crops, drawn per (seed, epoch, image) so resume stays exact: none, light, or key=value pairs over it (brightness, contrast, saturation, scale: max relative change; translate: pixels; rotate: degrees; grey: probability), e.g. 'light,grey=0.3'. Image path only: not on cached activations (use --activation-cache off)."),
+    train_identities: str = typer.Option(D("train_identities"), "--train-identities", help="Train only on these identities of the training caches: comma-separated names, @FILE (one per line) or @FILE.json:key.path (a list in a JSON split file, e.g. @open-set.json:fgnet.train_subjects); whole numbers match by value (1 = '001')."),
+    replay: list[Path] = typer.Option(D("replay"), "--replay", help="General-face cache(s) mixed into every batch: their identities get their own classes; ages unknown, so no age loss; left out of CLUB and of q's fit. Repeat for several."),
+    replay_identities: str = typer.Option(D("replay_identities"), "--replay-identities", help="Replay only these identities of the --replay caches (same forms as --train-identities), e.g. @open-set.json:celeba_subset.train_identities."),
+    replay_ratio: float = typer.Option(D("replay_ratio"), "--replay-ratio", help="Share of each batch drawn from --replay (0 < R < 1); an epoch is one pass over the training images."),
+    val_identities: float = typer.Option(D("val_identities"), "--val-identities", help="Carve this many identities (or this fraction, below 1) out of the first training cache by a seeded split and validate on their cross-age pairs (instead of --val-cache)."),
+    early_stop: int = typer.Option(D("early_stop"), "--early-stop", metavar="PATIENCE", help="Stop after this many validations without a better accuracy (0 = off); validates every epoch unless --val-every is set."),
+    keep: str = typer.Option(D("keep"), "--keep", help="model.pt = the last weights (last) or the best validation checkpoint (best; needs validation)."),
+    max_bad_steps: int = typer.Option(D("max_bad_steps"), "--max-bad-steps", help="Steps whose gradients are not finite are skipped; this many in a row stop the run."),
     warn_negative_after: int = typer.Option(D("warn_negative_after"), "--warn-negative-after", help="Warn when the CLUB estimate stays negative this many steps (0 = never)."),
     resume: bool = typer.Option(D("resume"), "--resume", help="Continue the run in --out from its last checkpoint."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch per process (default: one per core; under torchrun give cores / processes)."),
@@ -120,5 +138,7 @@ def given_settings(ctx: typer.Context) -> dict:
         source = ctx.get_parameter_source(name)   # an enum of (typer's vendored) click
         if name in _NOT_SETTINGS or source is None or source.name == "DEFAULT":
             continue
+        if isinstance(value, list):
+            value = [str(v) if isinstance(v, Path) else v for v in value]
         out[_LIBRARY_NAME.get(name, name)] = str(value) if isinstance(value, Path) else value
     return out

@@ -214,7 +214,10 @@ def full_round_fn(cache, idx: np.ndarray, ident: np.ndarray, m: ModelArg, *, bas
         exclude = idx[held]  # cache record indices left out of this round's training
         # resume=True: a round killed mid-training continues from its last checkpoint.
         # progress=False: rich allows one live display, and the rounds bar is it.
-        run_dir = finetune([cache.path], m.path, {**options, "out": str(run),
+        # A frozen trunk's activations (--freeze-through) are the same in every round:
+        # computed once into the rounds folder, unless the options name a place.
+        shared = {"activation_cache": str(base.parent / "activations")}
+        run_dir = finetune([cache.path], m.path, {**shared, **options, "out": str(run),
                                                   "exclude": exclude.tolist(), "seed": seed,
                                                   "progress": False, "resume": True})
         model = load_model(_final_checkpoint(Path(run_dir)), None, feat.device)

@@ -44,19 +44,9 @@ from mtmim_cli.models.club import CLUB, train_q
 from mtmim_cli.models.factorize import FactorizationUnit
 from mtmim_cli.train import distributed as D
 from mtmim_cli.train.config import TrainConfig
-from mtmim_cli.train.finetune_options import DEFAULTS, MODES, TRAIN_DEFAULTS
+from mtmim_cli.train.finetune_options import DEFAULTS, MODES, RECIPES, TRAIN_DEFAULTS
 from mtmim_cli.train.objectives import Objective, make_id_head
 from mtmim_cli.train.transfer import EncoderPlan
-
-# Named bundles of settings (`--recipe`), over the defaults and under explicit options.
-# PROVISIONAL: the values are those issue 10 reports as working in one experiment outside
-# the toolkit (one seed); they are to be set by validation on identities carved out of the
-# training side.
-RECIPES: dict[str, dict[str, Any]] = {
-    "small": {"freeze_through": "auto", "freeze_bn": "stats", "init_centres": "mean-mirror",
-              "margin": "arcface", "s": 64.0, "m": 0.35, "optimizer": "adam", "epochs": 5,
-              "lr": 1e-3, "l2sp": 1e-2, "batch_size": 64, "schedule": "constant"},
-}
 
 
 def _zero_valued(t: Tensor) -> Tensor:
@@ -308,7 +298,13 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
     from mtmim_cli.data.dataset import CacheDataset
     from mtmim_cli.train.lineage import run_record, saves_checkpoints
     from mtmim_cli.train.loop import train
-    from mtmim_cli.train.transfer import CENTRE_INITS, TrainingSet
+    from mtmim_cli.train.transfer import (
+        CENTRE_INITS,
+        TrainingSet,
+        identity_mask,
+        read_identity_list,
+        validation_identities,
+    )
 
     cfg, o = split_options(config, options)
     cfg.validate()
@@ -333,10 +329,19 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
         if len(caches) != 1:
             raise MtmimError("finetune: `exclude` (record indices) needs exactly one training cache")
         drop |= (base.cache_of == 0) & np.isin(base.record, np.asarray(o["exclude"], dtype=np.int64))
+    if o["train_identities"]:
+        drop |= ~in_replay & ~identity_mask(base, range(len(caches)),
+                                            read_identity_list(o["train_identities"]),
+                                            "--train-identities")
+    if o["replay_identities"]:
+        if not replay:
+            raise MtmimError("--replay-identities: give --replay too")
+        drop |= in_replay & ~identity_mask(base, range(len(caches), len(base.caches)),
+                                           read_identity_list(o["replay_identities"]),
+                                           "--replay-identities")
     val_labels = None
     if o["val_identities"]:
-        from mtmim_cli.train.transfer import validation_identities
-        val_labels = validation_identities(base, float(o["val_identities"]), cfg.seed)
+        val_labels = validation_identities(base, float(o["val_identities"]), cfg.seed, allowed=~drop)
         drop |= np.isin(base.labels, val_labels)
     dataset = TrainingSet(base, np.flatnonzero(~drop), replay=in_replay,
                           replay_ratio=float(o["replay_ratio"]) if replay else 0.0)

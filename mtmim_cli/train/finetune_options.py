@@ -23,10 +23,28 @@ DEFAULTS: dict[str, Any] = {
     "recipe": None, "freeze_through": None, "freeze_bn": "off", "init_centres": "random",
     "encoder_lr": None, "l2sp": 0.0, "augment": "none", "replay": None, "replay_ratio": 0.25,
     "val_identities": 0, "activation_cache": None, "activation_dtype": "float16",
+    "train_identities": None, "replay_identities": None,
 }
 # TrainConfig fields where fine-tuning differs from TrainConfig's own defaults (pretraining).
 TRAIN_DEFAULTS: dict[str, Any] = {"out": "runs/finetune", "lr": 0.02, "optimizer": "adam",
                                   "schedule": "plateau", "batch_size": 400, "epochs": 10}
+
+
+# Named bundles of settings (`--recipe`), over the defaults and under explicit options.
+# PROVISIONAL: the values are those issue 10 reports as working in one experiment outside
+# the toolkit (one seed); they are to be set by validation on identities carved out of the
+# training side.
+RECIPES: dict[str, dict[str, Any]] = {
+    "small": {"freeze_through": "auto", "freeze_bn": "stats", "init_centres": "mean-mirror",
+              "margin": "arcface", "s": 64.0, "m": 0.35, "optimizer": "adam", "epochs": 5,
+              "lr": 1e-3, "l2sp": 1e-2, "batch_size": 64, "schedule": "constant"},
+}
+
+
+def recipe_summary() -> str:
+    """The recipes and their values, for --help."""
+    return "; ".join(f"{name} = " + ", ".join(f"{k} {v}" for k, v in r.items())
+                     for name, r in RECIPES.items())
 
 
 def default(name: str) -> Any:

@@ -131,6 +131,23 @@ def test_plan_warmup_takes_the_encoder_out_and_back(aged_cache: Path) -> None:
     assert all(m.training for m in enc.modules())
 
 
+def test_plan_follows_modules_swapped_in_later() -> None:
+    """--sync-bn swaps every BatchNorm (new parameter objects): the plan's trainable
+    parameters, L2-SP anchor and frozen trunk are those of the encoder as it is now."""
+    from mtmim_cli.train.distributed import CPUSyncBatchNorm, convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    enc = build_backbone("tiny", 16)
+    plan = EncoderPlan(enc, freeze_through="body.1", l2sp=0.1, freeze_bn="all")
+    convert_sync_batchnorm(enc, torch.device("cpu"))
+    assert isinstance(enc.body[2][1], CPUSyncBatchNorm)
+    now = {id(p) for p in enc.parameters()}
+    assert all(id(p) in now for p in plan.trainable)
+    assert [n for n, p in enc.named_parameters() if p.requires_grad] == plan.names
+    assert not any(".1." in n and n.startswith("body.") for n in plan.names)   # BN affine frozen
+    assert float(plan.penalty().detach()) == 0.0
+
+
 # ----------------------------------------------------------------------- frozen BatchNorm
 @pytest.mark.parametrize("mode", ["stats", "all"])
 def test_frozen_batchnorm(aged_cache: Path, tmp_path: Path, mode: str) -> None:
@@ -229,7 +246,7 @@ def test_l2sp_gradient_is_alpha_times_the_distance_to_the_initial_weights() -> N
     obj.eval()
     loss, m = obj(images, labels, ages)
     off = obj.plan.l2sp
-    obj.plan.anchor, anchor = [], obj.plan.anchor
+    obj.plan.anchor, anchor = {}, obj.plan.anchor
     loss0, _ = obj(images, labels, ages)
     obj.plan.anchor = anchor
     ga = torch.autograd.grad(loss, obj.plan.trainable)

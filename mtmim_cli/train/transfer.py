@@ -70,15 +70,23 @@ class EncoderPlan:
         if freeze_bn == "all":
             frozen |= {id(p) for m in encoder.modules() if isinstance(m, _BatchNorm)
                        for p in m.parameters()}
-        # Parameters the encoder itself fixes (iresnet's output BN scale) stay fixed.
-        self.trainable = [p for p in encoder.parameters() if p.requires_grad and id(p) not in frozen]
-        keep = {id(p) for p in self.trainable}
-        for p in encoder.parameters():
-            if id(p) not in keep:
+        # Parameters the encoder itself fixes (iresnet's output BN scale) stay fixed. Kept by
+        # name, not by object: a module swapped in later (SyncBatchNorm) brings new ones.
+        self.names = [n for n, p in encoder.named_parameters() if p.requires_grad and id(p) not in frozen]
+        kept = set(self.names)
+        for n, p in encoder.named_parameters():
+            if n not in kept:
                 p.requires_grad_(False)
-        self.anchor = [p.detach().clone() for p in self.trainable] if self.l2sp > 0 else []
+        self.anchor = ({n: p.detach().clone() for n, p in encoder.named_parameters() if n in kept}
+                       if self.l2sp > 0 else {})
         self._released: bool | None = None
         self.begin_step(0)
+
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        """The encoder parameters that train (after the warm-up), as the encoder holds them now."""
+        params = dict(self.encoder.named_parameters())
+        return [params[n] for n in self.names]
 
     def split(self) -> tuple[list[nn.Module], list[nn.Module]]:
         """(trunk, tail) module lists, read from the encoder each time so a module swapped in
@@ -139,11 +147,14 @@ class EncoderPlan:
         """The L2-SP term (None when off); zero, without a graph, during the warm-up."""
         if not self.anchor:
             return None
+        params = self.trainable
         if not self.released:
-            return self.trainable[0].new_zeros(())
-        if self.anchor[0].device != self.trainable[0].device:
-            self.anchor = [a.to(self.trainable[0].device) for a in self.anchor]
-        total = sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(self.trainable, self.anchor, strict=True))
+            return params[0].new_zeros(())
+        device = params[0].device
+        if next(iter(self.anchor.values())).device != device:
+            self.anchor = {n: a.to(device) for n, a in self.anchor.items()}
+        total = sum(((p.float() - self.anchor[n].float()) ** 2).sum()
+                    for n, p in zip(self.names, params, strict=True))
         return 0.5 * self.l2sp * total
 
 

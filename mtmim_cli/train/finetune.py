@@ -241,8 +241,10 @@ def split_options(config: TrainConfig | dict[str, Any] | None,
     recipe = _recipe(options.get("recipe", None if isinstance(config, TrainConfig)
                                  else (config or {}).get("recipe")))
     if isinstance(config, TrainConfig):
+        if any(k in train_keys for k in recipe):
+            raise MtmimError("finetune: a recipe sets training settings too; pass them as a dict, "
+                             "not a TrainConfig")
         cfg = config
-        opts.update({k: v for k, v in recipe.items() if k in DEFAULTS})
     else:
         d = {**TRAIN_DEFAULTS, **recipe, **(config or {})}
         unknown = [k for k in d if k not in train_keys and k not in DEFAULTS]

@@ -451,7 +451,7 @@ def test_identity_lists_select_training_and_replay_identities(aged_cache: Path, 
 
     replay = write_cache(tmp_path / "replay.h5", [f"r{k}" for k in range(5) for _ in range(4)], seed=3)
     pre, init = save_tiny_pretrain(tmp_path / "pre.pt", seed=1)
-    run = _run(aged_cache, init, tmp_path / "r", max_steps=1, identities="id0,id1,id2,id3",
+    run = _run(aged_cache, init, tmp_path / "r", max_steps=1, train_identities="id0,id1,id2,id3",
                replay=[str(replay)], replay_identities=f"@{split}:celeb", replay_ratio=0.25)
     meta = load_checkpoint(run / "model.pt")["meta"]
     assert meta["num_classes"] == 6                                        # 4 + 2 replay identities

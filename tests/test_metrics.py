@@ -40,9 +40,12 @@ def test_tenfold_hand_made() -> None:
     out = M.tenfold_verification(scores, same, folds=4)
     assert out["fold_accuracies"] == [1.0, 1.0, 1.0, 0.75]
     assert out["accuracy"] == pytest.approx(3.75 / 4)
-    # Folds 0-2's threshold comes from data including fold 3's 0.9 impostor
+    # Folds 0-2 train on data holding fold 3's 0.9 impostor: it costs one training error at
+    # every threshold below 0.9 and so does not move theirs; every fold's threshold is the
+    # midpoint of the top other impostor (0.45) and the lowest genuine score (0.55).
+    assert out["thresholds"] == pytest.approx([0.5] * 4)
     direct, accs = _direct_tenfold(list(scores), list(same), [k // 4 for k in range(16)])
-    assert accs == out["fold_accuracies"]
+    assert accs == out["fold_accuracies"] and direct == pytest.approx(out["accuracy"])
 
 
 @pytest.mark.parametrize("seed", range(5))

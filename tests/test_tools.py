@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.stats import binomtest
 
 from mtmim_cli.errors import MtmimError
 from tests.conftest import run_cli, write_cache
@@ -49,7 +50,7 @@ def test_calibrated_threshold_is_the_lowest_one_within_the_far(model_and_cache, 
     from mtmim_cli.models.identity import load_identity_model
 
     model, cache = model_and_cache
-    far = 0.05
+    far = 0.1  # 100 impostor pairs: 10 false accepts, the fewest that count as measured
     t = calibrate_threshold(model, cache, far=far, n_pairs=200, seed=2)
     c = Cache(cache)
     i, j, same = cross_age_pairs(c.identity, c.age, 200, 2, usable=c.usable)
@@ -62,7 +63,11 @@ def test_calibrated_threshold_is_the_lowest_one_within_the_far(model_and_cache, 
     assert t["value"] == pytest.approx(best, abs=1e-5)
     assert t["far_measured"] <= far and t["far"] == far
     assert t["tar"] == pytest.approx(np.mean(scores[same] >= t["value"]), abs=1e-9)
-    assert t["impostor_pairs"] == int((~same).sum()) and t["far_resolved"]
+    assert t["impostor_pairs"] == int((~same).sum()) == 100 and t["far_resolved"]
+    k = int((imp >= t["value"]).sum())
+    assert t["false_accepts"] == k and t["far_measured"] == k / 100
+    ci = binomtest(k, 100).proportion_ci(confidence_level=0.95, method="exact")
+    np.testing.assert_allclose(t["far_interval"], [ci.low, ci.high], rtol=1e-9)
     out = store_threshold(model, t, tmp_path / "calibrated.pt")
     loaded = load_identity_model(out)
     assert loaded.meta["threshold"]["value"] == t["value"]
@@ -72,6 +77,50 @@ def test_calibrated_threshold_is_the_lowest_one_within_the_far(model_and_cache, 
     x = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         assert torch.equal(loaded(x), ref(x))
+
+
+def test_calibrate_refuses_a_far_its_impostor_pairs_cannot_resolve(model_and_cache,
+                                                                     tmp_path) -> None:
+    """FAR 0.05 over 100 impostor pairs rests on 5 false accepts: refused (before any model
+    is read), stored marked unresolved on request, accepted with a lower bar."""
+    from mtmim_cli.deploy.verify import calibrate_threshold
+
+    model, cache = model_and_cache
+    with pytest.raises(MtmimError) as err:
+        calibrate_threshold(tmp_path / "absent.pt", cache, far=0.05, n_pairs=200, seed=2)
+    assert str(err.value) == (
+        "--far 0.05: 100 impostor pairs from c.h5 leave 5 false accepts at that rate; the "
+        "smallest FAR they resolve is 0.1 (10 false accepts, --min-false-accepts): raise "
+        "--far, draw more pairs, or pass --allow-unresolved")
+    t = calibrate_threshold(model, cache, far=0.05, n_pairs=200, seed=2, allow_unresolved=True)
+    assert t["far_resolved"] is False and t["far_measured"] <= 0.05
+    assert calibrate_threshold(model, cache, far=0.05, n_pairs=200, seed=2,
+                               min_false_accepts=5)["far_resolved"] is True
+
+    r = run_cli("calibrate", str(model), "--cache", str(cache), "--far", "0.01",
+                "--n-pairs", "200", "--out", str(tmp_path / "cal.pt"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "100 impostor pairs" in r.stderr and "smallest FAR they resolve is 0.1" in r.stderr
+    assert not (tmp_path / "cal.pt").exists()
+    r = run_cli("calibrate", str(model), "--cache", str(cache), "--far", "0.01",
+                "--n-pairs", "200", "--out", str(tmp_path / "cal.pt"), "--allow-unresolved")
+    assert r.returncode == 0 and "UNRESOLVED" in r.stderr, r.stderr
+    assert "1 of 100 impostor pairs, 95% interval 0.00025-0.054" in r.stdout, r.stdout
+    from mtmim_cli.models.identity import load_identity_model
+
+    stored = load_identity_model(tmp_path / "cal.pt").meta["threshold"]
+    assert stored["far_resolved"] is False and stored["impostor_pairs"] == 100
+
+
+def test_exact_rate_interval_matches_scipy_and_its_edges() -> None:
+    from mtmim_cli.eval.metrics import exact_rate_interval
+
+    for k, n in [(0, 10), (2, 270), (10, 1000), (7, 7), (1, 1)]:
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+        np.testing.assert_allclose(exact_rate_interval(k, n), [ci.low, ci.high], atol=1e-12)
+    assert exact_rate_interval(0, 100)[0] == 0.0 and exact_rate_interval(100, 100)[1] == 1.0
+    # zero events in n: the upper end is 1 - 0.025^(1/n) (the "rule of three" is ~3/n)
+    assert exact_rate_interval(0, 100)[1] == pytest.approx(1 - 0.025 ** (1 / 100))
 
 
 def test_calibrate_refuses_external_weights_without_out(model_and_cache, tmp_path) -> None:
@@ -218,7 +267,7 @@ def test_verify_cli_exit_codes_and_messages(model_and_cache, tmp_path) -> None:
 
     with pytest.raises(MtmimError, match="no verification threshold"):
         verify_photos(a, a, model)
-    cal = str(store_threshold(model, calibrate_threshold(model, cache, far=0.05, n_pairs=200),
+    cal = str(store_threshold(model, calibrate_threshold(model, cache, far=0.1, n_pairs=200),
                               tmp_path / "cal.pt"))
     res = run_cli("verify", str(a), str(a), "--model", cal)
     assert res.returncode == 0 and "same person" in res.stdout

@@ -71,6 +71,8 @@ def calibrate(
     flip: str = typer.Option("concat", "--flip", help="Mirror features: concat, sum or none (verify uses the same)."),
     backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files."),
     out: Path = typer.Option(None, "--out", "-o", help="Write the calibrated checkpoint here (default: update MODEL in place; required for external weights)."),
+    min_false_accepts: int = typer.Option(10, "--min-false-accepts", help="Impostor pairs that must score above the threshold for --far to count as measured (FAR x impostor pairs >= this); below it calibrate refuses."),
+    allow_unresolved: bool = typer.Option(False, "--allow-unresolved", help="Store a threshold at a FAR the pairs cannot resolve anyway (marked unresolved in the checkpoint)."),
 ) -> None:
     """Measure the verification threshold at a FAR and store it in the checkpoint's meta."""
     ensure_writable(out or model, option="--out" if out else "MODEL")
@@ -83,14 +85,17 @@ def calibrate(
     if out is None and not is_mtmim_checkpoint(model):
         raise MtmimError(f"{model}: not an mtmim checkpoint; give --out for the calibrated copy")
     t = calibrate_threshold(model, cache, far=far, n_pairs=n_pairs, seed=seed, min_gap=min_gap,
-                            flip=flip, backbone=backbone)
+                            flip=flip, backbone=backbone, min_false_accepts=min_false_accepts,
+                            allow_unresolved=allow_unresolved)
     path = store_threshold(model, {**t, "backbone": backbone}, out)
-    typer.echo(f"threshold {t['value']:.4f} at FAR {far:g} (measured {t['far_measured']:.4g}, "
-               f"TAR {t['tar']:.4f}; {t['genuine_pairs']} genuine / {t['impostor_pairs']} "
-               f"impostor pairs) -> {path}")
+    lo, hi = t["far_interval"]
+    typer.echo(f"threshold {t['value']:.4f} at FAR {far:g} (measured {t['far_measured']:.4g}: "
+               f"{t['false_accepts']} of {t['impostor_pairs']} impostor pairs, 95% interval "
+               f"{lo:.2g}-{hi:.2g}; TAR {t['tar']:.4f} over {t['genuine_pairs']} genuine) -> {path}")
     if not t["far_resolved"]:
-        typer.echo(f"warning: {t['impostor_pairs']} impostor pairs cannot resolve FAR {far:g}; "
-                   "the threshold is above every impostor score (draw more pairs)", err=True)
+        typer.echo(f"warning: UNRESOLVED: {t['impostor_pairs']} impostor pairs leave fewer than "
+                   f"{min_false_accepts} false accepts at FAR {far:g}; the threshold is stored "
+                   "marked unresolved (--allow-unresolved)", err=True)
 
 
 @app.command()
@@ -108,6 +113,9 @@ def verify(
     v = verify_photos(photo_a, photo_b, model, threshold=threshold, backbone=backbone, device=device)
     t = v.threshold
     far = f" (FAR {t['far']:g} on {t['protocol']})" if t.get("far") is not None else ""
+    if t.get("far_resolved") is False:
+        far = (f" (FAR {t['far']:g} requested, UNRESOLVED by {t['impostor_pairs']} impostor "
+               f"pairs on {t['protocol']})")
     typer.echo(f"cosine {v.score:.4f}, threshold {float(t['value']):.4f}{far}: "
                f"{'same person' if v.same else 'different people'}")
     raise typer.Exit(0 if v.same else 1)

@@ -4,14 +4,16 @@
 rate over impostor pairs is at most `far` (the same rule as `mtmim evaluate`'s TAR@FAR), and
 `store_threshold` writes it into the checkpoint's meta as
 
-    meta["threshold"] = {"value", "far", "protocol", "far_measured", "tar", "genuine_pairs",
-                         "impostor_pairs", "flip", "cache", "seed"}
+    meta["threshold"] = {"value", "far", "protocol", "far_measured", "far_interval",
+                         "false_accepts", "tar", "genuine_pairs", "impostor_pairs",
+                         "far_resolved", "min_false_accepts", "flip", "cache", "seed"}
 
 so `mtmim verify` decides with the features the threshold was measured on (same flip mode).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,26 +29,58 @@ def _features(model, images: np.ndarray, flip: str) -> np.ndarray:
     return extract_features(model, images, flip=flip, batch_size=64)
 
 
+MIN_FALSE_ACCEPTS = 10  # impostors above a threshold before its FAR counts as measured
+
+
+def check_far_resolved(far: float, impostors: int, min_false_accepts: int = MIN_FALSE_ACCEPTS,
+                       *, allow_unresolved: bool = False, source: str = "") -> bool:
+    """Whether `impostors` pairs resolve a FAR of `far`: the threshold rests on the
+    floor(far x impostors) impostor scores above it, and below `min_false_accepts` of them the
+    measured rate is a guess (2 false accepts of 270 pairs: a 95% interval from 0.0009 to 0.027).
+    Unresolved is an MtmimError naming the count and the smallest FAR the pairs resolve,
+    unless `allow_unresolved`."""
+    accepted = math.floor(far * impostors + 1e-9)
+    if accepted >= min_false_accepts:
+        return True
+    if allow_unresolved:
+        return False
+    smallest = min_false_accepts / impostors
+    raise MtmimError(f"--far {far:g}: {impostors} impostor pairs{source} leave {accepted} "
+                     f"false accepts at that rate; the smallest FAR they resolve is "
+                     f"{smallest:.3g} ({min_false_accepts} false accepts, --min-false-accepts): "
+                     f"raise --far, draw more pairs, or pass --allow-unresolved")
+
+
 def calibrate_threshold(model_path: str | os.PathLike, cache_path: str | os.PathLike, *,
                         far: float = 1e-3, n_pairs: int = 6000, seed: int = 0,
                         min_gap: float = 0.0, flip: str = "concat",
-                        backbone: str | None = None, progress: bool = False) -> dict:
+                        backbone: str | None = None, progress: bool = False,
+                        min_false_accepts: int = MIN_FALSE_ACCEPTS,
+                        allow_unresolved: bool = False) -> dict:
     """The verification threshold of a model at a target FAR, measured on cross-age pairs
-    drawn (seeded, half genuine) from a labelled cache that the model was not trained on."""
+    drawn (seeded, half genuine) from a labelled cache that the model was not trained on.
+    Refuses (before extracting any feature) a FAR the drawn impostor pairs cannot resolve
+    (see `check_far_resolved`) unless `allow_unresolved`; the result says which it was."""
     from mtmim_cli.data.cache import Cache
     from mtmim_cli.eval.features import extract_features
-    from mtmim_cli.eval.metrics import threshold_at_far
+    from mtmim_cli.eval.metrics import exact_rate_interval, threshold_at_far
     from mtmim_cli.eval.pairs import cross_age_pairs
     from mtmim_cli.models.identity import load_identity_model
 
     if not 0 < far < 1:
         raise MtmimError(f"--far {far}: must lie between 0 and 1")
-    model = load_identity_model(model_path, backbone)
+    if min_false_accepts < 1:
+        raise MtmimError(f"--min-false-accepts {min_false_accepts}: must be at least 1")
     cache = Cache(cache_path)
     i, j, same = cross_age_pairs(cache.identity, cache.age, n_pairs, seed, min_gap=min_gap,
                                  usable=cache.usable)
     if not same.any() or same.all():
         raise MtmimError(f"{cache_path}: cannot draw both genuine and impostor pairs")
+    n_imp = int((~same).sum())
+    resolved = check_far_resolved(far, n_imp, min_false_accepts,
+                                  allow_unresolved=allow_unresolved,
+                                  source=f" from {Path(cache_path).name}")
+    model = load_identity_model(model_path, backbone)
     used = np.unique(np.concatenate([i, j]))
     feats = extract_features(model, cache, used, flip=flip, progress=progress)
     row = {int(k): n for n, k in enumerate(used)}
@@ -54,18 +88,20 @@ def calibrate_threshold(model_path: str | os.PathLike, cache_path: str | os.Path
     fj = feats[[row[int(k)] for k in j]]
     scores = (fi * fj).sum(1).astype(np.float64)
     value = float(threshold_at_far(scores, same, far))
-    n_imp = int((~same).sum())
+    false_accepts = int((scores[~same] >= value).sum())
     return {
         "value": value,
         "far": float(far),
         "protocol": (f"cross-age pairs from {Path(cache_path).name} ({len(same)} pairs, "
                      f"seed {seed}, min age gap {min_gap:g}); accept if cosine >= value"),
-        "far_measured": float(np.mean(scores[~same] >= value)),
+        "far_measured": false_accepts / n_imp,
+        "far_interval": list(exact_rate_interval(false_accepts, n_imp)),
+        "false_accepts": false_accepts,
         "tar": float(np.mean(scores[same] >= value)),
         "genuine_pairs": int(same.sum()),
         "impostor_pairs": n_imp,
-        # below 1/far impostor pairs the FAR is not resolved: the threshold is the top impostor
-        "far_resolved": bool(n_imp * far >= 1),
+        "far_resolved": resolved,
+        "min_false_accepts": int(min_false_accepts),
         "flip": flip,
         "cache": str(cache_path),
         "seed": int(seed),

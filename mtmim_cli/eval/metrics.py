@@ -123,6 +123,19 @@ def min_impostors(far: float) -> int:
     return math.ceil(1 / far - 1e-9)
 
 
+def exact_rate_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson interval of a rate seen as k events in n trials (a measured FAR):
+    exact, so it stays honest at the handful of false accepts a small pair set gives."""
+    from scipy.stats import beta
+
+    if not 0 <= k <= n or n < 1:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    a = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return lo, hi
+
+
 def tar_at_far(scores: np.ndarray, same: np.ndarray, far: float) -> float:
     """True-accept rate at the threshold where the false-accept rate is at most `far`."""
     scores = np.asarray(scores, dtype=np.float64)

@@ -12,7 +12,8 @@ from mtmim_cli.atomic import ensure_writable
 
 @app.command()
 def pretrain(
-    caches: list[Path] = typer.Argument(..., help="Training caches from `mtmim align` (identities of different caches are kept apart)."),
+    ctx: typer.Context,
+    caches: list[Path] = typer.Argument(..., help="Training caches from `mtmim align` (how identity names match across them: --identities)."),
     out: Path = typer.Option(Path("runs/pretrain"), "--out", "-o", help="Run folder: config.json, metrics.csv, validation.csv, checkpoints/, model.pt, best.pt."),
     backbone: str = typer.Option("iresnet50", "--backbone", help="Encoder: iresnet18/34/50/100, resnet50 (the paper's), mobilefacenet (112x96 crop), tiny (tests/demo)."),
     embedding_size: int = typer.Option(0, "--embedding-size", help="Embedding size; 0 = the backbone's native size (512; 128 for mobilefacenet)."),
@@ -28,13 +29,17 @@ def pretrain(
     weight_decay: float = typer.Option(5e-4, "--weight-decay", help="Weight decay."),
     schedule: str = typer.Option("plateau", "--schedule", help="plateau (lr/10 when the epoch loss stops falling, the paper), poly, cosine, constant."),
     warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear warm-up steps."),
+    warmup_epochs: float = typer.Option(0.0, "--warmup-epochs", help="Linear warm-up in epochs (when --warmup-steps is 0)."),
+    poly_power: float = typer.Option(2.0, "--poly-power", help="Power of the poly schedule's decay to 0."),
+    preset: str = typer.Option(None, "--preset", help="arcface: insightface arcface_torch's recipe (SGD, momentum 0.9, weight decay 5e-4, lr 0.1 x batch/512, 2 warm-up epochs, poly decay power 2, 25 epochs, grad clip 5, ArcFace m 0.5) for the options not given; see docs/SCALE.md."),
+    accumulate: int = typer.Option(1, "--accumulate", help="Split each global batch into N micro-batches whose gradients are summed before one optimiser step (memory / N; BatchNorm sees micro-batches)."),
     plateau_patience: int = typer.Option(1, "--plateau-patience", help="Epochs without improvement before the lr drops (plateau)."),
     identities: str = typer.Option("auto", "--identities", help="How identity names match across caches: auto (the caches of one align job, e.g. its shards, share names; other caches keep theirs apart; refuses when two align runs of one dataset folder share a name), by-name (a name is one person in every cache), per-cache (never shared). See docs/SCALE.md."),
     partial_fc: float = typer.Option(0.0, "--partial-fc", metavar="RATE", help="Partial FC: split the class centres over the torchrun processes and keep this share of them per step (every class of the batch, plus sampled negatives); 1.0 = split only, 0 = off (every process holds all centres)."),
     amp: str = typer.Option("none", "--amp", help="Mixed precision: none, bf16 (CUDA or CPU), fp16 (CUDA, with loss scaling)."),
     clip_grad: float = typer.Option(0.0, "--clip-grad", help="Clip the global gradient norm to this value (0 = off)."),
     seed: int = typer.Option(0, "--seed", help="Seed of weights, sampling and flips."),
-    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+    workers: int = typer.Option(-1, "--workers", help="DataLoader worker processes per training process, kept across epochs (-1: the cores per process less one, at most 8)."),
     max_steps: int = typer.Option(0, "--max-steps", help="Stop after this many steps (0 = all epochs)."),
     ckpt_every: int = typer.Option(200, "--ckpt-every", help="Steps between full-state checkpoints (also at every epoch end)."),
     val_cache: Path = typer.Option(None, "--val-cache", help="Held-out cache (e.g. aligned FG-NET): 10-fold cross-age verification before, during and after training."),
@@ -53,15 +58,29 @@ def pretrain(
     from mtmim_cli.train.pretrain import pretrain as run
 
     set_torch_threads(threads)
+    if preset:   # the preset fills what the command line left at its default
+        from mtmim_cli.train.presets import preset_settings
+
+        given = {n for n in ctx.params if (src := ctx.get_parameter_source(n)) is not None
+                 and src.name != "DEFAULT"}
+        chosen = {k: v for k, v in preset_settings(preset, batch_size).items() if k not in given}
+        optimizer, momentum = chosen.get("optimizer", optimizer), chosen.get("momentum", momentum)
+        weight_decay, lr = chosen.get("weight_decay", weight_decay), chosen.get("lr", lr)
+        schedule, poly_power = chosen.get("schedule", schedule), chosen.get("poly_power", poly_power)
+        warmup_epochs, epochs = chosen.get("warmup_epochs", warmup_epochs), chosen.get("epochs", epochs)
+        clip_grad, margin = chosen.get("clip_grad", clip_grad), chosen.get("margin", margin)
+        if "margin" not in given:   # the preset's margin value belongs to its margin
+            margin_m = chosen.get("margin_m", margin_m)
     config = TrainConfig(out=str(out), epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                          lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-                         warmup_steps=warmup_steps, plateau_patience=plateau_patience, amp=amp,
+                         warmup_steps=warmup_steps, warmup_epochs=warmup_epochs,
+                         poly_power=poly_power, plateau_patience=plateau_patience, amp=amp,
                          clip_grad=clip_grad, seed=seed, workers=workers, max_steps=max_steps,
                          ckpt_every=ckpt_every, val_every=val_every, sync_bn=sync_bn,
-                         resume=resume, progress=progress)
+                         accumulate=accumulate, resume=resume, progress=progress)
     if margin not in ("arcface", "cosface", "sphereface"):
         from mtmim_cli.errors import MtmimError
         raise MtmimError(f"--margin {margin}: choose from arcface, cosface, sphereface")
     run(caches, config, backbone=backbone, embedding_size=embedding_size or None, init=init,
         margin=margin, s=scale, m=margin_m, val_cache=val_cache, val_pairs=val_pairs,
-        partial_fc=partial_fc, identities=identities)
+        partial_fc=partial_fc, identities=identities, preset=preset)

@@ -30,6 +30,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "plateau"          # reduce by plateau_factor when the epoch loss stalls
     warmup_steps: int = 0              # linear warm-up (poly, cosine, constant)
+    warmup_epochs: float = 0.0         # the same in epochs (used when warmup_steps is 0)
     poly_power: float = 2.0
     plateau_patience: int = 1          # epochs without a better loss before the drop
     plateau_factor: float = 0.1
@@ -38,7 +39,8 @@ class TrainConfig:
     clip_grad: float = 0.0             # max global grad norm; 0 disables
     max_bad_steps: int = 10            # consecutive steps skipped for non-finite gradients before stopping
     seed: int = 0
-    workers: int = 0
+    workers: int = -1                  # DataLoader workers per process; -1: loader.default_workers()
+    accumulate: int = 1                # micro-batches per optimiser step (gradients summed)
     max_steps: int = 0                 # stop after this many steps (0: run all epochs)
     ckpt_every: int = 200              # steps between full-state checkpoints (also every epoch end)
     log_every: int = 1
@@ -61,7 +63,10 @@ class TrainConfig:
             raise MtmimError(f"--early-stop {self.early_stop}: must be >= 0")
         if self.amp not in AMP_MODES:
             raise MtmimError(f"--amp {self.amp}: choose from {', '.join(AMP_MODES)}")
-        for name in ("epochs", "batch_size", "max_bad_steps"):
+        if self.warmup_epochs < 0 or self.workers < -1:
+            raise MtmimError(f"--warmup-epochs {self.warmup_epochs} / --workers {self.workers}: "
+                             "must be >= 0")
+        for name in ("epochs", "batch_size", "max_bad_steps", "accumulate"):
             if getattr(self, name) < 1:
                 raise MtmimError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.lr <= 0:

@@ -7,6 +7,7 @@ under `mtmim pretrain` and `torchrun --nproc_per_node K mtmim pretrain`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -123,6 +124,32 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_dist() or world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `x` (the counts may differ), in rank order; no gradient. `x`
+    itself without a process group."""
+    if not is_dist() or world_size() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    counts = [int(s.item()) for s in sizes]
+    buf = x.new_zeros((max(counts), *x.shape[1:]))
+    buf[: x.shape[0]] = x
+    parts = [torch.empty_like(buf) for _ in counts]
+    dist.all_gather(parts, buf.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+
+
+def broadcast_buffers(module: nn.Module, skip: Sequence[str] = ()) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank. Without --sync-bn each rank's
+    running statistics follow its own batches between DDP's broadcasts."""
+    if not is_dist() or world_size() == 1:
+        return
+    for name, buf in module.named_buffers():
+        if name not in skip:
+            dist.broadcast(buf, src=0)
 
 
 def shard_range(n: int, world: int, rank: int) -> tuple[int, int]:

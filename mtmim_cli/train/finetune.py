@@ -126,6 +126,7 @@ class MTMIMObjective(Objective):
         return groups
 
     def begin_step(self, step: int) -> bool:
+        self._q_batch = None      # q fits this step's (micro-)batches only, even after a skip
         changed = self.plan.begin_step(step)
         if changed:
             self.train(self.training)
@@ -172,7 +173,11 @@ class MTMIMObjective(Objective):
         g_id = D.gather_with_grad(mi_id if mi_on else mi_id.detach())
         g_age = D.gather_with_grad(mi_age if mi_on else mi_age.detach())
         club = self.q.mi_upper(g_id, g_age)
-        self._q_batch = (g_id.detach().float(), g_age.detach().float())
+        q_batch = (g_id.detach().float(), g_age.detach().float())
+        if self._q_batch is not None:   # --accumulate: q fits all of the step's micro-batches
+            q_batch = (torch.cat([self._q_batch[0], q_batch[0]]),
+                       torch.cat([self._q_batch[1], q_batch[1]]))
+        self._q_batch = q_batch
 
         loss = l_id
         loss = loss + (self.lambda_age * l_age if self.lambda_age > 0 else _zero_valued(l_age))

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from mtmim_cli import __version__
 from mtmim_cli.atomic import atomic_write, atomic_write_text
@@ -34,6 +34,7 @@ from mtmim_cli.train import distributed as D
 from mtmim_cli.train import row_shards
 from mtmim_cli.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mtmim_cli.train.config import TrainConfig, check_resume_config, write_config
+from mtmim_cli.train.loader import TrainLoader, default_workers
 from mtmim_cli.train.objectives import Objective
 
 BASE_COLUMNS = ("step", "epoch", "loss", "accuracy", "lr", "images_per_s")
@@ -65,15 +66,17 @@ class EpochSampler(Sampler[int]):
         return self.steps * (self.global_batch // self.world) - self.start
 
 
-def lr_factor(config: TrainConfig, step: int, total: int) -> float:
-    """Schedule multiplier at `step` (0-based): linear warm-up, then poly/cosine/constant decay.
-    The plateau schedule's drops are applied separately (they depend on the loss)."""
-    if config.warmup_steps and step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
+def lr_factor(config: TrainConfig, step: int, total: int, warmup: int | None = None) -> float:
+    """Schedule multiplier at `step` (0-based): linear warm-up (`warmup` steps, by default
+    config.warmup_steps), then poly/cosine/constant decay. The plateau schedule's drops are
+    applied separately (they depend on the loss)."""
+    warmup = config.warmup_steps if warmup is None else warmup
+    if warmup and step < warmup:
+        return (step + 1) / warmup
     if config.schedule in ("plateau", "constant"):
         return 1.0
-    span = max(1, total - config.warmup_steps)
-    p = min(1.0, (step - config.warmup_steps) / span)
+    span = max(1, total - warmup)
+    p = min(1.0, (step - warmup) / span)
     if config.schedule == "poly":
         return (1.0 - p) ** config.poly_power
     return 0.5 * (1.0 + math.cos(math.pi * p))
@@ -175,8 +178,9 @@ def train(objective: Objective, train_data: Sequence[str | os.PathLike] | Datase
     device = D.init_from_env()
     world = D.world_size()
     meta = {**meta, "normalisation": NORMALISATION, "tool_version": __version__}
-    if config.batch_size % world:
-        raise MtmimError(f"--batch-size {config.batch_size}: must be a multiple of the {world} processes")
+    if config.batch_size % (world * config.accumulate):
+        raise MtmimError(f"--batch-size {config.batch_size}: must be a multiple of the {world} "
+                         f"processes x --accumulate {config.accumulate}")
     if config.keep == "best" and validator is None:
         raise MtmimError("--keep best: needs validation (--val-cache or --val-identities)")
     run_dir = Path(config.out)
@@ -244,6 +248,9 @@ class _Run:
         self.world, self.rank = D.world_size(), D.rank()
         self.main = self.rank == 0
         self.local_batch = config.batch_size // self.world
+        self.workers = config.workers if config.workers >= 0 else default_workers()
+        self.warmup = config.warmup_steps
+        self.sharded = bool(row_shards.ddp_ignore_names(objective))   # Partial FC
         self.ckpt_path = run_dir / "checkpoints" / "last.pt"
 
         # --- model, optimiser ---
@@ -337,14 +344,17 @@ class _Run:
             console.file.flush()   # reach a redirected log now, not when the buffer fills
 
     def validate(self) -> None:
-        """Rank 0 scores the validator and tells the others; every rank keeps the same
-        history (it is in every checkpoint) and joins the best.pt checkpoint."""
+        """Every rank scores its share of the validation images (the validator gathers the
+        features), so no rank waits idle at a collective for as long as a whole validation
+        takes; all get the same result, keep the same history (it is in every checkpoint)
+        and join the best.pt checkpoint."""
         st, validator = self.st, self.validator
         if validator is None:
             return
-        res = validator(self.objective, self.device) if self.main else None
-        acc, std = D.broadcast_object(
-            (float(res["accuracy"]), float(res["std"])) if res is not None else None)
+        # the ranks' BatchNorm statistics drift apart between DDP's broadcasts: score rank 0's
+        D.broadcast_buffers(self.objective, skip=row_shards.ddp_ignore_names(self.objective))
+        res = validator(self.objective, self.device)
+        acc, std = float(res["accuracy"]), float(res["std"])
         improved = acc > st.best_val
         if improved:
             st.best_val, st.best_step = acc, st.step
@@ -365,11 +375,15 @@ class _Run:
     def fit(self, dataset: Dataset, sampler: EpochSampler, total: int) -> TrainResult:
         """Run epochs until `total` steps, validate at the end, write last.pt and model.pt."""
         st, config = self.st, self.config
+        if not config.warmup_steps and config.warmup_epochs:
+            self.warmup = round(config.warmup_epochs * sampler.steps)
         if self.resuming:
             self.say(f"resuming {self.run_dir} at step {st.step} (epoch {st.epoch + 1}, batch {st.position})")
         elif self.validator is not None:
             self.validate()
         self.objective.train()
+        self.loader = TrainLoader(dataset, sampler, self.local_batch, self.workers,
+                                  self.device.type == "cuda", config.seed)
         try:
             with self.display:
                 self.task = self.display.add_task("train", total=total * config.batch_size,
@@ -379,7 +393,7 @@ class _Run:
                         _end_epoch(st, config, self.optimizer, self.objective, self.say)
                         self.checkpoint(self.ckpt_path, full=True)
                         continue
-                    self._run_epoch(dataset, sampler, total)
+                    self._run_epoch(total)
                     if st.step >= total and st.position >= sampler.steps:
                         _end_epoch(st, config, self.optimizer, self.objective, self.say)
             if self.validator is not None and not (st.history and st.history[-1]["step"] == st.step):
@@ -395,6 +409,7 @@ class _Run:
             else:
                 self.checkpoint(self.run_dir / "model.pt", full=False)
         finally:
+            self.loader.close()
             for log in (self.log, self.val_log):
                 if log is not None:
                     log.close()
@@ -403,19 +418,11 @@ class _Run:
                  f"weights in {self.run_dir / 'model.pt'}")
         return TrainResult(self.run_dir, st.step, self.last_loss, list(st.history))
 
-    def _run_epoch(self, dataset: Dataset, sampler: EpochSampler, total: int) -> None:
+    def _run_epoch(self, total: int) -> None:
         """Train from the current position to the end of the epoch (or of the run)."""
         st, config = self.st, self.config
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(st.epoch)
-        sampler.set_epoch(st.epoch, st.position * self.local_batch)
-        loader = DataLoader(dataset, batch_size=self.local_batch, sampler=sampler,
-                            num_workers=config.workers, drop_last=True,
-                            collate_fn=getattr(dataset, "collate", None),
-                            pin_memory=self.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(config.seed + st.epoch))
         t0 = time.perf_counter()
-        for images, labels, ages, _ in loader:
+        for images, labels, ages, _ in self.loader.epoch(st.epoch, st.position * self.local_batch):
             if st.step >= total:
                 break
             row = self._step(images, labels, ages, total)
@@ -442,29 +449,41 @@ class _Run:
         """One optimiser step on a batch; returns its metrics row (averaged over ranks)."""
         st, config, optimizer, device = self.st, self.config, self.optimizer, self.device
         for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * lr_factor(config, st.step, total) * st.plateau_scale
+            g["lr"] = g["base_lr"] * lr_factor(config, st.step, total, self.warmup) * st.plateau_scale
         if self.objective.begin_step(st.step) or self.model is None:
             self.model = self._wrap()
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        ages = ages.to(device, dtype=torch.float32, non_blocking=True)
-        with _autocast(config, device):
-            loss, metrics = self.model(images, labels, ages)
-        names = ["accuracy", *[n for n in self.objective.metric_names if n in metrics]]
-        vals = torch.stack([loss.detach().float(),
-                            *[metrics[n].detach().float().reshape(()) for n in names]])
+        n = config.accumulate
+        optimizer.zero_grad(set_to_none=True)
+        rows, names = [], ["accuracy"]
+        # --accumulate N: N micro-batches, gradients summed (each loss / N), one optimiser
+        # step; DDP reduces the gradients once, on the last backward (no_sync before it).
+        for k, (x, y, a) in enumerate(zip(images.chunk(n), labels.chunk(n), ages.chunk(n),
+                                          strict=True)):
+            quiet = self.world > 1 and k < n - 1
+            with self.model.no_sync() if quiet else nullcontext():
+                with _autocast(config, device):
+                    loss, metrics = self.model(x.to(device, non_blocking=True),
+                                               y.to(device, non_blocking=True),
+                                               a.to(device, dtype=torch.float32, non_blocking=True))
+                self.scaler.scale(loss / n).backward()
+            names = ["accuracy", *[m for m in self.objective.metric_names if m in metrics]]
+            rows.append(torch.stack([loss.detach().float(),
+                                     *[metrics[m].detach().float().reshape(()) for m in names]]))
+        micro = torch.stack(rows)
+        vals = torch.cat([micro[:, :1].mean(0), micro[:, 1:].nanmean(0)])
         vals = (D.all_reduce_sum(vals) / self.world).tolist()
         if not math.isfinite(vals[0]):
             raise MtmimError(f"{self.run_dir}: loss is {vals[0]} at step {st.step + 1} "
                              f"(epoch {st.epoch + 1}); stopped. Last good checkpoint: {self.last_good()}")
-        optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
         self.scaler.unscale_(optimizer)     # a no-op without fp16
         # A finite loss can still have non-finite gradients (an overflow in backward, a bad
         # op): such a step is skipped, never applied (the forward's BatchNorm statistics stay;
         # checkpoint() catches them if they are not finite). Under DDP the gradients are
         # already all-reduced, so every rank takes the same decision.
         finite = _grads_finite(self.params)
+        if self.world > 1 and self.sharded:
+            # Partial FC's centre gradients stay on their rank: decide together
+            finite = bool(D.all_reduce_sum(torch.tensor([float(not finite)], device=device)) == 0)
         if finite:
             if config.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, config.clip_grad)

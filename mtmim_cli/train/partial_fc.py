@@ -163,17 +163,7 @@ def init_centres(seed: int, dim: int, start: int, stop: int) -> Tensor:
 
 def _gather_labels(x: Tensor) -> Tensor:
     """All ranks' labels, in rank order (local batches may differ in size)."""
-    if not D.is_dist() or D.world_size() == 1:
-        return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(D.world_size())]
-    dist.all_gather(sizes, n)
-    counts = [int(s.item()) for s in sizes]
-    buf = x.new_zeros(max(counts))
-    buf[: x.shape[0]] = x
-    parts = [torch.empty_like(buf) for _ in counts]
-    dist.all_gather(parts, buf)
-    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+    return D.all_gather_rows(x)
 
 
 def _accuracy(cos: Tensor, rows: Tensor, cols: Tensor) -> Tensor:

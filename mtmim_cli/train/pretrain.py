@@ -27,14 +27,15 @@ def pretrain(caches: Sequence[str | os.PathLike], config: TrainConfig, *, backbo
              embedding_size: int | None = None, init: str | os.PathLike | None = None,
              margin: str = "arcface", s: float = 64.0, m: float | None = None,
              val_cache: str | os.PathLike | None = None, val_pairs: int = 3000,
-             partial_fc: float = 0.0, identities: str = "auto") -> TrainResult:
+             partial_fc: float = 0.0, identities: str = "auto",
+             preset: str | None = None) -> TrainResult:
     width = input_width(backbone)
     dim = embedding_size or default_embedding_size(backbone)
     config.extra = {"caches": [str(Path(c)) for c in caches], "backbone": backbone,
                     "embedding_size": dim, "init": str(init) if init else None, "margin": margin,
                     "s": s, "m": m, "val_cache": str(val_cache) if val_cache else None,
                     "val_pairs": val_pairs, "partial_fc": partial_fc,
-                    "identities": identities}
+                    "identities": identities, "preset": preset}
     config.validate()
     D.init_from_env()   # before the head: Partial FC splits its centres over the ranks
     dataset = CacheDataset(caches, train=True, crop_width=width, seed=config.seed,

@@ -13,6 +13,7 @@ from mtmim_cli.data.cache import Cache
 from mtmim_cli.eval.features import extract_features
 from mtmim_cli.eval.metrics import tenfold_verification
 from mtmim_cli.eval.pairs import cross_age_pairs
+from mtmim_cli.train import distributed as D
 
 
 class _IdentityView(nn.Module):
@@ -49,8 +50,17 @@ class PairValidator:
         return f"{self.cache.path.name} ({len(self.same)} pairs of {self.n_identities} people)"
 
     def __call__(self, objective: nn.Module, device: torch.device | str = "cpu") -> dict:
+        """Under torchrun every rank extracts the features of every world-th image and the
+        ranks gather them: each does 1/world of the work, and all get the same result."""
+        world, rank = D.world_size(), D.rank()
+        mine = np.arange(rank, len(self.used), world)
         feats = extract_features(_IdentityView(objective, self.input_width), self.cache,
-                                 self.used, flip=self.flip, batch_size=self.batch_size,
+                                 self.used[mine], flip=self.flip, batch_size=self.batch_size,
                                  device=device)
+        if world > 1:
+            rows = D.all_gather_rows(torch.from_numpy(feats).to(device)).cpu().numpy()
+            order = np.concatenate([np.arange(r, len(self.used), world) for r in range(world)])
+            feats = np.empty_like(rows)
+            feats[order] = rows
         scores = np.einsum("nd,nd->n", feats[self.pos_i], feats[self.pos_j])
         return tenfold_verification(scores, self.same, 10)

@@ -141,6 +141,9 @@ def test_group_labels():
     assert split_group("mtmim@s1") == ("mtmim", "s1")
     assert split_group("casia") == ("casia", None)
     assert split_group("@x") == ("@x", None)
+    assert split_group("x@") == ("x@", None)
+    assert split_group("casia@s1/mtmim") == ("casia/mtmim", "s1")
+    assert split_group("casia/mtmim") == ("casia/mtmim", None)
     assert group_labels(["mtmim@s0", "base@s0", "mtmim@s1", "casia"]) == {
         "mtmim": [0, 2], "base": [1], "casia": [3]}
 
@@ -151,3 +154,21 @@ def test_pairwise_differences_every_pair_once():
     rows = pairwise_differences(["x", "y", "z"], outs, resamples=200)
     assert [(r["a"], r["b"]) for r in rows] == [("x", "y"), ("x", "z"), ("y", "z")]
     assert all(r["p_mcnemar"] is not None for r in rows)
+
+
+def test_bootstrap_mean_matches_binomial_standard_error_and_cluster_width():
+    from mtmim_cli.eval.compare import bootstrap_mean
+
+    rng = np.random.default_rng(10)
+    a = rng.random(1000) < 0.8
+    m = bootstrap_mean(a, resamples=10_000, seed=1)
+    se = np.sqrt(a.mean() * (1 - a.mean()) / len(a))
+    assert m["mean"] == pytest.approx(a.mean())
+    assert (m["high"] - m["low"]) / 2 == pytest.approx(1.959964 * se, rel=0.06)
+    assert m["low"] < m["mean"] < m["high"] and m["resampling"] == "probes"
+    # All of a cluster succeed or fail together: the interval is that of 50 coin flips.
+    clusters = np.repeat(np.arange(50), 20)
+    b = np.repeat(rng.random(50) < 0.6, 20)
+    mc = bootstrap_mean(b, clusters=clusters, resamples=10_000, seed=1)
+    se_c = np.sqrt(b.mean() * (1 - b.mean()) / 50)
+    assert (mc["high"] - mc["low"]) / 2 == pytest.approx(1.959964 * se_c, rel=0.12)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mtmim_cli.eval.agebins import FGNET_AGE_EDGES, assign_bins
-from mtmim_cli.eval.leakage import age_probe, factor_mi, ridge_path
+from mtmim_cli.eval.leakage import age_probe, factor_mi, logistic_path, ridge_path
 
 
 def _people(n_ids=30, per=8, d=16, seed=0):
@@ -39,6 +39,22 @@ def test_ridge_path_equals_sklearn_scaler_plus_ridge(n, d):
     for k, a in enumerate(alphas):
         ref = make_pipeline(StandardScaler(), Ridge(alpha=a)).fit(x, y).predict(xt)
         np.testing.assert_allclose(got[k], ref, rtol=1e-7, atol=1e-9)
+
+
+def test_logistic_path_in_the_row_span_predicts_as_sklearn_on_all_features():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(40, 120))
+    y = (x[:, 0] + 0.5 * rng.normal(size=40) > 0).astype(int) + (x[:, 1] > 1)
+    xt = rng.normal(size=(200, 120))
+    got = logistic_path(x, y, xt, [0.01, 0.1])
+    for k, c in enumerate([0.01, 0.1]):
+        ref = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000, tol=1e-10))
+        ref_pred = ref.fit(x, y).predict(xt)
+        assert np.mean(got[k] == ref_pred) >= 0.99
 
 
 def test_planted_age_direction_is_found_and_removing_it_leaves_chance():

@@ -23,7 +23,10 @@ def evaluate(
     protocol: str = typer.Option(..., "--protocol", "-p", help=_PROTOCOL_HELP),
     model: list[str] = typer.Option(..., "--model", "-m",
                                     help="[LABEL=]CHECKPOINT; repeat to compare models side by side "
-                                         "(e.g. --model baseline=a.pt --model mtmim=b.pt)."),
+                                         "(e.g. --model baseline=a.pt --model mtmim=b.pt): every pair "
+                                         "gets a paired interval and McNemar p. Labels "
+                                         "SETTING@SEED (mtmim@s0, mtmim@s1) group checkpoints of "
+                                         "one setting: mean and sd over seeds, settings compared."),
     backbone: str = typer.Option(None, "--backbone",
                                  help="Backbone name for plain state dicts such as an insightface "
                                       "backbone.pth (our checkpoints record it)."),
@@ -85,6 +88,24 @@ def evaluate(
              "fine-tuned, factorized model) on the scored faces, for `mtmim report`'s "
              "projections."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core)."),
+    resample: str = typer.Option("identity", "--resample",
+                                 help="Bootstrap unit of identification intervals: identity "
+                                      "(a cluster bootstrap: a person's probes move together) or "
+                                      "probe. Verification always resamples pairs."),
+    resamples: int = typer.Option(10_000, "--resamples", help="Bootstrap resamples (seeded by --seed)."),
+    age_bins: str = typer.Option("0,6,11,16,21,31", "--age-bins",
+                                 help="Lower edges (years) of the probe age groups; the last is "
+                                      "open (default FG-NET's 0-5, 6-10, 11-15, 16-20, 21-30, 31+)."),
+    gap_bins: str = typer.Option("0,6,11,21", "--gap-bins",
+                                 help="Lower edges (years) of the age gap bins (default 0-5, 6-10, "
+                                      "11-20, 21+)."),
+    age_probe: bool = typer.Option(True, "--age-probe/--no-age-probe",
+                                   help="Measure age leakage: identity-grouped cross-validated "
+                                        "linear probes of age group and log(1+age) from the "
+                                        "identity features (caches with ages)."),
+    mi_steps: int = typer.Option(2000, "--mi-steps",
+                                 help="Training steps of the InfoNCE estimator of I(x_id; x_age) "
+                                      "for factorized models (0: skip it)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Evaluate one or more models on a protocol; print and write the result tables."""
@@ -94,6 +115,7 @@ def evaluate(
     if rounds_dir is not None:
         ensure_writable(rounds_dir, folder=True, option="--rounds-dir")
 
+    from mtmim_cli.eval.agebins import parse_edges
     from mtmim_cli.eval.config import EvalConfig, parse_model_arg
     from mtmim_cli.eval.provenance import command_line
     from mtmim_cli.orchestration.evaluate import evaluate as run_evaluate
@@ -116,5 +138,7 @@ def evaluate(
         train_subjects=train_subjects, split_out=split_out, refit_options=opts,
         refit_modes=tuple(x.strip() for x in refit_modes.split(",") if x.strip()),
         allow_trained_on=allow_trained_on, features=features, command=command_line(),
+        resample=resample, resamples=resamples, age_edges=parse_edges(age_bins, "--age-bins"),
+        gap_edges=parse_edges(gap_bins, "--gap-bins"), age_probe=age_probe, mi_steps=mi_steps,
     )
     run_evaluate(cfg, progress=not quiet, echo=typer.echo)

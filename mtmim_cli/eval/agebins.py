@@ -118,7 +118,8 @@ def identification_breakdown(hit: np.ndarray, bins: Mapping) -> dict:
 
 def bin_differences(names: Sequence[str], outcomes: Sequence[np.ndarray], bins: np.ndarray,
                     labels: Sequence[str], *, clusters: np.ndarray | None = None,
-                    resamples: int = 10_000, seed: int = 0, min_units: int = 2) -> list[dict]:
+                    resamples: int = 10_000, seed: int = 0, min_units: int = 2,
+                    cluster_name: str = "clusters") -> list[dict]:
     """Per bin and per pair of models (i < j): the difference in rate with its paired
     interval (compare.bootstrap_difference, clusters resampled within the bin when given).
     A bin with fewer than `min_units` units says so instead of a figure."""
@@ -137,7 +138,7 @@ def bin_differences(names: Sequence[str], outcomes: Sequence[np.ndarray], bins: 
                     d = bootstrap_difference(
                         np.asarray(outcomes[i])[..., sel], np.asarray(outcomes[j])[..., sel],
                         clusters=None if clusters is None else np.asarray(clusters)[sel],
-                        resamples=resamples, seed=seed)
+                        resamples=resamples, seed=seed, cluster_name=cluster_name)
                     row.update(d.to_dict())
                 rows.append(row)
     return rows

@@ -96,11 +96,39 @@ class Difference:
         return asdict(self)
 
 
+def _replicate_means(sides: list[np.ndarray], inv: np.ndarray, k: int, resamples: int,
+                     seed: int, draw_seeds: bool) -> np.ndarray:
+    """Bootstrap replicates of each side's mean outcome, shape (sides, resamples). Every
+    replicate draws k clusters with replacement (shared by all sides: the pairing) and, with
+    `draw_seeds`, each side's seeds with replacement."""
+    size = np.bincount(inv, minlength=k).astype(np.float64)
+    # Per-cluster sums per seed: a replicate's mean is (seed weights) @ sums @ (cluster
+    # counts) / (seeds drawn * units drawn), so no replicate touches the units themselves.
+    sums = [np.stack([np.bincount(inv, weights=row, minlength=k) for row in x]) for x in sides]
+    rng = np.random.default_rng(seed)
+    out = np.empty((len(sides), resamples))
+    for start in range(0, resamples, _CHUNK):
+        m = min(_CHUNK, resamples - start)
+        w = rng.multinomial(k, np.full(k, 1.0 / k), size=m).astype(np.float64)
+        units = w @ size
+        for j, (x, sx) in enumerate(zip(sides, sums, strict=True)):
+            s = len(x)
+            u = (rng.multinomial(s, np.full(s, 1.0 / s), size=m) / s if draw_seeds
+                 else np.full((m, s), 1.0 / s))
+            out[j, start:start + m] = np.sum(u * (w @ sx.T), axis=1) / units
+    return out
+
+
+def _check(level: float, resamples: int) -> None:
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError("need 0 < level < 1 and resamples >= 1")
+
+
 def bootstrap_difference(a: np.ndarray | Sequence, b: np.ndarray | Sequence, *,
                          clusters: np.ndarray | Sequence | None = None,
                          resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
                          seed: int = 0, resample_seeds: bool = True,
-                         unit_name: str = "probes") -> Difference:
+                         unit_name: str = "probes", cluster_name: str = "clusters") -> Difference:
     """Difference of mean outcomes, A minus B, on shared units, with a paired percentile
     bootstrap interval. `a`, `b`: shape (units,) for one model each, or (seeds, units) for
     several checkpoints of a setting (then the figure is the mean over seeds, and with
@@ -110,44 +138,46 @@ def bootstrap_difference(a: np.ndarray | Sequence, b: np.ndarray | Sequence, *,
     n = A.shape[1]
     if B.shape[1] != n:
         raise ValueError(f"a has {n} units, b has {B.shape[1]}: not the same probes")
-    if not 0 < level < 1 or resamples < 1:
-        raise ValueError("need 0 < level < 1 and resamples >= 1")
+    _check(level, resamples)
     inv, k = _cluster_index(clusters, n)
-    size = np.bincount(inv, minlength=k).astype(np.float64)
-    # Per-cluster sums per seed: a replicate's mean is (seed weights) @ sums @ (cluster
-    # counts) / (seeds drawn * units drawn), so no replicate touches the units themselves.
-    sa = np.stack([np.bincount(inv, weights=row, minlength=k) for row in A])
-    sb = np.stack([np.bincount(inv, weights=row, minlength=k) for row in B])
-    rng = np.random.default_rng(seed)
     draw_seeds = resample_seeds and (len(A) > 1 or len(B) > 1)
-    stats = np.empty(resamples)
-    for start in range(0, resamples, _CHUNK):
-        m = min(_CHUNK, resamples - start)
-        w = rng.multinomial(k, np.full(k, 1.0 / k), size=m).astype(np.float64)
-        units = w @ size
-        if draw_seeds:
-            ua = rng.multinomial(len(A), np.full(len(A), 1.0 / len(A)), size=m) / len(A)
-            ub = rng.multinomial(len(B), np.full(len(B), 1.0 / len(B)), size=m) / len(B)
-        else:
-            ua = np.full((m, len(A)), 1.0 / len(A))
-            ub = np.full((m, len(B)), 1.0 / len(B))
-        mean_a = np.sum(ua * (w @ sa.T), axis=1) / units
-        mean_b = np.sum(ub * (w @ sb.T), axis=1) / units
-        stats[start:start + m] = mean_a - mean_b
+    reps = _replicate_means([A, B], inv, k, resamples, seed, draw_seeds)
     alpha = (1 - level) / 2
-    low, high = np.quantile(stats, [alpha, 1 - alpha])
+    low, high = np.quantile(reps[0] - reps[1], [alpha, 1 - alpha])
     ma, mb = float(A.mean()), float(B.mean())
-    resampling = unit_name if clusters is None else "clusters"
-    if draw_seeds:
-        resampling += "+seeds"
-    out = Difference(mean_a=ma, mean_b=mb, diff=ma - mb, low=float(low), high=float(high), level=level,
-                     units=n, clusters=k, resampling=resampling, resamples=resamples, seed=seed,
-                     seeds_a=len(A), seeds_b=len(B))
+    out = Difference(mean_a=ma, mean_b=mb, diff=ma - mb, low=float(low), high=float(high),
+                     level=level, units=n, clusters=k,
+                     resampling=_resampling(unit_name, cluster_name, clusters, draw_seeds),
+                     resamples=resamples, seed=seed, seeds_a=len(A), seeds_b=len(B))
     if len(A) == 1 and len(B) == 1 and _binary(A) and _binary(B):
         out.a_only = int(np.sum((A[0] == 1) & (B[0] == 0)))
         out.b_only = int(np.sum((A[0] == 0) & (B[0] == 1)))
         out.p_mcnemar = mcnemar_exact(out.a_only, out.b_only)
     return out
+
+
+def bootstrap_mean(a: np.ndarray | Sequence, *, clusters: np.ndarray | Sequence | None = None,
+                   resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
+                   seed: int = 0, resample_seeds: bool = True,
+                   unit_name: str = "probes", cluster_name: str = "clusters") -> dict:
+    """One model's (or setting's) mean outcome with its percentile bootstrap interval, the
+    same resampling as `bootstrap_difference`: {'mean', 'low', 'high', 'units', 'clusters',
+    'resampling', ...}."""
+    A = _as_outcomes(a, "a")
+    _check(level, resamples)
+    inv, k = _cluster_index(clusters, A.shape[1])
+    draw_seeds = resample_seeds and len(A) > 1
+    reps = _replicate_means([A], inv, k, resamples, seed, draw_seeds)[0]
+    alpha = (1 - level) / 2
+    low, high = np.quantile(reps, [alpha, 1 - alpha])
+    return {"mean": float(A.mean()), "low": float(low), "high": float(high), "level": level,
+            "units": int(A.shape[1]), "clusters": k,
+            "resampling": _resampling(unit_name, cluster_name, clusters, draw_seeds),
+            "resamples": resamples, "seed": seed, "seeds": len(A)}
+
+
+def _resampling(unit_name: str, cluster_name: str, clusters: object, draw_seeds: bool) -> str:
+    return (unit_name if clusters is None else cluster_name) + ("+seeds" if draw_seeds else "")
 
 
 def _binary(x: np.ndarray) -> bool:
@@ -165,9 +195,14 @@ def seed_summary(values: Sequence[float]) -> dict:
 
 
 def split_group(label: str) -> tuple[str, str | None]:
-    """'setting@seed' -> ('setting', 'seed'); a label without '@' is its own setting."""
-    setting, sep, member = label.rpartition("@")
-    return (setting, member) if sep and setting else (label, None)
+    """'setting@seed' -> ('setting', 'seed'); a label without '@' is its own setting. A
+    re-fit mode evaluate appends ('casia@s0/mtmim') stays with the setting: ('casia/mtmim',
+    's0')."""
+    head, slash, mode = label.partition("/")
+    setting, sep, member = head.rpartition("@")
+    if not (sep and setting and member):
+        return label, None
+    return setting + slash + mode, member
 
 
 def group_labels(labels: Sequence[str]) -> dict[str, list[int]]:
@@ -182,7 +217,8 @@ def group_labels(labels: Sequence[str]) -> dict[str, list[int]]:
 def pairwise_differences(names: Sequence[str], outcomes: Sequence[np.ndarray], *,
                          clusters: np.ndarray | None = None,
                          resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
-                         seed: int = 0, unit_name: str = "probes") -> list[dict]:
+                         seed: int = 0, unit_name: str = "probes",
+                         cluster_name: str = "clusters") -> list[dict]:
     """Every pair (i < j) of named outcome arrays ((units,) or (seeds, units)): the
     difference names[i] - names[j] with its interval (and McNemar p for single models)."""
     rows = []
@@ -190,6 +226,6 @@ def pairwise_differences(names: Sequence[str], outcomes: Sequence[np.ndarray], *
         for j in range(i + 1, len(names)):
             d = bootstrap_difference(outcomes[i], outcomes[j], clusters=clusters,
                                      resamples=resamples, level=level, seed=seed,
-                                     unit_name=unit_name)
+                                     unit_name=unit_name, cluster_name=cluster_name)
             rows.append({"a": names[i], "b": names[j], **d.to_dict()})
     return rows

@@ -58,6 +58,13 @@ class EvalConfig:
     allow_trained_on: bool = False     # score models that trained on test images (labelled so)
     features: bool = False             # also write features.npz (x_id, x_age) beside out
     command: str = ""
+    # Analyses across models and by age (eval.analysis):
+    resample: str = "identity"         # bootstrap unit of identification: identity or probe
+    resamples: int = 10_000
+    age_edges: tuple[int, ...] = (0, 6, 11, 16, 21, 31)   # lower edges of the probe age groups
+    gap_edges: tuple[int, ...] = (0, 6, 11, 21)           # lower edges of the age gap bins
+    age_probe: bool = True             # age leakage probe of the identity features
+    mi_steps: int = 2000               # InfoNCE estimator steps for factorized models (0: none)
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -80,6 +87,12 @@ def check_config(cfg: EvalConfig) -> None:
     labels = [m.label for m in cfg.models]
     if len(set(labels)) != len(labels):
         raise MtmimError(f"two models share a label ({', '.join(labels)}); name them LABEL=PATH")
+    if cfg.resample not in ("identity", "probe"):
+        raise MtmimError(f"--resample {cfg.resample}: choose identity or probe")
+    if cfg.resamples < 100:
+        raise MtmimError(f"--resamples {cfg.resamples}: use at least 100")
+    if cfg.mi_steps < 0:
+        raise MtmimError(f"--mi-steps {cfg.mi_steps}: must be >= 0")
     if cfg.cache is None and not (cfg.protocol in VERIFICATION and cfg.pairs is not None
                                   and cfg.pairs.suffix == ".bin"):
         raise MtmimError(f"{cfg.protocol}: needs --cache")

@@ -63,16 +63,26 @@ def loo_rounds(n: int, folds: int | None = None, seed: int = 0) -> list[np.ndarr
 
 
 def rank_held_out(feats: np.ndarray, identity: np.ndarray, held_out: np.ndarray) -> dict:
-    """Each held-out image against all other images of the set (the other n-1)."""
+    """Each held-out image against all other images of the set (the other n-1). Besides its
+    top match, rank and hit: its mates (the other images of its identity) and, per mate,
+    whether it scores at least as high as the best other-identity image (`mate_ok`: the
+    probe would be found at rank 1 were this mate its person's only photo)."""
     s = feats[held_out] @ feats.T
     s[np.arange(len(held_out)), held_out] = -np.inf
-    top, rank = [], []
+    top, rank, mates, mate_ok = [], [], [], []
     for k, q in enumerate(held_out):
         t, r = query_ranks(s[k], identity, identity[q])
         top.append(t)
         rank.append(r)
+        same = identity == identity[q]
+        same[q] = False
+        m = np.flatnonzero(same)
+        imp = np.max(s[k][identity != identity[q]], initial=-np.inf)
+        mates.append(m.tolist())
+        mate_ok.append((s[k][m] >= imp).tolist())
     hit = [bool(identity[t] == identity[q]) for t, q in zip(top, held_out, strict=True)]
-    return {"held_out": [int(q) for q in held_out], "top1": top, "rank": rank, "hit": hit}
+    return {"held_out": [int(q) for q in held_out], "top1": top, "rank": rank, "hit": hit,
+            "mates": mates, "mate_ok": mate_ok}
 
 
 @dataclass

@@ -1,10 +1,16 @@
 """One protocol on one loaded model: extract the features the protocol needs, then score
 them with `mtmim_cli.eval.protocols`. The FG-NET re-fit (which trains) is not here: it lives
-in `mtmim_cli.orchestration.refit`, above both `eval/` and `train/`."""
+in `mtmim_cli.orchestration.refit`, above both `eval/` and `train/`.
+
+Each runner returns a `Scored`: the table's metrics, and what the analyses across models
+need: per-unit outcomes in the protocol's unit order (`eval.outcomes`), the units' context
+(probe and gallery records, or the pairs), the identity features of the images with their
+records (the age probe), the x_id / x_age parts for factorized models, and for
+identification the success of every probe-mate pair (the probe-age x gallery-age map)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,25 +32,96 @@ class FeatureOptions:
         return extract_features(model, source, indices, self.flip, self.batch_size,
                                 device=self.device, progress=self.progress)
 
+    def extract_parts(self, model, source, indices: np.ndarray
+                      ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """Identity features, and for a model with a factorization unit its (x_id, x_age) of
+        the image view, from one pass of the encoder (the unit is applied to its output)."""
+        factorize = getattr(model, "factorize", None)
+        if factorize is None or not callable(getattr(model, "encoder_view", None)):
+            return self.extract(model, source, indices), None
+        import torch
 
-def fgnet_loo(model, cache, feat: FeatureOptions, max_rank: int) -> dict:
+        from mtmim_cli.eval.features import combine_views, extract_views
+
+        f, ff = extract_views(model.encoder_view(), source, indices, mirror=self.flip != "none",
+                              batch_size=self.batch_size, device=self.device,
+                              progress=self.progress)
+        with torch.no_grad():
+            unit = factorize.to("cpu")
+            x_id, x_age = (t.numpy() for t in unit(torch.from_numpy(f)))
+            x_id_f = unit(torch.from_numpy(ff))[0].numpy() if ff is not None else None
+        return combine_views(x_id, x_id_f, self.flip), (x_id, x_age)
+
+
+@dataclass
+class Scored:
+    """One model on one protocol: the metrics and the per-unit material (see the module)."""
+    metrics: dict
+    outcomes: dict[str, np.ndarray] = field(default_factory=dict)
+    context: dict = field(default_factory=dict)
+    rows: np.ndarray | None = None
+    features: np.ndarray | None = None
+    factors: tuple[np.ndarray, np.ndarray] | None = None
+    mates: dict | None = None
+
+
+def fgnet_loo(model, cache, feat: FeatureOptions, max_rank: int) -> Scored:
     """Every usable image ranked against all the others (the model as given, no re-fit)."""
+    from mtmim_cli.eval.agebins import mate_success
+    from mtmim_cli.eval.outcomes import probe_outcomes
+
     idx = np.flatnonzero(cache.usable)
-    m = P.identification(feat.extract(model, cache, idx), cache.identity[idx], max_rank=max_rank)
-    return with_all_images(m, cache)
+    ident = cache.identity[idx]
+    feats, factors = feat.extract_parts(model, cache, idx)
+    m = P.identification(feats, ident, max_rank=max_rank)
+    pos = np.arange(len(idx))
+    per_row = probe_outcomes(feats, ident, feats, ident, query_index=pos)
+    mates = mate_success(feats, ident, pos, pos)
+    return Scored(with_all_images(m, cache), **fgnet_units(cache, idx, per_row),
+                  rows=idx, features=feats, factors=factors,
+                  mates={**mates, "probe": idx[mates["probe"]], "mate": idx[mates["mate"]]})
+
+
+def fgnet_units(cache, idx: np.ndarray, per_row: dict) -> dict:
+    """FG-NET's units are all its photos (each is a probe; one without a face is a miss)
+    against the photos with a face: outcomes over all records, and that context."""
+    from mtmim_cli.eval.outcomes import on_records
+
+    return {"outcomes": on_records(len(cache), idx, per_row, top_rows=idx),
+            "context": {"kind": "identification", "probe": np.arange(len(cache)),
+                        "gallery": idx}}
 
 
 def with_all_images(m: dict, cache) -> dict:
-    """Add the rank-1 over all photos, a photo without a face counting as a failure (it
-    cannot be ranked), and the photo counts."""
+    """FG-NET's figure is over all photos of the protocol: a photo without a face cannot be
+    ranked and counts as a failure. `rank1` and `cmc` become all-photo figures, `queries` the
+    photo count; `rank1_faces` and `ranked` keep the figure over the photos with a face."""
     n_all, n_used = len(cache), int(cache.usable.sum())
-    return {**m, "rank1_all_images": m["rank1"] * n_used / n_all if n_all else float("nan"),
-            **image_counts(cache)}
+    scale = n_used / n_all if n_all else float("nan")
+    return {**m, "rank1": m["rank1"] * scale, "cmc": [c * scale for c in m.get("cmc", [])],
+            "rank1_faces": m["rank1"], "ranked": n_used, "queries": n_all,
+            "rank1_all_images": m["rank1"] * scale, **image_counts(cache)}
 
 
 def image_counts(cache) -> dict:
     n_all = len(cache)
     return {"images_total": n_all, "images_without_face": n_all - int(cache.usable.sum())}
+
+
+def _identification(cache, feats: np.ndarray, probe: np.ndarray, gallery: np.ndarray,
+                    metrics: dict, rows: np.ndarray, factors) -> Scored:
+    """A probe set against a gallery (cache records; `feats` holds a row per record)."""
+    from mtmim_cli.eval.agebins import mate_success
+    from mtmim_cli.eval.outcomes import probe_outcomes
+
+    ident = cache.identity
+    per = probe_outcomes(feats[probe], ident[probe], feats[gallery], ident[gallery])
+    top = np.where(per["top1"] >= 0, gallery[np.maximum(per["top1"], 0)], -1)
+    return Scored(metrics, outcomes={"index": probe, "hit": per["hit"], "rank": per["rank"],
+                                     "top1": top},
+                  context={"kind": "identification", "probe": probe, "gallery": gallery},
+                  rows=rows, features=feats[rows], factors=factors,
+                  mates=mate_success(feats, ident, probe, gallery))
 
 
 def morph_indices(cache, split: dict) -> np.ndarray:
@@ -55,14 +132,16 @@ def morph_indices(cache, split: dict) -> np.ndarray:
     return np.unique(np.r_[probe, gallery])
 
 
-def morph(model, cache, split: dict, feat: FeatureOptions, max_rank: int) -> dict:
+def morph(model, cache, split: dict, feat: FeatureOptions, max_rank: int) -> Scored:
     """MORPH: each test subject's oldest photo against the youngest photos of all test subjects."""
+    masked_age = np.where(cache.usable, cache.age, np.nan)
+    probe, gallery, _ = P.largest_gap_pairs(cache.identity, masked_age, split["test"])
     idx = morph_indices(cache, split)
-    sub = feat.extract(model, cache, idx)
+    sub, factors = feat.extract_parts(model, cache, idx)
     feats = np.zeros((len(cache), sub.shape[1]), np.float32)
     feats[idx] = sub
-    masked_age = np.where(cache.usable, cache.age, np.nan)
-    return P.morph_rank1(feats, cache.identity, masked_age, split["test"], max_rank)
+    m = P.morph_rank1(feats, cache.identity, masked_age, split["test"], max_rank)
+    return _identification(cache, feats, probe, gallery, m, idx, factors)
 
 
 def cacd_indices(year: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -70,23 +149,50 @@ def cacd_indices(year: np.ndarray, test: np.ndarray) -> np.ndarray:
     return np.flatnonzero(test & (year >= 2004) & (year <= 2013))
 
 
-def cacd(model, cache, year: np.ndarray, test: np.ndarray, feat: FeatureOptions) -> dict:
-    """CACD retrieval over the test celebrities' photos of 2004-2013."""
+def cacd(model, cache, year: np.ndarray, test: np.ndarray, feat: FeatureOptions) -> Scored:
+    """CACD retrieval over the test celebrities' photos of 2004-2013. Per query beside the
+    MAP: its average precision in each database and its rank-1 against all of 2004-2012 (the
+    figure the age breakdown uses)."""
+    from mtmim_cli.eval import metrics as M
+
     idx = cacd_indices(year, test)
-    sub = feat.extract(model, cache, idx)
-    return P.cacd_map(sub, cache.identity[idx], year[idx], np.ones(len(idx), bool))
+    sub, factors = feat.extract_parts(model, cache, idx)
+    m = P.cacd_map(sub, cache.identity[idx], year[idx], np.ones(len(idx), bool))
+    feats = np.zeros((len(cache), sub.shape[1]), np.float32)
+    feats[idx] = sub
+    queries = idx[year[idx] == P.CACD_QUERY_YEAR]
+    database = idx[(year[idx] >= 2004) & (year[idx] <= 2012)]
+    scored = _identification(cache, feats, queries, database, m, idx, factors)
+    for name, (lo, hi) in P.CACD_DATABASES.items():
+        d = idx[(year[idx] >= lo) & (year[idx] <= hi)]
+        _, aps = M.mean_average_precision(feats[queries], cache.identity[queries], feats[d],
+                                          cache.identity[d])
+        scored.outcomes[f"ap {name}"] = aps
+    return scored
 
 
-def verification(model, pairs: PairInput, feat: FeatureOptions) -> dict:
-    """10-fold verification accuracy, TAR at FAR and AUC on the pairs."""
+def verification(model, pairs: PairInput, feat: FeatureOptions) -> Scored:
+    """10-fold verification accuracy, TAR at FAR and AUC on the pairs; per pair its score
+    and whether the K-fold rule classified it right."""
+    from mtmim_cli.eval.agebins import pair_correctness
+
     used, inv = np.unique(np.r_[pairs.i, pairs.j], return_inverse=True)
-    feats = feat.extract(model, pairs.source, used)
+    feats, factors = feat.extract_parts(model, pairs.source, used)
     n = len(pairs.i)
-    return P.verification(feats[inv[:n]], feats[inv[n:]], pairs.same, pairs.folds)
+    fa, fb = feats[inv[:n]], feats[inv[n:]]
+    m = P.verification(fa, fb, pairs.same, pairs.folds)
+    scores = np.sum(np.asarray(fa, np.float64) * fb, axis=1)
+    correct = pair_correctness(scores, pairs.same, pairs.folds, m["thresholds"])
+    on_cache = not isinstance(pairs.source, np.ndarray)
+    return Scored(m, outcomes={"index": np.arange(n), "correct": correct, "score": scores},
+                  context={"kind": "verification", "i": pairs.i, "j": pairs.j,
+                           "same": pairs.same, "on_cache": on_cache},
+                  rows=used if on_cache else None, features=feats if on_cache else None,
+                  factors=factors if on_cache else None)
 
 
 def run_protocol(protocol: str, model, inputs: EvalInputs, feat: FeatureOptions,
-                 max_rank: int) -> dict:
+                 max_rank: int) -> Scored:
     """The metrics of `protocol` for `model` (FG-NET without re-fit)."""
     if protocol == "fgnet-loo":
         return fgnet_loo(model, inputs.cache, feat, max_rank)

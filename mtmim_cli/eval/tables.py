@@ -17,11 +17,11 @@ from mtmim_cli.atomic import atomic_write_text
 # The paper's numbers (Hou et al., ICCV 2021, as restated in ../shared/docs/mtmim-method.md),
 # in percent. Keyed by protocol, then row label, then metric column.
 REPORTED: dict[str, list[tuple[str, dict[str, float]]]] = {
-    # FG-NET: over all 1002 photos, so beside our all-photos column.
-    "fgnet-loo": [("Baseline", {"rank1_all_images": 93.20}), ("+Age", {"rank1_all_images": 93.40}),
-                  ("MT-MIM", {"rank1_all_images": 94.21}), ("DAL", {"rank1_all_images": 94.50}),
-                  ("AIM", {"rank1_all_images": 93.20}), ("LF-CNN", {"rank1_all_images": 88.10}),
-                  ("HFA", {"rank1_all_images": 69.00})],
+    # FG-NET: over all 1002 photos, as our FG-NET rank-1 is.
+    "fgnet-loo": [("Baseline", {"rank1": 93.20}), ("+Age", {"rank1": 93.40}),
+                  ("MT-MIM", {"rank1": 94.21}), ("DAL", {"rank1": 94.50}),
+                  ("AIM", {"rank1": 93.20}), ("LF-CNN", {"rank1": 88.10}),
+                  ("HFA", {"rank1": 69.00})],
     "morph-s1": [("DAL", {"rank1": 98.93}), ("AIM", {"rank1": 99.13}),
                  ("OE-CNN", {"rank1": 98.55})],
     "morph-s2": [("Baseline", {"rank1": 99.00}), ("+Age", {"rank1": 99.10}),
@@ -49,11 +49,11 @@ TITLES = {
 
 # (json key, column header, scale to percent?)
 COLUMNS: dict[str, list[tuple[str, str, bool]]] = {
-    # FG-NET's paper figure is over all 1002 photos: a photo without a detected face cannot
-    # be ranked and counts as a failure there (blank for protocols that rank faces only).
-    "identification": [("rank1", "Rank-1", True), ("queries", "Queries", False),
-                       ("rank1_all_images", "Rank-1, all photos", True),
-                       ("images_total", "Photos", False)],
+    "identification": [("rank1", "Rank-1", True), ("queries", "Queries", False)],
+    # FG-NET's figure (ours and the paper's) is over all photos: a photo without a detected
+    # face cannot be ranked and counts as a failure (runners.with_all_images).
+    "fgnet": [("rank1", "Rank-1 (all photos)", True), ("queries", "Queries", False),
+              ("images_without_face", "No face (failures)", False)],
     "cacd-map": [("2004-2006", "2004-2006", True), ("2007-2009", "2007-2009", True),
                  ("2010-2012", "2010-2012", True), ("queries", "Queries", False)],
     "verification": [("accuracy", "Accuracy", True), ("std", "± std", True),
@@ -63,7 +63,9 @@ COLUMNS: dict[str, list[tuple[str, str, bool]]] = {
 
 
 def column_kind(protocol: str) -> str:
-    if protocol in ("fgnet-loo", "morph-s1", "morph-s2"):
+    if protocol == "fgnet-loo":
+        return "fgnet"
+    if protocol in ("morph-s1", "morph-s2"):
         return "identification"
     if protocol == "cacd-map":
         return "cacd-map"
@@ -92,14 +94,18 @@ def _fmt(value: object, percent: bool) -> str:
 
 def markdown_table(protocol: str, rows: list[dict], variant: str = "",
                    benchmark: dict | None = None) -> str:
-    """One protocol's table: our models (rows: {'model', 'metrics'[, 'test_faces']}), then
-    the paper's reported rows: in the same table only when `benchmark` ({'comparable',
-    'reason'}, from `eval.benchmarks`) says this run is the benchmark, else in their own
-    table under "Not comparable: <reason>". The title says whose faces were tested."""
+    """One protocol's table: our models (rows: {'model', 'metrics'[, 'test_faces']}), with
+    the age-leakage columns when any model has them, then the paper's reported rows: in the
+    same table only when `benchmark` ({'comparable', 'reason'}, from `eval.benchmarks`) says
+    this run is the benchmark, else in their own table under "Not comparable: <reason>". The
+    title says whose faces were tested."""
+    from mtmim_cli.eval.analysis_tables import LEAKAGE_HEADERS, leakage_cells
     from mtmim_cli.eval.heldout import model_notes, section_words
 
     cols = COLUMNS[column_kind(protocol)]
-    head = ["Model", *[c[1] for c in cols]]
+    leak = [leakage_cells(row["metrics"]) for row in rows]
+    extra = LEAKAGE_HEADERS if any(leak) else []
+    head = ["Model", *[c[1] for c in cols], *extra]
     faces = {r["model"]: r["test_faces"] for r in rows if r.get("test_faces")}
     title = TITLES.get(protocol, protocol) + (f", {section_words(faces)}" if faces else "")
     lines = [f"### {title}", ""]
@@ -107,11 +113,15 @@ def markdown_table(protocol: str, rows: list[dict], variant: str = "",
         lines += [f"Variant: {variant}", ""]
     lines += [f"- {note}" for note in model_notes(faces)] + ([""] if model_notes(faces) else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
+    for row, lk in zip(rows, leak, strict=True):
         m = flat_metrics(protocol, row["metrics"])
-        lines.append("| " + " | ".join([row["model"], *[_fmt(m.get(k), p) for k, _, p in cols]]) + " |")
+        cells = [_fmt(m.get(k), p) for k, _, p in cols]
+        if extra:
+            cells += lk or ["–"] * len(extra)
+        lines.append("| " + " | ".join([row["model"], *cells]) + " |")
     reported = [("| " + " | ".join([f"{label} (reported, paper)",
-                                    *[f"{vals[k]:.2f}" if k in vals else "" for k, _, _ in cols]])
+                                    *[f"{vals[k]:.2f}" if k in vals else "" for k, _, _ in cols],
+                                    *[""] * len(extra)])
                  + " |") for label, vals in REPORTED.get(protocol, [])]
     if not reported:
         return "\n".join(lines) + "\n"
@@ -130,6 +140,8 @@ def markdown_table(protocol: str, rows: list[dict], variant: str = "",
 def write_results(out_md: Path, payload: dict) -> dict[str, Path]:
     """results.md (tables), results.json (everything) and cmc.csv / roc.csv beside them.
     Every file is written to a temporary sibling and renamed."""
+    from mtmim_cli.eval.analysis_tables import analysis_markdown
+
     out_md = Path(out_md)
     base = out_md.parent
     protocol = payload["protocol"]
@@ -138,7 +150,8 @@ def write_results(out_md: Path, payload: dict) -> dict[str, Path]:
           "Caches: " + (", ".join(f"`{c['path']}` (sha256 {c['sha256'][:12]})"
                                   for c in payload.get("inputs", [])) or "none"), "",
           markdown_table(protocol, payload["results"], payload.get("variant_text", ""),
-                         payload.get("benchmark"))]
+                         payload.get("benchmark")),
+          analysis_markdown(payload)]
     paths = {"md": out_md, "json": out_md.with_suffix(".json"),
              "cmc": base / "cmc.csv", "roc": base / "roc.csv"}
     atomic_write_text(paths["json"], json.dumps(payload, indent=1, default=_json_default) + "\n")

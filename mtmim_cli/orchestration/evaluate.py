@@ -15,14 +15,22 @@ from mtmim_cli.atomic import atomic_write_text
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.eval import benchmarks
 from mtmim_cli.eval import protocols as P
+from mtmim_cli.eval.analysis import (
+    AnalysisOptions,
+    cross_model_analysis,
+    model_analysis,
+    shared_bins,
+)
+from mtmim_cli.eval.analysis_tables import analysis_markdown
 from mtmim_cli.eval.config import EvalConfig, ModelArg, check_config, variant_text
 from mtmim_cli.eval.feature_file import FILE_NAME as FEATURE_FILE
 from mtmim_cli.eval.feature_file import factor_parts, write_feature_file
 from mtmim_cli.eval.heldout import check_model, scored_image_digests, scored_indices
 from mtmim_cli.eval.inputs import EvalInputs, is_synthetic, open_inputs, pairs_origin_text
 from mtmim_cli.eval.loading import load_model
+from mtmim_cli.eval.outcomes import write_outcomes
 from mtmim_cli.eval.provenance import file_record, run_header, sha256_file
-from mtmim_cli.eval.runners import FeatureOptions, run_protocol
+from mtmim_cli.eval.runners import FeatureOptions, Scored, run_protocol
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True,
@@ -41,6 +49,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
     if inputs.split is not None:
         extra["split_file"] = str(_write_split(cfg, inputs.split, say))
     feat = FeatureOptions(cfg.flip, cfg.batch_size, cfg.device, progress)
+    opts = analysis_options(cfg)
 
     # Every model is checked against the test images before any is scored, so a refused
     # one stops the run before hours of re-fitting.
@@ -55,14 +64,20 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
                                      cfg.allow_trained_on).to_dict()
         loaded[m.label] = model if cfg.refit == "none" else None  # the re-fit loads its own
 
-    rows, models_info, parts = [], [], {}
+    rows, models_info, parts, scored, bins = [], [], {}, [], None
     for m in cfg.models:
         sha = sha256_file(m.path)
         t0 = time.perf_counter()
         model = loaded.pop(m.label)
-        for label, metrics in _score(cfg, inputs, m, sha, files, feat, model).items():
-            metrics["wall_seconds"] = round(time.perf_counter() - t0, 2)
+        for label, sc in _score(cfg, inputs, m, sha, files, feat, model).items():
+            metrics = sc.metrics
+            if not metrics.get("partial"):
+                bins = bins if bins is not None else shared_bins(sc, inputs.cache, opts)
+                metrics.update(model_analysis(sc, inputs.cache, opts, bins))
+            metrics["wall_seconds"] = round(time.perf_counter() - t0, 2)  # scoring, analysis
             t0 = time.perf_counter()
+            sc.features = sc.factors = None  # the age probe is done; outcomes are all we keep
+            scored.append((label, sc))
             rows.append({"model": label, "metrics": metrics, "test_faces": faces[m.label]})
             say(_summary_line(cfg.protocol, label, metrics))
         if feature_idx is not None:
@@ -87,28 +102,46 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
         "inputs": files, "models": models_info, "results": rows, **extra,
     }
     partial = any(r["metrics"].get("partial") for r in rows)
+    if not partial:
+        comparisons = cross_model_analysis([label for label, _ in scored],
+                                           [sc for _, sc in scored], inputs.cache, opts, bins)
+        if comparisons:
+            payload["comparisons"] = comparisons
     if cfg.out is not None and not partial:
         paths = write_results(cfg.out, payload)
-        say(f"wrote {paths['md']}, {paths['json']}, {paths['cmc'].name}, {paths['roc'].name}")
+        if scored and scored[0][1].outcomes:
+            paths["outcomes"] = write_outcomes(
+                Path(cfg.out).parent / "outcomes.json", cfg.protocol,
+                scored[0][1].context.get("kind", ""),
+                {label: sc.outcomes for label, sc in scored})
+        say("wrote " + ", ".join(str(p) if k in ("md", "json") else p.name
+                                 for k, p in paths.items()))
         if parts:
             path = write_feature_file(Path(cfg.out).parent / FEATURE_FILE, inputs.cache,
                                       feature_idx, parts)
             say(f"wrote {path} (x_id, x_age of {len(feature_idx)} faces per model)")
     if not partial:
         say(markdown_table(cfg.protocol, rows, payload["variant_text"], payload["benchmark"]))
+        say(analysis_markdown(payload))
     return payload
 
 
+def analysis_options(cfg: EvalConfig) -> AnalysisOptions:
+    return AnalysisOptions(age_edges=tuple(cfg.age_edges), gap_edges=tuple(cfg.gap_edges),
+                           resample=cfg.resample, resamples=cfg.resamples, seed=cfg.seed,
+                           age_probe=cfg.age_probe, mi_steps=cfg.mi_steps, far=P.FAR_LEVEL)
+
+
 def _score(cfg: EvalConfig, inputs: EvalInputs, m: ModelArg, model_sha256: str,
-           files: list[dict], feat: FeatureOptions, model) -> dict[str, dict]:
-    """Row label -> metrics: one row per model, or per model and re-fit mode
+           files: list[dict], feat: FeatureOptions, model) -> dict[str, Scored]:
+    """Row label -> scored model: one row per model, or per model and re-fit mode
     ("LABEL/baseline", ...) when FG-NET is re-fitted."""
     if cfg.refit != "none":
         from mtmim_cli.orchestration.refit import run_refit
 
         per_mode = run_refit(cfg, inputs.cache, m, cache_sha256=files[0]["sha256"],  # cache first
                              model_sha256=model_sha256, feat=feat)
-        return {f"{m.label}/{mode}": metrics for mode, metrics in per_mode.items()}
+        return {f"{m.label}/{mode}": sc for mode, sc in per_mode.items()}
     return {m.label: run_protocol(cfg.protocol, model, inputs, feat, cfg.max_rank)}
 
 
@@ -127,11 +160,18 @@ def _summary_line(protocol: str, label: str, m: dict) -> str:
         return (f"{label}: this shard's rounds done ({m['rounds_done']}/{m['rounds']} rounds "
                 "stored); run the other shards, then rerun without --shard to merge")
     secs = f" in {m['wall_seconds']:.1f} s"
+    leak = m.get("age_leakage")
+    if leak:
+        secs += (f"; age probe of its features: group accuracy {100 * leak['age_group_accuracy']:.1f}% "
+                 f"(chance {100 * leak['age_group_chance']:.1f}%), R^2 of {leak['age_target']} "
+                 f"{leak['age_r2']:.3f} (chance 0)")
+        if "infonce_lower" in leak:
+            secs += f", InfoNCE I(x_id; x_age) >= {leak['infonce_lower']:.3f} nats"
     if "rank1" in m:
         line = f"{label}: rank-1 {100 * m['rank1']:.2f}% over {m['queries']} queries"
         if m.get("images_without_face"):
-            line += (f" ({100 * m['rank1_all_images']:.2f}% over all {m['images_total']} "
-                     f"images, the {m['images_without_face']} without a face counted as failures)")
+            line += (f" ({100 * m['rank1_faces']:.2f}% over the {m['ranked']} with a face; the "
+                     f"{m['images_without_face']} without one count as failures)")
         return line + secs
     if protocol == "cacd-map":
         maps = ", ".join(f"{k} {100 * m[k]['map']:.2f}" for k in P.CACD_DATABASES)

@@ -24,7 +24,14 @@ from mtmim_cli.errors import MtmimError
 from mtmim_cli.eval import protocols as P
 from mtmim_cli.eval.config import EvalConfig, ModelArg
 from mtmim_cli.eval.loading import load_model
-from mtmim_cli.eval.runners import FeatureOptions, image_counts, with_all_images
+from mtmim_cli.eval.outcomes import from_rounds, mates_from_rounds
+from mtmim_cli.eval.runners import (
+    FeatureOptions,
+    Scored,
+    fgnet_units,
+    image_counts,
+    with_all_images,
+)
 
 # Bump when what a stored round means changes without the tool version changing.
 ROUND_FORMAT = 3
@@ -37,10 +44,11 @@ ROUNDS_PER_CHUNK = 250
 
 
 def run_refit(cfg: EvalConfig, cache, m: ModelArg, *, cache_sha256: str, model_sha256: str,
-              feat: FeatureOptions) -> dict[str, dict]:
+              feat: FeatureOptions) -> dict[str, Scored]:
     """FG-NET rank-1 and CMC of model `m` re-fitted per round as `cfg.refit` says, one
-    metrics record per re-fit mode (`cfg.refit_modes`: baseline, age, mtmim; every mode
-    over the same rounds and seeds); with `--shard I/N` and rounds missing, partial records."""
+    record per re-fit mode (`cfg.refit_modes`: baseline, age, mtmim; every mode over the same
+    rounds and seeds) with the per-photo outcomes of its rounds; with `--shard I/N` and
+    rounds missing, partial records."""
     import time
 
     idx = np.flatnonzero(cache.usable)
@@ -53,7 +61,7 @@ def run_refit(cfg: EvalConfig, cache, m: ModelArg, *, cache_sha256: str, model_s
     folder = rounds_dir(cfg, m)
     rounds = P.loo_rounds(len(idx), cfg.folds, cfg.seed)
     shard = P.parse_shard(cfg.shard)
-    out: dict[str, dict] = {}
+    out: dict[str, Scored] = {}
     views = None
     if cfg.refit == "head":
         from mtmim_cli.eval.features import extract_views
@@ -79,14 +87,23 @@ def run_refit(cfg: EvalConfig, cache, m: ModelArg, *, cache_sha256: str, model_s
                                      feat=replace(feat, progress=False))
             done = P.run_rounds(rounds, round_fn, store, shard, feat.progress, what)
         if shard[1] > 1 and len(done) < len(rounds):
-            out[mode] = {"partial": True, "rounds_done": len(done), "rounds": len(rounds),
-                         "wall_seconds": time.perf_counter() - t0, **image_counts(cache)}
+            out[mode] = Scored({"partial": True, "rounds_done": len(done), "rounds": len(rounds),
+                                "wall_seconds": time.perf_counter() - t0, **image_counts(cache)})
             continue
         metrics = P.merge_rounds(done, len(rounds), len(idx), cfg.max_rank)
         metrics["rounds_dir"] = str(store.folder)
         metrics["refit_mode"] = mode
-        out[mode] = with_all_images(metrics, cache)
+        out[mode] = scored_rounds(done, with_all_images(metrics, cache), cache, idx)
     return out
+
+
+def scored_rounds(done: dict[int, dict], metrics: dict, cache, idx: np.ndarray) -> Scored:
+    """The metrics with the per-photo outcomes of the rounds (and their probe-mate successes
+    when the rounds hold them), in FG-NET's units: every photo of the cache."""
+    mates = mates_from_rounds(done)
+    if mates is not None:
+        mates = {**mates, "probe": idx[mates["probe"]], "mate": idx[mates["mate"]]}
+    return Scored(metrics, **fgnet_units(cache, idx, from_rounds(done, len(idx))), mates=mates)
 
 
 def refit_modes(cfg: EvalConfig) -> tuple[str, ...]:

@@ -230,3 +230,12 @@ def test_refit_rounds_give_the_same_outcomes(tmp_path: Path, models: dict,
     assert mh["age_map"] == mn["age_map"]
     sides = [json.loads((tmp_path / d / "outcomes.json").read_text()) for d in ("none", "head")]
     assert sides[0]["models"] == sides[1]["models"]
+
+
+def test_extracting_parts_leaves_the_model_in_eval_mode(tmp_path: Path, models: dict) -> None:
+    from mtmim_cli.eval.runners import FeatureOptions
+
+    cache = Cache(_cache(tmp_path / "faces.h5"))
+    model = _load(models["factorized"], None).eval()
+    FeatureOptions().extract_parts(model, cache, np.arange(4))
+    assert not model.training and not model.encoder.training

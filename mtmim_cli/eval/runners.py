@@ -43,7 +43,10 @@ class FeatureOptions:
 
         from mtmim_cli.eval.features import combine_views, extract_views
 
-        f, ff = extract_views(model.encoder_view(), source, indices, mirror=self.flip != "none",
+        # A fresh view is in training mode; extract_views restores the mode it finds, which
+        # would leave the model's BatchNorm layers training afterwards.
+        view = model.encoder_view().train(model.training)
+        f, ff = extract_views(view, source, indices, mirror=self.flip != "none",
                               batch_size=self.batch_size, device=self.device,
                               progress=self.progress)
         with torch.no_grad():

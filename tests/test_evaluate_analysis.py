@@ -209,27 +209,34 @@ def test_factorized_model_gets_infonce_and_same_features(tmp_path: Path, models:
 
 def test_refit_rounds_give_the_same_outcomes(tmp_path: Path, models: dict,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """A head re-fit whose unit leaves x unchanged must reproduce `--refit none` probe by probe,
-    mate by mate: the per-round outcomes go through the same analyses."""
-    import mtmim_cli.train.finetune as F
+    """A head re-fit whose maps leave x unchanged must reproduce `--refit none` probe by probe,
+    mate by mate: the per-round outcomes go through the same analyses, one row per mode, and
+    the modes are compared on the same probes."""
+    import mtmim_cli.train.round_heads as H
 
-    def identity_unit(features, labels, ages, **kw):
-        unit = FactorizationUnit(features.shape[1])
-        nn.init.zeros_(unit.fc.weight)
-        return unit.eval()
+    def identity_maps(views, labels, ages, held, cfg, seed=0, on_step=None):
+        d = views[0].shape[1]
+        return H.RoundMaps(A=torch.eye(d).expand(len(held), d, d).clone(),
+                           b=torch.zeros(len(held), d), last_loss=torch.zeros(len(held)))
 
-    monkeypatch.setattr(F, "fit_heads_on_features", identity_unit)
+    monkeypatch.setattr(H, "fit_rounds", identity_maps)
     cache_path = _cache(tmp_path / "faces.h5")
     base = dict(protocol="fgnet-loo", cache=cache_path, resamples=200, age_probe=False,
                 models=[ModelArg("a", models["pool8"])])
     none = evaluate(EvalConfig(**base, out=tmp_path / "none" / "results.md"), progress=False)
-    head = evaluate(EvalConfig(**base, out=tmp_path / "head" / "results.md", refit="head"),
-                    progress=False)
-    mn, mh = none["results"][0]["metrics"], head["results"][0]["metrics"]
-    assert mh["rank1"] == mn["rank1"] and mh["by_age"] == mn["by_age"]
-    assert mh["age_map"] == mn["age_map"]
+    head = evaluate(EvalConfig(**base, out=tmp_path / "head" / "results.md", refit="head",
+                               refit_modes=("baseline", "mtmim")), progress=False)
+    mn = none["results"][0]["metrics"]
+    assert [r["model"] for r in head["results"]] == ["a/baseline", "a/mtmim"]
+    for row in head["results"]:
+        mh = row["metrics"]
+        assert mh["rank1"] == mn["rank1"] and mh["by_age"] == mn["by_age"]
+        assert mh["age_map"] == mn["age_map"]
     sides = [json.loads((tmp_path / d / "outcomes.json").read_text()) for d in ("none", "head")]
-    assert sides[0]["models"] == sides[1]["models"]
+    assert sides[1]["models"]["a/baseline"] == sides[0]["models"]["a"]
+    (pair,) = head["comparisons"]["pairs"]
+    assert (pair["a"], pair["b"], pair["diff"], pair["p_mcnemar"]) == ("a/baseline", "a/mtmim",
+                                                                       0.0, 1.0)
 
 
 def test_extracting_parts_leaves_the_model_in_eval_mode(tmp_path: Path, models: dict) -> None:

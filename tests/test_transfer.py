@@ -456,3 +456,56 @@ def test_identity_lists_select_training_and_replay_identities(aged_cache: Path, 
     meta = load_checkpoint(run / "model.pt")["meta"]
     assert meta["num_classes"] == 6                                        # 4 + 2 replay identities
     assert [c["used"] for c in meta["trained_on"]["caches"]] == [32, 8]
+
+
+_DDP_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from mtmim_cli.train.finetune import finetune
+cache, replay, init, out, acts = sys.argv[1:6]
+finetune([cache], init, {"out": out, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+                         "batch_size": 16, "max_steps": 4, "schedule": "constant", "progress": False},
+         mode="mtmim", age_groups=4, lambda_mim=0.1, q_lr=1e-3, head_warmup_steps=2,
+         freeze_bn="stats", freeze_through="body.2", activation_cache=acts,
+         activation_dtype="float32", init_centres="mean", replay=[replay], replay_ratio=0.25)
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_through_release_replay_and_cached_trunk(
+        aged_cache: Path, tmp_path: Path) -> None:
+    """torchrun with 2 gloo processes against one process, global batch 16: a head warm-up
+    of 2 steps (the loop re-wraps DDP when the encoder is released), a trunk frozen through
+    body.2 trained on its cached activations (rank 0 writes the cache, rank 1 reads it),
+    replay rows mixed in at 1/4 (dealt to both ranks unevenly, so the age loss must average
+    over the global count of known ages), CLUB over the gathered training rows.
+    BatchNorm statistics are frozen, so each sample's forward does not depend on the batch
+    split. Tolerance as the pretrain DDP test: float sums in another order."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    replay = write_cache(tmp_path / "replay.h5", [f"r{k}" for k in range(5) for _ in range(4)], seed=3)
+    pre, init = save_tiny_pretrain(tmp_path / "pre.pt", seed=11)
+    script = tmp_path / "ft.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    acts = str(tmp_path / "acts")
+    args = [str(aged_cache), str(replay), str(init)]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(29700 + os.getpid() % 1000), str(script), *args,
+                          str(tmp_path / "ddp"), acts], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one"), acts], env=env,
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "one" / "model.pt")["objective"]
+    b = load_checkpoint(tmp_path / "ddp" / "model.pt")["objective"]
+    moved = [k for k in a if k.startswith("encoder.fc") and not torch.equal(a[k], pre.state_dict()[k])]
+    assert moved   # the released tail trained
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
+    assert worst < 1e-5, worst
+    assert len(list((tmp_path / "acts").glob("*.npy"))) == 1

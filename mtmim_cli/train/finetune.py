@@ -156,9 +156,13 @@ class MTMIMObjective(Objective):
         known = groups >= 0
         age_in = x_age if self.lambda_age > 0 else x_age.detach()
         age_logits = self.age_head(age_in).float()
+        # The mean over the rows of known age in the global batch. DDP averages the ranks'
+        # gradients, and ranks may hold different numbers of such rows (unknown ages, replay
+        # rows), so each rank's sum is divided by the global count over the world size.
+        n_known = D.all_reduce_sum(known.sum().to(age_logits.dtype).reshape(1))[0] / D.world_size()
         if bool(known.any()):
-            l_age = F.cross_entropy(age_logits[known], groups[known])
-        else:  # no known age in this batch: keep the head in the graph, contribute nothing
+            l_age = F.cross_entropy(age_logits[known], groups[known], reduction="sum") / n_known
+        else:  # no known age here: keep the head in the graph, contribute nothing
             l_age = age_logits.sum() * 0.0
 
         # CLUB over the global batch (gather_with_grad: the identity on a single process).
@@ -188,8 +192,8 @@ class MTMIMObjective(Objective):
         if penalty is not None:
             loss = loss + penalty
         with torch.no_grad():
-            if bool(known.any()):
-                age_acc = (age_logits[known].argmax(1) == groups[known]).float().mean()
+            if float(n_known) > 0:   # the loop averages ranks: scaled like l_age
+                age_acc = (age_logits[known].argmax(1) == groups[known]).float().sum() / n_known
             else:
                 age_acc = torch.tensor(float("nan"), device=l_id.device)
         self._track_sign(float(club.detach()))

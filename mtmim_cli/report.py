@@ -498,8 +498,37 @@ def projection_section(named: list[tuple[str, dict, dict | None]]) -> list[str]:
     return md + ["", "![projection](projection.png)\n"]
 
 
+def age_section(results: list[dict], out: Path, palette: Palette,
+                age_map_model: str | None) -> list[str]:
+    """Rank-1 by probe age and by age gap (every model), and one model's probe-age x
+    gallery-age map, from evaluate's breakdowns; nothing when no evaluation has them."""
+    from mtmim_cli.report_age import first_age_map, plot_age_map, plot_rank1_by_age
+
+    md = []
+    fig = plot_rank1_by_age(results, palette)
+    if fig is not None:
+        _save(fig, out / "rank1_by_age.png")
+        md += ["### Where the models fail across age\n",
+               "Rank-1 per probe age group and per age gap between the probe and its nearest "
+               "same-identity gallery photo; bands are 95% bootstrap intervals (evaluate's "
+               "resampling), ticks give the probes per bin.\n",
+               "![rank-1 by age](rank1_by_age.png)\n"]
+    found = first_age_map(results, age_map_model)
+    if age_map_model is not None and found is None:
+        raise MtmimError(f"--age-map-model {age_map_model}: no evaluation has a probe-age x "
+                         "gallery-age map for that label")
+    if found is not None:
+        _save(plot_age_map(found[1], found[0]), out / "age_map.png")
+        md += [f"### {found[0]}: probe age x gallery age\n",
+               "Each cell: of the pairs (probe at this age, same-person gallery photo at that "
+               "age), the share where that photo outscores every other person's photo, i.e. "
+               "the probe would be found at rank 1 were it the person's only gallery photo.\n",
+               "![probe age x gallery age](age_map.png)\n"]
+    return md
+
+
 def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
-                 max_images: int = 400) -> Path:
+                 max_images: int = 400, age_map_model: str | None = None) -> Path:
     """Write `out`/report.md and its figures from run folders and evaluate's outputs;
     returns the report's path."""
     out = Path(out)
@@ -543,6 +572,7 @@ def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
             if fig is not None:
                 _save(fig, out / f"{name}.png")
                 md.append(f"![{name.upper()}]({name}.png)\n")
+        md += age_section([e.results for e in evals], out, palette, age_map_model)
     report = out / "report.md"
     atomic_write_text(report, "\n".join(md) + "\n")
     return report

@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"models"},
     {"eval"},
     {"train"},
-    {"orchestration", "deploy", "report", "demo"},
+    {"orchestration", "deploy", "report", "report_age", "demo"},
     {"commands", "app"},
     {"cli"},
 ]

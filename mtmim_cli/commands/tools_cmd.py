@@ -50,13 +50,14 @@ def report(
     inputs: list[Path] = typer.Argument(..., help="Training run folders (metrics.csv) and evaluation outputs (results.json or its folder; with features.npz from `evaluate --features`, the x_id/x_age projections)."),
     out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for report.md and its PNG figures."),
     max_images: int = typer.Option(400, "--max-images", help="Faces per model to project from the features files (an even spread)."),
+    age_map_model: str = typer.Option(None, "--age-map-model", help="Model label whose probe-age x gallery-age success map to draw (default: the first evaluated model that has one)."),
 ) -> None:
-    """Markdown report from run folders and evaluate's outputs: training curves, CLUB over training, x_id/x_age projections, CMC and ROC."""
+    """Markdown report from run folders and evaluate's outputs: training curves, CLUB over training, x_id/x_age projections, CMC and ROC, rank-1 by age and age gap, a probe-age x gallery-age map."""
     ensure_writable(out, folder=True)
 
     from mtmim_cli.report import build_report
 
-    path = build_report(inputs, out, max_images=max_images)
+    path = build_report(inputs, out, max_images=max_images, age_map_model=age_map_model)
     typer.echo(f"report: {path}")
 
 

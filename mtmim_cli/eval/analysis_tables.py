@@ -68,7 +68,8 @@ def comparison_section(c: dict) -> list[str]:
              f"Intervals: {int(100 * c['level'])}% percentile bootstrap, {c['resamples']} "
              f"resamples, {how}, seed {c['seed']}; all models on the same {c['units']} units. "
              "McNemar: exact two-sided binomial test on the units only one model gets right "
-             "(it treats units as independent)."]
+             "(it treats units as independent). With few such units the bootstrap interval is "
+             "too narrow (it cannot draw outcomes it never saw); read the exact p there."]
     if c.get("grouped_by_setting"):
         lines[-1] += (" Labels SETTING@SEED are grouped: a setting's figure is the mean over "
                       "its checkpoints, and the bootstrap also draws seeds.")
@@ -98,6 +99,8 @@ def _bin_diff_tables(c: dict) -> list[str]:
     for key, rows in (c.get("bin_differences") or {}).items():
         body = []
         for r in rows:
+            if r["n"] == 0:
+                continue  # the breakdown tables show the empty bins
             if "diff" in r:
                 body.append([r["bin"], r["a"], r["b"], str(r["n"]), _pp(r["diff"]),
                              f"[{_pp(r['low'])}, {_pp(r['high'])}]", _p(r.get("p_mcnemar"))])

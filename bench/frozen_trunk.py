@@ -10,6 +10,11 @@ dropped), the ratio against the image path, the one-time cost of building each c
 how far the resulting identity features (x_id of every cache image and its mirror) lie from
 the image path's (max |difference| of L2-normalised features, and 1 - min cosine).
 
+On a shared machine the loop's rates swing with the load, and the three runs happen at
+different times; so the step itself is also timed with the two paths interleaved, round by
+round, on the same batch (MTMIMObjective forward + backward + Adam + q steps): median wall
+and CPU seconds per step, and their ratio.
+
     .venv/bin/python bench/frozen_trunk.py --cache /work/data/fgnet.h5 \\
         --init ../shared/weights/mobilefacenet-casia-arcface.ckpt [--stage conv2] [--threads 2]
 """
@@ -45,7 +50,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="only the interleaved step timing, on the float16 cache of an earlier --work")
     args = ap.parse_args()
+    if args.steps_only:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        interleaved_steps(args, args.work / "float16" / "activations")
+        return
 
     import numpy as np
     import torch
@@ -93,6 +106,55 @@ def main() -> None:
         print(f"cache {f.parent.parent.name}: {f.stat().st_size / 2**20:.0f} MiB")
     print("run wall s includes the one-time cache build (float32 / float16 runs) and the "
           "class-centre pass; train img/s is the loop's per-step rate")
+    interleaved_steps(args, work / "float16" / "activations")
+
+
+def interleaved_steps(args: argparse.Namespace, acts_dir: Path, rounds: int = 12) -> None:
+    """The same step on images and on cached activations, alternating, same batch."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from mtmim_cli.data.dataset import CacheDataset
+    from mtmim_cli.models.identity import load_identity_model
+    from mtmim_cli.train.finetune import MTMIMObjective
+    from mtmim_cli.train.transfer import TrainingSet
+
+    model = load_identity_model(args.init)
+    base = CacheDataset([args.cache], train=True, crop_width=model.input_width, seed=0)
+    acts = np.load(next(acts_dir.glob("*.npy")), mmap_mode="r")
+    images = TrainingSet(base, np.arange(len(base)))
+    cached = TrainingSet(base, np.arange(len(base)), activations=acts)
+    idx = np.arange(args.batch_size)
+    batches = {"images": images.__getitems__(idx), "activations": cached.__getitems__(idx)}
+    torch.manual_seed(0)
+    ref = MTMIMObjective(model.encoder.train(), images.num_classes, 8, mode="baseline",
+                         embedding_size=model.embedding_size, boundaries=list(range(5, 40, 5)),
+                         freeze_through=args.stage, freeze_bn="stats", l2sp=1e-2)
+    objs = {"images": ref, "activations": copy.deepcopy(ref)}
+    objs["activations"].activations = True
+    opts = {k: torch.optim.Adam(o.main_parameters(), lr=1e-3) for k, o in objs.items()}
+    wall: dict[str, list[float]] = {k: [] for k in objs}
+    cpu: dict[str, list[float]] = {k: [] for k in objs}
+    for r in range(rounds + 1):
+        for k, obj in objs.items():
+            x, y, a, _ = batches[k]
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss, _ = obj(x, y, a)
+            opts[k].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[k].step()
+            obj.after_step()
+            if r:   # round 0 warms up
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+    w = {k: statistics.median(v) for k, v in wall.items()}
+    c = {k: statistics.median(v) for k, v in cpu.items()}
+    print(f"interleaved steps ({rounds} rounds, batch {args.batch_size}, load average {load_avg()}): "
+          f"images {w['images']:.3f} s wall / {c['images']:.3f} s CPU, activations "
+          f"{w['activations']:.3f} s wall / {c['activations']:.3f} s CPU; speed-up "
+          f"x{w['images'] / w['activations']:.1f} wall, x{c['images'] / c['activations']:.1f} CPU")
 
 
 if __name__ == "__main__":

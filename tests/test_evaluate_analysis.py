@@ -221,7 +221,7 @@ def test_refit_rounds_give_the_same_outcomes(tmp_path: Path, models: dict,
 
     monkeypatch.setattr(H, "fit_rounds", identity_maps)
     cache_path = _cache(tmp_path / "faces.h5")
-    base = dict(protocol="fgnet-loo", cache=cache_path, resamples=200, age_probe=False,
+    base = dict(protocol="fgnet-loo", cache=cache_path, resamples=200,
                 models=[ModelArg("a", models["pool8"])])
     none = evaluate(EvalConfig(**base, out=tmp_path / "none" / "results.md"), progress=False)
     head = evaluate(EvalConfig(**base, out=tmp_path / "head" / "results.md", refit="head",
@@ -232,6 +232,9 @@ def test_refit_rounds_give_the_same_outcomes(tmp_path: Path, models: dict,
         mh = row["metrics"]
         assert mh["rank1"] == mn["rank1"] and mh["by_age"] == mn["by_age"]
         assert mh["age_map"] == mn["age_map"]
+        # The age probe reads each photo's features from the round that held it out.
+        assert mh["age_leakage"]["age_r2"] == pytest.approx(mn["age_leakage"]["age_r2"], abs=1e-3)
+        assert "round that held it out" in mh["age_leakage"]["features"]
     sides = [json.loads((tmp_path / d / "outcomes.json").read_text()) for d in ("none", "head")]
     assert sides[1]["models"]["a/baseline"] == sides[0]["models"]["a"]
     (pair,) = head["comparisons"]["pairs"]

@@ -82,3 +82,13 @@ def test_sidecar_round_trip(tmp_path: Path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(MtmimError, match="not an outcomes file"):
         read_outcomes(tmp_path / "bad.json")
+
+
+def test_features_from_rounds_in_position_order():
+    from mtmim_cli.eval.outcomes import features_from_rounds
+
+    recs = {0: {"held_out": [2, 0], "features": [[1.0, 0.0], [0.0, 1.0]]},
+            1: {"held_out": [1], "features": [[0.5, 0.5]]}}
+    np.testing.assert_array_equal(features_from_rounds(recs, 3), [[0, 1], [0.5, 0.5], [1, 0]])
+    del recs[1]["features"]  # a round stored before rounds kept their features
+    assert features_from_rounds(recs, 3) is None

@@ -131,7 +131,7 @@ def leakage(scored, cache, opts: AnalysisOptions) -> dict:
     known = np.isfinite(a)
     if len(np.unique(ident[known])) < 2:
         return {}
-    out = {"features": "identity features as matched (image + mirror as --flip says)",
+    out = {"features": scored.feature_source,
            **age_probe(scored.features, a, ident, edges=opts.age_edges)}
     if scored.factors is not None and opts.mi_steps > 0 and len(rows) >= 8:
         out.update(factor_mi(*scored.factors, steps=opts.mi_steps, seed=opts.seed))

@@ -52,6 +52,9 @@ def leakage_note(rows: list[dict]) -> list[str]:
             f"{leak['probe']}. Age group accuracy over the groups "
             f"{', '.join(leak['age_groups'])}, chance = the majority group of each training fold; "
             f"R² of {leak['age_target']}, chance 0. Lower is less age in the identity features.")
+    sources = sorted({r["metrics"]["age_leakage"]["features"] for r in rows
+                      if r["metrics"].get("age_leakage")})
+    text += " Features probed: " + "; ".join(sources) + "."
     if any("infonce_lower" in (r["metrics"].get("age_leakage") or {}) for r in rows):
         text += (" InfoNCE: a lower bound on I(x_id; x_age) in nats for factorized models "
                  "(fresh estimator, cross-fitted halves; capped at log(images/2)); "

@@ -104,6 +104,20 @@ def mates_from_rounds(records: dict[int, dict]) -> dict[str, np.ndarray] | None:
             "success": np.asarray(ok, bool)}
 
 
+def features_from_rounds(records: dict[int, dict], n_positions: int) -> np.ndarray | None:
+    """Each position's features from the round that held it out (`features` of the round
+    records), stacked in position order; None when any round lacks them."""
+    out: np.ndarray | None = None
+    for rec in records.values():
+        if "features" not in rec:
+            return None
+        f = np.asarray(rec["features"], np.float32)
+        if out is None:
+            out = np.zeros((n_positions, f.shape[1]), np.float32)
+        out[np.asarray(rec["held_out"], np.int64)] = f
+    return out
+
+
 def write_outcomes(path: Path, protocol: str, unit: str, models: dict[str, dict]) -> Path:
     """The sidecar: {'format', 'protocol', 'unit', 'models': {label: {field: list}}}."""
     doc = {"format": OUTCOMES_FORMAT, "protocol": protocol, "unit": unit,

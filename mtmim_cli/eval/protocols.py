@@ -66,7 +66,8 @@ def rank_held_out(feats: np.ndarray, identity: np.ndarray, held_out: np.ndarray)
     """Each held-out image against all other images of the set (the other n-1). Besides its
     top match, rank and hit: its mates (the other images of its identity) and, per mate,
     whether it scores at least as high as the best other-identity image (`mate_ok`: the
-    probe would be found at rank 1 were this mate its person's only photo)."""
+    probe would be found at rank 1 were this mate its person's only photo); and its features
+    as ranked (`features`, 6 decimals: a model that never saw it, for the age probe)."""
     s = feats[held_out] @ feats.T
     s[np.arange(len(held_out)), held_out] = -np.inf
     top, rank, mates, mate_ok = [], [], [], []
@@ -82,7 +83,8 @@ def rank_held_out(feats: np.ndarray, identity: np.ndarray, held_out: np.ndarray)
         mate_ok.append((s[k][m] >= imp).tolist())
     hit = [bool(identity[t] == identity[q]) for t, q in zip(top, held_out, strict=True)]
     return {"held_out": [int(q) for q in held_out], "top1": top, "rank": rank, "hit": hit,
-            "mates": mates, "mate_ok": mate_ok}
+            "mates": mates, "mate_ok": mate_ok,
+            "features": np.round(feats[held_out].astype(np.float64), 6).tolist()}
 
 
 @dataclass

@@ -66,6 +66,7 @@ class Scored:
     features: np.ndarray | None = None
     factors: tuple[np.ndarray, np.ndarray] | None = None
     mates: dict | None = None
+    feature_source: str = "identity features as matched (image + mirror as --flip says)"
 
 
 def fgnet_loo(model, cache, feat: FeatureOptions, max_rank: int) -> Scored:

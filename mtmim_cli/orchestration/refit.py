@@ -24,7 +24,7 @@ from mtmim_cli.errors import MtmimError
 from mtmim_cli.eval import protocols as P
 from mtmim_cli.eval.config import EvalConfig, ModelArg
 from mtmim_cli.eval.loading import load_model
-from mtmim_cli.eval.outcomes import from_rounds, mates_from_rounds
+from mtmim_cli.eval.outcomes import features_from_rounds, from_rounds, mates_from_rounds
 from mtmim_cli.eval.runners import (
     FeatureOptions,
     Scored,
@@ -98,12 +98,17 @@ def run_refit(cfg: EvalConfig, cache, m: ModelArg, *, cache_sha256: str, model_s
 
 
 def scored_rounds(done: dict[int, dict], metrics: dict, cache, idx: np.ndarray) -> Scored:
-    """The metrics with the per-photo outcomes of the rounds (and their probe-mate successes
-    when the rounds hold them), in FG-NET's units: every photo of the cache."""
+    """The metrics with the per-photo outcomes of the rounds, in FG-NET's units (every photo
+    of the cache), and when the rounds hold them the probe-mate successes and each photo's
+    features from the round that held it out (what the age probe reads)."""
     mates = mates_from_rounds(done)
     if mates is not None:
         mates = {**mates, "probe": idx[mates["probe"]], "mate": idx[mates["mate"]]}
-    return Scored(metrics, **fgnet_units(cache, idx, from_rounds(done, len(idx))), mates=mates)
+    feats = features_from_rounds(done, len(idx))
+    return Scored(metrics, **fgnet_units(cache, idx, from_rounds(done, len(idx))), mates=mates,
+                  rows=idx if feats is not None else None, features=feats,
+                  feature_source="each photo's identity features from the re-fit round "
+                                 "that held it out")
 
 
 def refit_modes(cfg: EvalConfig) -> tuple[str, ...]:

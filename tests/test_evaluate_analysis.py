@@ -249,3 +249,48 @@ def test_extracting_parts_leaves_the_model_in_eval_mode(tmp_path: Path, models: 
     model = _load(models["factorized"], None).eval()
     FeatureOptions().extract_parts(model, cache, np.arange(4))
     assert not model.training and not model.encoder.training
+
+
+def test_morph_units_are_the_oldest_photos_against_the_youngest(tmp_path: Path,
+                                                                models: dict) -> None:
+    cache_path = _cache(tmp_path / "faces.h5")
+    cache = Cache(cache_path)
+    cfg = EvalConfig(protocol="morph-s2", cache=cache_path, test_subjects=6, train_subjects=4,
+                     resamples=300, age_probe=False, out=tmp_path / "m" / "results.md",
+                     models=[ModelArg("a", models["pool8"]), ModelArg("b", models["pool16"])])
+    payload = evaluate(cfg, progress=False)
+    side = json.loads((tmp_path / "m" / "outcomes.json").read_text())
+    probes = np.array(side["models"]["a"]["index"])
+    assert len(probes) == 6 and len(set(cache.identity[probes])) == 6
+    m = payload["results"][0]["metrics"]
+    assert np.mean(side["models"]["a"]["hit"]) == pytest.approx(m["rank1"])
+    # One gallery photo per subject, the youngest: the gap is oldest minus youngest age.
+    by_gap = {r["bin"]: r["n"] for r in m["by_age"]["by_gap"]}
+    assert sum(by_gap.values()) == 6 and by_gap["21+"] == 6
+    # One mate per probe, so the mate map counts each probe once.
+    assert np.sum(m["age_map"]["n"]) == 6
+    assert payload["comparisons"]["clusters"] == 6 and payload["comparisons"]["units"] == 6
+
+
+def test_cacd_compares_rank1_and_average_precision_per_database(tmp_path: Path,
+                                                                 models: dict) -> None:
+    import csv
+
+    cache_path = _cache(tmp_path / "faces.h5")
+    cache = Cache(cache_path)
+    years = [2013, 2005, 2008, 2011, 2013, 2006, 2012]
+    with open(tmp_path / "meta.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "year", "test"])
+        for k, p in enumerate(cache.paths):
+            w.writerow([p, years[k % PER_ID], 1])
+    cfg = EvalConfig(protocol="cacd-map", cache=cache_path, meta=tmp_path / "meta.csv",
+                     resamples=300, age_probe=False,
+                     models=[ModelArg("a", models["pool8"]), ModelArg("b", models["pool16"])])
+    payload = evaluate(cfg, progress=False)
+    c = payload["comparisons"]
+    assert c["figure"] == "rank1" and c["units"] == 2 * N_IDS
+    for name in ("2004-2006", "2007-2009", "2010-2012"):
+        (row,) = c["other_figures"][f"ap {name}"]
+        assert row["mean_a"] == pytest.approx(payload["results"][0]["metrics"][name]["map"])
+        assert row["p_mcnemar"] is None

@@ -130,3 +130,41 @@ def test_a_round_never_sees_the_rows_it_leaves_out():
     b = fit_rounds([f2, ff2], labels, ages2, held, cfg, seed=1)
     assert torch.equal(a.A[0], b.A[0]) and torch.equal(a.b[0], b.b[0])
     assert not torch.equal(a.A[1], b.A[1])
+
+
+@pytest.mark.parametrize("margin", [(0.35, 0.0), (0.0, 0.35), (0.5, 0.1)])
+def test_hand_written_margin_loss_matches_autograd(margin):
+    """_MarginCE's value and gradients equal autograd through F.normalize, margin_target and
+    F.cross_entropy, including targets past theta_c (cos < cos(pi - m2)) and absent classes."""
+    from mtmim_cli.models.margin import margin_target
+    from mtmim_cli.train.round_heads import _MarginCE
+
+    m2, m3 = margin
+    g = torch.Generator().manual_seed(0)
+    R, B, C, d = 3, 7, 5, 4
+    x = torch.randn(R, B, d, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(R, C, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C - 1, (B,), generator=g)
+    with torch.no_grad():   # make row 0's target point away from x: past theta_c
+        c[:, y[0]] = -x[:, 0] / x[:, 0].norm(dim=1, keepdim=True)
+    c.requires_grad_(True)
+    w = torch.rand(R, B, generator=g, dtype=torch.float64)
+    absent = torch.zeros(R, C, dtype=torch.bool)
+    absent[1, C - 1] = True
+    s = 8.0
+
+    def reference(x, c):
+        cos = torch.bmm(F.normalize(x, dim=2), F.normalize(c, dim=2).transpose(1, 2))
+        yr = y.expand(R, -1)[..., None]
+        t = margin_target(cos.gather(2, yr), 1.0, m2, m3)
+        logits = (cos.scatter(2, yr, t) * s).masked_fill(absent[:, None, :], -torch.inf)
+        ce = F.cross_entropy(logits.reshape(-1, C), yr.reshape(-1), reduction="none").view(R, B)
+        return (ce * w).sum(1)
+
+    up = torch.randn(R, generator=g, dtype=torch.float64)
+    ref = reference(x, c)
+    gx, gc = torch.autograd.grad((ref * up).sum(), (x, c))
+    got = _MarginCE.apply(x, F.normalize(c, dim=2), y, w, absent, s, m2, m3)
+    hx, hc = torch.autograd.grad((got * up).sum(), (x, c))
+    assert torch.allclose(got, ref, atol=1e-12)
+    assert torch.allclose(hx, gx, atol=1e-10) and torch.allclose(hc, gc, atol=1e-10)

@@ -35,6 +35,9 @@ from mtmim_cli.errors import MtmimError
 from mtmim_cli.models.margin import MARGIN_PRESETS, margin_target
 
 MODES = ("baseline", "age", "mtmim")
+# One fused kernel per Adam step instead of a dozen passes over each (R, ...) tensor; the
+# update is the same elementwise formula.
+_FUSED = {"fused": True}
 
 
 @dataclass(frozen=True)
@@ -111,20 +114,21 @@ def _init_state(d: int, num_groups: int, cfg: RoundHeadConfig, seed: int) -> dic
     fact = FactorizationUnit(d, init_gain=cfg.factorize_gain)
     age = nn.Linear(d, num_groups)
     q = CLUB(d, d, hidden=cfg.q_hidden, logvar_bound=cfg.logvar_bound)
-    state = {"W": fact.fc.weight, "b": fact.fc.bias, "age_w": age.weight, "age_b": age.bias,
-             "mu1_w": q.mu[0].weight, "mu1_b": q.mu[0].bias, "mu2_w": q.mu[2].weight,
-             "mu2_b": q.mu[2].bias, "lv1_w": q.logvar[0].weight, "lv1_b": q.logvar[0].bias,
-             "lv2_w": q.logvar[2].weight, "lv2_b": q.logvar[2].bias}
-    return {k: v.detach().clone() for k, v in state.items()}
+    # Weights are kept as (in, out), the layout the batched products read without a copy.
+    state = {"Wt": fact.fc.weight.T, "b": fact.fc.bias, "age_w": age.weight.T,
+             "age_b": age.bias, "mu1_w": q.mu[0].weight.T, "mu1_b": q.mu[0].bias,
+             "mu2_w": q.mu[2].weight.T, "mu2_b": q.mu[2].bias, "lv1_w": q.logvar[0].weight.T,
+             "lv1_b": q.logvar[0].bias, "lv2_w": q.logvar[2].weight.T, "lv2_b": q.logvar[2].bias}
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
 def _stack(t: Tensor, r: int) -> Tensor:
     return t.expand(r, *t.shape).clone().requires_grad_(True)
 
 
-def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    """Per-round nn.Linear: x (R, B, i), w (R, o, i), b (R, o) -> (R, B, o)."""
-    return torch.baddbmm(b[:, None], x, w.transpose(1, 2))
+def _linear(x: Tensor, wt: Tensor, b: Tensor) -> Tensor:
+    """Per-round nn.Linear: x (R, B, i), wt (R, i, o) (the weight transposed), b (R, o)."""
+    return torch.baddbmm(b[:, None], x, wt)
 
 
 class _Q:
@@ -140,6 +144,35 @@ class _Q:
         return mu, self.bound * torch.tanh(raw / self.bound)
 
 
+def _q_step_grads(p: dict[str, Tensor], x: Tensor, y: Tensor, wn: Tensor,
+                  bound: float) -> dict[str, Tensor]:
+    """Gradients of each round's weighted negative log-likelihood of q (up to constants),
+    sum_b wn[r, b] * 0.5 * sum_k [(y - mu)^2 exp(-lv) + lv], by hand: the same values
+    autograd gives through `_Q`, with the (R, B, .) intermediates reused in place (q's five
+    steps per encoder step are most of the mtmim mode's time)."""
+    a1 = _linear(x, p["mu1_w"], p["mu1_b"])
+    h1 = torch.relu(a1)
+    mu = _linear(h1, p["mu2_w"], p["mu2_b"])
+    a3 = _linear(x, p["lv1_w"], p["lv1_b"])
+    h3 = torch.relu(a3)
+    th = _linear(h3, p["lv2_w"], p["lv2_b"]).div_(bound).tanh_()
+    inv_var = (th * -bound).exp_()                       # exp(-lv)
+    r = y - mu
+    w3 = wn[..., None]
+    r_e = r.mul_(inv_var)                                 # (y - mu) exp(-lv)
+    d_lv = (r_e * (y - mu)).neg_().add_(1.0).mul_(0.5 * w3)  # 0.5 (1 - r^2 e) wn
+    d_mu = r_e.neg_().mul_(w3)                            # -(y - mu) e wn
+    d_raw = d_lv.mul_(th.pow_(2).neg_().add_(1.0))        # through bound * tanh(raw / bound)
+    g = {"mu2_w": torch.bmm(h1.transpose(1, 2), d_mu), "mu2_b": d_mu.sum(1),
+         "lv2_w": torch.bmm(h3.transpose(1, 2), d_raw), "lv2_b": d_raw.sum(1)}
+    d_h1 = torch.bmm(d_mu, p["mu2_w"].transpose(1, 2)).mul_(a1 > 0)
+    d_h3 = torch.bmm(d_raw, p["lv2_w"].transpose(1, 2)).mul_(a3 > 0)
+    xt = x.transpose(1, 2)
+    g.update(mu1_w=torch.bmm(xt, d_h1), mu1_b=d_h1.sum(1), lv1_w=torch.bmm(xt, d_h3),
+             lv1_b=d_h3.sum(1))
+    return g
+
+
 def masked_club(mu: Tensor, logvar: Tensor, y: Tensor, w: Tensor) -> Tensor:
     """CLUB's closed form per round over the rows with weight w (R, B) in {0, 1}: the same
     value `models.club.club_closed_form` gives on the kept rows alone."""
@@ -150,6 +183,56 @@ def masked_club(mu: Tensor, logvar: Tensor, y: Tensor, w: Tensor) -> Tensor:
     all_pairs = y_var + (mu - y_mean).pow(2)
     per_row = 0.5 * ((all_pairs - (y - mu).pow(2)) * torch.exp(-logvar)).sum(2)
     return (per_row * w).sum(1) / n
+
+
+
+class _MarginCE(torch.autograd.Function):
+    """Per-round weighted margin-softmax cross-entropy on x_id, forward and backward by hand.
+
+    Same value and gradient as normalising x_id, taking cosines with the (normalised)
+    centres, replacing the target cosine by `margin_target` (m1 = 1: cos(theta + m2) - m3),
+    scaling by s and taking the weighted cross-entropy with autograd; done by hand, the
+    (R, B, C) intermediates are written once and reused in place, which is most of the
+    re-fit's time on a CPU."""
+
+    @staticmethod
+    def forward(ctx, x_id: Tensor, centres: Tensor, y: Tensor, w: Tensor, absent: Tensor | None,
+                s: float, m2: float, m3: float) -> Tensor:
+        inv_n = x_id.norm(dim=2, keepdim=True).clamp_min(1e-12).reciprocal_()
+        u = x_id * inv_n
+        cos = torch.bmm(u, centres.transpose(1, 2))                          # (R, B, C)
+        yr = y.expand(cos.shape[0], -1)[..., None]
+        t = cos.gather(2, yr).clamp_(-1.0, 1.0)
+        theta_c = math.pi - m2
+        sin = (1.0 - t * t).clamp_min_(0.0).sqrt_()
+        inside = t * math.cos(m2) - sin * math.sin(m2)
+        outside = t - math.cos(theta_c) - 1.0
+        use_in = t >= math.cos(theta_c)
+        target = torch.where(use_in, inside, outside) - m3
+        logits = cos.mul_(s).scatter_(2, yr, target * s)
+        if absent is not None:
+            logits.masked_fill_(absent[:, None, :], -math.inf)
+        lse = torch.logsumexp(logits, dim=2)                                 # (R, B)
+        ce = lse - target.squeeze(2) * s
+        ctx.save_for_backward(u, inv_n, centres, logits, lse, yr, w, t, sin, use_in)
+        ctx.s, ctx.m2 = s, m2
+        return (ce * w).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        u, inv_n, centres, logits, lse, yr, w, t, sin, use_in = ctx.saved_tensors
+        s, m2 = ctx.s, ctx.m2
+        g = (grad[:, None] * w)[..., None]                                   # (R, B, 1)
+        dl = logits.sub_(lse[..., None]).exp_().mul_(g)                      # softmax * g
+        # d target / d cos_y: cos(m2) + t sin(m2) / sin(theta) inside, 1 outside
+        slope = torch.where(use_in, math.cos(m2) + t * math.sin(m2) / sin.clamp_min(1e-12),
+                            torch.ones_like(t))
+        dl_y = (dl.gather(2, yr) - g) * slope
+        dcos = dl.scatter_(2, yr, dl_y).mul_(s)
+        du = torch.bmm(dcos, centres)
+        d_centres = torch.bmm(dcos.transpose(1, 2), u)
+        dx = (du - u * (u * du).sum(2, keepdim=True)).mul_(inv_n)
+        return dx, d_centres, None, None, None, None, None, None
 
 
 def _masked_mean(v: Tensor, w: Tensor) -> Tensor:
@@ -196,19 +279,19 @@ def fit_rounds(views: Sequence[np.ndarray], labels: np.ndarray, ages: np.ndarray
     G = torch.from_numpy(np.tile(groups, (1, n_views)))                    # (R, rows)
 
     init = _init_state(d, cfg.age_groups, cfg, seed)
-    W, b = _stack(init["W"], R), _stack(init["b"], R)
+    Wt, b = _stack(init["Wt"], R), _stack(init["b"], R)
     age_w, age_b = _stack(init["age_w"], R), _stack(init["age_b"], R)
     qp = {k: _stack(v, R) for k, v in init.items() if k[:2] in ("mu", "lv")}
     q = _Q(qp, cfg.logvar_bound)
     with torch.no_grad():
-        centres = _start_centres(X, Y, M, C, init["W"], init["b"], cfg, seed)
+        centres = _start_centres(X, Y, M, C, init["Wt"], init["b"], cfg, seed)
     centres.requires_grad_(True)
     m1, m2, m3 = cfg.margins()
     use_age = cfg.mode in ("age", "mtmim") and cfg.lambda_age > 0
     use_mim = cfg.mode == "mtmim" and cfg.lambda_mim > 0
-    main = [W, b, centres] + ([age_w, age_b] if use_age else [])
-    opt = torch.optim.Adam(main, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    q_opt = torch.optim.Adam(list(qp.values()), lr=cfg.q_lr) if use_mim else None
+    main = [Wt, b, centres] + ([age_w, age_b] if use_age else [])
+    opt = torch.optim.Adam(main, lr=cfg.lr, weight_decay=cfg.weight_decay, **_FUSED)
+    q_opt = torch.optim.Adam(list(qp.values()), lr=cfg.q_lr, **_FUSED) if use_mim else None
 
     gen = torch.Generator().manual_seed(seed)
     rows = X.shape[0]
@@ -216,6 +299,7 @@ def fit_rounds(views: Sequence[np.ndarray], labels: np.ndarray, ages: np.ndarray
     steps_per_epoch = rows // bs
     total = cfg.epochs * steps_per_epoch
     absent = ~present                                                       # (R, C)
+    absent_or_none = absent if bool(absent.any()) else None
     last = torch.full((R,), float("nan"))
     done = 0
     for _ in range(cfg.epochs):
@@ -223,15 +307,22 @@ def fit_rounds(views: Sequence[np.ndarray], labels: np.ndarray, ages: np.ndarray
         for s in range(steps_per_epoch):
             idx = perm[s * bs:(s + 1) * bs]
             xb, yb, wb = X[idx], Y[idx], M[:, idx]
-            x_age = torch.matmul(xb, W.transpose(1, 2)) + b[:, None]        # (R, B, d)
+            x_age = torch.matmul(xb, Wt) + b[:, None]                       # (R, B, d)
             x_id = xb[None] - x_age
-            cos = torch.bmm(F.normalize(x_id, dim=2), F.normalize(centres, dim=2).transpose(1, 2))
-            yr = yb.expand(R, -1)[..., None]
-            target = margin_target(cos.gather(2, yr), m1, m2, m3)
-            logits = (cos.scatter(2, yr, target) * cfg.s).masked_fill(absent[:, None, :], -math.inf)
-            l_id = F.cross_entropy(logits.reshape(-1, C), yr.reshape(-1),
-                                   reduction="none").view(R, -1)
-            loss = _masked_mean(l_id, wb)
+            wn = wb / wb.sum(1, keepdim=True).clamp_min(1.0)
+            if m1 == 1.0:
+                loss = _MarginCE.apply(x_id, F.normalize(centres, dim=2), yb, wn, absent_or_none,
+                                       cfg.s, m2, m3)
+            else:   # SphereFace's multiplicative margin: autograd through margin_target
+                cos = torch.bmm(F.normalize(x_id, dim=2),
+                                F.normalize(centres, dim=2).transpose(1, 2))
+                yr = yb.expand(R, -1)[..., None]
+                target = margin_target(cos.gather(2, yr), m1, m2, m3)
+                logits = (cos.scatter(2, yr, target) * cfg.s).masked_fill(absent[:, None, :],
+                                                                          -math.inf)
+                l_id = F.cross_entropy(logits.reshape(-1, C), yr.reshape(-1),
+                                       reduction="none").view(R, -1)
+                loss = (l_id * wn).sum(1)
             if use_age:
                 gb = G[:, idx]
                 known = wb * (gb >= 0)
@@ -246,24 +337,23 @@ def fit_rounds(views: Sequence[np.ndarray], labels: np.ndarray, ages: np.ndarray
             opt.step()
             if use_mim:
                 xi, xa = x_id.detach(), x_age.detach()
-                for _ in range(cfg.q_steps):
-                    q_opt.zero_grad(set_to_none=True)
-                    mu, logvar = q(xi)
-                    ll = -0.5 * ((xa - mu).pow(2) * torch.exp(-logvar) + logvar).sum(2)
-                    (-_masked_mean(ll, wb)).sum().backward()
-                    q_opt.step()
+                with torch.no_grad():
+                    for _ in range(cfg.q_steps):
+                        for k, t in _q_step_grads(qp, xi, xa, wn, cfg.logvar_bound).items():
+                            qp[k].grad = t
+                        q_opt.step()
             last = loss.detach()
             done += 1
             if on_step is not None:
                 on_step(done, total)
-    if not bool(torch.isfinite(W).all() and torch.isfinite(b).all()):
+    if not bool(torch.isfinite(Wt).all() and torch.isfinite(b).all()):
         raise MtmimError("refit: the factorization became non-finite; lower lr")
     with torch.no_grad():
         eye = torch.eye(d).expand(R, d, d)
-        return RoundMaps(A=(eye - W.transpose(1, 2)).detach(), b=(-b).detach(), last_loss=last)
+        return RoundMaps(A=(eye - Wt).detach(), b=(-b).detach(), last_loss=last)
 
 
-def _start_centres(X: Tensor, Y: Tensor, M: Tensor, C: int, W0: Tensor, b0: Tensor,
+def _start_centres(X: Tensor, Y: Tensor, M: Tensor, C: int, Wt0: Tensor, b0: Tensor,
                    cfg: RoundHeadConfig, seed: int) -> Tensor:
     """(R, C, d) class centres: each class's normalised mean x_id at the start over the
     round's training rows ("mean"), or the margin head's own random start ("random")."""
@@ -272,7 +362,7 @@ def _start_centres(X: Tensor, Y: Tensor, M: Tensor, C: int, W0: Tensor, b0: Tens
     rand = torch.randn(C, d, generator=g) * 0.01
     if cfg.centres == "random":
         return rand.expand(R, C, d).clone()
-    u = F.normalize(X - (X @ W0.T + b0), dim=1)                             # (rows, d)
+    u = F.normalize(X - (X @ Wt0 + b0), dim=1)                             # (rows, d)
     onehot = F.one_hot(Y, C).float()                                        # (rows, C)
     sums = torch.einsum("rn,nc,nd->rcd", M, onehot, u)
     empty = sums.norm(dim=2, keepdim=True) == 0

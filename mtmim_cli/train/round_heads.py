@@ -249,6 +249,9 @@ def fit_rounds(views: Sequence[np.ndarray], labels: np.ndarray, ages: np.ndarray
     unknown: no age loss). `held[r]`: the images round r leaves out (all their views).
     `on_step(done, total)` is called after each step (progress)."""
     cfg.check()
+    from mtmim_cli.allocator import reuse_freed_memory
+
+    reuse_freed_memory()   # each step frees and re-takes ~100 MB blocks: keep them mapped
     X = torch.as_tensor(np.concatenate([np.asarray(v, np.float32) for v in views]))
     n_img = len(labels)
     n_views = len(views)

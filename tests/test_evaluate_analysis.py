@@ -294,3 +294,14 @@ def test_cacd_compares_rank1_and_average_precision_per_database(tmp_path: Path,
         (row,) = c["other_figures"][f"ap {name}"]
         assert row["mean_a"] == pytest.approx(payload["results"][0]["metrics"][name]["map"])
         assert row["p_mcnemar"] is None
+
+
+def test_bad_analysis_options_are_refused_on_one_line(tmp_path: Path, models: dict) -> None:
+    from mtmim_cli.errors import MtmimError
+
+    base = dict(protocol="fgnet-loo", cache=_cache(tmp_path / "faces.h5"),
+                models=[ModelArg("a", models["pool8"])])
+    for kw, text in (({"resample": "pair"}, "--resample pair"),
+                     ({"resamples": 10}, "--resamples 10"), ({"mi_steps": -1}, "--mi-steps -1")):
+        with pytest.raises(MtmimError, match=text):
+            evaluate(EvalConfig(**base, **kw), progress=False)

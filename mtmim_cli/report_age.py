@@ -50,10 +50,12 @@ def plot_rank1_by_age(results_list: list[dict], colour_of: Callable[[str], str] 
         for k, (protocol, (model, _, val, low, high, _)) in enumerate(series):
             colour = colour_of(model) if colour_of else f"C{k % 10}"
             name = model if len(results_list) == 1 else f"{model} ({protocol})"
-            ax.plot(x, 100 * val, marker="o", color=colour, label=name, linewidth=1.8)
+            # Models side by side within a bin, so equal figures do not hide one another.
+            xk = x + 0.08 * (k - (len(series) - 1) / 2)
+            ax.plot(xk, 100 * val, marker="o", color=colour, label=name, linewidth=1.8)
             ok = np.isfinite(low) & np.isfinite(high)
-            ax.fill_between(x, np.where(ok, 100 * low, np.nan), np.where(ok, 100 * high, np.nan),
-                            color=colour, alpha=0.18, linewidth=0)
+            ax.fill_between(xk, np.where(ok, 100 * low, np.nan), np.where(ok, 100 * high, np.nan),
+                            color=colour, alpha=0.15, linewidth=0)
         ax.set_xticks(x, [f"{b}\n({c})" for b, c in zip(labels, counts, strict=True)])
         ax.set_xlabel(f"{xlabel}; (probes)")
         ax.set_ylabel("rank-1 (%)")

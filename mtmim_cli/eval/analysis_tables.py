@@ -100,17 +100,24 @@ def _bin_diff_tables(c: dict) -> list[str]:
     out = []
     titles = {"by_probe_age": "probe age", "by_gap": "age gap"}
     for key, rows in (c.get("bin_differences") or {}).items():
-        body = []
+        body, same = [], 0
         for r in rows:
             if r["n"] == 0:
                 continue  # the breakdown tables show the empty bins
+            if r.get("a_only") == 0 and r.get("b_only") == 0:
+                same += 1  # identical outcomes on every probe of the bin: nothing to show
+                continue
             if "diff" in r:
                 body.append([r["bin"], r["a"], r["b"], str(r["n"]), _pp(r["diff"]),
                              f"[{_pp(r['low'])}, {_pp(r['high'])}]", _p(r.get("p_mcnemar"))])
             else:
                 body.append([r["bin"], r["a"], r["b"], str(r["n"]), "–", r.get("note", ""), "–"])
-        out += ["", f"Per-bin differences by {titles.get(key, key)} (A − B, points):", "",
-                *_table(["Bin", "A", "B", "Probes", "A − B", "95% interval", "McNemar p"], body)]
+        out += ["", f"Per-bin differences by {titles.get(key, key)} (A − B, points):", ""]
+        if body:
+            out += _table(["Bin", "A", "B", "Probes", "A − B", "95% interval", "McNemar p"], body)
+        if same:
+            out += ["", f"{'All' if not body else 'The other'} {same} bin-and-pair cells: both "
+                        "models right or wrong on every probe of the bin (difference 0)."]
     return out
 
 

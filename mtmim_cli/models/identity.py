@@ -55,6 +55,9 @@ class _WidthView(nn.Module):
         super().__init__()
         self.module = module
         self.input_width = int(input_width)
+        # A new nn.Module is in training mode; a view must not switch the encoder it wraps to
+        # training mode when a caller restores the view's mode (extract_views does).
+        self.train(module.training)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.module(images)

@@ -93,6 +93,9 @@ def run_refit(cfg: EvalConfig, cache, m: ModelArg, *, cache_sha256: str, model_s
         metrics = P.merge_rounds(done, len(rounds), len(idx), cfg.max_rank)
         metrics["rounds_dir"] = str(store.folder)
         metrics["refit_mode"] = mode
+        # this mode's own time (the views are extracted once, before the first mode); the
+        # caller adds it to the row's wall time, which otherwise counts from the last row
+        metrics["refit_seconds"] = round(time.perf_counter() - t0, 2)
         out[mode] = scored_rounds(done, with_all_images(metrics, cache), cache, idx)
     return out
 

@@ -139,3 +139,18 @@ def test_round_store_refuses_stale_rounds(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(MtmimError, match="different run.*input_width"):
         run(rounds_dir=tmp_path / "old")
     assert len(calls) == 12  # nothing was re-fitted or merged on the way
+
+
+def test_encoder_view_keeps_the_encoders_mode(tmp_path: Path) -> None:
+    """extract_views restores the mode of the module it is given; a view created in training
+    mode used to switch an evaluating encoder's BatchNorm to training mode afterwards."""
+    from mtmim_cli.eval.features import extract_views
+
+    torch.manual_seed(0)
+    torch.save(build_backbone("mobilefacenet").state_dict(), tmp_path / "mfn.pt")
+    model = load_identity_model(tmp_path / "mfn.pt", "mobilefacenet").eval()
+    view = model.encoder_view()
+    assert not view.training
+    images = np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
+    extract_views(view, images, mirror=False)
+    assert not any(m.training for m in model.encoder.modules())

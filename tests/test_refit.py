@@ -154,3 +154,16 @@ def test_encoder_view_keeps_the_encoders_mode(tmp_path: Path) -> None:
     images = np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
     extract_views(view, images, mirror=False)
     assert not any(m.training for m in model.encoder.modules())
+
+
+def test_recipe_is_for_the_full_refit_only(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    cache_path = _cache(tmp_path)
+    torch.save(build_backbone("tiny").state_dict(), tmp_path / "t.pt")
+    base = ["evaluate", "--protocol", "fgnet-loo", "--cache", str(cache_path), "--model",
+            f"t={tmp_path / 't.pt'}", "--backbone", "tiny"]
+    r = run_cli(*base, "--recipe", "small")
+    assert r.returncode == 2 and "applies to --refit full" in r.stderr
+    r = run_cli(*base, "--recipe", "nope", "--refit", "full")
+    assert r.returncode == 2 and "choose from small" in r.stderr

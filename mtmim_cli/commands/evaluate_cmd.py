@@ -58,6 +58,10 @@ def evaluate(
                                     help="fgnet-loo refit: comma-separated modes, each re-fitted over the "
                                          "same rounds and seeds and reported as its own row "
                                          "(default baseline,age,mtmim: the paper's ablation rows)."),
+    recipe: str = typer.Option(None, "--recipe",
+                               help="fgnet-loo --refit full: fine-tune each round with this named "
+                                    "bundle of `mtmim finetune` settings (e.g. small; see "
+                                    "`mtmim finetune --help`); --refit-options override it."),
     refit_options: str = typer.Option("{}", "--refit-options",
                                       help="JSON dict of re-fit settings. head: epochs, batch_size, "
                                            "lr, s, m, margin, factorize_gain, centres, age_groups, "
@@ -129,6 +133,14 @@ def evaluate(
         raise MtmimError("--refit-options: must be a JSON object")
     if flip not in ("concat", "sum", "none"):
         raise MtmimError(f"--flip {flip}: choose concat, sum or none")
+    if recipe is not None:
+        from mtmim_cli.train.finetune_options import RECIPES
+
+        if refit != "full":
+            raise MtmimError(f"--recipe {recipe}: applies to --refit full (each round fine-tunes)")
+        if recipe not in RECIPES:
+            raise MtmimError(f"--recipe {recipe}: choose from {', '.join(RECIPES)}")
+        opts = {"recipe": recipe, **opts}
     set_torch_threads(threads)
     cfg = EvalConfig(
         protocol=protocol, models=[parse_model_arg(m, backbone) for m in model], cache=cache,

@@ -239,9 +239,9 @@ def full_round_fn(cache, idx: np.ndarray, ident: np.ndarray, m: ModelArg, *, bas
         exclude = idx[held]  # cache record indices left out of this round's training
         # resume=True: a round killed mid-training continues from its last checkpoint.
         # progress=False: rich allows one live display, and the rounds bar is it.
-        # A frozen trunk's activations (--freeze-through) are the same in every round:
-        # computed once into the rounds folder, unless the options name a place.
-        shared = {"activation_cache": str(base.parent / "activations")}
+        # A frozen trunk's activations (--freeze-through) are the same in every round and
+        # mode: computed once into the model's rounds folder, unless the options name a place.
+        shared = {"activation_cache": str(base.parent.parent / "activations")}
         run_dir = finetune([cache.path], m.path, {**shared, **options, "out": str(run),
                                                   "exclude": exclude.tolist(), "seed": seed,
                                                   "progress": False, "resume": True})

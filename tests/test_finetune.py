@@ -67,6 +67,8 @@ def reference_terms(obj: MTMIMObjective, images, labels, ages):
     groups = torch.from_numpy(assign_groups(ages.numpy(), BOUNDS))
     known = groups >= 0
     l_age = F.cross_entropy(obj.age_head(x_age)[known], groups[known])
+    if obj.mi_target != "features":
+        return l_id, l_age, None
     mu, logvar = obj.q(x_id)
     y = x_age
     n = len(y)
@@ -93,6 +95,39 @@ def test_each_mode_optimises_its_own_loss(mode: str, w_age: float, w_mim: float)
     # the age head trains in every mode (as a probe where its weight is off)
     g_age = torch.autograd.grad(loss, obj.age_head.weight, retain_graph=True)[0]
     assert g_age.abs().sum() > 0
+
+
+@pytest.mark.parametrize("target", ["age-group", "lautum"])
+def test_age_group_targets_penalise_what_q_reads_of_the_group(target: str) -> None:
+    """--mi-target age-group / lautum: the penalty is computed from q(group | x_id) on the rows
+    of known age (directly, from q's log-probabilities), reaches the encoder, and q trains on
+    those rows' groups in after_step."""
+    obj = make_objective("mtmim", q_lr=1e-3, lambda_mim=0.5, mi_target=target)
+    images, labels, ages = batch()
+    loss, m = obj(images, labels, ages)
+    x_id = obj.factorize(obj.encoder(images))[0]
+    groups = torch.from_numpy(assign_groups(ages.numpy(), BOUNDS))
+    known = groups >= 0
+    lq = obj.q.log_probs(x_id[known])
+    g = groups[known]
+    p = torch.bincount(g, minlength=GROUPS).float() / len(g)
+    if target == "age-group":
+        want = (lq[torch.arange(len(g)), g] - lq @ p).mean()
+    else:
+        want = (p * torch.log(p.clamp_min(1e-30))).sum() - (lq @ p).mean()
+    assert float(m["club"]) == pytest.approx(float(want.detach()), rel=1e-5, abs=1e-6)
+    l_id, l_age, _ = reference_terms(obj, images, labels, ages)
+    assert float(loss.detach()) == pytest.approx(float((l_id + 0.1 * l_age + 0.5 * want).detach()),
+                                                 rel=1e-5)
+    enc = list(obj.encoder.parameters())
+    got = torch.autograd.grad(loss, enc, retain_graph=True)
+    ref = torch.autograd.grad(l_id + 0.1 * l_age + 0.5 * want, enc)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    q0 = [t.detach().clone() for t in obj.q.parameters()]
+    out = obj.after_step()
+    assert not all(torch.equal(a, b) for a, b in zip(q0, obj.q.parameters(), strict=True))
+    assert math.isfinite(out["q_loglik"])
 
 
 def test_unknown_ages_take_no_age_loss() -> None:

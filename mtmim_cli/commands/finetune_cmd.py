@@ -9,7 +9,7 @@ import typer
 from mtmim_cli.app import app
 from mtmim_cli.atomic import ensure_writable
 from mtmim_cli.models.backbones import stage_summary
-from mtmim_cli.train.finetune_options import MODES, recipe_summary
+from mtmim_cli.train.finetune_options import MI_TARGETS, MODES, recipe_summary
 from mtmim_cli.train.finetune_options import default as D
 
 
@@ -66,7 +66,8 @@ def finetune(
     lambda_mim: float = typer.Option(D("lambda_mim"), "--lambda-mim", help="Weight of the CLUB mutual-information penalty."),
     q_steps: int = typer.Option(D("q_steps"), "--q-steps", help="Steps of q on its log-likelihood after each encoder step."),
     q_lr: float = typer.Option(D("q_lr"), "--q-lr", help="Adam learning rate of q (divided by 10 with the encoder's on plateau)."),
-    q_hidden: int = typer.Option(D("q_hidden"), "--q-hidden", help="Hidden units of q's mean and log-variance MLPs."),
+    q_hidden: int = typer.Option(D("q_hidden"), "--q-hidden", help="Hidden units of q's MLPs."),
+    mi_target: str = typer.Option(D("mi_target"), "--mi-target", help="What the MI penalty measures x_id against: features (the paper: CLUB between x_id and x_age with a Gaussian q), age-group (CLUB between x_id and the age group, categorical q) or lautum (mean KL from the group prior to q(group | x_id): zero when x_id tells nothing about the group). The paper's linear factorization makes x_age a function of x_id, so 'features' can fall without age leaving x_id; see README."),
     logvar_bound: float = typer.Option(D("logvar_bound"), "--logvar-bound", help="q's log-variance is B*tanh(raw/B): its variance lies between e^-B and e^B."),
     factorize_gain: float = typer.Option(D("factorize_gain"), "--factorize-gain", help="Initial scale of x_age relative to x (x_id starts near the pretrained x)."),
     margin: str = typer.Option(D("margin"), "--margin", help="Identity head: arcface (the paper), cosface, sphereface."),
@@ -125,6 +126,8 @@ def finetune(
         raise MtmimError(f"--mode {mode}: choose from {', '.join(MODES)}")
     if margin not in ("arcface", "cosface", "sphereface"):
         raise MtmimError(f"--margin {margin}: choose from arcface, cosface, sphereface")
+    if mi_target not in MI_TARGETS:
+        raise MtmimError(f"--mi-target {mi_target}: choose from {', '.join(MI_TARGETS)}")
     if q_steps < 0 or q_lr <= 0:
         raise MtmimError(f"--q-steps {q_steps} / --q-lr {q_lr}: need q-steps >= 0 and q-lr > 0")
     set_torch_threads(threads)

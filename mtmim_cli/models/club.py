@@ -91,3 +91,65 @@ def train_q(q: CLUB, optimizer: torch.optim.Optimizer, x_id: torch.Tensor, x_age
         optimizer.step()
         ll = -float(loss.detach())
     return ll
+
+
+class AgeGroupQ(nn.Module):
+    """q(g | x_id): a small MLP with a softmax over the K age groups, and two measures of how
+    much x_id tells about the age group built on it (the `--mi-target` variants).
+
+    Why: with the paper's deterministic factorization (x_age = FC(x), x_id = x - x_age),
+    x_age is a function of x_id whenever I - W is invertible, so I(x_id; x_age) is unbounded
+    and CLUB between them scores how well a Gaussian q tracks that map; the encoder can lower
+    it (shrink x_age) without removing age from x_id. Measured against the age *group*
+    instead, the information is finite (at most log K) and is what the penalty is for.
+
+    - `mi_upper`: CLUB with the categorical q, 1/N^2 sum_i sum_j [log q(g_i|x_i) -
+      log q(g_j|x_i)] = mean_i [log q(g_i|x_i) - sum_k p_k log q(k|x_i)], p the batch's group
+      frequencies (closed form of the all-pairs term).
+    - `lautum`: mean_i KL(p || q(.|x_i)) = mean_i sum_k p_k [log p_k - log q(k|x_i)]. With q the
+      true posterior it is the lautum information L(x_id; g) (Palomar & Verdu 2008), zero
+      exactly when x_id and g are independent. Minimising it pushes q's prediction towards
+      the prior, where CLUB's first term also rewards pushing it towards a wrong group (an
+      incentive to re-encode age rather than remove it).
+    """
+
+    def __init__(self, dim_id: int, groups: int, hidden: int = 512) -> None:
+        super().__init__()
+        self.groups = int(groups)
+        self.net = nn.Sequential(nn.Linear(dim_id, hidden), nn.ReLU(), nn.Linear(hidden, groups))
+
+    def log_probs(self, x_id: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x_id.device.type, enabled=False):
+            return torch.log_softmax(self.net(x_id.float()), dim=1)
+
+    def log_likelihood(self, x_id: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """Mean log q(g_i | x_i): what q maximises."""
+        return self.log_probs(x_id).gather(1, groups[:, None]).mean()
+
+    def _prior(self, groups: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(groups, minlength=self.groups).float()
+        return counts / counts.sum().clamp_min(1.0)
+
+    def mi_upper(self, x_id: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        lq = self.log_probs(x_id)
+        p = self._prior(groups)
+        return (lq.gather(1, groups[:, None]).squeeze(1) - lq @ p).mean()
+
+    def lautum(self, x_id: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        lq = self.log_probs(x_id)
+        p = self._prior(groups)
+        return (torch.special.xlogy(p, p).sum() - lq @ p).mean()
+
+
+def train_group_q(q: AgeGroupQ, optimizer: torch.optim.Optimizer, x_id: torch.Tensor,
+                  groups: torch.Tensor, steps: int) -> float:
+    """`steps` Adam steps of q on the log-likelihood of the (detached) features' groups."""
+    x_id = x_id.detach().float()
+    ll = float("nan")
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = -q.log_likelihood(x_id, groups)
+        loss.backward()
+        optimizer.step()
+        ll = -float(loss.detach())
+    return ll

@@ -40,11 +40,11 @@ from torch import Tensor, nn
 
 from mtmim_cli.data.groups import assign_groups, equal_frequency_groups
 from mtmim_cli.errors import MtmimError
-from mtmim_cli.models.club import CLUB, train_q
+from mtmim_cli.models.club import CLUB, AgeGroupQ, train_group_q, train_q
 from mtmim_cli.models.factorize import FactorizationUnit
 from mtmim_cli.train import distributed as D
 from mtmim_cli.train.config import TrainConfig
-from mtmim_cli.train.finetune_options import DEFAULTS, MODES, RECIPES, TRAIN_DEFAULTS
+from mtmim_cli.train.finetune_options import DEFAULTS, MI_TARGETS, MODES, RECIPES, TRAIN_DEFAULTS
 from mtmim_cli.train.objectives import Objective, make_id_head
 from mtmim_cli.train.transfer import EncoderPlan
 
@@ -68,8 +68,11 @@ class MTMIMObjective(Objective):
                  head_warmup_steps: int = 0, freeze_through: str | None = None,
                  freeze_bn: str = "off", l2sp: float = 0.0, encoder_lr: float | None = None,
                  activations: bool = False, replay_classes_from: int | None = None,
-                 partial_fc: float = 0.0, seed: int = 0) -> None:
+                 partial_fc: float = 0.0, seed: int = 0, mi_target: str = "features") -> None:
         super().__init__()
+        if mi_target not in MI_TARGETS:
+            raise MtmimError(f"--mi-target {mi_target}: choose from {', '.join(MI_TARGETS)}")
+        self.mi_target = mi_target
         if mode not in MODES:
             raise MtmimError(f"--mode {mode}: choose from {', '.join(MODES)}")
         if num_groups < 1:
@@ -90,7 +93,10 @@ class MTMIMObjective(Objective):
         self.id_head = make_id_head(margin, embedding_size, num_classes, s=s, m=m,
                                     partial_fc=partial_fc, seed=seed)
         self.age_head = nn.Linear(embedding_size, num_groups)
-        self.q = CLUB(embedding_size, embedding_size, hidden=q_hidden, logvar_bound=logvar_bound)
+        # q: the paper's Gaussian q(x_age | x_id), or q(age group | x_id) for the age-group
+        # variants of the penalty (models/club.py, AgeGroupQ, says why they exist).
+        self.q = (CLUB(embedding_size, embedding_size, hidden=q_hidden, logvar_bound=logvar_bound)
+                  if mi_target == "features" else AgeGroupQ(embedding_size, num_groups, q_hidden))
         b = torch.as_tensor(np.asarray(boundaries if boundaries is not None else [], np.float64),
                             dtype=torch.float64)
         if len(b) not in (0, num_groups - 1):
@@ -175,9 +181,22 @@ class MTMIMObjective(Objective):
             target = labels < self.replay_classes_from
             mi_id, mi_age = x_id[target], x_age[target]
         g_id = D.gather_with_grad(mi_id if mi_on else mi_id.detach())
-        g_age = D.gather_with_grad(mi_age if mi_on else mi_age.detach())
-        club = self.q.mi_upper(g_id, g_age)
-        q_batch = (g_id.detach().float(), g_age.detach().float())
+        if self.mi_target == "features":
+            g_age = D.gather_with_grad(mi_age if mi_on else mi_age.detach())
+            club = self.q.mi_upper(g_id, g_age)
+        else:   # against the age group, on the rows of known age
+            g_grp = D.all_gather_rows(groups if self.replay_classes_from is None
+                                      else groups[labels < self.replay_classes_from])
+            keep = g_grp >= 0
+            g_id, g_age = g_id[keep], g_grp[keep]
+            if len(g_age) == 0:
+                club = g_id.sum() * 0.0
+            elif self.mi_target == "age-group":
+                club = self.q.mi_upper(g_id, g_age)
+            else:
+                club = self.q.lautum(g_id, g_age)
+        q_batch = (g_id.detach().float(), g_age.detach() if self.mi_target != "features"
+                   else g_age.detach().float())
         if self._q_batch is not None:   # --accumulate: q fits all of the step's micro-batches
             q_batch = (torch.cat([self._q_batch[0], q_batch[0]]),
                        torch.cat([self._q_batch[1], q_batch[1]]))
@@ -217,7 +236,12 @@ class MTMIMObjective(Objective):
     def after_step(self) -> dict[str, float]:
         if self._q_batch is None:
             return {}
-        ll = train_q(self.q, self.q_optimizer, *self._q_batch, steps=self.q_steps)
+        if self.mi_target == "features":
+            ll = train_q(self.q, self.q_optimizer, *self._q_batch, steps=self.q_steps)
+        elif len(self._q_batch[1]):
+            ll = train_group_q(self.q, self.q_optimizer, *self._q_batch, steps=self.q_steps)
+        else:
+            ll = float("nan")
         self._q_batch = None
         return {"q_loglik": ll, "q_lr": self.q_optimizer.param_groups[0]["lr"]}
 
@@ -367,7 +391,7 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
         boundaries=boundaries, lambda_age=o["lambda_age"], lambda_mim=o["lambda_mim"],
         q_steps=o["q_steps"], q_lr=o["q_lr"], q_hidden=o["q_hidden"],
         logvar_bound=o["logvar_bound"], factorize_gain=o["factorize_gain"], margin=o["margin"],
-        s=o["s"], m=o["m"], warn_negative_after=o["warn_negative_after"],
+        s=o["s"], m=o["m"], warn_negative_after=o["warn_negative_after"], mi_target=o["mi_target"],
         head_warmup_steps=int(o["head_warmup_steps"]), freeze_through=stage,
         freeze_bn=o["freeze_bn"], l2sp=float(o["l2sp"]), encoder_lr=o["encoder_lr"],
         activations=use_acts, replay_classes_from=dataset.replay_classes_from if replay else None,

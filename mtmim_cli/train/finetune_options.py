@@ -11,11 +11,14 @@ from typing import Any
 from mtmim_cli.train.config import TrainConfig
 
 MODES = ("baseline", "age", "mtmim")
+# What the MI penalty (mode mtmim) measures x_id against: the paper's x_age (CLUB with a
+# Gaussian q), or the age group (CLUB, or the lautum information, with a categorical q).
+MI_TARGETS = ("features", "age-group", "lautum")
 
 # The paper's settings; every one is an option of `finetune` and `mtmim finetune`.
 DEFAULTS: dict[str, Any] = {
     "mode": "mtmim", "age_groups": 8, "lambda_age": 0.1, "lambda_mim": 1e-4, "q_steps": 5,
-    "q_lr": 1e-5, "q_hidden": 512, "logvar_bound": 7.0, "factorize_gain": 0.1,
+    "q_lr": 1e-5, "q_hidden": 512, "mi_target": "features", "logvar_bound": 7.0, "factorize_gain": 0.1,
     "margin": "arcface", "s": 64.0, "m": None, "backbone": None, "embedding_size": None,
     "val_cache": None, "val_pairs": 3000, "exclude": None, "warn_negative_after": 50,
     "head_warmup_steps": 0, "partial_fc": 0.0, "identities": "auto",

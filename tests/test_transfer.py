@@ -430,7 +430,8 @@ def test_cli_recipe_small_with_explicit_overrides(aged_cache: Path, tmp_path: Pa
 def test_identity_lists_select_training_and_replay_identities(aged_cache: Path, tmp_path: Path) -> None:
     import json
 
-    from mtmim_cli.train.transfer import identity_mask, read_identity_list
+    from mtmim_cli.data.identity_lists import read_identity_list
+    from mtmim_cli.train.transfer import identity_mask
 
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"a": {"train": [0, 2, 3]}, "celeb": ["r1", "r3"]}))

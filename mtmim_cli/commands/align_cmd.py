@@ -130,3 +130,27 @@ def merge(
     interactive = Console(stderr=True).is_terminal and not quiet
     path = merge_caches(out, shards, command=_command_line(), progress=interactive, copy=copy)
     print(summarize_cache(path).format())
+
+
+@app.command()
+def subset(
+    cache: Path = typer.Argument(..., help="The cache to take records from."),
+    identities: str = typer.Option(..., "--identities",
+                                   help="Identities to keep: comma-separated names, @FILE (one per "
+                                        "line) or @FILE.json:key.path (a list in a JSON split file, "
+                                        "e.g. @open-set.json:fgnet.test_subjects); whole numbers "
+                                        "match by value (1 = '001')."),
+    out: Path = typer.Option(..., "--out", "-o", help="The cache to write."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Write a cache with only the listed identities' records (e.g. an open-set test side)."""
+    ensure_writable(out)
+
+    from mtmim_cli.data.align import summarize_cache
+    from mtmim_cli.data.identity_lists import read_identity_list
+    from mtmim_cli.data.subset import subset_cache
+
+    interactive = Console(stderr=True).is_terminal and not quiet
+    path = subset_cache(cache, out, read_identity_list(identities), command=_command_line(),
+                        progress=interactive)
+    print(summarize_cache(path).format())

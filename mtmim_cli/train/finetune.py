@@ -331,13 +331,13 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
     e.g. a held-out test image."""
     from mtmim_cli.data.augment import Augment
     from mtmim_cli.data.dataset import CacheDataset
+    from mtmim_cli.data.identity_lists import read_identity_list
     from mtmim_cli.train.lineage import run_record, saves_checkpoints
     from mtmim_cli.train.loop import train
     from mtmim_cli.train.transfer import (
         CENTRE_INITS,
         TrainingSet,
         identity_mask,
-        read_identity_list,
         validation_identities,
     )
 

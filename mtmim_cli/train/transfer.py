@@ -309,47 +309,20 @@ class ReplaySampler(Sampler[int]):
 
 
 # ---------------------------------------------------------------------------------------
-def read_identity_list(spec: str) -> list[str]:
-    """Identity names from `spec`: comma-separated names; '@FILE', one name per line; or
-    '@FILE.json:key.sub', the list at that key path of a JSON file (e.g. a fixed split:
-    '@open-set.json:fgnet.train_subjects')."""
-    if not spec.startswith("@"):
-        return [p.strip() for p in spec.split(",") if p.strip()]
-    body = spec[1:]
-    is_json = ".json" in body
-    path, _, key = body.partition(".json:") if ".json:" in body else (body, "", "")
-    path = path + ".json" if ".json:" in body else path
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise MtmimError(f"{path}: cannot read the identity list ({exc.strerror})") from None
-    if not is_json:
-        return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-    try:
-        node = json.loads(text)
-        for part in [k for k in key.split(".") if k]:
-            node = node[part]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise MtmimError(f"{path}: no identity list at {key or 'the top'} ({exc})") from None
-    if not isinstance(node, list):
-        raise MtmimError(f"{path}: {key or 'the top'} is not a list of identities")
-    return [str(v) for v in node]
-
-
 def identity_mask(base: CacheDataset, caches: range, names: Sequence[str], what: str) -> np.ndarray:
     """Items of `base` from the caches in `caches` whose identity is in `names`; a name
     matches as written or, when both are whole numbers, by value ('001' is 1)."""
-    wanted = {str(n) for n in names}
-    numbers = {int(n) for n in wanted if n.isdigit()}
+    from mtmim_cli.data.identity_lists import name_matcher
+
+    wanted = name_matcher(list(names))
     mask = np.zeros(len(base), bool)
     for k in caches:
         cache = base.caches[k]
-        hit = np.array([n in wanted or (n.isdigit() and int(n) in numbers)
-                        for n in map(str, cache.identity_names)], bool)
+        hit = np.array([wanted(n) for n in cache.identity_names], bool)
         rows = base.cache_of == k
         mask[rows] = hit[cache.identity[base.record[rows]]]
     if not mask.any():
-        raise MtmimError(f"{what}: none of the {len(wanted)} listed identities is in "
+        raise MtmimError(f"{what}: none of the {len(names)} listed identities is in "
                          f"{', '.join(base.caches[k].path.name for k in caches)}")
     return mask
 

@@ -390,7 +390,8 @@ def test_recipe_small_sits_between_defaults_and_explicit_options() -> None:
     cfg, o = split_options({"recipe": "small"}, {})
     assert (cfg.lr, cfg.epochs, cfg.optimizer) == (1e-3, 5, "adam")
     assert (o["freeze_through"], o["freeze_bn"], o["init_centres"], o["l2sp"], o["s"], o["m"]) == \
-        ("auto", "stats", "mean-mirror", 1e-2, 64.0, 0.35)
+        ("auto", "all", "mean-mirror", 1e-2, 64.0, 0.35)
+    assert (o["wise"], o["mi_target"], o["lambda_mim"], cfg.weight_decay) == (0.5, "age-group", 0.1, 0.0)
     cfg, o = split_options({"recipe": "small", "lr": 1e-4}, {"l2sp": 0.0})
     assert cfg.lr == 1e-4 and o["l2sp"] == 0.0
     with pytest.raises(MtmimError, match="--recipe big"):
@@ -417,7 +418,7 @@ def test_cli_recipe_small_with_explicit_overrides(aged_cache: Path, tmp_path: Pa
     assert (cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["schedule"]) == (1, 16, 1e-3, "constant")
     e = cfg["extra"]
     assert (e["recipe"], e["freeze_through"], e["freeze_bn"], e["init_centres"], e["l2sp"], e["mode"]) == \
-        ("small", "pool", "stats", "mean-mirror", 1e-2, "baseline")
+        ("small", "pool", "all", "mean-mirror", 1e-2, "baseline")
     assert len(list((out / "activations").glob("trunk-pool-*.npy"))) == 1
     assert load_identity_model(out / "model.pt").factorize is not None
     r = run_cli("finetune", str(aged_cache), "--init", str(init), "--recipe", "big", "--out", str(tmp_path / "x"))
@@ -510,3 +511,35 @@ def test_two_gloo_processes_match_one_process_through_release_replay_and_cached_
     worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
     assert worst < 1e-5, worst
     assert len(list((tmp_path / "acts").glob("*.npy"))) == 1
+
+
+# ----------------------------------------------------------------------- WiSE
+def test_wise_model_is_the_interpolation_of_initial_and_trained_weights(aged_cache: Path, tmp_path: Path) -> None:
+    """--wise 0.25: model.pt's encoder and factorization = 0.75 x initial + 0.25 x trained
+    (checkpoints/last.pt keeps the trained ones); its heads are the trained heads."""
+    from mtmim_cli.train.checkpoint import load_checkpoint
+
+    _, init = save_tiny_pretrain(tmp_path / "pre.pt", seed=0)
+    full = _run(aged_cache, init, tmp_path / "full", epochs=1)
+    wise = _run(aged_cache, init, tmp_path / "wise", epochs=1, wise=0.25)
+    trained = load_checkpoint(full / "model.pt")["objective"]
+    assert _equal_states(trained, load_checkpoint(wise / "checkpoints" / "last.pt")["objective"]) is None
+    got = load_checkpoint(wise / "model.pt")
+    assert got["meta"]["wise"] == 0.25
+    # the initial weights: the pretrain's encoder, and the factorization unit finetune seeds
+    from mtmim_cli.models.factorize import FactorizationUnit
+
+    pre = load_checkpoint(init)["objective"]
+    torch.manual_seed(0)
+    unit = FactorizationUnit(64)
+    first = {**{k: v for k, v in pre.items() if k.startswith("encoder.")},
+             **{f"factorize.{k}": v for k, v in unit.state_dict().items()}}
+    moved = 0
+    for k, v in got["objective"].items():
+        if k in first and v.is_floating_point():
+            want = 0.75 * first[k] + 0.25 * trained[k]
+            torch.testing.assert_close(v, want, rtol=0, atol=1e-6)
+            moved += int(not torch.equal(first[k], trained[k]))
+        else:
+            assert torch.equal(v, trained[k]), k
+    assert moved > 0

@@ -423,8 +423,37 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
             "m": objective.id_head.extra_repr(), "init": str(init) if init else ""}
     if saves_checkpoints():
         meta["trained_on"] = run_record(dataset, init, o["exclude"])
+    wise = float(o["wise"])
+    if not 0.0 < wise <= 1.0:
+        raise MtmimError(f"--wise {wise}: must be in (0, 1]")
+    start = _wise_start(objective) if wise < 1.0 else None
+    if start is not None:
+        meta["wise"] = wise
     result = train(objective, dataset, cfg, meta=meta, validator=validator)
+    if start is not None and D.is_main():
+        _interpolate_model(Path(result.run_dir) / "model.pt", start, wise)
     return Path(result.run_dir)
+
+
+def _wise_start(objective: MTMIMObjective) -> dict[str, Tensor]:
+    """The encoder's and factorization's weights before training (the other end of WiSE)."""
+    return {k: v.detach().clone() for k, v in objective.state_dict().items()
+            if k.startswith(("encoder.", "factorize.")) and v.is_floating_point()}
+
+
+def _interpolate_model(path: Path, start: dict[str, Tensor], alpha: float) -> None:
+    """model.pt's encoder and factorization become (1 - alpha) * start + alpha * trained:
+    weight-space ensembling with the initial model (WiSE-FT, Wortsman et al., CVPR 2022),
+    which keeps most of a small-set fine-tune's gain on the target faces while giving back
+    what it cost on general faces. The heads stay as trained (only x_id is used at test);
+    checkpoints/last.pt keeps the trained weights, so a resumed run interpolates again."""
+    from mtmim_cli.train.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(path)
+    obj = dict(state["objective"])
+    for k, v0 in start.items():
+        obj[k] = (1.0 - alpha) * v0.to(obj[k].device) + alpha * obj[k]
+    save_checkpoint(path, {**state, "objective": obj})
 
 
 def _stage(encoder: nn.Module, name: str | None) -> str | None:

@@ -88,6 +88,27 @@ def test_roc_auc_and_tar_against_sklearn(seed: int) -> None:
         assert np.mean(scores[~same] >= thr) <= far + 1e-12
 
 
+@pytest.mark.parametrize("far", [1e-3, 0.003, 0.01, 0.05, 0.1, 0.2, 1 / 3, 0.7, 1.0])
+def test_min_impostors_is_where_the_threshold_first_rests_on_that_many_false_accepts(far) -> None:
+    """Brute force over n: the false accepts threshold_at_far actually lets through on n
+    distinct impostor scores; min_impostors(far, k) is the first n where that reaches k."""
+    rng = np.random.default_rng(0)
+    first: dict[int, int] = {}
+    for n in range(1, 1101):
+        scores = rng.permutation(n + 1).astype(float)   # n impostors, one genuine pair
+        same = np.zeros(n + 1, bool)
+        same[0] = True
+        thr = M.threshold_at_far(scores, same, far)
+        accepted = int((scores[~same] >= thr).sum())
+        assert accepted == M.allowed_false_accepts(far, n)
+        for k in range(1, accepted + 1):
+            first.setdefault(k, n)
+    for k in (1, 2, 5, 10):
+        if k in first:
+            assert M.min_impostors(far, k) == first[k], (far, k)
+    assert M.min_impostors(far) == first[1]
+
+
 def test_tar_at_far_hand_made() -> None:
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.85, 0.5, 0.4, 0.3])
     same = np.array([1, 1, 1, 1, 0, 0, 0, 0], bool)

@@ -13,7 +13,6 @@ so `mtmim verify` decides with the features the threshold was measured on (same 
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mtmim_cli.errors import MtmimError
+from mtmim_cli.eval.metrics import allowed_false_accepts, min_impostors
 
 
 def _features(model, images: np.ndarray, flip: str) -> np.ndarray:
@@ -39,11 +39,11 @@ def check_far_resolved(far: float, impostors: int, min_false_accepts: int = MIN_
     measured rate is a guess (2 false accepts of 270 pairs: a 95% interval from 0.0009 to 0.027).
     Unresolved is an MtmimError naming the count and the smallest FAR the pairs resolve,
     unless `allow_unresolved`."""
-    accepted = math.floor(far * impostors + 1e-9)
-    if accepted >= min_false_accepts:
+    if impostors >= min_impostors(far, min_false_accepts):
         return True
     if allow_unresolved:
         return False
+    accepted = allowed_false_accepts(far, impostors)
     smallest = min_false_accepts / impostors
     raise MtmimError(f"--far {far:g}: {impostors} impostor pairs{source} leave {accepted} "
                      f"false accepts at that rate; the smallest FAR they resolve is "

@@ -219,12 +219,12 @@ def verification_breakdown(scores: np.ndarray, same: np.ndarray, correct: np.nda
     """Per pair age gap bin: pairs (genuine, impostor), accuracy of the protocol's K-fold
     rule on them, and TAR at `far` within the bin (threshold set on the bin's own impostor
     pairs). A bin with fewer than `min_pairs` pairs gets no accuracy, one with fewer than
-    ceil(1/far) impostors or no genuine pair no TAR; `note` says which and why."""
+    `metrics.min_impostors(far)` impostors or no genuine pair no TAR; `note` says which and why."""
     scores = np.asarray(scores, np.float64)
     same = np.asarray(same, bool)
     correct = np.asarray(correct, bool)
     bins = assign_bins(gap, edges)
-    need_imp = math.ceil(1 / far - 1e-9)
+    need_imp = M.min_impostors(far)
     rows = []
     for b, label in [*enumerate(bin_labels(edges)), (-1, UNKNOWN)]:
         sel = bins == b

@@ -107,20 +107,37 @@ def threshold_at_far(scores: np.ndarray, same: np.ndarray, far: float) -> float:
     neg = np.sort(scores[~same])[::-1]
     if len(neg) == 0:
         return -np.inf
-    allowed = int(np.floor(far * len(neg) + 1e-9))
+    allowed = allowed_false_accepts(far, len(neg))
     if allowed >= len(neg):
         return -np.inf
     # Accepting at most `allowed` negatives: threshold just above the (allowed+1)-th highest.
     return float(np.nextafter(neg[allowed], np.inf))
 
 
-def min_impostors(far: float) -> int:
-    """The fewest impostor pairs that resolve a false-accept rate of `far`: over n impostors
-    the FAR moves in steps of 1/n, so below n = 1/far the only FAR <= far is 0 and TAR@FAR
-    is the TAR at zero false accepts, a different (and noisier) figure."""
+def allowed_false_accepts(far: float, impostors: int) -> int:
+    """How many of `impostors` impostor pairs a threshold at `far` may accept: floor(far x n)
+    (the 1e-9 keeps 0.1 x 30 from rounding down to 2)."""
+    return math.floor(far * impostors + 1e-9)
+
+
+def min_impostors(far: float, false_accepts: int = 1) -> int:
+    """The fewest impostor pairs that resolve a false-accept rate of `far`: the smallest n
+    whose threshold rests on at least `false_accepts` impostors above it
+    (`allowed_false_accepts(far, n) >= false_accepts`). With the default 1: over n impostors
+    the FAR moves in steps of 1/n, so below n = 1/far the only FAR <= far is 0 and TAR@FAR is
+    the TAR at zero false accepts, a different (and noisier) figure. `mtmim calibrate` asks
+    for more (its --min-false-accepts): a threshold resting on 2 false accepts is a guess."""
     if not 0 < far <= 1:
         raise ValueError(f"FAR {far}: must be in (0, 1]")
-    return math.ceil(1 / far - 1e-9)
+    if false_accepts < 1:
+        raise ValueError(f"false accepts {false_accepts}: must be at least 1")
+    n = math.ceil(false_accepts / far - 1e-9)
+    # ceil's rounding and floor's epsilon can disagree by one at the edge: settle on the rule.
+    while allowed_false_accepts(far, n) < false_accepts:
+        n += 1
+    while n > 1 and allowed_false_accepts(far, n - 1) >= false_accepts:
+        n -= 1
+    return n
 
 
 def exact_rate_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

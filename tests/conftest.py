@@ -24,6 +24,21 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
+def pytest_configure(config) -> None:
+    """One thread for torch and BLAS in the tests and the commands they start, unless
+    OMP_NUM_THREADS says otherwise: on two cores shared with other work, a two-thread pool
+    spins at every small op while its other thread waits for a core (at load 3, an evaluate
+    test took 2.9 s with one torch thread and 23 s with two; another, 3.2 s with one OpenBLAS
+    thread and 17 s with two). numpy is loaded by now, so OpenBLAS is limited through
+    threadpoolctl (scikit-learn's dependency) rather than the environment."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    n = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(n)
+    threadpool_limits(n)
+
+
 @pytest.fixture
 def one_thread():
     """Two shared cores: torch's thread pool makes tiny ops crawl when the machine is busy."""

@@ -197,7 +197,8 @@ def test_factorized_model_gets_infonce_and_same_features(tmp_path: Path, models:
     idx = np.flatnonzero(cache.usable)
     from mtmim_cli.eval.runners import FeatureOptions
 
-    feats, (x_id, x_age) = FeatureOptions().extract_parts(model, cache, idx)
+    feats, parts = FeatureOptions().extract_parts(model, cache, idx)
+    x_id, x_age = parts["x_id"], parts["x_age"]
     np.testing.assert_allclose(feats, extract_features(model, cache, idx, "concat"), atol=1e-5)
     np.testing.assert_allclose(x_id + x_age, extract_features(model.encoder, cache, idx, "none")
                                * np.linalg.norm(x_id + x_age, axis=1, keepdims=True), atol=1e-3)
@@ -240,6 +241,39 @@ def test_refit_rounds_give_the_same_outcomes(tmp_path: Path, models: dict,
     (pair,) = head["comparisons"]["pairs"]
     assert (pair["a"], pair["b"], pair["diff"], pair["p_mcnemar"]) == ("a/baseline", "a/mtmim",
                                                                        0.0, 1.0)
+
+
+def test_features_file_reuses_the_scoring_pass(tmp_path: Path, models: dict,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--features` writes the image view's parts that scoring already computed: every face
+    goes through each encoder once per view (image, mirror), and the file holds the plain
+    model's output as x_id, and for the factorized one x_id = its output and
+    x_id + x_age = the encoder's x, computed here directly."""
+    from mtmim_cli.data.dataset import preprocess
+    from mtmim_cli.eval.feature_file import read_feature_file
+
+    seen = []
+    forward = Pool.forward
+    monkeypatch.setattr(Pool, "forward", lambda self, x: seen.append(len(x)) or forward(self, x))
+    cache_path = _cache(tmp_path / "faces.h5")
+    cache = Cache(cache_path)
+    out = tmp_path / "ev" / "results.md"
+    evaluate(EvalConfig(protocol="fgnet-loo", cache=cache_path, out=out, features=True,
+                        age_probe=False, resamples=200,
+                        models=[ModelArg("plain", models["pool8"]),
+                                ModelArg("fact", models["factorized"])]), progress=False)
+    idx = np.flatnonzero(cache.usable)
+    assert sum(seen) == 2 * 2 * len(idx)   # two models, image and mirror, nothing more
+    got = read_feature_file(out.parent / "features.npz")
+    batch = preprocess(cache.images(idx), 112)
+    with torch.no_grad():
+        np.testing.assert_allclose(got["plain"]["x_id"], Pool(8)(batch).numpy(), atol=1e-5)
+        assert got["plain"]["x_age"] is None
+        fact = _load(models["factorized"], None).eval()
+        np.testing.assert_allclose(got["fact"]["x_id"], fact(batch).numpy(), atol=1e-5)
+        np.testing.assert_allclose(got["fact"]["x_id"] + got["fact"]["x_age"],
+                                   fact.encoder(batch).numpy(), atol=1e-4)
+    np.testing.assert_array_equal(got["fact"]["paths"], [cache.paths[k] for k in idx])
 
 
 def test_extracting_parts_leaves_the_model_in_eval_mode(tmp_path: Path, models: dict) -> None:

@@ -19,24 +19,12 @@ FILE_NAME = "features.npz"
 def factor_parts(model, cache, indices: np.ndarray, batch_size: int = 64,
                  device: str = "cpu") -> dict[str, np.ndarray | None]:
     """{'x_id', 'x_age'} of the cache's images at `indices` (one view, no mirror); x_age is
-    None for a model without a factorization unit (its output is x_id)."""
-    import torch
+    None for a model without a factorization unit (its output is x_id). The same pass the
+    protocols take (`FeatureOptions.extract_parts`), so `evaluate` can hand over the parts
+    its scoring already has instead of calling this."""
+    from mtmim_cli.eval.runners import FeatureOptions
 
-    from mtmim_cli.data.dataset import preprocess
-
-    width = int(getattr(model, "input_width", 112))
-    factorize = getattr(model, "factorize", None)
-    x_id, x_age = [], []
-    with torch.no_grad():
-        for start in range(0, len(indices), batch_size):
-            x = preprocess(cache.images(indices[start:start + batch_size]), width).to(device)
-            if factorize is None:
-                x_id.append(model(x).float().cpu().numpy())
-            else:
-                a, b = factorize(model.encoder(x))
-                x_id.append(a.float().cpu().numpy())
-                x_age.append(b.float().cpu().numpy())
-    return {"x_id": np.concatenate(x_id), "x_age": np.concatenate(x_age) if x_age else None}
+    return FeatureOptions("none", batch_size, device).extract_parts(model, cache, indices)[1]
 
 
 def write_feature_file(path: Path, cache, indices: np.ndarray,

@@ -5,8 +5,9 @@ in `mtmim_cli.orchestration.refit`, above both `eval/` and `train/`.
 Each runner returns a `Scored`: the table's metrics, and what the analyses across models
 need: per-unit outcomes in the protocol's unit order (`eval.outcomes`), the units' context
 (probe and gallery records, or the pairs), the identity features of the images with their
-records (the age probe), the x_id / x_age parts for factorized models, and for
-identification the success of every probe-mate pair (the probe-age x gallery-age map)."""
+records (the age probe), the raw outputs of the image view (x_id, and x_age for factorized
+models: the InfoNCE estimate, and `evaluate --features` writes them), and for identification
+the success of every probe-mate pair (the probe-age x gallery-age map)."""
 
 from __future__ import annotations
 
@@ -33,27 +34,29 @@ class FeatureOptions:
                                 device=self.device, progress=self.progress)
 
     def extract_parts(self, model, source, indices: np.ndarray
-                      ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
-        """Identity features, and for a model with a factorization unit its (x_id, x_age) of
-        the image view, from one pass of the encoder (the unit is applied to its output)."""
-        factorize = getattr(model, "factorize", None)
-        if factorize is None or not callable(getattr(model, "encoder_view", None)):
-            return self.extract(model, source, indices), None
-        import torch
-
+                      ) -> tuple[np.ndarray, dict[str, np.ndarray | None]]:
+        """Identity features, and the image view's raw parts {'x_id', 'x_age'} from the same
+        pass: x_id is the model's output, x_age None unless the model has a factorization
+        unit (then the unit is applied to one pass of the encoder)."""
         from mtmim_cli.eval.features import combine_views, extract_views
+
+        factorize = getattr(model, "factorize", None)
+        views = dict(mirror=self.flip != "none", batch_size=self.batch_size,
+                     device=self.device, progress=self.progress)
+        if factorize is None or not callable(getattr(model, "encoder_view", None)):
+            f, ff = extract_views(model, source, indices, **views)
+            return combine_views(f, ff, self.flip), {"x_id": f, "x_age": None}
+        import torch
 
         # A fresh view is in training mode; extract_views restores the mode it finds, which
         # would leave the model's BatchNorm layers training afterwards.
         view = model.encoder_view().train(model.training)
-        f, ff = extract_views(view, source, indices, mirror=self.flip != "none",
-                              batch_size=self.batch_size, device=self.device,
-                              progress=self.progress)
+        f, ff = extract_views(view, source, indices, **views)
         with torch.no_grad():
             unit = factorize.to("cpu")
             x_id, x_age = (t.numpy() for t in unit(torch.from_numpy(f)))
             x_id_f = unit(torch.from_numpy(ff))[0].numpy() if ff is not None else None
-        return combine_views(x_id, x_id_f, self.flip), (x_id, x_age)
+        return combine_views(x_id, x_id_f, self.flip), {"x_id": x_id, "x_age": x_age}
 
 
 @dataclass
@@ -64,9 +67,16 @@ class Scored:
     context: dict = field(default_factory=dict)
     rows: np.ndarray | None = None
     features: np.ndarray | None = None
-    factors: tuple[np.ndarray, np.ndarray] | None = None
+    parts: dict[str, np.ndarray | None] | None = None   # extract_parts' image view, over rows
     mates: dict | None = None
     feature_source: str = "identity features as matched (image + mirror as --flip says)"
+
+    @property
+    def factors(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(x_id, x_age) of a factorized model; None otherwise."""
+        if self.parts is None or self.parts["x_age"] is None:
+            return None
+        return self.parts["x_id"], self.parts["x_age"]
 
 
 def fgnet_loo(model, cache, feat: FeatureOptions, max_rank: int) -> Scored:
@@ -76,13 +86,13 @@ def fgnet_loo(model, cache, feat: FeatureOptions, max_rank: int) -> Scored:
 
     idx = np.flatnonzero(cache.usable)
     ident = cache.identity[idx]
-    feats, factors = feat.extract_parts(model, cache, idx)
+    feats, parts = feat.extract_parts(model, cache, idx)
     m = P.identification(feats, ident, max_rank=max_rank)
     pos = np.arange(len(idx))
     per_row = probe_outcomes(feats, ident, feats, ident, query_index=pos)
     mates = mate_success(feats, ident, pos, pos)
     return Scored(with_all_images(m, cache), **fgnet_units(cache, idx, per_row),
-                  rows=idx, features=feats, factors=factors,
+                  rows=idx, features=feats, parts=parts,
                   mates={**mates, "probe": idx[mates["probe"]], "mate": idx[mates["mate"]]})
 
 
@@ -113,7 +123,7 @@ def image_counts(cache) -> dict:
 
 
 def _identification(cache, feats: np.ndarray, probe: np.ndarray, gallery: np.ndarray,
-                    metrics: dict, rows: np.ndarray, factors) -> Scored:
+                    metrics: dict, rows: np.ndarray, parts: dict) -> Scored:
     """A probe set against a gallery (cache records; `feats` holds a row per record)."""
     from mtmim_cli.eval.agebins import mate_success
     from mtmim_cli.eval.outcomes import probe_outcomes
@@ -124,7 +134,7 @@ def _identification(cache, feats: np.ndarray, probe: np.ndarray, gallery: np.nda
     return Scored(metrics, outcomes={"index": probe, "hit": per["hit"], "rank": per["rank"],
                                      "top1": top},
                   context={"kind": "identification", "probe": probe, "gallery": gallery},
-                  rows=rows, features=feats[rows], factors=factors,
+                  rows=rows, features=feats[rows], parts=parts,
                   mates=mate_success(feats, ident, probe, gallery))
 
 
@@ -141,11 +151,11 @@ def morph(model, cache, split: dict, feat: FeatureOptions, max_rank: int) -> Sco
     masked_age = np.where(cache.usable, cache.age, np.nan)
     probe, gallery, _ = P.largest_gap_pairs(cache.identity, masked_age, split["test"])
     idx = morph_indices(cache, split)
-    sub, factors = feat.extract_parts(model, cache, idx)
+    sub, parts = feat.extract_parts(model, cache, idx)
     feats = np.zeros((len(cache), sub.shape[1]), np.float32)
     feats[idx] = sub
     m = P.morph_rank1(feats, cache.identity, masked_age, split["test"], max_rank)
-    return _identification(cache, feats, probe, gallery, m, idx, factors)
+    return _identification(cache, feats, probe, gallery, m, idx, parts)
 
 
 def cacd_indices(year: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -160,13 +170,13 @@ def cacd(model, cache, year: np.ndarray, test: np.ndarray, feat: FeatureOptions)
     from mtmim_cli.eval import metrics as M
 
     idx = cacd_indices(year, test)
-    sub, factors = feat.extract_parts(model, cache, idx)
+    sub, parts = feat.extract_parts(model, cache, idx)
     m = P.cacd_map(sub, cache.identity[idx], year[idx], np.ones(len(idx), bool))
     feats = np.zeros((len(cache), sub.shape[1]), np.float32)
     feats[idx] = sub
     queries = idx[year[idx] == P.CACD_QUERY_YEAR]
     database = idx[(year[idx] >= 2004) & (year[idx] <= 2012)]
-    scored = _identification(cache, feats, queries, database, m, idx, factors)
+    scored = _identification(cache, feats, queries, database, m, idx, parts)
     for name, (lo, hi) in P.CACD_DATABASES.items():
         d = idx[(year[idx] >= lo) & (year[idx] <= hi)]
         _, aps = M.mean_average_precision(feats[queries], cache.identity[queries], feats[d],
@@ -181,7 +191,7 @@ def verification(model, pairs: PairInput, feat: FeatureOptions) -> Scored:
     from mtmim_cli.eval.agebins import pair_correctness
 
     used, inv = np.unique(np.r_[pairs.i, pairs.j], return_inverse=True)
-    feats, factors = feat.extract_parts(model, pairs.source, used)
+    feats, parts = feat.extract_parts(model, pairs.source, used)
     n = len(pairs.i)
     fa, fb = feats[inv[:n]], feats[inv[n:]]
     m = P.verification(fa, fb, pairs.same, pairs.folds)
@@ -192,7 +202,7 @@ def verification(model, pairs: PairInput, feat: FeatureOptions) -> Scored:
                   context={"kind": "verification", "i": pairs.i, "j": pairs.j,
                            "same": pairs.same, "on_cache": on_cache},
                   rows=used if on_cache else None, features=feats if on_cache else None,
-                  factors=factors if on_cache else None)
+                  parts=parts if on_cache else None)
 
 
 def run_protocol(protocol: str, model, inputs: EvalInputs, feat: FeatureOptions,

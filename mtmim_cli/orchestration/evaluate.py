@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from mtmim_cli.atomic import atomic_write_text
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.eval import benchmarks
@@ -81,11 +83,14 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
             metrics["wall_seconds"] = round(time.perf_counter() - t0, 2) + \
                 metrics.pop("refit_seconds", 0.0)
             t0 = time.perf_counter()
-            sc.features = sc.factors = None  # the age probe is done; outcomes are all we keep
+            if feature_idx is not None and cfg.refit == "none":
+                parts[m.label] = _parts_over(sc, feature_idx)
+            sc.features = sc.parts = None  # the age probe is done; outcomes are all we keep
             scored.append((label, sc))
             rows.append({"model": label, "metrics": metrics, "test_faces": faces[m.label]})
             say(_summary_line(cfg.protocol, label, metrics))
-        if feature_idx is not None:
+        if feature_idx is not None and parts.get(m.label) is None:
+            # A re-fit scores its rounds' models; the file holds the given model's parts.
             parts[m.label] = factor_parts(model or load_model(m.path, m.backbone, cfg.device),
                                           inputs.cache, feature_idx, cfg.batch_size, cfg.device)
         models_info.append({"label": m.label, "path": str(m.path), "backbone": m.backbone,
@@ -129,6 +134,13 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
         say(markdown_table(cfg.protocol, rows, payload["variant_text"], payload["benchmark"]))
         say(analysis_markdown(payload))
     return payload
+
+
+def _parts_over(sc: Scored, indices) -> dict | None:
+    """The scored image view's parts when they cover exactly `indices` (in that order)."""
+    if sc.parts is None or sc.rows is None or not np.array_equal(sc.rows, indices):
+        return None
+    return sc.parts
 
 
 def analysis_options(cfg: EvalConfig) -> AnalysisOptions:

@@ -1,5 +1,5 @@
-"""Keep freed memory in the process, so that batch after batch of CPU inference does not
-page-fault its activations back in.
+"""Keep freed memory in the process, so that batch after batch of CPU inference (and each
+training step on the CPU: bench/train_allocator.py) does not page-fault its activations back in.
 
 torch's CPU allocator takes every block from malloc, and glibc serves blocks above its mmap
 threshold (at most 32 MB) with a fresh mmap and returns them to the kernel on free. A

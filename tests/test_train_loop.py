@@ -158,6 +158,19 @@ def test_lr_column_follows_the_schedule(tmp_path: Path, cache: Path) -> None:
         train(NoisyObjective(ds.num_classes), ds, c, meta=META)
 
 
+def test_a_cpu_run_keeps_freed_memory(tmp_path: Path, cache: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training on the CPU asks malloc to keep freed memory once, before the first step
+    (each step frees and re-takes its activations; bench/train_allocator.py)."""
+    import mtmim_cli.train.loop as loop
+
+    calls = []
+    monkeypatch.setattr(loop, "reuse_freed_memory", lambda: calls.append(1) or True)
+    ds = CacheDataset([cache], train=True)
+    train(NoisyObjective(ds.num_classes), ds, _config(tmp_path / "r", epochs=1), meta=META)
+    assert calls == [1]
+
+
 def test_grad_clipping_bounds_the_update(tmp_path: Path, cache: Path) -> None:
     ds = CacheDataset([cache], train=True)
     obj = NoisyObjective(ds.num_classes)

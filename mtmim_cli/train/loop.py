@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from mtmim_cli import __version__
+from mtmim_cli.allocator import reuse_freed_memory
 from mtmim_cli.atomic import atomic_write, atomic_write_text
 from mtmim_cli.data.dataset import NORMALISATION, CacheDataset
 from mtmim_cli.errors import MtmimError
@@ -176,6 +177,10 @@ def train(objective: Objective, train_data: Sequence[str | os.PathLike] | Datase
     """
     config.validate()
     device = D.init_from_env()
+    if device.type == "cpu":
+        # Each step frees and re-takes its activations' large blocks: keep them mapped
+        # (bench/train_allocator.py measures it).
+        reuse_freed_memory()
     world = D.world_size()
     meta = {**meta, "normalisation": NORMALISATION, "tool_version": __version__}
     if config.batch_size % (world * config.accumulate):

@@ -353,6 +353,54 @@ def test_resume_equals_uninterrupted_run(tree, tmp_path, detector):
     assert_same_cache(full.out, out)
 
 
+def test_a_partial_cache_from_a_build_that_detected_differently_is_refused(tree, tmp_path,
+                                                                           detector):
+    """A partial cache made before the detector's behaviour was recorded (no padded retry,
+    no edge re-search) is not finished by this build: one line naming the partial file and
+    the difference; --overwrite starts over with this build's settings."""
+    import json
+
+    from mtmim_cli.data.detect import BEHAVIOUR
+
+    out = tmp_path / "old.h5"
+    partial = out.with_name("old.h5.partial")
+    with pytest.raises(KeyboardInterrupt):
+        align_dataset(tree, "fgnet", out, progress=False, commit_every=1, workers=1,
+                      detector=Interrupting(detector, 2))
+    with h5py.File(partial, "r+") as f:
+        settings = json.loads(f.attrs["settings"])
+        assert settings["detector_behaviour"] == BEHAVIOUR == 2
+        del settings["detector_behaviour"]   # as the build before the version was recorded
+        f.attrs["settings"] = json.dumps(settings, sort_keys=True)
+        done = int(f.attrs["n_done"])
+    assert done == 2
+    with pytest.raises(MtmimError) as err:
+        align_dataset(tree, "fgnet", out, progress=False, detector=detector)
+    assert str(err.value) == (
+        f"{partial}: a partial cache of these photos made with other settings "
+        "(detector_behaviour 1 (this run: 2)); finishing it would mix the two: remove it, or "
+        "pass --overwrite to start over")
+    with h5py.File(partial) as f:
+        assert int(f.attrs["n_done"]) == done   # refused before anything was written
+    with pytest.raises(KeyboardInterrupt):
+        align_dataset(tree, "fgnet", out, progress=False, overwrite=True, commit_every=1,
+                      workers=1, detector=Interrupting(detector, 1))
+    with h5py.File(partial) as f:
+        assert int(f.attrs["n_done"]) == 1
+        assert json.loads(f.attrs["settings"])["detector_behaviour"] == 2
+
+
+def test_settings_difference_reads_old_caches_as_the_old_behaviour():
+    from mtmim_cli.data.align import settings_difference
+
+    old = '{"aligned": false, "min_face": 0.15, "retry": true}'
+    new = '{"aligned": false, "detector_behaviour": 2, "min_face": 0.15, "pad": 0.5, "retry": true}'
+    assert settings_difference(old, new) == ("detector_behaviour 1 (this run: 2), "
+                                              "pad 0.0 (this run: 0.5)")
+    assert settings_difference(new, new) == ""
+    assert settings_difference('{"aligned": true}', '{"aligned": true}') == ""
+
+
 def test_shards_merge_to_the_unsharded_cache(tree, tmp_path, detector):
     from mtmim_cli.data.shards import merge_caches
 

@@ -272,6 +272,34 @@ def _outcome(load: Callable[[str], np.ndarray], rel: str, aligned: bool, on_miss
         return _Outcome(ERROR, reason=f"detection failed: {exc!r}")
 
 
+def settings_difference(old: str, new: str) -> str:
+    """The settings (JSON) that differ, as 'name OLD (this run: NEW)'. A cache made before a
+    setting was recorded reads as that setting's old value: detector behaviour 1, no pad."""
+    a, b = json.loads(old), json.loads(new)
+    for d in (a, b):
+        if not d.get("aligned"):
+            d.setdefault("detector_behaviour", 1)
+            d.setdefault("pad", 0.0)
+    return ", ".join(f"{k} {a.get(k)} (this run: {b.get(k)})" for k in sorted(set(a) | set(b))
+                     if a.get(k) != b.get(k))
+
+
+def _partial_difference(partial: Path, records_sha1: str, settings: str) -> str:
+    """How a partial cache of the same photos was made differently ('' when it was not, or it
+    holds other photos or cannot be read: the writer then starts over)."""
+    import h5py
+
+    try:
+        with h5py.File(partial, "r") as f:
+            if f.attrs.get("records_sha1") != records_sha1:
+                return ""
+            old = f.attrs.get("settings")
+            old = old.decode() if isinstance(old, bytes) else str(old)
+        return settings_difference(old, settings)
+    except Exception:  # noqa: BLE001  a damaged partial file is started over by the writer
+        return ""
+
+
 def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = "skip",
                   aligned: bool = False, min_face: float | None = None,
                   det_size: int | None = None, retry: bool = True, pad: float = 0.0,
@@ -289,8 +317,9 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
     `log` receives one plain line per commit (for logs and non-terminal runs).
     `image_format` jpeg or png stores the faces encoded (data/cache.py), encoded in the workers.
     """
+    from mtmim_cli.atomic import tmp_path_for
     from mtmim_cli.data.cache import MISS, Cache, CacheWriter, records_digest
-    from mtmim_cli.data.detect import DEFAULT_DET_SIZE, DEFAULT_MIN_FACE, FaceDetector
+    from mtmim_cli.data.detect import BEHAVIOUR, DEFAULT_DET_SIZE, DEFAULT_MIN_FACE, FaceDetector
     from mtmim_cli.data.readers import image_loader, read_records, source_root
     from mtmim_cli.progress import make_progress
 
@@ -315,22 +344,34 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
                 "retry": None if aligned else retry}
     if pad and not aligned:  # only when set, so caches made before --pad keep their settings
         settings["pad"] = float(pad)
+    if not aligned:
+        settings["detector_behaviour"] = BEHAVIOUR
     attrs = {"reader": fmt, "source_root": str(root), "command": command,
              "template": TEMPLATE_112.tolist(), "settings": json.dumps(settings, sort_keys=True),
              "shard": f"{shard[0]}/{shard[1]}" if shard else "", "all_records_sha1": all_digest}
 
     if out.exists() and not overwrite:
+        diff = ""
         try:
             old = Cache(out)
             same = (old.attrs.get("records_sha1") == records_digest(records)
                     and old.attrs.get("settings") == attrs["settings"]
                     and old.image_format == image_format)
+            if old.attrs.get("records_sha1") == records_digest(records):
+                diff = settings_difference(old.attrs.get("settings", "{}"), attrs["settings"])
         except MtmimError:
             same = False
         if not same:
-            raise MtmimError(f"{out}: exists and was made from other photos or settings "
-                             "(remove it or pass --overwrite)")
+            raise MtmimError(f"{out}: exists and was made from other photos or settings"
+                             f"{f' ({diff})' if diff else ''}; remove it or pass --overwrite")
         return summarize_cache(out, reused=True)
+    partial = tmp_path_for(out)
+    if partial.exists() and not overwrite:
+        diff = _partial_difference(partial, records_digest(records), attrs["settings"])
+        if diff:
+            raise MtmimError(f"{partial}: a partial cache of these photos made with other "
+                             f"settings ({diff}); finishing it would mix the two: remove it, "
+                             "or pass --overwrite to start over")
 
     if not aligned:
         import torch

@@ -44,6 +44,11 @@ RETRY_MIN_FACE = 20.0    # MTCNN's own default, used for the first retry after a
 RETRY_PAD = 0.5          # padding of the last retry after a miss (fraction of the longer side)
 OVERFLOW = 0.1           # a box this far (fraction of its side) past the photo's edge: a tight crop
 DEFAULT_DET_SIZE = 640
+# What detection does beyond its settings, stored in a cache's settings so that a partial
+# cache is never finished by a build that detects differently. 1: the 20-px retry after a
+# miss; 2: also the retry framed by RETRY_PAD and the framed re-search of a face past the
+# photo's edge. Bump it with any change that finds other faces for the same settings.
+BEHAVIOUR = 2
 
 
 @dataclass(frozen=True)

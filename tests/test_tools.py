@@ -280,3 +280,47 @@ def test_verify_cli_exit_codes_and_messages(model_and_cache, tmp_path) -> None:
     res = run_cli("verify", str(a), str(blank), "--model", cal)
     assert res.returncode == 2 and f"{blank}: no face found" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_embed_and_verify_pad_detect_as_align_pad(model_and_cache, tmp_path, monkeypatch) -> None:
+    """--pad on a photo folder (embed) and on two photos (verify) is align's --pad: the
+    detector is built with it, the faces embedded are those `align --pad` caches from the same
+    photos, and verify's cosine is that of the two embeddings. Bad values are one line."""
+    import h5py
+
+    import mtmim_cli.data.detect as D
+    from mtmim_cli.data.align import align_dataset
+    from mtmim_cli.data.cache import Cache
+    from mtmim_cli.deploy.embed import embed_source
+    from mtmim_cli.deploy.verify import verify_photos
+    from tests.faces import astronaut, write_jpeg
+
+    pads = []
+
+    class Spy(D.FaceDetector):
+        def __init__(self, *a, **kw):
+            pads.append(kw.get("pad"))
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(D, "FaceDetector", Spy)
+    model, _ = model_and_cache
+    face = astronaut()
+    tight = write_jpeg(tmp_path / "photos" / "eileen" / "tight.jpg", face[70:180, 165:265])
+    wide = write_jpeg(tmp_path / "photos" / "eileen" / "wide.jpg", face[0:320, 60:380])
+    cache = Cache(align_dataset(tmp_path / "photos", "folder", tmp_path / "a.h5", pad=0.5,
+                                workers=1, progress=False).out)
+    assert cache.usable.all()
+    s = embed_source(tmp_path / "photos", model, tmp_path / "e.h5", pad=0.5, progress=False)
+    assert s["embedded"] == 2 and pads == [0.5, 0.5]
+    with h5py.File(tmp_path / "e.h5", "r") as f:
+        assert list(f["path"].asstr()[:]) == list(cache.paths) and f.attrs["pad"] == 0.5
+        emb = f["embeddings"][:]
+    np.testing.assert_allclose(emb, _features(model, cache.images(np.arange(2))), atol=1e-5)
+    v = verify_photos(tight, wide, model, threshold=0.0, pad=0.5)
+    assert pads[-1] == 0.5 and v.score == pytest.approx(float(emb[0] @ emb[1]), abs=1e-5)
+
+    with pytest.raises(MtmimError, match="a cache holds aligned faces"):
+        embed_source(tmp_path / "a.h5", model, tmp_path / "e2.h5", pad=0.5, progress=False)
+    r = run_cli("verify", str(tight), str(wide), "--model", str(model), "--pad", "3")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --pad 3: must lie between 0 and 2 (a fraction of the longer side)"], r.stderr

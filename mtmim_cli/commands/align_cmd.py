@@ -19,6 +19,11 @@ def _command_line() -> str:
     return "mtmim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+PAD_HELP = ("Frame each photo by this fraction of its longer side (in its mean colour) "
+            "before detecting: for tight crops that are all face, which MTCNN misses or "
+            "misplaces (try 0.5). Landmarks are mapped back; the photo itself is warped.")
+
+
 @app.command()
 def align(
     src: Path = typer.Argument(..., help="Dataset folder (or CSV / label file for csv, morph, celeba)."),
@@ -37,11 +42,7 @@ def align(
     det_size: int = typer.Option(None, "--det-size",
                                  help="Photos longer than this many pixels are downscaled for "
                                       "detection (warp at full size). Default 640; 0 = never."),
-    pad: float = typer.Option(0.0, "--pad",
-                              help="Frame each photo by this fraction of its longer side (in its "
-                                   "mean colour) before detecting: for tight crops that are all "
-                                   "face, which MTCNN misses or misplaces (try 0.5). Landmarks "
-                                   "are mapped back; the photo itself is warped."),
+    pad: float = typer.Option(0.0, "--pad", help=PAD_HELP),
     no_retry: bool = typer.Option(False, "--no-retry",
                                   help="Do not retry a miss (at MTCNN's 20-px minimum face, then "
                                        "padded by 0.5)."),

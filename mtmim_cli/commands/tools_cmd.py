@@ -9,6 +9,7 @@ import typer
 from mtmim_cli import __version__
 from mtmim_cli.app import app
 from mtmim_cli.atomic import ensure_writable
+from mtmim_cli.commands.align_cmd import PAD_HELP
 
 
 @app.command()
@@ -107,11 +108,13 @@ def verify(
     threshold: float = typer.Option(None, "--threshold", help="Decide at this cosine instead of the stored threshold."),
     backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    pad: float = typer.Option(0.0, "--pad", help=PAD_HELP),
 ) -> None:
     """Same person? Prints the cosine similarity and the decision; exit 0 same, 1 different."""
     from mtmim_cli.deploy.verify import verify_photos
 
-    v = verify_photos(photo_a, photo_b, model, threshold=threshold, backbone=backbone, device=device)
+    v = verify_photos(photo_a, photo_b, model, threshold=threshold, backbone=backbone,
+                      device=device, pad=pad)
     t = v.threshold
     far = f" (FAR {t['far']:g} on {t['protocol']})" if t.get("far") is not None else ""
     if t.get("far_resolved") is False:
@@ -133,6 +136,7 @@ def embed(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(128, "--batch-size", help="Images per forward pass."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core)."),
+    pad: float = typer.Option(0.0, "--pad", help=f"Photo folders only. {PAD_HELP}"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """L2-normalised identity embeddings (x_id of a fine-tuned model, x of a pretrained one) of
@@ -147,7 +151,7 @@ def embed(
         raise MtmimError(f"--flip {flip}: choose from concat, sum, none")
     set_torch_threads(threads)
     s = embed_source(src, model, out, flip=flip, on_miss=on_miss, backbone=backbone,
-                     device=device, batch_size=batch_size, progress=not quiet)
+                     device=device, batch_size=batch_size, pad=pad, progress=not quiet)
     center = f", {s['center']} from a centre crop" if s["center"] else ""
     typer.echo(f"{s['embedded']}/{s['total']} faces embedded ({s['dim']}-d {s['feature']}"
                f"{center}) -> {s['out']}")

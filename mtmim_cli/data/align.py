@@ -319,7 +319,13 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
     """
     from mtmim_cli.atomic import tmp_path_for
     from mtmim_cli.data.cache import MISS, Cache, CacheWriter, records_digest
-    from mtmim_cli.data.detect import BEHAVIOUR, DEFAULT_DET_SIZE, DEFAULT_MIN_FACE, FaceDetector
+    from mtmim_cli.data.detect import (
+        BEHAVIOUR,
+        DEFAULT_DET_SIZE,
+        DEFAULT_MIN_FACE,
+        FaceDetector,
+        check_pad,
+    )
     from mtmim_cli.data.readers import image_loader, read_records, source_root
     from mtmim_cli.progress import make_progress
 
@@ -329,8 +335,7 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
     det_size = DEFAULT_DET_SIZE if det_size is None else int(det_size)
     if min_face <= 0:
         raise MtmimError(f"--min-face {min_face}: must be positive")
-    if not 0 <= pad <= 2:
-        raise MtmimError(f"--pad {pad}: must lie between 0 and 2 (a fraction of the longer side)")
+    pad = check_pad(pad)
     out = Path(out)
     aligned = aligned or fmt == "rec"  # insightface packs hold aligned crops
     records = read_records(src, fmt)

@@ -51,6 +51,13 @@ DEFAULT_DET_SIZE = 640
 BEHAVIOUR = 2
 
 
+def check_pad(pad: float) -> float:
+    """`--pad` (align, verify, embed): a fraction of the photo's longer side, 0 to 2."""
+    if not 0 <= pad <= 2:
+        raise MtmimError(f"--pad {pad:g}: must lie between 0 and 2 (a fraction of the longer side)")
+    return float(pad)
+
+
 @dataclass(frozen=True)
 class Detection:
     """One face. Coordinates in source-photo pixels (pixel centres on integers).

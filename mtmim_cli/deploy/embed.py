@@ -9,7 +9,8 @@ Layout: `embeddings` float32 (N, D), L2-normalised; `path` str (relative to the 
 `identity` str (the cache's name, or the photo's parent folder); `age` float32 (NaN unknown);
 `status` str (detected, center, prealigned); `missed_path`, `missed_reason` str (M,);
 attributes: feature (x_id for a fine-tuned model, x for a pretrained or external encoder),
-model, model_sha256, flip, on_miss, source, tool_version. Written under a temporary name and
+model, model_sha256, flip, on_miss, pad (detection framing of a folder's photos), source,
+tool_version. Written under a temporary name and
 renamed when complete.
 """
 
@@ -63,9 +64,10 @@ def _from_cache(src: Path) -> _Source:
                    [r if not u else "" for r, u in zip(cache.reason, usable, strict=True)])
 
 
-def _from_folder(src: Path, device: str, on_miss: str, progress: bool) -> _Source:
-    """Align every photo under `src` (recursively); faceless ones are centre-cropped when
-    `on_miss` is "center", else left out of `rows`."""
+def _from_folder(src: Path, device: str, on_miss: str, progress: bool, pad: float) -> _Source:
+    """Align every photo under `src` (recursively; detection framed by `pad`, as `align
+    --pad`); faceless ones are centre-cropped when `on_miss` is "center", else left out of
+    `rows`."""
     from mtmim_cli.data.align import align_photo, center_crop
     from mtmim_cli.data.detect import FaceDetector
     from mtmim_cli.data.readers import IMAGE_EXTS, load_image
@@ -75,7 +77,7 @@ def _from_folder(src: Path, device: str, on_miss: str, progress: bool) -> _Sourc
                    and not p.name.startswith("."))
     if not files:
         raise MtmimError(f"{src}: no photos found (looked for {', '.join(sorted(IMAGE_EXTS))})")
-    detector = FaceDetector(device=device)
+    detector = FaceDetector(device=device, pad=pad)
     images = np.zeros((len(files), 112, 112, 3), np.uint8)
     status = ["miss"] * len(files)
     reasons = [""] * len(files)
@@ -103,13 +105,15 @@ def _from_folder(src: Path, device: str, on_miss: str, progress: bool) -> _Sourc
 def embed_source(src: str | os.PathLike, model_path: str | os.PathLike,
                  out: str | os.PathLike, *, flip: str = "concat", on_miss: str = "skip",
                  backbone: str | None = None, device: str = "cpu", batch_size: int = 128,
-                 progress: bool = True) -> dict:
+                 pad: float = 0.0, progress: bool = True) -> dict:
     """Embed every face of `src` (a folder of photos or an mtmim cache) into `out`; records
     without a face are skipped and listed (`on_miss="center"`: a folder's faceless photos are
-    embedded from their centre crop)."""
+    embedded from their centre crop). `pad` frames a folder's photos for detection, as
+    `align --pad` does."""
     import h5py
 
     from mtmim_cli.atomic import atomic_write
+    from mtmim_cli.data.detect import check_pad
     from mtmim_cli.eval.features import extract_features
     from mtmim_cli.models.identity import load_identity_model
 
@@ -118,8 +122,11 @@ def embed_source(src: str | os.PathLike, model_path: str | os.PathLike,
     src, model_path, out = Path(src), Path(model_path), Path(out)
     if not src.exists():
         raise MtmimError(f"{src}: no such file or folder")
+    pad = check_pad(pad)
+    if pad and not src.is_dir():
+        raise MtmimError(f"{src}: --pad frames photos for detection; a cache holds aligned faces")
     model = load_identity_model(model_path, backbone)
-    s = _from_folder(src, device, on_miss, progress) if src.is_dir() else _from_cache(src)
+    s = _from_folder(src, device, on_miss, progress, pad) if src.is_dir() else _from_cache(src)
     rows = s.rows
     if len(rows):
         feats = extract_features(model, s.images, rows, flip=flip, batch_size=batch_size,
@@ -144,7 +151,7 @@ def embed_source(src: str | os.PathLike, model_path: str | os.PathLike,
             f.create_dataset("missed_reason", data=strings(s.reasons, missed), dtype=text)
             f.attrs.update({"format": "mtmim-embeddings", "feature": feature,
                             "model": str(model_path), "model_sha256": _sha256(model_path),
-                            "flip": flip, "on_miss": on_miss, "source": str(src),
+                            "flip": flip, "on_miss": on_miss, "pad": pad, "source": str(src),
                             "tool_version": __version__})
     return {"out": str(out), "embedded": len(rows), "total": len(s.paths),
             "dim": int(feats.shape[1]), "feature": feature,

@@ -168,20 +168,22 @@ def stored_threshold(model, model_path: str | os.PathLike) -> dict:
 def verify_photos(photo_a: str | os.PathLike, photo_b: str | os.PathLike,
                   model_path: str | os.PathLike, *, threshold: float | None = None,
                   flip: str | None = None, backbone: str | None = None,
-                  device: str = "cpu", detector=None) -> Verdict:
-    """Align both photos, compare their identity features, decide at the stored threshold
-    (or `threshold`). A photo without a face is an MtmimError naming it."""
+                  device: str = "cpu", pad: float = 0.0, detector=None) -> Verdict:
+    """Align both photos (detection framed by `pad`, as `align --pad`), compare their identity
+    features, decide at the stored threshold (or `threshold`). A photo without a face is an
+    MtmimError naming it."""
     from mtmim_cli.data.align import align_photo
-    from mtmim_cli.data.detect import FaceDetector
+    from mtmim_cli.data.detect import FaceDetector, check_pad
     from mtmim_cli.models.identity import load_identity_model
 
+    pad = check_pad(pad)
     model = load_identity_model(model_path, backbone)
     if threshold is None:
         t = dict(stored_threshold(model, model_path))
     else:
         t = {"value": float(threshold), "far": None, "protocol": "given on the command line"}
     flip = flip or t.get("flip", "concat")
-    detector = detector or FaceDetector(device=device)
+    detector = detector or FaceDetector(device=device, pad=pad)
     faces = []
     for photo in (photo_a, photo_b):
         aligned, _ = align_photo(photo, detector)

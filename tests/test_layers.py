@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"models"},
     {"eval"},
     {"train"},
-    {"orchestration", "deploy", "report", "report_age", "demo"},
+    {"orchestration", "deploy", "report", "demo"},
     {"commands", "app"},
     {"cli"},
 ]

@@ -12,6 +12,10 @@ import pytest
 
 from mtmim_cli import report as R
 from mtmim_cli.errors import MtmimError
+from mtmim_cli.report import figures as F
+from mtmim_cli.report import loading as L
+from mtmim_cli.report import page as P
+from mtmim_cli.report import projection as PR
 from tests.conftest import run_cli, write_cache
 
 
@@ -53,7 +57,7 @@ def test_smooth_is_a_trailing_mean_ignoring_nan() -> None:
     v = rng.normal(size=57)
     v[[3, 10, 11]] = np.nan
     for w in (1, 4, 9):
-        got = R.smooth(v, w)
+        got = F.smooth(v, w)
         for i in range(len(v)):
             window = v[max(0, i - w + 1):i + 1]
             window = window[np.isfinite(window)]
@@ -63,20 +67,20 @@ def test_smooth_is_a_trailing_mean_ignoring_nan() -> None:
 
 def test_curves_and_club_draw_the_logged_values(tmp_path: Path) -> None:
     logged = {m: _metrics_csv(tmp_path / m, m, 80, k) for k, m in enumerate(("baseline", "mtmim"))}
-    runs = [R.load_run(tmp_path / m) for m in ("baseline", "mtmim")]
+    runs = [L.load_run(tmp_path / m) for m in ("baseline", "mtmim")]
     assert [r.mode for r in runs] == ["baseline", "mtmim"]
-    fig = R.plot_training_curves(runs)
+    fig = F.plot_training_curves(runs)
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[:2] == ["loss", "l_id"] and "club" in titles and titles[-2:] == ["accuracy", "lr"]
     for name in ("loss", "club", "age_accuracy"):
         ax = fig.axes[titles.index(name)]
         x, y = _line_data(ax, "mtmim")
         np.testing.assert_allclose(x, logged["mtmim"]["step"])
-        np.testing.assert_allclose(y, R.smooth(logged["mtmim"][name], R._window(80)), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(y, F.smooth(logged["mtmim"][name], F._window(80)), rtol=1e-5, atol=1e-5)
     assert fig.axes[titles.index("lr")].get_yscale() == "log"
-    club = R.plot_club(runs)
+    club = F.plot_club(runs)
     x, y = _line_data(club.axes[0], "baseline")
-    np.testing.assert_allclose(y, R.smooth(logged["baseline"]["club"], R._window(80)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, F.smooth(logged["baseline"]["club"], F._window(80)), rtol=1e-5, atol=1e-5)
     assert {t.get_text() for t in club.axes[0].get_legend().get_texts()} == {"baseline", "mtmim"}
 
 
@@ -93,7 +97,7 @@ def test_figures_share_mode_colours_label_axes_and_draw_lr_as_set(tmp_path: Path
     pre_rows = ["step,epoch,loss,accuracy,lr,images_per_s"] + [
         f"{i},1,{3 - i / 50:.4f},{i / 200:.4f},0.001,50" for i in range(1, 151)]
     (pre / "metrics.csv").write_text("\n".join(pre_rows) + "\n")
-    runs = [R.load_run(p) for p in (pre, tmp_path / "baseline", tmp_path / "mtmim")]
+    runs = [L.load_run(p) for p in (pre, tmp_path / "baseline", tmp_path / "mtmim")]
     ev = tmp_path / "ev"
     ev.mkdir()
     (ev / "results.json").write_text("{}")
@@ -102,10 +106,10 @@ def test_figures_share_mode_colours_label_axes_and_draw_lr_as_set(tmp_path: Path
         for r in range(1, 8)))
     (ev / "roc.csv").write_text("protocol,model,far,tar\n" + "".join(
         f"pairs,{m},{f},{f ** 0.2}\n" for m in ("baseline", "mtmim") for f in (0.001, 0.01, 0.1, 1)))
-    evals = [R.load_evaluation(ev)]
+    evals = [L.load_evaluation(ev)]
     palette = Palette()
-    curves = R.plot_training_curves(runs, palette)
-    figs = [curves, R.plot_club(runs, palette), R.plot_cmc(evals, palette), R.plot_roc(evals, palette)]
+    curves = F.plot_training_curves(runs, palette)
+    figs = [curves, F.plot_club(runs, palette), F.plot_cmc(evals, palette), F.plot_roc(evals, palette)]
 
     def colour_of(fig, label: str) -> set[str]:
         return {mc.to_hex(ln.get_color()) for ax in fig.axes for ln in ax.get_lines()
@@ -128,7 +132,7 @@ def test_figures_share_mode_colours_label_axes_and_draw_lr_as_set(tmp_path: Path
     assert (y == 0.001).all()
     lo, hi = lr_ax.get_ylim()
     assert lr_ax.get_yscale() == "log" and lo < 0.001 and hi > 0.02
-    alone = R.plot_training_curves(runs[:1])
+    alone = F.plot_training_curves(runs[:1])
     lr_ax = alone.axes[[ax.get_title() for ax in alone.axes].index("lr")]
     lo, hi = lr_ax.get_ylim()
     assert lo <= 0.001 / 5 and hi >= 0.001 * 5   # room around a constant
@@ -136,14 +140,14 @@ def test_figures_share_mode_colours_label_axes_and_draw_lr_as_set(tmp_path: Path
     figs[2].canvas.draw()
     ticks = [t for t in cmc_ax.get_xticks() if cmc_ax.get_xlim()[0] <= t <= cmc_ax.get_xlim()[1]]
     assert ticks and all(float(t).is_integer() for t in ticks)
-    path = R._save(curves, tmp_path / "curves.png")
+    path = F.save_figure(curves, tmp_path / "curves.png")
     _png_has_content(path)
 
 
 def test_club_figure_absent_without_a_club_column(tmp_path: Path) -> None:
     (tmp_path / "pre").mkdir()
     (tmp_path / "pre" / "metrics.csv").write_text("step,epoch,loss,accuracy,lr,images_per_s\n1,1,3,0.1,0.01,50\n")
-    assert R.plot_club([R.load_run(tmp_path / "pre")]) is None
+    assert F.plot_club([L.load_run(tmp_path / "pre")]) is None
 
 
 def test_disentanglement_scores_match_sklearn() -> None:
@@ -155,7 +159,7 @@ def test_disentanglement_scores_match_sklearn() -> None:
     centres = rng.normal(size=(12, 16))
     x_id = centres[ident] + 0.05 * rng.normal(size=(len(ident), 16))       # identity only
     x_age = np.outer(age, rng.normal(size=16)) + 0.5 * rng.normal(size=(len(ident), 16))  # age only
-    s = R.disentanglement_scores({"x_id": x_id, "x_age": x_age, "identity": ident, "age": age})
+    s = PR.disentanglement_scores({"x_id": x_id, "x_age": x_age, "identity": ident, "age": age})
     assert s["id_1nn_x_id"] == 1.0 and s["id_1nn_x_age"] < 0.3
     assert s["age_r2_x_age"] > 0.95 and s["age_r2_x_id"] < 0.2
     # the R^2 is sklearn's on the same cross-validated predictions
@@ -206,8 +210,8 @@ def test_projection_comes_from_evaluates_features_file(tmp_path: Path,
     f = read_feature_file(ev / "features.npz")["mtmim"]
     np.testing.assert_array_equal(f["paths"], [cache.paths[k] for k in idx])
     keep = np.linspace(0, 27, 20).round().astype(int)
-    sc = R.disentanglement_scores({k: v[keep] for k, v in f.items()})
-    assert f"| mtmim | {R._fmt(sc['age_r2_x_id'])} | {R._fmt(sc['age_r2_x_age'])} " in text
+    sc = PR.disentanglement_scores({k: v[keep] for k, v in f.items()})
+    assert f"| mtmim | {P._fmt(sc['age_r2_x_id'])} | {P._fmt(sc['age_r2_x_age'])} " in text
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.plot_style import MODE_COLOURS, Palette
 from mtmim_cli.report import build_report
-from mtmim_cli.report_age import bin_series, plot_age_map, plot_rank1_by_age
+from mtmim_cli.report.age import bin_series, plot_age_map, plot_rank1_by_age
 
 
 def _rows(labels, rates, ns):

@@ -1,4 +1,4 @@
-"""`mtmim report`'s figures of results by age, drawn from evaluate's results.json:
+"""The report's figures of results by age, drawn from evaluate's results.json:
 rank-1 against probe age and against the age gap to the nearest same-identity gallery photo
 (one line per model, its bootstrap interval as a band) and, for one model, the probe-age x
 gallery-age map of success (which mates a probe would be found by)."""
@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+
+from mtmim_cli.report.figures import pyplot
 
 
 def bin_series(results: dict, key: str) -> list[tuple[str, list[str], np.ndarray, np.ndarray,
@@ -37,11 +39,9 @@ def plot_rank1_by_age(results_list: list[dict], colour_of: Callable[[str], str] 
     """Two panels, rank-1 (%) by probe age group and by age gap, one line per model (and
     evaluation) with its 95% bootstrap band; the probes per bin under each tick. None when
     no evaluation holds a breakdown."""
-    from mtmim_cli.report import _plt
-
     if not any(bin_series(res, "by_gap") for res in results_list):
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12.0, 4.4))
     for ax, (key, xlabel) in zip(axes, PANELS, strict=True):
         series = [(res.get("protocol", ""), s) for res in results_list for s in bin_series(res, key)]
@@ -71,9 +71,7 @@ def plot_age_map(amap: dict, model: str):
     """Heat map of success per (probe age group, gallery age group): the share of
     probe-mate pairs where the mate outscores every other-identity photo; cells show % and
     the number of pairs, empty cells are blank."""
-    from mtmim_cli.report import _plt
-
-    plt = _plt()
+    plt = pyplot()
     rate = np.array([[np.nan if v is None else v for v in row] for row in amap["rate"]], float)
     n = np.array(amap["n"])
     labels = amap["labels"]

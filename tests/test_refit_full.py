@@ -51,7 +51,8 @@ def test_refit_full_rounds_never_train_on_their_held_out_images(tmp_path: Path,
     monkeypatch.setattr(Cache, "image", logged_image)
     monkeypatch.setattr(Cache, "images", bulk_images)
     monkeypatch.setattr(FT, "finetune", logged_finetune)
-    opts = {"epochs": 1, "batch_size": 4, "age_groups": 2, "mode": "baseline"}
+    # workers 0: batches are read in this process, where the reads are logged
+    opts = {"epochs": 1, "batch_size": 4, "age_groups": 2, "mode": "baseline", "workers": 0}
     got = evaluate(EvalConfig(protocol="fgnet-loo", models=[ModelArg("tiny", init)],
                               cache=cache, refit="full", folds=FOLDS, refit_options=opts,
                               rounds_dir=tmp_path / "rounds"), progress=False)

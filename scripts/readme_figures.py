@@ -118,10 +118,28 @@ def kept_lines(block: Block, output: str) -> list[str]:
     return [ln for ln in lines if ln.strip()]
 
 
+TABLE_RULE_RE = re.compile(r"^\|[\s:|-]+\|$")
+
+
+def markdown_spacing(lines: list[str]) -> list[str]:
+    """Kept lines as Markdown reads them: a blank line before each table (a header row is the
+    line above a |---| rule) and after it, so a caption stays a paragraph and two tables
+    printed back to back do not run into one."""
+    out: list[str] = []
+    for i, ln in enumerate(lines):
+        is_row = ln.startswith("|")
+        header = is_row and i + 1 < len(lines) and bool(TABLE_RULE_RE.match(lines[i + 1]))
+        after_table = bool(out) and out[-1].startswith("|") and not is_row
+        if out and out[-1] and (header or after_table):
+            out.append("")
+        out.append(ln)
+    return out
+
+
 def render(block: Block, lines: list[str], note: str) -> str:
     """The new body of a block: the command, what it printed, and when/how it ran."""
     if block.raw:
-        return f"`$ {block.cmd}` ({block.time}; {note})\n\n" + "\n".join(lines) + "\n"
+        return f"`$ {block.cmd}` ({block.time}; {note})\n\n" + "\n".join(markdown_spacing(lines)) + "\n"
     return "\n".join(["```console", f"$ {block.cmd}   # {block.time}", *lines, f"# {note}",
                       "```"]) + "\n"
 

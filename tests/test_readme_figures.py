@@ -82,6 +82,15 @@ def test_raw_blocks_insert_markdown(tmp_path: Path) -> None:
     assert "| a |\n|---|\n| 1 |\n" in text and "```" not in text and '`$ printf' in text
 
 
+def test_raw_blocks_keep_captions_and_back_to_back_tables_apart() -> None:
+    lines = ["Caption.", "| A | B |", "|---|---|", "| 1 | 2 |", "| C |", "|:-:|", "| 3 |", "After."]
+    assert RF.markdown_spacing(lines) == ["Caption.", "", "| A | B |", "|---|---|", "| 1 | 2 |",
+                                          "", "| C |", "|:-:|", "| 3 |", "", "After."]
+    # a row that merely follows another row is not a new table
+    assert RF.markdown_spacing(["| a |", "|---|", "| 1 |", "| 2 |"]) == ["| a |", "|---|",
+                                                                        "| 1 |", "| 2 |"]
+
+
 @pytest.mark.parametrize("cmd,problem", [
     ("mtmim evaluate --protocol fgnet-loo --no-such-option 3", "no option --no-such-option"),
     ("mtmim frobnicate x", "no such command"),

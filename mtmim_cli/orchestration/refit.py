@@ -150,9 +150,36 @@ def round_key(cfg: EvalConfig, m: ModelArg, *, cache_sha256: str, model_sha256: 
     return {"protocol": cfg.protocol, "refit": cfg.refit, "folds": cfg.folds, "seed": cfg.seed,
             "flip": cfg.flip, "cache_sha256": cache_sha256, "model_sha256": model_sha256,
             "backbone": m.backbone, "refit_options": cfg.refit_options,
+            "resolved_options": resolved_refit_options(cfg.refit, cfg.refit_options),
             "input_width": input_width, "features": list(features),
             "batch_size": cfg.batch_size, "device": str(cfg.device).split(":")[0],
             "tool_version": __version__, "round_format": ROUND_FORMAT}
+
+
+def resolved_refit_options(refit: str, options: dict) -> dict:
+    """The settings a round actually trains with: the options over their defaults, with a
+    named recipe expanded, so that a changed default or recipe never reuses stored rounds.
+    The mode is left out (each mode has its own store, keyed by it)."""
+    import json
+    from dataclasses import asdict
+
+    opts = {k: v for k, v in options.items() if k != "mode"}
+    if refit == "head":
+        from mtmim_cli.train.round_heads import RoundHeadConfig
+
+        opts.pop("rounds_per_chunk", None)   # how rounds are batched, not what they compute
+        resolved = RoundHeadConfig.from_options(opts).to_dict()
+    elif refit == "full":
+        from mtmim_cli.train.config import RESUME_FREE
+        from mtmim_cli.train.finetune import split_options
+
+        train, fine = split_options(opts, {})
+        resolved = {**{k: v for k, v in asdict(train).items()
+                       if k not in RESUME_FREE and k != "out"}, **fine}
+    else:
+        return {}
+    resolved.pop("mode", None)
+    return json.loads(json.dumps(resolved, sort_keys=True, default=str))
 
 
 def rounds_dir(cfg: EvalConfig, m: ModelArg) -> Path:

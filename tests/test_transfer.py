@@ -391,7 +391,7 @@ def test_recipe_small_sits_between_defaults_and_explicit_options() -> None:
     assert (cfg.lr, cfg.epochs, cfg.optimizer) == (1e-3, 5, "adam")
     assert (o["freeze_through"], o["freeze_bn"], o["init_centres"], o["l2sp"], o["s"], o["m"]) == \
         ("auto", "all", "mean-mirror", 1e-2, 64.0, 0.35)
-    assert (o["wise"], o["mi_target"], o["lambda_mim"], cfg.weight_decay) == (0.5, "age-group", 0.1, 0.0)
+    assert (o["wise"], o["mi_target"], o["lambda_mim"], cfg.weight_decay) == (0.5, "age-group", 1.0, 0.0)
     cfg, o = split_options({"recipe": "small", "lr": 1e-4}, {"l2sp": 0.0})
     assert cfg.lr == 1e-4 and o["l2sp"] == 0.0
     with pytest.raises(MtmimError, match="--recipe big"):

@@ -64,6 +64,8 @@ def main() -> None:
             lo = int(rng.integers(0, 4096))
             yield float(k // args.per_identity), blob[lo: lo + int(sizes[k])]
 
+    if args.dir is not None:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)   # a scratch folder that is not there yet
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         t0 = time.perf_counter()
         rec = write_rec(Path(tmp) / "train.rec", items())

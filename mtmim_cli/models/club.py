@@ -82,11 +82,18 @@ def train_q(q: CLUB, optimizer: torch.optim.Optimizer, x_id: torch.Tensor, x_age
             steps: int) -> float:
     """`steps` Adam steps of q on the log-likelihood of (detached) features; returns the last
     step's log-likelihood (measured before that step's update)."""
-    x_id, x_age = x_id.detach().float(), x_age.detach().float()
+    return _likelihood_steps(q, optimizer, x_id, x_age.detach().float(), steps)
+
+
+def _likelihood_steps(q: nn.Module, optimizer: torch.optim.Optimizer, x_id: torch.Tensor,
+                      target: torch.Tensor, steps: int) -> float:
+    """`steps` steps of q on log q(target | x_id), x_id detached; the last step's
+    log-likelihood (measured before that step's update)."""
+    x_id = x_id.detach().float()
     ll = float("nan")
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        loss = -q.log_likelihood(x_id, x_age)
+        loss = -q.log_likelihood(x_id, target)
         loss.backward()
         optimizer.step()
         ll = -float(loss.detach())
@@ -144,12 +151,4 @@ class AgeGroupQ(nn.Module):
 def train_group_q(q: AgeGroupQ, optimizer: torch.optim.Optimizer, x_id: torch.Tensor,
                   groups: torch.Tensor, steps: int) -> float:
     """`steps` Adam steps of q on the log-likelihood of the (detached) features' groups."""
-    x_id = x_id.detach().float()
-    ll = float("nan")
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        loss = -q.log_likelihood(x_id, groups)
-        loss.backward()
-        optimizer.step()
-        ll = -float(loss.detach())
-    return ll
+    return _likelihood_steps(q, optimizer, x_id, groups, steps)

@@ -53,33 +53,24 @@ def _val_split(split: dict, fold: int, folds: int = 4, seed: int = 12345) -> dic
                               "test_identities": sorted(str(s) for s in cb_val)}}
 
 
-def _resolved(options: dict) -> dict:
-    """What a fine-tune trains with: options over the recipe over the defaults (a changed
-    recipe or default must not reuse an old run)."""
-    from dataclasses import asdict
-
-    from mtmim_cli.train.config import RESUME_FREE
-    from mtmim_cli.train.finetune import split_options
-
-    train, fine = split_options(dict(options), {})
-    both = {**{k: v for k, v in asdict(train).items() if k not in RESUME_FREE}, **fine}
-    return json.loads(json.dumps(both, sort_keys=True, default=str))
-
-
 def _reusable(run: Path, options: dict) -> bool:
     """A finished run made with these settings is reused; one made with others is refused."""
+    from mtmim_cli.train.finetune import resolved_settings
+
     if not (run / "model.pt").exists():
         return False
     saved = run / "bench-settings.json"
-    if not saved.exists() or json.loads(saved.read_text()) != _resolved(options):
+    if not saved.exists() or json.loads(saved.read_text()) != resolved_settings(options):
         sys.exit(f"error: {run}: a finished run with other settings (or none recorded); "
                  "remove it or use another --out")
     return True
 
 
 def _write_settings(run: Path, options: dict) -> None:
+    from mtmim_cli.train.finetune import resolved_settings
+
     tmp = run / ".bench-settings.json.tmp"
-    tmp.write_text(json.dumps(_resolved(options), sort_keys=True, indent=1))
+    tmp.write_text(json.dumps(resolved_settings(options), sort_keys=True, indent=1))
     tmp.replace(run / "bench-settings.json")
 
 

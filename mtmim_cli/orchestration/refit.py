@@ -161,7 +161,6 @@ def resolved_refit_options(refit: str, options: dict) -> dict:
     named recipe expanded, so that a changed default or recipe never reuses stored rounds.
     The mode is left out (each mode has its own store, keyed by it)."""
     import json
-    from dataclasses import asdict
 
     opts = {k: v for k, v in options.items() if k != "mode"}
     if refit == "head":
@@ -170,12 +169,9 @@ def resolved_refit_options(refit: str, options: dict) -> dict:
         opts.pop("rounds_per_chunk", None)   # how rounds are batched, not what they compute
         resolved = RoundHeadConfig.from_options(opts).to_dict()
     elif refit == "full":
-        from mtmim_cli.train.config import RESUME_FREE
-        from mtmim_cli.train.finetune import split_options
+        from mtmim_cli.train.finetune import resolved_settings
 
-        train, fine = split_options(opts, {})
-        resolved = {**{k: v for k, v in asdict(train).items()
-                       if k not in RESUME_FREE and k != "out"}, **fine}
+        resolved = {k: v for k, v in resolved_settings(opts).items() if k != "out"}
     else:
         return {}
     resolved.pop("mode", None)

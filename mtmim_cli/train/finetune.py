@@ -292,6 +292,21 @@ def split_options(config: TrainConfig | dict[str, Any] | None,
     return cfg, opts
 
 
+def resolved_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """What a fine-tune given this flat dict of options trains with: the options over their
+    recipe over the defaults, training settings and fine-tuning options in one JSON-plain
+    dict, without the settings a run may change on resume (RESUME_FREE). Stores of finished
+    work compare it, so that a changed recipe or default never passes for the same run."""
+    import json
+    from dataclasses import asdict
+
+    from mtmim_cli.train.config import RESUME_FREE
+
+    train, fine = split_options(dict(options), {})
+    both = {**{k: v for k, v in asdict(train).items() if k not in RESUME_FREE}, **fine}
+    return json.loads(json.dumps(both, sort_keys=True, default=str))
+
+
 def _recipe(name: str | None) -> dict[str, Any]:
     if not name:
         return {}

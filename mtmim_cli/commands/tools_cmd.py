@@ -181,3 +181,37 @@ def export(
     typer.echo(f"wrote {r['out']}: input {r['input']} -> {r['dim']}-d features; "
                f"onnxruntime vs torch on {r['batch']} images: max |diff| {r['max_abs_diff']:.2e} "
                f"(outputs up to {r['max_abs_value']:.3g}), min cosine {r['min_cosine']:.6f}")
+
+
+@app.command("remove-age")
+def remove_age_cmd(
+    model: Path = typer.Argument(..., help="Model file (any that evaluate takes)."),
+    cache: Path = typer.Option(..., "--cache", help="Labelled cache with ages to fit on (training identities only: never the people you test on)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model file to write: MODEL plus the age subspace to project out."),
+    identities: str = typer.Option(None, "--identities", help="Fit on these identities only: comma-separated, @FILE, or @FILE.json:key (e.g. @open-set.json:fgnet.train_subjects)."),
+    age_bins: str = typer.Option("0,6,11,16,21,31", "--age-bins", help="Lower edges of the age groups whose mean change is removed (one fewer dimensions than groups, at most)."),
+    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Project the within-identity age subspace out of a model's features: the closed-form,
+    linear counterpart of MT-MIM's x_id = x - x_age, fitted on dated photos (no training)."""
+    ensure_writable(out)
+
+    from mtmim_cli.data.identity_lists import read_identity_list
+    from mtmim_cli.deploy.remove_age import remove_age
+    from mtmim_cli.eval.agebins import parse_edges
+    from mtmim_cli.threads import set_torch_threads
+
+    set_torch_threads(threads)
+    edges = parse_edges(age_bins)
+    ids = read_identity_list(identities) if identities else None
+    r = remove_age(model, cache, out, edges=edges, identities=ids, backbone=backbone,
+                   progress=not quiet)
+    typer.echo(f"fitted on {r['photos']} photos of {r['identities']} identities: "
+               f"{r['dims']} of {r['feature_dim']} dimensions removed -> {r['out']}")
+    typer.echo(f"age probe of the fitting photos' features (cross-validated by identity; "
+               f"optimistic, they shaped the subspace): R^2 of log(1+age) "
+               f"{r['r2_before']:.3f} -> {r['r2_after']:.3f}, age group accuracy "
+               f"{100 * r['group_acc_before']:.1f}% -> {100 * r['group_acc_after']:.1f}% "
+               f"(chance {100 * r['group_chance']:.1f}%)")

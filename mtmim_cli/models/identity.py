@@ -4,6 +4,8 @@ normalised images (B, 3, 112, input_width) to identity features.
 Accepted: our checkpoints (pretrain: x; finetune: x_id from the factorization unit), the shared
 MobileFaceNet checkpoint (`{'epoch', 'net_state_dict'}`), and a plain encoder state dict such as
 insightface's `backbone.pth` (the iresnet depth is read from the keys when `backbone` is None).
+Any of these may carry an `age_subspace` entry (written by `mtmim remove-age`): an orthonormal
+basis that the model's output is then projected off (models/age_subspace.py).
 """
 
 from __future__ import annotations
@@ -30,17 +32,24 @@ _IRESNET_DEPTH = {(2, 2, 2, 2): "iresnet18", (3, 4, 6, 3): "iresnet34",
 
 class IdentityModel(nn.Module):
     def __init__(self, encoder: nn.Module, meta: dict[str, Any],
-                 factorize: nn.Module | None = None) -> None:
+                 factorize: nn.Module | None = None,
+                 age_basis: torch.Tensor | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.factorize = factorize
         self.meta = meta
         self.input_width = int(meta["input_width"])
         self.embedding_size = int(meta["embedding_size"])
+        self.age_basis: torch.Tensor | None
+        self.register_buffer("age_basis", age_basis)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.encoder(images)
-        return x if self.factorize is None else self.factorize(x)[0]
+        x = x if self.factorize is None else self.factorize(x)[0]
+        if self.age_basis is not None:
+            b = self.age_basis.to(x.dtype)
+            x = x - (x @ b) @ b.T
+        return x
 
     def encoder_view(self) -> nn.Module:
         """The encoder alone (x, before the factorization unit), carrying this model's input
@@ -120,4 +129,19 @@ def load_identity_model(path: str | os.PathLike, backbone: str | None = None) ->
         meta = {"kind": "external", "source": str(path)}
     meta = {**meta, "backbone": name, "input_width": meta.get("input_width", input_width(name)),
             "embedding_size": dim, "normalisation": meta.get("normalisation", NORMALISATION)}
-    return IdentityModel(encoder, meta, factorize).eval()
+    basis = _age_basis(obj, dim, path)
+    if basis is not None:
+        meta["age_subspace"] = {k: v for k, v in obj["age_subspace"].items() if k != "basis"}
+    return IdentityModel(encoder, meta, factorize, basis).eval()
+
+
+def _age_basis(obj: Any, dim: int, path: Path) -> torch.Tensor | None:
+    entry = obj.get("age_subspace") if isinstance(obj, dict) else None
+    if entry is None:
+        return None
+    basis = entry.get("basis") if isinstance(entry, dict) else None
+    if not isinstance(basis, torch.Tensor) or basis.ndim != 2 or basis.shape[0] != dim:
+        raise MtmimError(f"{path}: its age_subspace entry is not a ({dim}, k) basis")
+    if not torch.isfinite(basis).all():
+        raise MtmimError(f"{path}: its age_subspace basis holds non-finite values")
+    return basis.to(torch.float32)

@@ -93,6 +93,14 @@ def _shares(f: np.ndarray, basis: np.ndarray, identity: np.ndarray, age: np.ndar
         float(inside[~same].sum() / total[~same].sum())
 
 
+def _val_cell(val: np.ndarray) -> str:
+    if len(val) == 0:
+        return "–"
+    return (f"{100 * val[:, 0].mean():+.2f}, {np.nanmean(val[:, 1]):+.4f} "
+            f"({int((val[:, 0] > 0).sum())}/{len(val)}, {int((val[:, 1] > 0).sum())}/"
+            f"{int(np.isfinite(val[:, 1]).sum())})")
+
+
 def main() -> None:
     from mtmim_cli.paths import shared_dir
 
@@ -107,6 +115,8 @@ def main() -> None:
     ap.add_argument("--model", action="append", default=[], help="NAME=PATH (repeat)")
     ap.add_argument("--runs", default=None,
                     help="a folder of runs (each RUN/model.pt, named by its folder)")
+    ap.add_argument("--settings", default=None,
+                    help="with --runs: only the runs of these settings (comma-separated)")
     ap.add_argument("--reference", default="baseline",
                     help="the setting every other one is also compared with")
     ap.add_argument("--young-max", type=float, default=10)
@@ -140,7 +150,9 @@ def main() -> None:
     models = [("pretrained", Path(a.init))]
     models += [(t.partition("=")[0], Path(t.partition("=")[2])) for t in a.model]
     if a.runs:
-        models += [(p.parent.name, p) for p in sorted(Path(a.runs).glob("*/model.pt"))]
+        only = set(a.settings.split(",")) if a.settings else None
+        models += [(p.parent.name, p) for p in sorted(Path(a.runs).glob("*/model.pt"))
+                   if only is None or _setting(p.parent.name) in only]
     print(f"{len(models)} models; FG-NET train {int(train.sum())} photos of "
           f"{len(np.unique(subject[train]))} subjects, test {int(test.sum())} photos of "
           f"{len(np.unique(subject[test]))}; CelebA test {len(cb_rows)} photos", flush=True)
@@ -176,7 +188,7 @@ def main() -> None:
                     d_auc = np.nan
                 gains.append((_rank1_hits(rv, ident[v]).mean() - _rank1_hits(fv, ident[v]).mean(),
                               d_auc))
-        row["val"] = np.array(gains)
+        row["val"] = np.array(gains).reshape(-1, 2)
         res[name] = row
         print(f"{name}: k {row['k']}, FG-NET rank-1 {100 * row['as_is']['fg'].mean():.2f} -> "
               f"{100 * row['removed']['fg'].mean():.2f} ({time.perf_counter() - t0:.0f} s)",
@@ -232,9 +244,7 @@ def main() -> None:
               f"{ms([res[n]['removed']['r2'] for n in names], 1, 3)} | "
               f"{ms([res[n]['as_is']['cb'].mean() for n in names])} → "
               f"{ms([res[n]['removed']['cb'].mean() for n in names])} | "
-              f"{100 * val[:, 0].mean():+.2f}, {np.nanmean(val[:, 1]):+.4f} "
-              f"({int((val[:, 0] > 0).sum())}/{len(val)}, {int((val[:, 1] > 0).sum())}/"
-              f"{int(np.isfinite(val[:, 1]).sum())}) | "
+              f"{_val_cell(val)} | "
               f"{ms([res[n]['share'][0] for n in names], 100, 1)}% / "
               f"{ms([res[n]['share'][1] for n in names], 100, 1)}% |")
     if len(settings) > 1:

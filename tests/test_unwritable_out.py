@@ -43,6 +43,7 @@ def commands(i: dict[str, Path], bad: Path) -> dict[str, list[str]]:
         "calibrate": ["calibrate", m, "--cache", c, "--out", f"{bad}/cal.pt"],
         "embed": ["embed", c, "--model", m, "--out", f"{bad}/e.h5"],
         "export": ["export", m, "--onnx", f"{bad}/m.onnx"],
+        "remove-age": ["remove-age", m, "--cache", c, "--out", f"{bad}/noage.pt"],
         "synth": ["synth", "--out", f"{bad}/synth"],
     }
 

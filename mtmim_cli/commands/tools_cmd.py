@@ -195,7 +195,9 @@ def remove_age_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Project the within-identity age subspace out of a model's features: the closed-form,
-    linear counterpart of MT-MIM's x_id = x - x_age, fitted on dated photos (no training)."""
+    linear counterpart of MT-MIM's x_id = x - x_age, fitted on dated photos (no training).
+    evaluate, embed, verify and export use the projected features; as a fine-tuning --init only
+    the encoder counts (fit again after fine-tuning)."""
     ensure_writable(out)
 
     from mtmim_cli.data.identity_lists import read_identity_list

@@ -85,6 +85,19 @@ def write_cache(path: Path, identities: list[str], ages: list[float] | None = No
     return w.finish()
 
 
+def tiny_finetuned(d: Path, ages: list[float], seed: int) -> tuple[Path, Path]:
+    """A real fine-tuned (mtmim mode, x_id from its factorization unit) tiny model and the
+    labelled cache of 8 people x 6 photos (`ages` in that order) it was trained on."""
+    from mtmim_cli.train.finetune import finetune
+
+    ids = [f"id{k}" for k in range(8) for _ in range(6)]
+    cache = write_cache(d / "c.h5", ids, ages, seed=seed)
+    run = finetune([cache], None, {"out": str(d / "run"), "backbone": "tiny", "mode": "mtmim",
+                                   "age_groups": 2, "batch_size": 16, "epochs": 1,
+                                   "progress": False, "lr": 1e-3})
+    return run / "model.pt", cache
+
+
 @pytest.fixture
 def tiny_cache(tmp_path: Path) -> Path:
     """8 identities x 6 images, ages spread over 0-70."""

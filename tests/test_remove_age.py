@@ -11,7 +11,7 @@ import torch
 from scipy.linalg import subspace_angles
 
 from mtmim_cli.errors import MtmimError
-from tests.conftest import run_cli, write_cache
+from tests.conftest import run_cli, tiny_finetuned, write_cache
 
 EDGES = (0, 6, 11, 16, 21, 31)
 
@@ -19,16 +19,8 @@ EDGES = (0, 6, 11, 16, 21, 31)
 @pytest.fixture(scope="module")
 def model_and_cache(tmp_path_factory) -> tuple[Path, Path]:
     """A real fine-tuned tiny model (x_id from its factorization unit) and 8 people x 6 ages."""
-    from mtmim_cli.train.finetune import finetune
-
-    d = tmp_path_factory.mktemp("noage")
-    ids = [f"id{k}" for k in range(8) for _ in range(6)]
-    ages = [float(2 + 7 * j + k) for k in range(8) for j in range(6)]
-    cache = write_cache(d / "c.h5", ids, ages, seed=3)
-    run = finetune([cache], None, {"out": str(d / "run"), "backbone": "tiny", "mode": "mtmim",
-                                   "age_groups": 2, "batch_size": 16, "epochs": 1,
-                                   "progress": False, "lr": 1e-3})
-    return run / "model.pt", cache
+    return tiny_finetuned(tmp_path_factory.mktemp("noage"),
+                          [float(2 + 7 * j + k) for k in range(8) for j in range(6)], seed=3)
 
 
 def _views(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,22 +12,14 @@ import torch
 from scipy.stats import binomtest
 
 from mtmim_cli.errors import MtmimError
-from tests.conftest import run_cli, write_cache
+from tests.conftest import run_cli, tiny_finetuned
 
 
 @pytest.fixture(scope="module")
 def model_and_cache(tmp_path_factory) -> tuple[Path, Path]:
     """A real fine-tuned (mtmim mode) tiny model and a labelled cache of 8 x 6 images."""
-    from mtmim_cli.train.finetune import finetune
-
-    d = tmp_path_factory.mktemp("tools")
-    ids = [f"id{k}" for k in range(8) for _ in range(6)]
-    ages = [float(3 + 11 * j + k) for k in range(8) for j in range(6)]
-    cache = write_cache(d / "c.h5", ids, ages, seed=5)
-    run = finetune([cache], None, {"out": str(d / "run"), "backbone": "tiny", "mode": "mtmim",
-                                   "age_groups": 2, "batch_size": 16, "epochs": 1,
-                                   "progress": False, "lr": 1e-3})
-    return run / "model.pt", cache
+    return tiny_finetuned(tmp_path_factory.mktemp("tools"),
+                          [float(3 + 11 * j + k) for k in range(8) for j in range(6)], seed=5)
 
 
 def _features(model_path: Path, images: np.ndarray) -> np.ndarray:

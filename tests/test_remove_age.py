@@ -104,3 +104,16 @@ def test_refusals_are_one_line_and_write_nothing(model_and_cache, tmp_path) -> N
     r = run_cli("remove-age", str(src), "--cache", str(cache), "--out", str(tmp_path / "z.pt"),
                 "--age-bins", "5,3")
     assert r.returncode != 0 and "--age-bins" in r.stderr
+
+
+def test_embed_says_the_features_have_their_age_subspace_removed(model_and_cache, tmp_path) -> None:
+    import h5py
+
+    from mtmim_cli.deploy.embed import embed_source
+    from mtmim_cli.deploy.remove_age import remove_age
+
+    src, cache = model_and_cache
+    r = remove_age(src, cache, tmp_path / "noage.pt", edges=EDGES)
+    embed_source(cache, tmp_path / "noage.pt", tmp_path / "e.h5")
+    with h5py.File(tmp_path / "e.h5") as f:
+        assert f.attrs["feature"] == f"x_id minus its age subspace ({r['dims']} dims)"

@@ -8,7 +8,8 @@ square instead, and marked "center" in `status`.
 Layout: `embeddings` float32 (N, D), L2-normalised; `path` str (relative to the source);
 `identity` str (the cache's name, or the photo's parent folder); `age` float32 (NaN unknown);
 `status` str (detected, center, prealigned); `missed_path`, `missed_reason` str (M,);
-attributes: feature (x_id for a fine-tuned model, x for a pretrained or external encoder),
+attributes: feature (x_id for a fine-tuned model, x for a pretrained or external encoder; with
+"minus its age subspace" for a model written by `mtmim remove-age`),
 model, model_sha256, flip, on_miss, pad (detection framing of a folder's photos), source,
 tool_version. Written under a temporary name and
 renamed when complete.
@@ -135,6 +136,8 @@ def embed_source(src: str | os.PathLike, model_path: str | os.PathLike,
         feats = np.zeros((0, model.embedding_size * (2 if flip == "concat" else 1)), np.float32)
     missed = np.setdiff1d(np.arange(len(s.paths)), rows)
     feature = "x_id" if model.factorize is not None else "x"
+    if model.age_basis is not None:   # `mtmim remove-age`: say so wherever the file goes
+        feature += f" minus its age subspace ({model.age_basis.shape[1]} dims)"
     text = h5py.string_dtype(encoding="utf-8")
 
     def strings(values: list[str], idx: np.ndarray) -> np.ndarray:

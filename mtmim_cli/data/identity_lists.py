@@ -6,7 +6,10 @@ the fixed open-set splits). Used by `finetune --train-identities`, `--replay-ide
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from mtmim_cli.errors import MtmimError
 
@@ -49,3 +52,11 @@ def name_matcher(names: list[str]):
     by value ('001' is 1)."""
     wanted = {name_key(n) for n in names}
     return lambda n: name_key(n) in wanted
+
+
+def listed_labels(identity_names: Sequence[str], names: Sequence[str]) -> np.ndarray:
+    """Per identity label of a cache (indexing its `identity_names`), whether that identity is
+    in `names` (matched as `name_matcher` does); index it with a cache's `identity` for a
+    per-record mask."""
+    wanted = name_matcher(list(names))
+    return np.array([wanted(n) for n in identity_names], bool)

@@ -21,14 +21,12 @@ def subset_cache(src: str | os.PathLike, out: str | os.PathLike, identities: Seq
     """Write the records of `src` whose identity is in `identities` (by name; whole numbers
     also by value: '1' selects '001') to `out`; returns its path."""
     from mtmim_cli.data.cache import Cache, CacheWriter
-    from mtmim_cli.data.identity_lists import name_key, name_matcher
+    from mtmim_cli.data.identity_lists import listed_labels, name_key
     from mtmim_cli.data.records import Record
     from mtmim_cli.progress import make_progress
 
     c = Cache(src)
-    wanted = name_matcher(list(identities))
-    keep_ids = np.array([wanted(n) for n in c.identity_names], bool)
-    rows = np.flatnonzero(keep_ids[c.identity])
+    rows = np.flatnonzero(listed_labels(c.identity_names, identities)[c.identity])
     if len(rows) == 0:
         raise MtmimError(f"{c.path}: none of the {len(identities)} listed identities is in it")
     present = {name_key(m) for m in c.identity_names}

@@ -312,13 +312,12 @@ class ReplaySampler(Sampler[int]):
 def identity_mask(base: CacheDataset, caches: range, names: Sequence[str], what: str) -> np.ndarray:
     """Items of `base` from the caches in `caches` whose identity is in `names`; a name
     matches as written or, when both are whole numbers, by value ('001' is 1)."""
-    from mtmim_cli.data.identity_lists import name_matcher
+    from mtmim_cli.data.identity_lists import listed_labels
 
-    wanted = name_matcher(list(names))
     mask = np.zeros(len(base), bool)
     for k in caches:
         cache = base.caches[k]
-        hit = np.array([wanted(n) for n in cache.identity_names], bool)
+        hit = listed_labels(cache.identity_names, names)
         rows = base.cache_of == k
         mask[rows] = hit[cache.identity[base.record[rows]]]
     if not mask.any():

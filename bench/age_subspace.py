@@ -1,7 +1,7 @@
 """Age removed in closed form, against the features as they are, on people no fit has seen.
 
 For each model (the pretrained one, and any fine-tuned model.pt, e.g. the runs of
-bench/open_set.py): the within-identity age subspace (mtmim_cli/models/age_subspace.py) is
+bench/open_set.py): the within-identity age subspace (mtmim_cli/eval/age_subspace.py) is
 fitted on the FG-NET training subjects of the fixed open-set split and projected out of every
 photo's features (image and mirror alike, then concatenated as `evaluate --flip concat`).
 Both versions are then scored on the held-out FG-NET subjects (leave-one-out rank-1 within
@@ -38,12 +38,13 @@ def _setting(name: str) -> str:
 
 
 def _rank1_hits(f: np.ndarray, identity: np.ndarray) -> np.ndarray:
+    """Leave-one-out rank-1 per photo (1.0 or 0.0), as evaluate's fgnet-loo scores it."""
     from mtmim_cli.eval.features import l2_normalise
+    from mtmim_cli.eval.outcomes import probe_outcomes
 
     g = l2_normalise(f)
-    s = g @ g.T
-    np.fill_diagonal(s, -np.inf)
-    return (identity[s.argmax(1)] == identity).astype(np.float64)
+    return probe_outcomes(g, identity, g, identity,
+                          query_index=np.arange(len(g)))["hit"].astype(np.float64)
 
 
 def _views(model_path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +56,7 @@ def _views(model_path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def _removed(views: tuple[np.ndarray, np.ndarray], basis: np.ndarray) -> np.ndarray:
-    from mtmim_cli.models.age_subspace import remove_subspace
+    from mtmim_cli.eval.age_subspace import remove_subspace
 
     return _concat(tuple(remove_subspace(v, basis) for v in views))
 
@@ -68,8 +69,8 @@ def _concat(views: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
 
 def _fit(views: tuple[np.ndarray, np.ndarray], rows: np.ndarray, identity: np.ndarray,
          age: np.ndarray) -> np.ndarray:
+    from mtmim_cli.eval.age_subspace import fit_age_subspace
     from mtmim_cli.eval.agebins import FGNET_AGE_EDGES
-    from mtmim_cli.models.age_subspace import fit_age_subspace
 
     x = np.concatenate([views[0][rows], views[1][rows]])
     return fit_age_subspace(x, np.tile(identity[rows], 2), np.tile(age[rows], 2),
@@ -83,12 +84,11 @@ def _shares(f: np.ndarray, basis: np.ndarray, identity: np.ndarray, age: np.ndar
     over impostor pairs: a common ageing direction adds to both alike."""
     from mtmim_cli.eval.cross_age import cross_age_pairs_all
 
-    young, adult = cross_age_pairs_all(identity, age, young_max, adult_min)
+    young, adult, same = cross_age_pairs_all(identity, age, young_max, adult_min)
     d = basis.shape[0]
     diff = f[young][:, None, :] - f[adult][None]
     total = (diff ** 2).sum(-1)
     inside = ((diff[..., :d] @ basis) ** 2).sum(-1) + ((diff[..., d:] @ basis) ** 2).sum(-1)
-    same = identity[young][:, None] == identity[adult][None]
     return float(inside[same].sum() / total[same].sum()), \
         float(inside[~same].sum() / total[~same].sum())
 
@@ -127,7 +127,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from mtmim_cli.data.cache import Cache
-    from mtmim_cli.data.identity_lists import name_matcher
+    from mtmim_cli.data.identity_lists import listed_labels
     from mtmim_cli.eval.compare import bootstrap_difference
     from mtmim_cli.eval.cross_age import bootstrap_cross_age_auc, cross_age_auc
     from mtmim_cli.eval.leakage import age_probe
@@ -141,8 +141,8 @@ def main() -> None:
     train_subjects = np.array(split["fgnet"]["train_subjects"])
     train = np.isin(subject, train_subjects)
     test = np.isin(subject, split["fgnet"]["test_subjects"])
-    wanted = name_matcher([str(v) for v in split["celeba_subset"]["test_identities"]])
-    cb_rows = np.flatnonzero(np.array([wanted(n) for n in cb.identity_names], bool)[cb.identity])
+    cb_rows = np.flatnonzero(listed_labels(cb.identity_names, [
+        str(v) for v in split["celeba_subset"]["test_identities"]])[cb.identity])
     fg_images = fg.images(np.arange(len(fg)))
     cb_images = cb.images(cb_rows)
     ident, age, cb_ident = fg.identity, fg.age, cb.identity[cb_rows]
@@ -166,7 +166,8 @@ def main() -> None:
         cviews = _views(path, cb_images)
         basis = _fit(views, np.flatnonzero(train), ident, age)
         row: dict = {"k": basis.shape[1]}
-        for tag, f, c in (("as_is", _concat(views), _concat(cviews)),
+        as_is = _concat(views)
+        for tag, f, c in (("as_is", as_is, _concat(cviews)),
                           ("removed", _removed(views, basis), _removed(cviews, basis))):
             row[tag] = {"fg": _rank1_hits(f[test], ident[test]),
                         "cb": _rank1_hits(c, cb_ident), "feat": f[test],
@@ -178,7 +179,7 @@ def main() -> None:
             for held in folds:
                 v = np.isin(subject, held)
                 b = _fit(views, np.flatnonzero(train & ~v), ident, age)
-                fv, rv = _concat(views)[v], _removed(views, b)[v]
+                fv, rv = as_is[v], _removed((views[0][v], views[1][v]), b)
                 try:
                     d_auc = (cross_age_auc(rv, ident[v], age[v], young_max=a.young_max,
                                            adult_min=a.adult_min)

@@ -70,11 +70,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from mtmim_cli.errors import MtmimError
+
     try:
         main()
-    except Exception as exc:  # noqa: BLE001 - one line for a bench's user, as the CLI does
-        from mtmim_cli.errors import MtmimError
-
-        if not isinstance(exc, MtmimError):
-            raise
+    except MtmimError as exc:   # one line for a bench's user, as the CLI does
         sys.exit(f"error: {exc}")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.linalg import orth, subspace_angles
 
-from mtmim_cli.models.age_subspace import fit_age_subspace, remove_subspace
+from mtmim_cli.eval.age_subspace import fit_age_subspace, remove_subspace
 
 EDGES = (0, 6, 11, 16, 21, 31)
 

@@ -35,7 +35,7 @@ def test_written_model_projects_off_the_subspace_fitted_on_its_own_views(model_a
                                                                            tmp_path) -> None:
     from mtmim_cli.data.cache import Cache
     from mtmim_cli.deploy.remove_age import remove_age
-    from mtmim_cli.models.age_subspace import fit_age_subspace
+    from mtmim_cli.eval.age_subspace import fit_age_subspace
     from mtmim_cli.models.identity import load_identity_model
 
     src, cache = model_and_cache

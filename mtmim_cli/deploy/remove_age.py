@@ -1,5 +1,5 @@
 """`mtmim remove-age`: a model file whose features have the within-identity age subspace
-projected out (models/age_subspace.py), fitted on the dated photos of a labelled cache.
+projected out (eval/age_subspace.py), fitted on the dated photos of a labelled cache.
 
 The new file is the old one plus an `age_subspace` entry (the basis and how it was fitted);
 every command that loads a model to compare faces (evaluate, embed, verify, export) applies the
@@ -31,10 +31,10 @@ def remove_age(model_path: str | os.PathLike, cache_path: str | os.PathLike,
 
     from mtmim_cli.atomic import atomic_write
     from mtmim_cli.data.cache import Cache
-    from mtmim_cli.data.identity_lists import name_matcher
+    from mtmim_cli.data.identity_lists import listed_labels
+    from mtmim_cli.eval.age_subspace import fit_age_subspace, remove_subspace
     from mtmim_cli.eval.features import combine_views, extract_views
     from mtmim_cli.eval.leakage import age_probe
-    from mtmim_cli.models.age_subspace import fit_age_subspace, remove_subspace
     from mtmim_cli.models.identity import load_identity_model
     from mtmim_cli.models.weights_io import load_weights_file
 
@@ -47,8 +47,7 @@ def remove_age(model_path: str | os.PathLike, cache_path: str | os.PathLike,
     cache = Cache(cache_path)
     rows = cache.usable & np.isfinite(cache.age)
     if identities is not None:
-        wanted = name_matcher(list(identities))
-        rows &= np.array([wanted(n) for n in cache.identity_names], bool)[cache.identity]
+        rows &= listed_labels(cache.identity_names, identities)[cache.identity]
     rows = np.flatnonzero(rows)
     ident, age = cache.identity[rows], cache.age[rows]
     n_ids = len(np.unique(ident))

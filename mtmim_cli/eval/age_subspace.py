@@ -19,13 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-
-def _bins(age: np.ndarray, edges: Sequence[float]) -> np.ndarray:
-    """Age group per photo (floored years, lower edges; -1 below the first edge or unknown)."""
-    out = np.full(age.shape, -1, np.int64)
-    ok = np.isfinite(age)
-    out[ok] = np.searchsorted(np.asarray(edges, np.float64), np.floor(age[ok]), side="right") - 1
-    return out
+from mtmim_cli.eval.agebins import assign_bins
 
 
 def fit_age_subspace(features: np.ndarray, identity: np.ndarray, age: np.ndarray,
@@ -43,7 +37,7 @@ def fit_age_subspace(features: np.ndarray, identity: np.ndarray, age: np.ndarray
     if x.ndim != 2 or len(x) != len(identity) or len(x) != len(age):
         raise ValueError(f"features {x.shape}, identity {identity.shape} and age {age.shape} "
                          "must have one row per photo")
-    group = _bins(age, edges)
+    group = assign_bins(age, edges)
     keep = group >= 0
     x, identity, group = x[keep], identity[keep], group[keep]
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

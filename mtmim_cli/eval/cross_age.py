@@ -21,27 +21,32 @@ from sklearn.metrics import roc_auc_score
 
 
 def cross_age_pairs_all(identity: np.ndarray, age: np.ndarray, young_max: float,
-                        adult_min: float) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the young photos and of the adult photos (ages known)."""
+                        adult_min: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of the young photos and of the adult photos (ages known), and whether each
+    young x adult pair is genuine (young rows, adult columns)."""
+    if young_max >= adult_min:
+        raise ValueError(f"young_max {young_max} must be below adult_min {adult_min}")
     age = np.asarray(age, np.float64)
     young = np.flatnonzero(np.isfinite(age) & (age <= young_max))
     adult = np.flatnonzero(np.isfinite(age) & (age >= adult_min))
-    if young_max >= adult_min:
-        raise ValueError(f"young_max {young_max} must be below adult_min {adult_min}")
     same = np.asarray(identity)[young][:, None] == np.asarray(identity)[adult][None]
     if not same.any() or same.all():
         raise ValueError(f"no genuine or no impostor pair between photos aged <= {young_max} "
                          f"and >= {adult_min}")
-    return young, adult
+    return young, adult, same
+
+
+def _scores(features: np.ndarray, young: np.ndarray, adult: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every young x adult pair, flattened as `same.ravel()`."""
+    f = _unit(features)
+    return (f[young] @ f[adult].T).ravel()
 
 
 def cross_age_auc(features: np.ndarray, identity: np.ndarray, age: np.ndarray, *,
                   young_max: float = 10, adult_min: float = 18) -> float:
     """ROC AUC of cosine similarity over all young x adult pairs."""
-    young, adult = cross_age_pairs_all(identity, age, young_max, adult_min)
-    f = _unit(features)
-    same = np.asarray(identity)[young][:, None] == np.asarray(identity)[adult][None]
-    return float(roc_auc_score(same.ravel(), (f[young] @ f[adult].T).ravel()))
+    young, adult, same = cross_age_pairs_all(identity, age, young_max, adult_min)
+    return float(roc_auc_score(same.ravel(), _scores(features, young, adult)))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -56,11 +61,11 @@ def bootstrap_cross_age_auc(features: Mapping[str, np.ndarray], identity: np.nda
     bootstrap replicates, shared across models so differences are paired. Replicates without
     a genuine or an impostor pair are redrawn."""
     identity = np.asarray(identity)
-    young, adult = cross_age_pairs_all(identity, age, young_max, adult_min)
+    young, adult, same = cross_age_pairs_all(identity, age, young_max, adult_min)
+    same = same.ravel()
     ids, inv = np.unique(identity, return_inverse=True)
     iy, ia = inv[young], inv[adult]
-    same = (iy[:, None] == ia[None]).ravel()
-    scores = {k: (_unit(f)[young] @ _unit(f)[adult].T).ravel() for k, f in features.items()}
+    scores = {k: _scores(f, young, adult) for k, f in features.items()}
     rng = np.random.default_rng(seed)
     out = {k: np.empty(resamples) for k in scores}
     r = 0

@@ -5,7 +5,7 @@ Accepted: our checkpoints (pretrain: x; finetune: x_id from the factorization un
 MobileFaceNet checkpoint (`{'epoch', 'net_state_dict'}`), and a plain encoder state dict such as
 insightface's `backbone.pth` (the iresnet depth is read from the keys when `backbone` is None).
 Any of these may carry an `age_subspace` entry (written by `mtmim remove-age`): an orthonormal
-basis that the model's output is then projected off (models/age_subspace.py).
+basis that the model's output is then projected off (eval/age_subspace.py).
 """
 
 from __future__ import annotations

@@ -22,14 +22,16 @@ _PROTOCOL_HELP = (
 def evaluate(
     protocol: str = typer.Option(..., "--protocol", "-p", help=_PROTOCOL_HELP),
     model: list[str] = typer.Option(..., "--model", "-m",
-                                    help="[LABEL=]CHECKPOINT; repeat to compare models side by side "
+                                    help="[LABEL=]CHECKPOINT (ours, released weights, or a *.onnx face encoder); repeat to compare models side by side "
                                          "(e.g. --model baseline=a.pt --model mtmim=b.pt): every pair "
                                          "gets a paired interval and McNemar p. Labels "
                                          "SETTING@SEED (mtmim@s0, mtmim@s1) group checkpoints of "
                                          "one setting: mean and sd over seeds, settings compared."),
     backbone: str = typer.Option(None, "--backbone",
                                  help="Backbone name for plain state dicts such as an insightface "
-                                      "backbone.pth (our checkpoints record it)."),
+                                      "backbone.pth (our checkpoints record it); for a *.onnx "
+                                      "model, onnx:CHANNELS[,MEAN,STD] gives its input (default "
+                                      "rgb; scaling read from the graph, else 127.5,127.5)."),
     cache: Path = typer.Option(None, "--cache", "-c", help="Aligned HDF5 cache of the test set."),
     pairs: Path = typer.Option(None, "--pairs",
                                help="Pair list: insightface .bin (images inside), LFW pairs.txt, "

@@ -56,7 +56,7 @@ _NOT_SETTINGS = ("caches", "init", "threads")
 def finetune(
     ctx: typer.Context,
     caches: list[Path] = typer.Argument(..., help="Training caches with ages (from `mtmim align`)."),
-    init: Path = typer.Option(None, "--init", help="Start from a pretrain checkpoint of ours, an insightface iresnet backbone.pth (with --backbone) or the shared MobileFaceNet ckpt."),
+    init: Path = typer.Option(None, "--init", help="Start from a pretrain checkpoint of ours, an insightface iresnet backbone.pth (with --backbone), the shared MobileFaceNet ckpt, or an ONNX face encoder (*.onnx; --backbone onnx:SPEC for its input)."),
     backbone: str = typer.Option(D("backbone"), "--backbone", help="Encoder name; read from --init when it is our checkpoint or MobileFaceNet; needed without --init."),
     embedding_size: int = typer.Option(D("embedding_size"), "--embedding-size", help="Embedding size of a freshly built encoder (default: the backbone's native size)."),
     mode: str = typer.Option(D("mode"), "--mode", help="baseline (L_ID), age (L_ID + L_AGE) or mtmim (L_ID + L_AGE + L_MIM): the paper's ablation rows."),
@@ -94,7 +94,7 @@ def finetune(
     sync_bn: bool = typer.Option(D("sync_bn"), "--sync-bn", help="Under torchrun, BatchNorm statistics over the global batch."),
     head_warmup_steps: int = typer.Option(D("head_warmup_steps"), "--head-warmup-steps", help="First steps with the encoder out of the optimiser (no gradient, BatchNorm statistics fixed; fresh Adam state at release), so new heads fit before they move a pretrained encoder (0 = the paper)."),
     recipe: str = typer.Option(D("recipe"), "--recipe", help=f"A named bundle of the options below for small training sets; options given explicitly override it, and without it the paper's settings apply. {recipe_summary()}."),
-    freeze_through: str = typer.Option(D("freeze_through"), "--freeze-through", help=f"Freeze the encoder up to and including this stage (eval mode, no gradient) and train the rest; its activations are computed once and cached (see --activation-cache). auto = all but the last two stages. Stages: {stage_summary()}."),
+    freeze_through: str = typer.Option(D("freeze_through"), "--freeze-through", help=f"Freeze the encoder up to and including this stage (eval mode, no gradient) and train the rest; its activations are computed once and cached (see --activation-cache). last:K = all but the last K stages; auto = last:2. Stages: {stage_summary()}; an ONNX encoder's are its weight layers, named in the refusal of a wrong name."),
     activation_cache: str = typer.Option(D("activation_cache"), "--activation-cache", help="Folder for the frozen trunk's cached activations, keyed by its weights, the images, stage, crop and dtype so runs share them (default: --out/activations); off = train the frozen trunk on images (needed for --augment)."),
     activation_dtype: str = typer.Option(D("activation_dtype"), "--activation-dtype", help="Storage of cached activations: float16 (half the disk and memory) or float32."),
     freeze_bn: str = typer.Option(D("freeze_bn"), "--freeze-bn", help="off; stats = every encoder BatchNorm in eval mode (running statistics fixed, affine weight and bias still trained); all = statistics and affine parameters fixed."),

@@ -64,14 +64,14 @@ def report(
 
 @app.command()
 def calibrate(
-    model: Path = typer.Argument(..., help="Checkpoint (ours, the shared MobileFaceNet, or a backbone.pth with --backbone)."),
+    model: Path = typer.Argument(..., help="Checkpoint (ours, the shared MobileFaceNet, a backbone.pth with --backbone, or a *.onnx face encoder)."),
     cache: Path = typer.Option(..., "--cache", "-c", help="Labelled aligned cache the model was not trained on (e.g. the held-out split)."),
     far: float = typer.Option(1e-3, "--far", help="Target false-accept rate over impostor pairs."),
     n_pairs: int = typer.Option(6000, "--n-pairs", help="Pairs to draw (half genuine)."),
     min_gap: float = typer.Option(0.0, "--min-gap", help="Minimum age gap of the drawn pairs (years)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the pair draw."),
     flip: str = typer.Option("concat", "--flip", help="Mirror features: concat, sum or none (verify uses the same)."),
-    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files."),
+    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files; onnx:CHANNELS[,MEAN,STD] for a *.onnx model's input."),
     out: Path = typer.Option(None, "--out", "-o", help="Write the calibrated checkpoint here (default: update MODEL in place; required for external weights)."),
     min_false_accepts: int = typer.Option(10, "--min-false-accepts", help="Impostor pairs that must score above the threshold for --far to count as measured (FAR x impostor pairs >= this); below it calibrate refuses."),
     allow_unresolved: bool = typer.Option(False, "--allow-unresolved", help="Store a threshold at a FAR the pairs cannot resolve anyway (marked unresolved in the checkpoint)."),
@@ -106,7 +106,7 @@ def verify(
     photo_b: Path = typer.Argument(..., help="Second photo."),
     model: Path = typer.Option(..., "--model", "-m", help="Calibrated checkpoint (see `mtmim calibrate`)."),
     threshold: float = typer.Option(None, "--threshold", help="Decide at this cosine instead of the stored threshold."),
-    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files."),
+    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files; onnx:CHANNELS[,MEAN,STD] for a *.onnx model's input."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     pad: float = typer.Option(0.0, "--pad", help=PAD_HELP),
 ) -> None:
@@ -132,7 +132,7 @@ def embed(
     out: Path = typer.Option(..., "--out", "-o", help="HDF5 file to write: embeddings, path, identity, age, status (one row per face), missed_path and missed_reason."),
     flip: str = typer.Option("concat", "--flip", help="Mirror features: concat (the paper), sum, none."),
     on_miss: str = typer.Option("skip", "--on-miss", help="Photo without a detected face: skip (counted and listed in missed_path, no row), center (embed its central square, status 'center'). A cache's misses are always skipped."),
-    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files."),
+    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files; onnx:CHANNELS[,MEAN,STD] for a *.onnx model's input."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(128, "--batch-size", help="Images per forward pass."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core)."),
@@ -168,7 +168,7 @@ def embed(
 def export(
     model: Path = typer.Argument(..., help="Checkpoint to export (x_id for a fine-tuned model)."),
     onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write."),
-    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files."),
+    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files; onnx:CHANNELS[,MEAN,STD] for a *.onnx model's input."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
     check_cache: Path = typer.Option(None, "--check-cache", help="Check on real faces from this cache (default: a seeded random batch)."),
 ) -> None:
@@ -190,7 +190,7 @@ def remove_age_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write: MODEL plus the age subspace to project out."),
     identities: str = typer.Option(None, "--identities", help="Fit on these identities only: comma-separated, @FILE, or @FILE.json:key (e.g. @open-set.json:fgnet.train_subjects)."),
     age_bins: str = typer.Option("0,6,11,16,21,31", "--age-bins", help="Lower edges of the age groups whose mean change is removed (one fewer dimensions than groups, at most)."),
-    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files."),
+    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files; onnx:CHANNELS[,MEAN,STD] for a *.onnx model's input."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:

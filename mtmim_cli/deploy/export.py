@@ -1,9 +1,10 @@
 """ONNX export of the identity encoder (x_id for a fine-tuned model), checked after writing.
 
-The graph takes `images` (B, 3, 112, W) normalised (v - 127.5) / 128 (W = 112, or 96 for
-MobileFaceNet) and returns `features` (B, D), the raw identity features (L2-normalise them
-before comparing, as `mtmim evaluate` does). The batch dimension is dynamic. The check runs
-the same batch through torch and onnxruntime and compares the outputs.
+The graph takes `images` (B, 3, 112, W) RGB normalised (v - 127.5) / 128 (W = 112, or 96 for
+MobileFaceNet), which its `mtmim.input` metadata says, and returns `features` (B, D), the raw
+identity features (L2-normalise them before comparing, as `mtmim evaluate` does). The batch
+dimension is dynamic. The check runs the same batch through torch and onnxruntime and
+compares the outputs. The file is itself a model every command takes (an ONNX encoder).
 
 torch's default exporter (dynamo) needs the onnxscript package; the TorchScript-based one
 needs only onnx and handles these convolutional encoders, so it is used here.
@@ -37,6 +38,23 @@ def check_batch(width: int, n: int = 8, seed: int = 0, cache: str | os.PathLike 
     return torch.randn(n, 3, 112, width, generator=g).clamp(-1, 1)
 
 
+def _record_input(path: Path) -> None:
+    """Say in the file what its input is, so `mtmim` reads it back as written (an ONNX file
+    given as a model reads this metadata; other runtimes ignore it)."""
+    import json
+
+    import onnx
+
+    from mtmim_cli.data.dataset import MEAN, SCALE
+    from mtmim_cli.models.onnx_graph import METADATA_KEY
+
+    m = onnx.load(str(path))
+    prop = m.metadata_props.add()
+    prop.key = METADATA_KEY
+    prop.value = json.dumps({"channels": "rgb", "mean": MEAN, "std": SCALE})
+    onnx.save(m, str(path))
+
+
 def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *,
                 backbone: str | None = None, opset: int = 17, check_cache: str | os.PathLike | None = None,
                 atol: float = 1e-4) -> dict:
@@ -59,6 +77,7 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *,
         torch.onnx.export(model, (dummy,), str(tmp), dynamo=False, input_names=["images"],
                           output_names=["features"], opset_version=opset,
                           dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+        _record_input(tmp)
     batch = check_batch(width, cache=check_cache)
     with torch.no_grad():
         ref = model(batch).numpy()

@@ -39,7 +39,7 @@ def remove_age(model_path: str | os.PathLike, cache_path: str | os.PathLike,
     from mtmim_cli.models.weights_io import load_weights_file
 
     model_path, cache_path, out = Path(model_path), Path(cache_path), Path(out)
-    obj = load_weights_file(model_path)
+    obj = load_weights_file(model_path, backbone)
     if isinstance(obj, dict) and "age_subspace" in obj:
         raise MtmimError(f"{model_path}: already has an age subspace removed; start from the "
                          "model without it")

@@ -110,12 +110,13 @@ def calibrate_threshold(model_path: str | os.PathLike, cache_path: str | os.Path
 
 def is_mtmim_checkpoint(path: str | os.PathLike) -> bool:
     """Whether `path` is one of our checkpoints (meta + objective), not plain weights."""
-    import torch
+    from mtmim_cli.models.onnx_graph import is_onnx_path
+    from mtmim_cli.models.weights_io import load_weights_file
 
-    try:
-        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - an unreadable file is the user's input
-        raise MtmimError(f"{path}: cannot read weights ({str(exc).splitlines()[0]})") from None
+    if is_onnx_path(path):
+        load_weights_file(path)   # a readable encoder, but not a checkpoint file of ours
+        return False
+    obj = load_weights_file(path)
     return isinstance(obj, dict) and "meta" in obj and "objective" in obj
 
 
@@ -124,16 +125,16 @@ def store_threshold(model_path: str | os.PathLike, threshold: dict,
     """Write `threshold` into meta["threshold"] of a checkpoint (atomically; in place unless
     `out`). External weights (the shared MobileFaceNet, a backbone.pth) become a checkpoint of
     ours at `out`, which must then be given."""
-    import torch
-
     from mtmim_cli.models.identity import load_identity_model
+    from mtmim_cli.models.onnx_graph import is_onnx_path
+    from mtmim_cli.models.weights_io import load_weights_file
     from mtmim_cli.train.checkpoint import save_checkpoint
 
     model_path = Path(model_path)
-    try:
-        obj = torch.load(model_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - an unreadable file is the user's input
-        raise MtmimError(f"{model_path}: cannot read weights ({str(exc).splitlines()[0]})") from None
+    obj = load_weights_file(model_path, threshold.get("backbone"))
+    if is_onnx_path(model_path) and out is None:
+        raise MtmimError(f"{model_path}: an ONNX model; give --out for the calibrated "
+                         "checkpoint (the ONNX file is left as it is)")
     if isinstance(obj, dict) and "meta" in obj and "objective" in obj:
         state = obj
     else:

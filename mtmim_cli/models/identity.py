@@ -2,8 +2,11 @@
 normalised images (B, 3, 112, input_width) to identity features.
 
 Accepted: our checkpoints (pretrain: x; finetune: x_id from the factorization unit), the shared
-MobileFaceNet checkpoint (`{'epoch', 'net_state_dict'}`), and a plain encoder state dict such as
-insightface's `backbone.pth` (the iresnet depth is read from the keys when `backbone` is None).
+MobileFaceNet checkpoint (`{'epoch', 'net_state_dict'}`), a plain encoder state dict such as
+insightface's `backbone.pth` (the iresnet depth is read from the keys when `backbone` is None),
+and an ONNX face encoder (`*.onnx`; `backbone` may be `onnx:SPEC` for its input convention),
+which becomes a trainable torch module (models/backbones/onnx_encoder.py); checkpoints made
+from one carry its graph and convention.
 Any of these may carry an `age_subspace` entry (written by `mtmim remove-age`): an orthonormal
 basis that the model's output is then projected off (eval/age_subspace.py).
 """
@@ -100,23 +103,35 @@ def _load_strict(module: nn.Module, state: dict, path: Path, what: str) -> None:
 
 
 def load_identity_model(path: str | os.PathLike, backbone: str | None = None) -> IdentityModel:
+    from mtmim_cli.models.onnx_graph import is_onnx_path, is_onnx_spec, parse_spec
     from mtmim_cli.models.weights_io import load_weights_file
 
     path = Path(path)
-    obj = load_weights_file(path)
+    obj = load_weights_file(path, backbone)
     if isinstance(obj, dict) and "meta" in obj and "objective" in obj:
         meta = dict(obj["meta"])
         name = meta["backbone"]
-        if backbone and backbone != name:
+        if name == "onnx" and is_onnx_spec(backbone) and parse_spec(backbone) and not is_onnx_path(path):
+            raise MtmimError(f"{path}: records its own input convention; --backbone "
+                             f"{backbone} applies to .onnx files only")
+        if backbone and backbone != name and not (name == "onnx" and is_onnx_spec(backbone)):
             raise MtmimError(f"{path}: a {name} checkpoint, not {backbone}")
     else:
         meta = {}
         name = backbone
+        if is_onnx_spec(backbone):
+            raise MtmimError(f"{path}: --backbone {backbone} is for .onnx files; this is not one")
     state = extract_backbone_state(obj, path)
     name = name or _guess_backbone(state, path)
-    dim = _embedding_size(state, name)
-    encoder = build_backbone(name, dim)
-    _load_strict(encoder, state, path, name)
+    if name == "onnx":
+        from mtmim_cli.models.backbones.onnx_encoder import encoder_from_state
+
+        encoder = encoder_from_state(state, str(path))
+        dim = encoder.embedding_size
+    else:
+        dim = _embedding_size(state, name)
+        encoder = build_backbone(name, dim)
+        _load_strict(encoder, state, path, name)
     factorize = None
     if meta.get("kind") == "finetune":
         from mtmim_cli.models.factorize import FactorizationUnit  # developer C's module
@@ -127,8 +142,11 @@ def load_identity_model(path: str | os.PathLike, backbone: str | None = None) ->
         _load_strict(factorize, fstate, path, "factorization unit")
     if not meta:
         meta = {"kind": "external", "source": str(path)}
-    meta = {**meta, "backbone": name, "input_width": meta.get("input_width", input_width(name)),
+    width = encoder.input_width if name == "onnx" else input_width(name)
+    meta = {**meta, "backbone": name, "input_width": meta.get("input_width", width),
             "embedding_size": dim, "normalisation": meta.get("normalisation", NORMALISATION)}
+    if name == "onnx":
+        meta["onnx"] = encoder.describe()
     basis = _age_basis(obj, dim, path)
     if basis is not None:
         meta["age_subspace"] = {k: v for k, v in obj["age_subspace"].items() if k != "basis"}

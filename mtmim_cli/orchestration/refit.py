@@ -264,7 +264,8 @@ def full_round_fn(cache, idx: np.ndarray, ident: np.ndarray, m: ModelArg, *, bas
         # progress=False: rich allows one live display, and the rounds bar is it.
         # A frozen trunk's activations (--freeze-through) are the same in every round and
         # mode: computed once into the model's rounds folder, unless the options name a place.
-        shared = {"activation_cache": str(base.parent.parent / "activations")}
+        shared = {"activation_cache": str(base.parent.parent / "activations"),
+                  **({"backbone": m.backbone} if m.backbone else {})}
         run_dir = finetune([cache.path], m.path, {**shared, **options, "out": str(run),
                                                   "exclude": exclude.tolist(), "seed": seed,
                                                   "progress": False, "resume": True})

@@ -472,16 +472,26 @@ def _interpolate_model(path: Path, start: dict[str, Tensor], alpha: float) -> No
 
 
 def _stage(encoder: nn.Module, name: str | None) -> str | None:
-    """--freeze-through: a stage name, or "auto" = all but the encoder's last two stages
+    """--freeze-through: a stage name, "last:K" = all but the encoder's last K stages (the
+    last K parametric layers of an imported ONNX encoder train), or "auto" = "last:2"
     (MobileFaceNet: through conv2, so linear7 + linear1 train; iresnet: through bn2, so fc
     + features train)."""
     if not name or name == "none":
         return None
-    if name != "auto":
+    if name != "auto" and not name.startswith("last:"):
         return name
     if not hasattr(encoder, "stages"):
-        raise MtmimError("--freeze-through auto: this encoder has no named stages")
-    return encoder.stages()[-3][0]
+        raise MtmimError(f"--freeze-through {name}: this encoder has no named stages")
+    stages = encoder.stages()
+    k = 2 if name == "auto" else name[len("last:"):]
+    try:
+        k = int(k)
+    except ValueError:
+        raise MtmimError(f"--freeze-through {name}: expected last:K with K a whole number") from None
+    if not 1 <= k < len(stages):
+        raise MtmimError(f"--freeze-through {name}: K must be 1..{len(stages) - 1} "
+                         f"(this encoder has {len(stages)} stages)")
+    return stages[-k - 1][0]
 
 
 def _epoch_steps(dataset, cfg: TrainConfig) -> int:

@@ -23,14 +23,19 @@ from mtmim_cli.train.loop import TrainResult, train
 from mtmim_cli.train.objectives import PretrainObjective
 
 
-def pretrain(caches: Sequence[str | os.PathLike], config: TrainConfig, *, backbone: str,
+def pretrain(caches: Sequence[str | os.PathLike], config: TrainConfig, *, backbone: str | None = None,
              embedding_size: int | None = None, init: str | os.PathLike | None = None,
              margin: str = "arcface", s: float = 64.0, m: float | None = None,
              val_cache: str | os.PathLike | None = None, val_pairs: int = 3000,
              partial_fc: float = 0.0, identities: str = "auto",
              preset: str | None = None) -> TrainResult:
-    width = input_width(backbone)
-    dim = embedding_size or default_embedding_size(backbone)
+    encoder = _onnx_init(init, backbone, embedding_size)
+    if encoder is not None:
+        backbone, width, dim = "onnx", encoder.input_width, encoder.embedding_size
+    else:
+        backbone = backbone or "iresnet50"
+        width = input_width(backbone)
+        dim = embedding_size or default_embedding_size(backbone)
     config.extra = {"caches": [str(Path(c)) for c in caches], "backbone": backbone,
                     "embedding_size": dim, "init": str(init) if init else None, "margin": margin,
                     "s": s, "m": m, "val_cache": str(val_cache) if val_cache else None,
@@ -42,9 +47,11 @@ def pretrain(caches: Sequence[str | os.PathLike], config: TrainConfig, *, backbo
                            identities=identities)
     # Same seed on every rank: the initial weights agree before DDP even broadcasts them.
     torch.manual_seed(config.seed)
-    encoder = build_backbone(backbone, dim)
-    if init:
-        load_backbone_weights(encoder, init)
+    if encoder is None:
+        encoder = build_backbone(backbone, dim)
+        if init:
+            load_backbone_weights(encoder, init)
+    encoder.train()
     objective = PretrainObjective(encoder, dataset.num_classes, dim, margin=margin, s=s, m=m,
                                   partial_fc=partial_fc, seed=config.seed)
     validator = None
@@ -57,3 +64,34 @@ def pretrain(caches: Sequence[str | os.PathLike], config: TrainConfig, *, backbo
     if saves_checkpoints():
         meta["trained_on"] = run_record(dataset, init)
     return train(objective, dataset, config, meta=meta, validator=validator)
+
+
+def _onnx_init(init: str | os.PathLike | None, backbone: str | None,
+               embedding_size: int | None):  # -> OnnxEncoder | None
+    """The encoder of an ONNX --init (or of a checkpoint made from one), else None: its graph
+    fixes the architecture, so --backbone may only give its input convention (onnx:SPEC)."""
+    from mtmim_cli.errors import MtmimError
+    from mtmim_cli.models.onnx_graph import is_onnx_path, is_onnx_spec
+
+    if not init:
+        if is_onnx_spec(backbone):
+            raise MtmimError(f"--backbone {backbone}: give the ONNX file as --init")
+        return None
+    if not is_onnx_path(init) and not is_onnx_spec(backbone):
+        from mtmim_cli.models.weights_io import load_weights_file
+
+        meta = load_weights_file(init)
+        meta = meta.get("meta") if isinstance(meta, dict) else None
+        if not isinstance(meta, dict) or meta.get("backbone") != "onnx":
+            return None
+    if backbone and not is_onnx_spec(backbone):
+        raise MtmimError(f"{init}: an ONNX model fixes its own architecture; drop --backbone "
+                         f"{backbone} (or give onnx:SPEC for its input)")
+    from mtmim_cli.models.identity import load_identity_model
+
+    model = load_identity_model(init, backbone)
+    if model.meta["backbone"] != "onnx":
+        raise MtmimError(f"{init}: not an ONNX encoder or a checkpoint made from one")
+    if embedding_size and embedding_size != model.embedding_size:
+        raise MtmimError(f"{init}: a {model.embedding_size}-d encoder, not {embedding_size}-d")
+    return model.encoder

@@ -1,0 +1,144 @@
+"""ONNX face encoders the tests make themselves, as the model zoos ship them: torch models
+with known (seeded) weights exported by torch's exporter, and small hand-built graphs for
+the refusals. Nothing here reads ../shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def randomise_batchnorm(model: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine weights, so a converter that drops or
+    misreads one shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                    m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    return model.eval()
+
+
+class PixelScaled(nn.Module):
+    """Scales raw 0..255 pixels inside the graph (Sub, then Mul), as MXNet-exported
+    insightface models and OpenCV's SFace do."""
+
+    def __init__(self, net: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.net, self.mean, self.inv = net, mean, 1.0 / std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) * self.inv)
+
+
+def export(model: nn.Module, path: Path, height: int = 112, width: int = 112,
+           batch: int | str = 1) -> Path:
+    """torch -> ONNX as a zoo ships it: fixed batch of 1 (or a named dynamic batch)."""
+    import warnings
+
+    dummy = torch.zeros(1, 3, height, width)
+    axes = {"input.1": {0: batch}, "embedding": {0: batch}} if isinstance(batch, str) else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (dummy,), str(path), dynamo=False, opset_version=13,
+                          input_names=["input.1"], output_names=["embedding"], dynamic_axes=axes)
+    return path
+
+
+def insightface_iresnet(path: Path, seed: int = 0) -> tuple[Path, nn.Module]:
+    """An iresnet18 as insightface's zoo ships its recognition models: RGB input normalised
+    (v - 127.5) / 127.5 outside the graph, 512-d output, batch fixed at 1."""
+    from mtmim_cli.models.backbones import build_backbone
+
+    torch.manual_seed(seed)
+    model = randomise_batchnorm(build_backbone("iresnet18"), seed)
+    # Random residual weights grow the activations ~1e7-fold over 18 layers; set the output
+    # BatchNorm's statistics to those of its input, as training leaves them, so features
+    # come out at a trained model's scale and tolerances mean what they say.
+    x = torch.rand(16, 3, 112, 112, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    seen = {}
+    hook = model.features.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    with torch.no_grad():
+        model.features.running_mean.copy_(seen["x"].mean(0))
+        model.features.running_var.copy_(seen["x"].var(0) + 1e-3)
+    return export(model, path), model
+
+
+def pixel_mobilefacenet(path: Path, seed: int = 0) -> tuple[Path, nn.Module]:
+    """The toolkit's MobileFaceNet (112x96 input, 128-d) with (v - 127.5) / 128 inside the
+    graph: it takes raw pixels."""
+    from mtmim_cli.models.backbones import build_backbone
+
+    torch.manual_seed(seed)
+    model = PixelScaled(randomise_batchnorm(build_backbone("mobilefacenet"), seed), 127.5, 128.0)
+    return export(model, path, 112, 96, batch="N"), model
+
+
+def tiny_graph(path: Path, *, op: str = "Relu", height: object = 112, width: object = 112,
+               out_dim: int = 128, final: str | None = None, domain: str = "") -> Path:
+    """A small hand-built encoder: Conv 3->8 (4x4 stride 4), one op, Flatten, Gemm to
+    `out_dim`, optionally a final op (Softmax). Dimensions may be names (dynamic)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    h = height if isinstance(height, int) else 112
+    w = width if isinstance(width, int) else 112
+    flat = 8 * (h // 4) * (w // 4)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.1, (8, 3, 4, 4)).astype(np.float32), "cw"),
+             numpy_helper.from_array(rng.normal(0, 0.01, (out_dim, flat)).astype(np.float32), "gw"),
+             numpy_helper.from_array(np.zeros(out_dim, np.float32), "gb")]
+    nodes = [helper.make_node("Conv", ["x", "cw"], ["c"], kernel_shape=[4, 4], strides=[4, 4]),
+             helper.make_node(op, ["c"], ["a"], domain=domain),
+             helper.make_node("Flatten", ["a"], ["f"]),
+             helper.make_node("Gemm", ["f", "gw", "gb"], ["y" if final is None else "g"], transB=1)]
+    if final is not None:
+        nodes.append(helper.make_node(final, ["g"], ["y"], axis=1))
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, height, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_dim])], inits)
+    opsets = [helper.make_opsetid("", 13)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def ort_features(path: Path, images: np.ndarray) -> np.ndarray:
+    """onnxruntime's output for a float32 batch fed one image at a time (zoo files fix the
+    batch at 1); graph inputs that are not the image get their initializer (or zeros when
+    unused), as the SFace file asks for them."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    ort.set_default_logger_severity(3)
+    m = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ins = sess.get_inputs()
+    image = next(i.name for i in ins if i.name not in inits and len(i.shape) == 4
+                 and i.shape[1] == 3)
+    out = []
+    for k in range(len(images)):
+        feeds = {}
+        for i in ins:
+            if i.name == image:
+                feeds[i.name] = images[k:k + 1].astype(np.float32)
+            elif i.name in inits:
+                feeds[i.name] = inits[i.name]
+            else:
+                feeds[i.name] = np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32)
+        out.append(sess.run(None, feeds)[0])
+    return np.concatenate(out)

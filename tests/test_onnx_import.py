@@ -1,0 +1,203 @@
+"""ONNX face encoders as trainable torch modules (models/onnx_graph.py,
+models/backbones/onnx_encoder.py): outputs against the torch models the files were exported
+from and against onnxruntime, the input convention, stages, checkpoints and export round
+trips, and the refusals. The files are made here (tests/onnx_models.py); SFace's quantized
+path is in tests/real/test_sface.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtmim_cli.data.dataset import preprocess
+from mtmim_cli.errors import MtmimError
+from mtmim_cli.models.identity import load_identity_model
+from mtmim_cli.models.onnx_graph import dequantize, parse_spec
+from tests.conftest import run_cli, write_cache
+from tests.onnx_models import (
+    insightface_iresnet,
+    ort_features,
+    pixel_mobilefacenet,
+    tiny_graph,
+)
+
+
+def _faces(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 112, 112, 3), dtype=np.uint8)
+
+
+def _nchw(images: np.ndarray, width: int = 112) -> np.ndarray:
+    """uint8 (N,112,112,3) -> float32 (N,3,112,width) raw pixels, centre columns."""
+    cut = (112 - width) // 2
+    return np.ascontiguousarray(images[:, :, cut:cut + width].transpose(0, 3, 1, 2)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+def test_dequantize_matches_the_onnx_reference_block_axis_and_tensor() -> None:
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(-128, 128, (6, 130), dtype=np.int8)
+    cases = [(rng.random((6, 3), dtype=np.float32) + 0.01, rng.integers(-5, 5, (6, 3)).astype(np.int8), 1, 64),
+             (rng.random((6,), dtype=np.float32) + 0.01, rng.integers(-5, 5, 6).astype(np.int8), 0, 0),
+             (np.float32(0.02), np.int8(3), 1, 0)]
+    for scale, zp, axis, block in cases:
+        attrs = {"axis": axis, **({"block_size": block} if block else {})}
+        node = helper.make_node("DequantizeLinear", ["x", "s", "z"], ["y"], **attrs)
+        graph = helper.make_graph(
+            [node], "dq", [helper.make_tensor_value_info(n, t, None) for n, t in
+                           (("x", TensorProto.INT8), ("s", TensorProto.FLOAT), ("z", TensorProto.INT8))],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        ref = ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+        want = ref.run(None, {"x": x, "s": np.asarray(scale), "z": np.asarray(zp)})[0]
+        np.testing.assert_array_equal(dequantize(x, np.asarray(scale), np.asarray(zp), axis, block), want)
+
+
+def test_spec_parsing() -> None:
+    assert parse_spec("onnx") == {} and parse_spec(None) == {} and parse_spec("iresnet50") == {}
+    assert parse_spec("onnx:BGR") == {"channels": "bgr"}
+    assert parse_spec("onnx:rgb,127.5,128") == {"channels": "rgb", "mean": 127.5, "std": 128.0}
+    assert parse_spec("onnx:,0,1") == {"mean": 0.0, "std": 1.0}
+    for bad in ("onnx:gbr", "onnx:rgb,1", "onnx:rgb,a,b", "onnx:rgb,0,0"):
+        with pytest.raises(MtmimError, match="--backbone"):
+            parse_spec(bad)
+
+
+@pytest.mark.slow
+def test_insightface_iresnet_equals_its_torch_model_and_onnxruntime(tmp_path: Path) -> None:
+    path, ref_model = insightface_iresnet(tmp_path / "r18.onnx")
+    model = load_identity_model(path)
+    assert (model.meta["backbone"], model.input_width, model.embedding_size) == ("onnx", 112, 512)
+    conv = model.meta["onnx"]["input"]
+    assert (conv["channels"], conv["mean"], conv["std"]) == ("rgb", 127.5, 127.5)
+    assert conv["decided"] == {"channels": "default (rgb)", "scaling": "default (insightface's)"}
+    images = _faces(4)
+    with torch.no_grad():
+        got = model(preprocess(images, 112)).numpy()
+        want = ref_model(torch.from_numpy((_nchw(images) - 127.5) / 127.5)).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+    ort = ort_features(path, (_nchw(images) - 127.5) / 127.5)
+    assert np.abs(got - ort).max() <= 1e-4
+    # the stages, applied in order, are forward(); residual blocks are never cut inside
+    stages = model.encoder.stages()
+    h = preprocess(images, 112)
+    with torch.no_grad():
+        for _, m in stages:
+            h = m(h)
+    assert torch.equal(h, torch.from_numpy(got))
+    assert 10 <= len(stages) <= 30
+
+
+def test_pixel_mobilefacenet_reads_its_scaling_from_the_graph_and_keeps_its_width(tmp_path: Path) -> None:
+    from mtmim_cli.eval.features import extract_views
+    from mtmim_cli.orchestration.refit import encoder_of
+
+    path, ref_model = pixel_mobilefacenet(tmp_path / "mfn.onnx")
+    model = load_identity_model(path)
+    assert (model.input_width, model.embedding_size) == (96, 128)
+    conv = model.meta["onnx"]["input"]
+    assert (conv["height"], conv["width"], conv["mean"], conv["std"]) == (112, 96, 0.0, 1.0)
+    assert conv["decided"]["scaling"] == "graph"
+    images = _faces(5, seed=1)
+    with torch.no_grad():
+        got = model(preprocess(images, 96)).numpy()
+        want = ref_model(torch.from_numpy(_nchw(images, 96))).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+    assert np.abs(got - ort_features(path, _nchw(images, 96))).max() <= 1e-4
+    # The crop the model was built for, everywhere: a 112-wide batch is refused, and the
+    # head re-fit's features (encoder_of -> extract_views) are the 112x96 ones.
+    with pytest.raises(ValueError, match="112x96"):
+        model(preprocess(images, 112))
+    cache = write_cache(tmp_path / "c.h5", [f"p{k}" for k in range(5)], images=images)
+    from mtmim_cli.data.cache import Cache
+
+    a, _ = extract_views(encoder_of(model), Cache(cache), np.arange(5), mirror=False)
+    assert np.abs(a - got).max() <= 1e-5
+
+
+def test_channel_order_and_scaling_given_by_the_spec(tmp_path: Path) -> None:
+    path = tiny_graph(tmp_path / "t.onnx", op="Relu")
+    images = _faces(3, seed=2)
+    rgb = load_identity_model(path)
+    bgr = load_identity_model(path, "onnx:bgr")
+    raw = load_identity_model(path, "onnx:rgb,0,1")
+    assert bgr.meta["onnx"]["input"]["decided"]["channels"] == "option"
+    with torch.no_grad():
+        x = preprocess(images, 112)
+        f_rgb, f_bgr, f_raw = rgb(x).numpy(), bgr(x).numpy(), raw(x).numpy()
+    norm = (_nchw(images) - 127.5) / 127.5
+    assert np.abs(f_rgb - ort_features(path, norm)).max() <= 1e-5
+    assert np.abs(f_bgr - ort_features(path, norm[:, ::-1].copy())).max() <= 1e-5
+    assert np.abs(f_raw - ort_features(path, _nchw(images))).max() <= 1e-4
+    with pytest.raises(MtmimError, match="records its own input convention"):
+        ckpt = tmp_path / "c.pt"
+        from mtmim_cli.models.weights_io import load_weights_file
+        from mtmim_cli.train.checkpoint import save_checkpoint
+
+        save_checkpoint(ckpt, load_weights_file(path))
+        load_identity_model(ckpt, "onnx:bgr")
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: p.write_bytes(b"\x08\x07not a protobuf at all" * 9) and p, "not a readable ONNX model"),
+    (lambda p: tiny_graph(p, height="H", width="W"), "dynamic size"),
+    (lambda p: tiny_graph(p, height=112, width=100), "non-square 112x100"),
+    (lambda p: tiny_graph(p, op="Hardmax"), "unsupported op Hardmax"),
+    (lambda p: tiny_graph(p, op="FusedGelu", domain="com.microsoft"), "unsupported op com.microsoft.FusedGelu"),
+    (lambda p: tiny_graph(p, out_dim=1000), "1000 values per image .ImageNet class scores"),
+    (lambda p: tiny_graph(p, final="Softmax"), "comes from Softmax"),
+])
+def test_refusals_are_one_line_naming_the_file(tmp_path: Path, make, reason: str) -> None:
+    path = tmp_path / "bad.onnx"
+    make(path)
+    with pytest.raises(MtmimError, match=reason) as info:
+        load_identity_model(path)
+    msg = str(info.value)
+    assert msg.startswith(str(path)) and "\n" not in msg
+
+
+def test_cli_refuses_without_writing(tmp_path: Path) -> None:
+    bad = tiny_graph(tmp_path / "logits.onnx", out_dim=1000)
+    out = tmp_path / "out.onnx"
+    r = run_cli("export", str(bad), "--onnx", str(out))
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and str(bad) in lines[0] and "ImageNet" in lines[0]
+    assert not out.exists() and not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.slow
+def test_finetune_from_onnx_then_checkpoint_and_export_round_trip(tmp_path: Path) -> None:
+    """finetune --init x.onnx (last two stages on cached activations, BatchNorm frozen):
+    the checkpoint rebuilds the encoder from its own graph, the trunk is untouched, the tail
+    moved; export writes an ONNX that reads back as the same model."""
+    from mtmim_cli.deploy.export import export_onnx
+    from mtmim_cli.train.finetune import finetune
+
+    path, _ = pixel_mobilefacenet(tmp_path / "mfn.onnx", seed=3)
+    ids = [f"id{k}" for k in range(6) for _ in range(4)]
+    ages = [float(5 + 9 * j + k) for k in range(6) for j in range(4)]
+    cache = write_cache(tmp_path / "c.h5", ids, ages, seed=4)
+    run = finetune([cache], path, {"out": str(tmp_path / "run"), "mode": "mtmim",
+                                   "freeze_through": "last:2", "freeze_bn": "all",
+                                   "init_centres": "mean", "age_groups": 2, "batch_size": 8,
+                                   "epochs": 2, "lr": 1e-2, "progress": False, "wise": 0.5})
+    init = load_identity_model(path)
+    tuned = load_identity_model(run / "model.pt")
+    assert tuned.meta["backbone"] == "onnx" and tuned.meta["onnx"]["sha256"] == init.meta["onnx"]["sha256"]
+    s0, s1 = init.encoder.state_dict(), tuned.encoder.state_dict()
+    trunk_key = "net." + next(n for n, p in init.encoder.net.named_parameters()) .split(".")[0]
+    assert torch.equal(s0[trunk_key + ".weight"], s1[trunk_key + ".weight"])
+    tail = [k for k in s0 if s0[k].is_floating_point() and not torch.equal(s0[k], s1[k])]
+    assert tail and all(k.startswith("net.") for k in tail)
+    x = preprocess(_faces(3, seed=5), 96)
+    result = export_onnx(run / "model.pt", tmp_path / "tuned.onnx")
+    assert result["max_abs_diff"] <= 1e-4
+    back = load_identity_model(tmp_path / "tuned.onnx")
+    assert back.meta["onnx"]["input"]["decided"] == {"channels": "metadata", "scaling": "metadata"}
+    with torch.no_grad():
+        assert np.abs(back(x).numpy() - tuned(x).numpy()).max() <= 1e-4

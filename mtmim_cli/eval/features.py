@@ -67,6 +67,14 @@ def extract_views(model: torch.nn.Module, source: Cache | np.ndarray,
         reuse_freed_memory()  # else every batch page-faults its activations in again
     was_training = model.training
     model.eval()
+    from mtmim_cli.eval.trunk_memo import shared_views
+
+    shared = shared_views(model, source, indices, mirror=mirror, width=width,
+                          batch_size=batch_size, device=device, progress=progress,
+                          description=description)
+    if shared is not None:
+        model.train(was_training)
+        return shared
     out, out_flip = [], []
     with make_progress("img", transient=True, disable=not progress) as bar:
         task = bar.add_task(description, total=len(indices))

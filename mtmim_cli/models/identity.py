@@ -47,7 +47,11 @@ class IdentityModel(nn.Module):
         self.register_buffer("age_basis", age_basis)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.encoder(images)
+        return self.after_encoder(self.encoder(images))
+
+    def after_encoder(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's output x to the model's output: x_id of the factorization unit, then
+        the age subspace projected off (each when present)."""
         x = x if self.factorize is None else self.factorize(x)[0]
         if self.age_basis is not None:
             b = self.age_basis.to(x.dtype)
@@ -57,19 +61,30 @@ class IdentityModel(nn.Module):
     def encoder_view(self) -> nn.Module:
         """The encoder alone (x, before the factorization unit), carrying this model's input
         width, so feature extraction cuts the crop the encoder was built for."""
-        return _WidthView(self.encoder, self.input_width)
+        return _WidthView(self.encoder, self.input_width, self.meta.get("frozen_through"))
 
 
 class _WidthView(nn.Module):
-    """`module` with an `input_width` attribute, as `extract_views` reads it."""
+    """`module` with an `input_width` attribute, as `extract_views` reads it, and what the
+    shared-trunk extraction reads (eval/trunk_memo.py): `encoder`, `after_encoder`, and the
+    stage its model froze through."""
 
-    def __init__(self, module: nn.Module, input_width: int) -> None:
+    def __init__(self, module: nn.Module, input_width: int,
+                 frozen_through: str | None = None) -> None:
         super().__init__()
         self.module = module
         self.input_width = int(input_width)
+        self.meta = {"frozen_through": frozen_through}
         # A new nn.Module is in training mode; a view must not switch the encoder it wraps to
         # training mode when a caller restores the view's mode (extract_views does).
         self.train(module.training)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.module
+
+    def after_encoder(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.module(images)

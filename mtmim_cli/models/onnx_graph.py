@@ -19,7 +19,6 @@ swapRB). `--backbone onnx:SPEC` overrides any of it (see `parse_spec`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zlib
@@ -121,14 +120,6 @@ class PreparedGraph:
         return f"{self.source['file']}: {self.embedding_size}-d, input {self.convention.describe()}"
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_onnx(path: str | os.PathLike, spec: dict[str, Any] | None = None) -> PreparedGraph:
     """Read and prepare `path` (see the module docstring); MtmimError on anything the tool
     cannot use."""
@@ -143,6 +134,8 @@ def load_onnx(path: str | os.PathLike, spec: dict[str, Any] | None = None) -> Pr
         raise MtmimError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
     if not len(model.graph.node):
         raise MtmimError(f"{path}: not a readable ONNX model (no graph nodes)")
+    from mtmim_cli.data.provenance import file_sha256
+
     source = {"file": path.name, "sha256": file_sha256(path)}
     return prepare(model, path, spec or {}, source)
 

@@ -435,7 +435,9 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
             "factorize_dim": dim, "age_groups": [float(b) for b in boundaries],
             "age_group_counts": [int(c) for c in counts], "mode": o["mode"],
             "num_classes": int(dataset.num_classes), "margin": o["margin"], "s": float(o["s"]),
-            "m": objective.id_head.extra_repr(), "init": str(init) if init else ""}
+            "m": objective.id_head.extra_repr(), "init": str(init) if init else "",
+            # the encoder through this stage is its init's, bit for bit (eval/trunk_memo.py)
+            "frozen_through": stage}
     if saves_checkpoints():
         meta["trained_on"] = run_record(dataset, init, o["exclude"])
     wise = float(o["wise"])

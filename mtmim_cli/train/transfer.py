@@ -367,25 +367,16 @@ def class_mean_centres(embed, data: TrainingSet, mirror: bool, device: torch.dev
 
 
 # ---------------------------------------------------------------------------------------
-def _state_digest(modules: Sequence[nn.Module]) -> str:
-    h = hashlib.sha256()
-    for k, m in enumerate(modules):
-        for name, v in m.state_dict().items():
-            t = v.detach().cpu().contiguous()
-            h.update(f"{k}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def activation_key(plan: EncoderPlan, base: CacheDataset, dtype: str) -> str:
     """What the cached activations are a pure function of: the trunk's weights, the images
     (per-record pixel digests of every base item, in order), the stage, the crop and dtype."""
     from mtmim_cli.data.provenance import cache_digests
+    from mtmim_cli.models.backbones import state_digest
 
     trunk, _ = plan.split()
     h = hashlib.sha256()
     h.update(json.dumps({"format": 1, "stage": plan.freeze_through, "crop": base.crop_width,
-                         "dtype": dtype, "weights": _state_digest(trunk)}).encode())
+                         "dtype": dtype, "weights": state_digest(trunk)}).encode())
     for k, cache in enumerate(base.caches):
         rows = base.record[base.cache_of == k]
         h.update(np.asarray(cache_digests(cache)[rows], "<u8").tobytes())

@@ -81,6 +81,22 @@ def split_stages(encoder, stage: str) -> tuple[list, list]:  # -> (trunk, tail) 
     return [m for _, m in stages[:k]], [m for _, m in stages[k:]]
 
 
+def state_digest(modules) -> str:  # modules: Sequence[nn.Module]
+    """sha256 of the modules' state (names, dtypes, shapes, bytes), in order: what a frozen
+    trunk's outputs are a function of, besides its inputs."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for k, m in enumerate(modules):
+        for name, v in m.state_dict().items():
+            t = v.detach().cpu().contiguous()
+            h.update(f"{k}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
         raise MtmimError(f"{name}: unknown backbone (choose from {', '.join(BACKBONES)})")

@@ -11,19 +11,25 @@ import torch
 from torch import nn
 
 
-def randomise_batchnorm(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine weights, so a converter that drops or
-    misreads one shows."""
+def randomise_batchnorm(model: nn.Module, seed: int, height: int = 112,
+                        width: int = 112) -> nn.Module:
+    """Non-trivial BatchNorm affine weights, and running statistics set to those of the
+    layers' inputs on a batch of noise (as training leaves them), so features vary from
+    face to face at a trained model's scale, and a converter that drops or misreads a
+    statistic shows."""
     g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-                if m.affine:
-                    m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-                    m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+        for m in bns:
+            if m.affine:
+                m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.75)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.reset_running_stats()
+            m.momentum = None          # cumulative: one batch sets the statistics
+        model.train()
+        model(torch.rand(32, 3, height, width, generator=g) * 2 - 1)
+    for m in bns:
+        m.momentum = 0.1
     return model.eval()
 
 
@@ -60,18 +66,6 @@ def insightface_iresnet(path: Path, seed: int = 0) -> tuple[Path, nn.Module]:
 
     torch.manual_seed(seed)
     model = randomise_batchnorm(build_backbone("iresnet18"), seed)
-    # Random residual weights grow the activations ~1e7-fold over 18 layers; set the output
-    # BatchNorm's statistics to those of its input, as training leaves them, so features
-    # come out at a trained model's scale and tolerances mean what they say.
-    x = torch.rand(16, 3, 112, 112, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    seen = {}
-    hook = model.features.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
-    with torch.no_grad():
-        model(x)
-    hook.remove()
-    with torch.no_grad():
-        model.features.running_mean.copy_(seen["x"].mean(0))
-        model.features.running_var.copy_(seen["x"].var(0) + 1e-3)
     return export(model, path), model
 
 
@@ -81,7 +75,8 @@ def pixel_mobilefacenet(path: Path, seed: int = 0) -> tuple[Path, nn.Module]:
     from mtmim_cli.models.backbones import build_backbone
 
     torch.manual_seed(seed)
-    model = PixelScaled(randomise_batchnorm(build_backbone("mobilefacenet"), seed), 127.5, 128.0)
+    model = PixelScaled(randomise_batchnorm(build_backbone("mobilefacenet"), seed, 112, 96),
+                        127.5, 128.0)
     return export(model, path, 112, 96, batch="N"), model
 
 

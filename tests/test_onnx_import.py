@@ -201,3 +201,56 @@ def test_finetune_from_onnx_then_checkpoint_and_export_round_trip(tmp_path: Path
     assert back.meta["onnx"]["input"]["decided"] == {"channels": "metadata", "scaling": "metadata"}
     with torch.no_grad():
         assert np.abs(back(x).numpy() - tuned(x).numpy()).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_head_refit_from_onnx_takes_the_models_own_crop(tmp_path: Path, monkeypatch) -> None:
+    """--refit head from an imported 112x96 encoder: the rounds' features are its output on
+    112x96 crops (the old head re-fit fed 112-wide crops to a 96-wide model); with identity
+    maps the re-fit reproduces --refit none exactly."""
+    import json
+
+    import mtmim_cli.train.round_heads as H
+    from mtmim_cli.data.cache import Cache
+    from mtmim_cli.eval.config import EvalConfig, ModelArg
+    from mtmim_cli.orchestration.evaluate import evaluate
+    from tests.test_refit import _cache, _identity_maps
+
+    cache_path = _cache(tmp_path)
+    path, ref_model = pixel_mobilefacenet(tmp_path / "mfn.onnx", seed=2)
+    monkeypatch.setattr(H, "fit_rounds", _identity_maps())
+    base = dict(protocol="fgnet-loo", models=[ModelArg("mfn", path)], cache=cache_path, batch_size=4)
+    none = evaluate(EvalConfig(**base), progress=False)["results"][0]["metrics"]
+    head = evaluate(EvalConfig(**base, refit="head", rounds_dir=tmp_path / "rounds",
+                               refit_modes=("baseline",)), progress=False)["results"][0]["metrics"]
+    with np.load(tmp_path / "rounds" / "mfn" / "views.npz") as z:
+        f = z["f"]
+    images = Cache(cache_path).images(np.arange(12))
+    with torch.no_grad():
+        direct = ref_model(torch.from_numpy(_nchw(images, 96))).numpy()
+    assert f.shape == (12, 128)
+    np.testing.assert_allclose(f, direct, rtol=1e-4, atol=1e-4)
+    assert head["rank1"] == none["rank1"] and head["cmc"] == none["cmc"]
+    key = json.loads((tmp_path / "rounds" / "mfn" / "config.json").read_text())
+    assert key["input_width"] == 96 and key["features"] == [12, 128]
+
+
+@pytest.mark.slow
+def test_full_refit_from_onnx_fine_tunes_each_round_from_the_file(tmp_path: Path) -> None:
+    from mtmim_cli.eval.config import EvalConfig, ModelArg
+    from mtmim_cli.orchestration.evaluate import evaluate
+    from tests.test_refit import _cache
+
+    cache_path = _cache(tmp_path, n_ids=4, per_id=4)
+    path, _ = pixel_mobilefacenet(tmp_path / "mfn.onnx", seed=4)
+    opts = {"epochs": 1, "batch_size": 4, "age_groups": 2, "workers": 0,
+            "freeze_through": "last:2", "freeze_bn": "all", "init_centres": "mean"}
+    got = evaluate(EvalConfig(protocol="fgnet-loo", models=[ModelArg("mfn", path)],
+                              cache=cache_path, refit="full", folds=2, refit_options=opts,
+                              refit_modes=("baseline", "mtmim"), rounds_dir=tmp_path / "rounds"),
+                   progress=False)
+    assert [r["metrics"]["rounds"] for r in got["results"]] == [2, 2]
+    runs = sorted((tmp_path / "rounds").rglob("round-*/model.pt"))
+    assert len(runs) == 4
+    tuned = load_identity_model(runs[0])
+    assert tuned.meta["backbone"] == "onnx" and tuned.meta["frozen_through"]

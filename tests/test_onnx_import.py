@@ -254,3 +254,63 @@ def test_full_refit_from_onnx_fine_tunes_each_round_from_the_file(tmp_path: Path
     assert len(runs) == 4
     tuned = load_identity_model(runs[0])
     assert tuned.meta["backbone"] == "onnx" and tuned.meta["frozen_through"]
+
+
+@pytest.mark.slow
+def test_every_command_takes_an_onnx_model(tmp_path: Path) -> None:
+    """embed, calibrate (into a checkpoint at --out; the ONNX file is left alone),
+    remove-age and pretrain --init take an ONNX file; what they write loads back as the
+    same encoder (the graph travels in the checkpoint)."""
+    import h5py
+
+    from mtmim_cli.data.cache import Cache
+    from mtmim_cli.deploy.embed import embed_source
+    from mtmim_cli.deploy.remove_age import remove_age
+    from mtmim_cli.deploy.verify import calibrate_threshold, store_threshold
+    from mtmim_cli.train.config import TrainConfig
+    from mtmim_cli.train.pretrain import pretrain
+
+    path, ref_model = pixel_mobilefacenet(tmp_path / "mfn.onnx", seed=6)
+    ids = [f"id{k}" for k in range(8) for _ in range(6)]
+    ages = [float(3 + 11 * j + k) for k in range(8) for j in range(6)]
+    cache = write_cache(tmp_path / "c.h5", ids, ages, seed=7)
+    images = Cache(cache).images(np.arange(48))
+    with torch.no_grad():
+        raw = _nchw(images, 96)
+        f = torch.cat([ref_model(torch.from_numpy(raw)),
+                       ref_model(torch.from_numpy(raw[..., ::-1].copy()))], 1).numpy()
+    want = f / np.linalg.norm(f, axis=1, keepdims=True)
+
+    embed_source(cache, path, tmp_path / "e.h5", progress=False)
+    with h5py.File(tmp_path / "e.h5", "r") as h:
+        np.testing.assert_allclose(h["embeddings"][:], want, atol=1e-5)
+
+    before = path.read_bytes()
+    t = calibrate_threshold(path, cache, far=0.1, n_pairs=400, allow_unresolved=True)
+    with pytest.raises(MtmimError, match="give --out"):
+        store_threshold(path, t)
+    cal = store_threshold(path, t, tmp_path / "cal.pt")
+    assert path.read_bytes() == before
+    cal_model = load_identity_model(cal)
+    assert cal_model.meta["threshold"]["value"] == t["value"]
+
+    r = remove_age(path, cache, tmp_path / "noage.pt", edges=[0, 20, 40])
+    no_age = load_identity_model(tmp_path / "noage.pt")
+    assert no_age.age_basis is not None and no_age.age_basis.shape[1] == r["dims"]
+    x = preprocess(images[:4], 96)
+    with torch.no_grad():
+        for m in (cal_model, no_age):
+            y = load_identity_model(path)(x)
+            if m.age_basis is not None:
+                b = m.age_basis
+                y = y - (y @ b) @ b.T
+            assert torch.allclose(m(x), y, atol=1e-5)
+
+    cfg = TrainConfig(out=str(tmp_path / "pre"), epochs=1, batch_size=16, progress=False)
+    run = pretrain([cache], cfg, init=path)
+    pre = load_identity_model(Path(run.run_dir) / "model.pt")
+    assert pre.meta["kind"] == "pretrain" and pre.meta["backbone"] == "onnx"
+    assert pre.input_width == 96
+    with pytest.raises(MtmimError, match="fixes its own architecture"):
+        pretrain([cache], TrainConfig(out=str(tmp_path / "p2"), epochs=1, progress=False),
+                 init=path, backbone="iresnet50")

@@ -21,6 +21,8 @@ every checkpoint that holds the encoder's state holds what rebuilds it
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -140,7 +142,25 @@ def load_onnx_encoder(path: str | os.PathLike, backbone: str | None = None) -> O
     prepared = load_onnx(path, parse_spec(backbone))
     enc = OnnxEncoder(prepared, str(path))
     _check_batch(enc, Path(path))
+    remember(enc)
     return enc.eval()
+
+
+# Converted encoders by the digest of their graph: a checkpoint of a known graph is a copy of
+# one with its weights loaded, not a second conversion (seconds for SFace; every round of a
+# --refit full loads its init and its model).
+_TEMPLATES: dict[str, OnnxEncoder] = {}
+
+
+def _blob_key(blob: Tensor) -> str:
+    return hashlib.sha1(blob.numpy().tobytes()).hexdigest()
+
+
+def remember(enc: OnnxEncoder) -> None:
+    """Keep `enc`'s structure as the template for checkpoints of the same graph."""
+    if len(_TEMPLATES) >= 4:
+        _TEMPLATES.pop(next(iter(_TEMPLATES)))
+    _TEMPLATES[_blob_key(getattr(enc, GRAPH_KEY))] = copy.deepcopy(enc).cpu()
 
 
 def encoder_from_state(state: dict[str, Tensor], where: str) -> OnnxEncoder:
@@ -149,7 +169,12 @@ def encoder_from_state(state: dict[str, Tensor], where: str) -> OnnxEncoder:
     blob = state.get(GRAPH_KEY)
     if not isinstance(blob, Tensor) or blob.dtype != torch.uint8:
         raise MtmimError(f"{where}: an ONNX-based checkpoint without its {GRAPH_KEY}")
-    enc = OnnxEncoder(graph_from_blob(blob.numpy().tobytes(), where), where)
+    key = _blob_key(blob)
+    if key in _TEMPLATES:
+        enc = copy.deepcopy(_TEMPLATES[key])
+    else:
+        enc = OnnxEncoder(graph_from_blob(blob.numpy().tobytes(), where), where)
+        remember(enc)
     try:
         enc.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -66,6 +66,11 @@ def celeba_dir(shared: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cacd_vs_dir(shared: Path) -> Path:
+    return _need(shared / "data" / "cacd-vs", "CACD-VS release")
+
+
+@pytest.fixture(scope="session")
 def mobilefacenet_ckpt(shared: Path) -> Path:
     return _need(shared / "weights" / "mobilefacenet-casia-arcface.ckpt", "MobileFaceNet weights")
 

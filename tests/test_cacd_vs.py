@@ -163,8 +163,8 @@ def numpy_features(images: np.ndarray, k: int) -> np.ndarray:
 def brute_force(scores: np.ndarray, same: np.ndarray, fold: np.ndarray
                 ) -> tuple[np.ndarray, list[float]]:
     """Per pair: right or wrong at its fold's threshold, the best on the other folds (every
-    cut between sorted training scores tried; the fewest accepted wins a tie; the threshold
-    midway in the gap); and the accuracy per fold."""
+    cut between sorted training scores tried; a tie goes to the cut accepting more; the
+    threshold midway in the gap); and the accuracy per fold."""
     correct = np.zeros(len(scores), bool)
     accs = []
     for f in sorted(set(fold.tolist())):
@@ -173,7 +173,7 @@ def brute_force(scores: np.ndarray, same: np.ndarray, fold: np.ndarray
         y = same[tr][np.argsort(-scores[tr], kind="stable")]
         cuts = [(int(y[:c].sum() + (~y[c:]).sum()), c) for c in range(len(s) + 1)
                 if c in (0, len(s)) or s[c] != s[c - 1]]
-        best = max(cuts, key=lambda t: (t[0], -t[1]))[1]
+        best = max(cuts)[1]
         thr = s[0] + 1 if best == 0 else s[-1] - 1 if best == len(s) else (s[best - 1] + s[best]) / 2
         te = fold == f
         correct[te] = (scores[te] >= thr) == same[te]
@@ -297,3 +297,18 @@ def test_published_rows_only_beside_all_ten_folds() -> None:
     assert "| DAL (reported) | 99.40 |" in md and "Not comparable" not in md
     md = markdown_table("cacd-vs", row, benchmark=part.to_dict())
     assert md.index("| DAL (reported)") > md.index("#### Not comparable: 4 of the release's")
+
+
+def test_intervals_may_resample_whole_folds(tmp_path: Path, pool_models: dict) -> None:
+    pairs = [p for f in range(3) for p in (*range(400 * f, 400 * f + 4),
+                                            *range(400 * f + 200, 400 * f + 204))]
+    path = _release_cache(tmp_path / "c.h5", pairs)
+    models = [ModelArg("a", pool_models["pool8"]), ModelArg("b", pool_models["pool16"])]
+    payload = evaluate(EvalConfig(protocol="cacd-vs", cache=path, resamples=200, resample="fold",
+                                  age_probe=False, mi_steps=0, models=models), progress=False)
+    c = payload["comparisons"]
+    assert c["resampling"] == "folds" and c["clusters"] == 3 and c["units"] == len(pairs)
+    assert c["pairs"][0]["resampling"] == "folds"
+    with pytest.raises(MtmimError, match="--resample fold: applies to verification"):
+        evaluate(EvalConfig(protocol="fgnet-loo", cache=path, resample="fold", models=models),
+                 progress=False)

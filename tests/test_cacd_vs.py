@@ -25,7 +25,7 @@ from mtmim_cli.eval import loading as L
 from mtmim_cli.eval.config import EvalConfig, ModelArg
 from mtmim_cli.eval.tables import markdown_table
 from mtmim_cli.orchestration.evaluate import evaluate
-from tests.conftest import run_cli
+from tests.conftest import Pool, run_cli
 
 # two folds of the release, three pairs of each kind in each: fold 1 is pairs 0-399 (genuine
 # 0-199), fold 2 pairs 400-799 (genuine 400-599)
@@ -120,20 +120,6 @@ def test_align_refuses_on_one_line_and_writes_nothing(release: Path, tmp_path: P
 
 
 # ---------------------------------------------------------------- pairs from a cache
-class Pool(nn.Module):
-    """k x k average pooling of the normalised image: a fixed model whose features the test
-    can compute with numpy alone."""
-
-    input_width = 112
-
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        self.register_buffer("k", torch.tensor(k))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.avg_pool2d(x, int(self.k)).flatten(1)
-
-
 def _pool_loader(p: Path, backbone: str | None) -> nn.Module:
     m = Pool(1)
     m.load_state_dict(torch.load(p, weights_only=True))

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from mtmim_cli.eval.metrics import tenfold_verification
-from tests.test_cacd_vs import Pool, _release_cache, pool_models  # noqa: F401  (fixture)
+from tests.conftest import Pool
+from tests.test_cacd_vs import _release_cache, pool_models  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("verify_runs", REPO / "bench" / "verify_runs.py")

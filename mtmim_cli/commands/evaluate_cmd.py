@@ -14,7 +14,8 @@ from mtmim_cli.errors import MtmimError
 _PROTOCOL_HELP = (
     "fgnet-loo (leave-one-out rank-1), morph-s1 / morph-s2 (largest-age-gap probe vs gallery "
     "rank-1), cacd-map (MAP per database; needs --meta), cacd-vs / agedb30 / lfw / calfw / pairs "
-    "(10-fold verification from --pairs .bin or .csv; with --cache alone, seeded cross-age pairs)."
+    "(10-fold verification from --pairs .bin or .csv; with --cache alone, seeded cross-age pairs; "
+    "cacd-vs: the pairs and folds of a --format cacd-vs cache)."
 )
 
 
@@ -97,7 +98,8 @@ def evaluate(
     resample: str = typer.Option("identity", "--resample",
                                  help="Bootstrap unit of identification intervals: identity "
                                       "(a cluster bootstrap: a person's probes move together) or "
-                                      "probe. Verification always resamples pairs."),
+                                      "probe. Verification resamples pairs, or whole folds "
+                                      "with fold."),
     resamples: int = typer.Option(10_000, "--resamples", help="Bootstrap resamples (seeded by --seed)."),
     age_bins: str = typer.Option("0,6,11,16,21,31", "--age-bins",
                                  help="Lower edges (years) of the probe age groups; the last is "

@@ -19,7 +19,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "mtmim_cli"
 
 LAYERS: list[set[str]] = [
-    {"__init__", "errors", "atomic", "paths", "progress", "sharding", "threads",
+    {"__init__", "errors", "atomic", "paths", "progress", "sharding", "threads", "source",
      "allocator", "plot_style"},   # base
     {"data"},
     {"models"},

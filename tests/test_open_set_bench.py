@@ -58,22 +58,32 @@ def test_summary_means_seeds_and_shows_pairs_against_pretrained_and_the_referenc
     assert "| FG-NET | g1 | pretrained | +4.00 | [-0.00, +6.00] |" in text
     other = OS.summary({"fgnet": fg, "celeba": cb}, "the test side", reference="baseline")
     assert "| FG-NET | g1 | age |" not in other      # age is not the reference there
+    assert "made by other code" not in text
+    flagged = OS.summary({"fgnet": fg, "celeba": cb}, "the test side", stale={"g1@s0"})
+    assert "| g1 | 2, 1 made by other code (--reuse-stale) | 94.00 ± 1.41 |" in flagged
+    assert "| age | 2 | 93.00" in flagged
 
 
 def test_a_finished_run_is_reused_only_with_the_same_resolved_settings(tmp_path, monkeypatch) -> None:
     import pytest
 
     import mtmim_cli.train.finetune_options as FO
+    from mtmim_cli.train.finetune import resolved_settings
 
     run = tmp_path / "mtmim-s0"
     opts = {"recipe": "small", "mode": "mtmim", "seed": 0, "out": str(run), "progress": False}
-    assert not OS._reusable(run, opts)                    # nothing there yet
+    inputs = {"split_sha256": "ab"}
+
+    def reusable(o: dict) -> str | None:
+        return OS.reusable(run, resolved_settings(o), inputs)
+
+    assert reusable(opts) is None                          # nothing there yet
     run.mkdir()
     (run / "model.pt").write_bytes(b"x")
     with pytest.raises(SystemExit, match="other settings"):
-        OS._reusable(run, opts)                           # a model without recorded settings
-    OS._write_settings(run, opts)
-    assert OS._reusable(run, {**opts, "progress": True})  # progress does not change a run
+        reusable(opts)                                     # a model without recorded settings
+    OS.write_settings(run, resolved_settings(opts), inputs)
+    assert reusable({**opts, "progress": True}) == "current"   # progress does not change a run
     monkeypatch.setitem(FO.RECIPES, "small", {**FO.RECIPES["small"], "lambda_mim": 0.123})
     with pytest.raises(SystemExit, match="other settings"):
-        OS._reusable(run, opts)                           # the recipe changed underneath
+        reusable(opts)                                     # the recipe changed underneath

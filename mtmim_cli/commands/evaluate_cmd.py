@@ -53,6 +53,8 @@ def evaluate(
                                    "--shard (or with --merge) to merge the stored rounds."),
     merge: bool = typer.Option(False, "--merge",
                                help="Only merge rounds already stored (fails if any is missing)."),
+    reuse_stale: bool = typer.Option(False, "--reuse-stale",
+                                     help="Use stored rounds made by other code (flagged)."),
     rounds_dir: Path = typer.Option(None, "--rounds-dir",
                                     help="Where per-round results are stored (default: rounds/ "
                                          "beside --out); reused on resume."),
@@ -147,7 +149,7 @@ def evaluate(
     cfg = EvalConfig(
         protocol=protocol, models=[parse_model_arg(m, backbone) for m in model], cache=cache,
         pairs=pairs, meta=meta, out=out, flip=flip, refit=refit, folds=folds, shard=shard,
-        rounds_dir=rounds_dir, merge_only=merge, seed=seed, batch_size=batch_size, device=device,
+        rounds_dir=rounds_dir, merge_only=merge, reuse_stale=reuse_stale, seed=seed, batch_size=batch_size, device=device,
         max_rank=max_rank, n_pairs=n_pairs, min_gap=min_gap, test_subjects=test_subjects,
         train_subjects=train_subjects, split_out=split_out, refit_options=opts,
         refit_modes=tuple(x.strip() for x in refit_modes.split(",") if x.strip()),

@@ -52,6 +52,14 @@ def test_written_model_projects_off_the_subspace_fitted_on_its_own_views(model_a
     assert r["dims"] == basis.shape[1] == want.shape[1] >= 1 and r["photos"] == len(rows)
     assert np.max(subspace_angles(basis, want)) < 1e-4
     assert new.meta["age_subspace"]["identities"] == 6 and "basis" not in new.meta["age_subspace"]
+    # the faces it was fitted on, as blake2b-64 digests of their stored pixels
+    import hashlib
+
+    fitted = new.meta["age_subspace"]["fitted_on"]
+    want_digests = sorted(int.from_bytes(hashlib.blake2b(images[k].tobytes(), digest_size=8)
+                                         .digest(), "little") for k in rows)
+    assert sorted(np.frombuffer(fitted["images"], "<u8").tolist()) == want_digests
+    assert fitted["caches"][0]["used"] == len(rows) and fitted["init"] is None
     got, _ = _views(new, images)
     np.testing.assert_allclose(got, a - (a @ basis) @ basis.T, atol=1e-5)
     assert np.abs(got @ basis).max() < 1e-5

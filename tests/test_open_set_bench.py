@@ -32,7 +32,37 @@ def test_validation_folds_partition_the_train_side_only() -> None:
         assert not set(v["celeba_subset"]["test_identities"]) & {"x", "y"}
         held += te
     assert sorted(held) == list(range(1, 61))            # every train subject validates once
-    assert OS._val_split(split, 2) == OS._val_split(split, 2)   # seeded
+
+
+def test_validation_folds_are_the_same_people_in_every_process() -> None:
+    """The README's validation runs carve fold 0 (mi-sweep) and folds 1-3 (mi-folds) in
+    separate processes: together they must still partition the train side, whatever the
+    process's hash seed, and fold 0 is pinned so that a change to the carving, which would
+    make stored validation runs hold out other people, fails here."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    split = {"fgnet": {"train_subjects": list(range(1, 61)), "test_subjects": list(range(61, 83))},
+             "celeba_subset": {"train_identities": [str(i) for i in range(100)],
+                               "test_identities": ["x", "y"]}}
+    code = ("import importlib.util, json, sys\n"
+            f"spec = importlib.util.spec_from_file_location('o', {str(REPO / 'bench' / 'open_set.py')!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "print(json.dumps(m._val_split(json.loads(sys.argv[1]), int(sys.argv[2]))))")
+    folds = []
+    for k in range(4):
+        env = {**os.environ, "PYTHONHASHSEED": str(11 + k)}
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(split), str(k)],
+                             capture_output=True, text=True, check=True, env=env)
+        folds.append(json.loads(out.stdout))
+    held = [s for f in folds for s in f["fgnet"]["test_subjects"]]
+    assert sorted(held) == list(range(1, 61))
+    cb = [s for f in folds for s in f["celeba_subset"]["test_identities"]]
+    assert sorted(cb, key=int) == [str(i) for i in range(100)]
+    assert folds[0]["fgnet"]["test_subjects"] == [2, 7, 8, 9, 13, 15, 18, 21, 25, 27, 29, 39,
+                                                  48, 49, 54]
 
 
 def _payload(rank1: dict[str, float], r2: dict[str, float], pairs: list[tuple]) -> dict:

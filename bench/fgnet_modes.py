@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._runs import reusable, write_settings  # noqa: E402
+from mtmim_cli.paths import shared_path  # noqa: E402
 
 
 class RawEncoder:
@@ -49,7 +50,7 @@ class RawEncoder:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", required=True, help="aligned FG-NET cache (mtmim align ... --format fgnet)")
-    ap.add_argument("--init", default="../shared/weights/mobilefacenet-casia-arcface.ckpt")
+    ap.add_argument("--init", default=str(shared_path("weights", "mobilefacenet-casia-arcface.ckpt")))
     ap.add_argument("--out", default="runs/fgnet-modes")
     ap.add_argument("--modes", default="baseline,age,mtmim")
     ap.add_argument("--train-subjects", type=int, default=60, help="subjects 1..K train, the rest test")

@@ -65,6 +65,17 @@ def _run_inputs(paths: dict[str, str | Path]) -> dict:
     return {f"{name}_sha256": file_sha256(p) for name, p in paths.items()}
 
 
+def _subset_key(cache: str | Path, identities: list[str]) -> str:
+    """12 hex digits naming a test subset by what it holds (the source cache's content and
+    the identities kept), so another split or fold in the same --out never reuses it."""
+    import hashlib
+
+    from mtmim_cli.data.provenance import file_sha256
+
+    text = json.dumps({"cache": file_sha256(cache), "identities": sorted(identities)})
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,12 +132,13 @@ def main() -> None:
     tests = {}
     for name, cache, key in (("fgnet", a.fgnet, "fgnet.test_subjects"),
                              ("celeba", a.celeba, "celeba_subset.test_identities")):
-        path = out / f"{name}_test.h5"
+        node = split
+        for part in key.split("."):
+            node = node[part]
+        wanted = [str(v) for v in node]
+        path = out / f"{name}_test-{_subset_key(cache, wanted)}.h5"
         if not path.exists():
-            node = split
-            for part in key.split("."):
-                node = node[part]
-            subset_cache(cache, path, [str(v) for v in node], progress=False)
+            subset_cache(cache, path, wanted, progress=False)
         tests[name] = path
 
     models = [ModelArg("pretrained", Path(a.init))]

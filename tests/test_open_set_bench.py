@@ -117,3 +117,14 @@ def test_a_finished_run_is_reused_only_with_the_same_resolved_settings(tmp_path,
     monkeypatch.setitem(FO.RECIPES, "small", {**FO.RECIPES["small"], "lambda_mim": 0.123})
     with pytest.raises(SystemExit, match="other settings"):
         reusable(opts)                                     # the recipe changed underneath
+
+
+def test_test_subsets_are_named_by_what_they_hold(tmp_path) -> None:
+    """Another fold or split in the same --out gets its own test subset file: the name is
+    a digest of the source cache's bytes and the identities kept (in any order)."""
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    a.write_bytes(b"cache one")
+    b.write_bytes(b"cache two")
+    key = OS._subset_key(a, ["1", "2"])
+    assert len(key) == 12 and key == OS._subset_key(a, ["2", "1"])
+    assert key != OS._subset_key(a, ["1", "3"]) and key != OS._subset_key(b, ["1", "2"])

@@ -101,6 +101,10 @@ def main() -> None:
     ap.add_argument("--mi-steps", type=int, default=1000)
     ap.add_argument("--reuse-stale", action="store_true",
                     help="reuse finished runs made by other code (the table says which)")
+    ap.add_argument("--allow-trained-on", action="store_true",
+                    help="score models whose training images include a test image (e.g. "
+                         "replay of CelebA photos duplicated under two identities); the "
+                         "full tables say how many")
     a = ap.parse_args()
 
     from mtmim_cli.atomic import atomic_write_text
@@ -170,7 +174,7 @@ def main() -> None:
     for name, path in tests.items():
         cfg = EvalConfig(protocol="fgnet-loo", models=models, cache=path,
                          out=out / f"eval-{name}" / "results.md", mi_steps=a.mi_steps,
-                         command=" ".join(sys.argv))
+                         allow_trained_on=a.allow_trained_on, command=" ".join(sys.argv))
         payloads[name] = evaluate(cfg, progress=False)
         print(f"{name}: full tables in {out / f'eval-{name}' / 'results.md'}", flush=True)
     print(summary(payloads, "the validation fold" if a.val_fold is not None else "the test side",
@@ -210,6 +214,11 @@ def summary(payloads: dict[str, dict], side: str, reference: str = "baseline",
                      f"{ms([r['age_group_accuracy'] for r in rows], 100, 1)} | "
                      f"{ms([r['infonce_lower'] for r in rows], 1, 2)} | "
                      f"{ms([r['club_upper'] for r in rows], 1, 0)} |")
+    seen = [f"{test}: {r['model']} trained on {r['test_faces']['trained_on']} of its "
+            f"{r['test_faces']['test_images']} test photos (--allow-trained-on)"
+            for test, payload in (("FG-NET", fg), ("CelebA", cb)) for r in payload["results"]
+            if r.get("test_faces", {}).get("trained_on")]
+    lines += [""] + seen if seen else []
     lines += ["", "| Test | A | B | A − B (points) | 95% interval |", "|---|---|---|---|---|"]
     for test, payload in (("FG-NET", fg), ("CelebA", cb)):
         for p in (payload.get("comparisons") or {}).get("pairs", []):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mtmim_cli.data.cache import DETECTED, CacheWriter
 from mtmim_cli.data.records import Record
@@ -66,8 +67,27 @@ def celeba_dir(shared: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cacd_vs_dir(shared: Path) -> Path:
+    return _need(shared / "data" / "cacd-vs", "CACD-VS release")
+
+
+@pytest.fixture(scope="session")
 def mobilefacenet_ckpt(shared: Path) -> Path:
     return _need(shared / "weights" / "mobilefacenet-casia-arcface.ckpt", "MobileFaceNet weights")
+
+
+class Pool(torch.nn.Module):
+    """k x k average pooling of the normalised image, flattened: a fixed, deterministic model
+    whose features a test can compute without it."""
+
+    input_width = 112
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.register_buffer("k", torch.tensor(k))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x, int(self.k)).flatten(1)
 
 
 def write_cache(path: Path, identities: list[str], ages: list[float] | None = None,

@@ -22,21 +22,9 @@ from mtmim_cli.eval.features import extract_features
 from mtmim_cli.models.factorize import FactorizationUnit
 from mtmim_cli.models.identity import IdentityModel
 from mtmim_cli.orchestration.evaluate import evaluate
+from tests.conftest import Pool
 
 N_IDS, PER_ID, MISSING = 10, 7, 5
-
-
-class Pool(nn.Module):
-    """k x k average pooling of the normalised image, flattened: fixed, deterministic."""
-
-    input_width = 112
-
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        self.register_buffer("k", torch.tensor(k))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.avg_pool2d(x, int(self.k)).flatten(1)
 
 
 def _load(p: Path, backbone: str | None) -> nn.Module:

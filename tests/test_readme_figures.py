@@ -248,3 +248,5 @@ def test_the_readmes_blocks_declare_what_they_read() -> None:
                                               "refit-full-k10-val"}
     assert blocks["age-subspace"].reads == ("open-set",)
     assert set(blocks["cross-age-folds"].reads) == {"mi-sweep", "mi-folds"}
+    assert blocks["cacd-vs"].reads == ("open-set",)
+    assert blocks["cacd-vs-levers"].reads == ("cacd-vs",)

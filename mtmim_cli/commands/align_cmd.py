@@ -12,7 +12,7 @@ from rich.console import Console
 from mtmim_cli.app import app
 from mtmim_cli.atomic import ensure_writable
 
-_FORMATS = "fgnet, celeba, folder, csv, agedb, cacd, morph, rec (see data/README.md)"
+_FORMATS = "fgnet, celeba, folder, csv, agedb, cacd, cacd-vs, morph, rec (see data/README.md)"
 
 
 def _command_line() -> str:

@@ -61,8 +61,8 @@ def evaluate(
                                   help="Also write features.npz (x_id, x_age) by --out."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
     resample: str = typer.Option("identity", "--resample",
-                                 help="Bootstrap unit of identification: identity or probe."),
-    resamples: int = typer.Option(10_000, "--resamples", help="Bootstrap resamples."),
+                                 help="Bootstrap unit: identity, probe (or fold: pairs)."),
+    resamples: int = typer.Option(10_000, "--resamples", help="Bootstrap resamples (seeded)."),
     age_bins: str = typer.Option("0,6,11,16,21,31", "--age-bins",
                                  help="Lower edges (years) of the probe age groups."),
     gap_bins: str = typer.Option("0,6,11,21", "--gap-bins",
@@ -83,7 +83,8 @@ def evaluate(
       cacd-vs, agedb30, lfw, calfw, pairs
                           10-fold verification from --pairs (.bin, LFW pairs.txt
                           or CSV path_a,path_b,same[,fold] of the cache's paths);
-                          with --cache alone, seeded cross-age pairs
+                          with --cache alone, seeded cross-age pairs; cacd-vs:
+                          the pairs and folds of a --format cacd-vs cache
 
     Models: ours, released weights (a plain state dict such as an insightface backbone.pth
     needs --backbone) or a *.onnx face encoder (--backbone onnx:CHANNELS[,MEAN,STD]; default
@@ -104,7 +105,7 @@ def evaluate(
     A model whose recorded training data (or a remove-age subspace's fitting faces) holds
     test images is refused; --allow-trained-on scores it and the tables say how many.
     Intervals: --resample identity is a cluster bootstrap (a person's probes move together);
-    verification resamples pairs. The age probe fits identity-grouped linear probes of age
+    verification resamples pairs, or whole folds with --resample fold. The age probe fits identity-grouped linear probes of age
     group and log(1+age) on the identity features (caches with ages).
     """
     for path, option in ((out, "--out"), (split_out, "--split-out")):

@@ -15,6 +15,8 @@ folder     one sub-folder per identity (LFW, CASIA-WebFace, VGGFace2 ...)
 csv        a manifest with a header: ``path,identity[,age][,split]``; paths relative to the CSV
 agedb      folder of ``<n>_<Name>_<age>_<g>.jpg``
 cacd       folder of ``<age>_<Name>_<nnnn>.jpg``
+cacd-vs    the CACD-VS release: ``NNNN_0.jpg``, ``NNNN_1.jpg`` (pair NNNN); SRC or SRC/images;
+           labels and folds from the release's rule (`mtmim_cli.data.cacd_vs`)
 morph      the MORPH Album 2 CSV (columns ``id_num``, ``age``, ``photo``), or a folder of
            ``<id>_<nn><G><age>.JPG`` files when no CSV is at hand
 rec        an insightface RecordIO pack (``train.rec`` + ``train.idx``; CASIA-WebFace, MS1M):
@@ -197,6 +199,19 @@ def read_cacd(src: Path) -> list[Record]:
                     for p, m in _named_files(src, "cacd", CACD_RE, expected)])
 
 
+def _cacd_vs_root(src: Path) -> Path:
+    _need_dir(src, "cacd-vs", "NNNN_0.jpg, NNNN_1.jpg photos")
+    return src / "images" if (src / "images").is_dir() else src
+
+
+def read_cacd_vs(src: Path) -> list[Record]:
+    from mtmim_cli.data import cacd_vs
+
+    root = _cacd_vs_root(src)
+    return cacd_vs.release_records([p for p, _ in _named_files(root, "cacd-vs", cacd_vs.NAME_RE,
+                                                                cacd_vs.EXPECTED)])
+
+
 def _morph_csv(src: Path) -> Path | None:
     if src.is_file():
         return src
@@ -229,7 +244,7 @@ def read_morph(src: Path) -> list[Record]:
 
 READERS: dict[str, Callable[[Path], list[Record]]] = {
     "fgnet": read_fgnet, "celeba": read_celeba, "folder": read_folder, "csv": read_csv,
-    "agedb": read_agedb, "cacd": read_cacd, "morph": read_morph,
+    "agedb": read_agedb, "cacd": read_cacd, "cacd-vs": read_cacd_vs, "morph": read_morph,
     "rec": lambda src: read_rec(src),
 }
 
@@ -241,6 +256,8 @@ def source_root(src: str | Path, fmt: str) -> Path:
         return _fgnet_root(src).resolve()
     if fmt == "celeba":
         return _celeba_paths(src)[1].resolve()
+    if fmt == "cacd-vs":
+        return _cacd_vs_root(src).resolve()
     if fmt in ("csv", "morph") and src.is_file():
         return src.parent.resolve()
     if fmt == "rec":

@@ -12,7 +12,8 @@ figure is summarised as mean and sd over its seeds, and settings (not single che
 are compared, with seeds drawn in the bootstrap too.
 
 Resampling: identification resamples identities (a cluster bootstrap: a person's probes are
-not independent) unless `resample='probe'`; verification resamples pairs.
+not independent) unless `resample='probe'`; verification resamples pairs, or whole folds
+with `resample='fold'`.
 
 Everything takes a `Scored` per model (`eval.runners`) and the cache, and returns plain
 dicts for results.json.
@@ -28,7 +29,7 @@ import numpy as np
 from mtmim_cli.eval import agebins as AB
 from mtmim_cli.eval import compare as C
 
-RESAMPLE_UNITS = ("identity", "probe")
+RESAMPLE_UNITS = ("identity", "probe", "fold")
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,10 @@ def _ages(cache) -> np.ndarray | None:
 
 
 def _clusters(scored, cache, opts: AnalysisOptions) -> tuple[np.ndarray | None, str]:
-    """Identity per unit for the cluster bootstrap of identification units."""
+    """Cluster per unit for the bootstrap: a probe's identity (identification, unless
+    `resample='probe'`), a pair's fold (verification with `resample='fold'`)."""
+    if scored.context.get("kind") == "verification" and opts.resample == "fold":
+        return np.asarray(scored.context["fold"]), "folds"
     if scored.context.get("kind") != "identification" or opts.resample == "probe":
         return None, "probes"
     return np.asarray(cache.identity)[scored.context["probe"]], "identities"

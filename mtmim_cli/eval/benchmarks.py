@@ -17,6 +17,11 @@ What counts (decisions, written here once):
 - morph-s1 / morph-s2: the full split sizes (Setting-1: 10,000 test subjects; Setting-2:
   10,000 training and 3,000 test subjects).
 - cacd-map: the paper's 120 test celebrities.
+- cacd-vs: all 4,000 pairs of the release's 10 folds, each of 200 genuine and 200 impostor
+  pairs, every pair scored: from a `--format cacd-vs` cache (the release's own rule) or from
+  a pair file with that structure. Fewer folds (the four the project shares) are a different,
+  smaller test: their accuracy is not the published figure's. The published rows are other
+  papers' (as the DAL paper tabulates them), not Hou et al.'s.
 - Any protocol: no test image among the model's recorded training images.
 """
 
@@ -38,6 +43,7 @@ OFFICIAL_FOLDS, OFFICIAL_PER_CLASS = 10, 300
 MORPH_FULL = {"morph-s1": {"test": 10_000, "train": None},
               "morph-s2": {"test": 3_000, "train": 10_000}}
 CACD_TEST_CELEBRITIES = 120
+CACD_VS_FOLDS, CACD_VS_PER_CLASS = 10, 200
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,29 @@ def cacd(n_test_identities: int) -> Verdict:
     return Verdict(True, f"the paper's {CACD_TEST_CELEBRITIES} test celebrities")
 
 
+def cacd_vs(origin: dict | None, same: np.ndarray, folds: int | np.ndarray) -> Verdict:
+    """`origin`: the pairs' origin (`eval.inputs.PairInput.origin`)."""
+    kind = (origin or {}).get("kind", "drawn")
+    if kind == "drawn":
+        return Verdict(False, "pairs drawn from a cache, not the CACD-VS release's pairs")
+    want = f"{CACD_VS_FOLDS} folds of {CACD_VS_PER_CLASS} genuine + {CACD_VS_PER_CLASS} impostor pairs"
+    n_folds, per = pair_structure(same, folds)
+    if kind == "release":
+        dropped = len(origin["dropped_pairs"])
+        if n_folds < CACD_VS_FOLDS:
+            return Verdict(False, f"{n_folds} of the release's {CACD_VS_FOLDS} folds "
+                                  f"({len(same) + dropped} of its 4,000 pairs): thresholds and "
+                                  f"accuracy over those folds only, not the published "
+                                  f"{CACD_VS_FOLDS}-fold figure")
+        if dropped:
+            return Verdict(False, f"{dropped} pairs left out (a photo without a face; align "
+                                  "with --on-miss center to score every pair)")
+    if n_folds != CACD_VS_FOLDS or any(p != (CACD_VS_PER_CLASS,) * 2 for p in per):
+        return Verdict(False, f"{len(same)} pairs in {n_folds} folds; the release has {want}")
+    source = "the release's rule" if kind == "release" else "a pair file with its structure"
+    return Verdict(True, f"all {len(same)} CACD-VS pairs, {want} ({source})")
+
+
 def with_training_overlap(verdict: Verdict, trained_on: dict[str, int]) -> Verdict:
     """A run whose models were trained on some test images is no benchmark result,
     whatever its protocol. `trained_on`: model label -> test images it trained on."""
@@ -126,8 +155,8 @@ def with_training_overlap(verdict: Verdict, trained_on: dict[str, int]) -> Verdi
 
 
 def for_run(cfg, inputs) -> Verdict | None:
-    """The verdict for an `EvalConfig` and its opened `EvalInputs`; None for protocols the
-    paper reports nothing on (cacd-vs, pairs)."""
+    """The verdict for an `EvalConfig` and its opened `EvalInputs`; None for a plain pair
+    list (no published figure belongs beside it)."""
     from mtmim_cli.eval import protocols as P
 
     if cfg.protocol == "fgnet-loo":
@@ -140,6 +169,9 @@ def for_run(cfg, inputs) -> Verdict | None:
     if cfg.protocol == "cacd-map":
         test = inputs.cacd_test
         return cacd(len(np.unique(inputs.cache.identity[test])))
+    if cfg.protocol == "cacd-vs":
+        p = inputs.pairs
+        return cacd_vs(p.origin, p.same, p.folds)
     if cfg.protocol in OFFICIAL_PAIRS:
         p = inputs.pairs
         return pairs(cfg.protocol, (p.origin or {}).get("kind", "drawn"), p.same, p.folds)

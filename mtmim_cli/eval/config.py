@@ -60,7 +60,7 @@ class EvalConfig:
     features: bool = False             # also write features.npz (x_id, x_age) beside out
     command: str = ""
     # Analyses across models and by age (eval.analysis):
-    resample: str = "identity"         # bootstrap unit of identification: identity or probe
+    resample: str = "identity"         # bootstrap unit: identity or probe; fold (verification)
     resamples: int = 10_000
     age_edges: tuple[int, ...] = (0, 6, 11, 16, 21, 31)   # lower edges of the probe age groups
     gap_edges: tuple[int, ...] = (0, 6, 11, 21)           # lower edges of the age gap bins
@@ -90,8 +90,11 @@ def check_config(cfg: EvalConfig) -> None:
     labels = [m.label for m in cfg.models]
     if len(set(labels)) != len(labels):
         raise MtmimError(f"two models share a label ({', '.join(labels)}); name them LABEL=PATH")
-    if cfg.resample not in ("identity", "probe"):
-        raise MtmimError(f"--resample {cfg.resample}: choose identity or probe")
+    if cfg.resample not in ("identity", "probe", "fold"):
+        raise MtmimError(f"--resample {cfg.resample}: choose identity, probe or fold")
+    if cfg.resample == "fold" and cfg.protocol not in VERIFICATION:
+        raise MtmimError(f"--resample fold: applies to verification protocols "
+                         f"({', '.join(VERIFICATION)})")
     if cfg.resamples < 100:
         raise MtmimError(f"--resamples {cfg.resamples}: use at least 100")
     if cfg.mi_steps < 0:

@@ -24,7 +24,8 @@ class PairInput:
     j: np.ndarray
     same: np.ndarray
     folds: int | np.ndarray
-    origin: dict | None = None         # {'kind': 'file', 'format', 'path'} or {'kind': 'drawn', ...}
+    origin: dict | None = None         # {'kind': 'file' | 'drawn' | 'release', ...}
+    dropped_folds: np.ndarray | None = None   # fold of each pair left out (a photo without a face)
 
 
 @dataclass
@@ -86,6 +87,8 @@ def pair_input(cfg: EvalConfig, cache) -> PairInput:
         i, j, same, folds = read_pair_csv(cfg.pairs, cache)
         return PairInput(cache, i, j, same, folds if folds is not None else 10,
                          _file_origin(cfg.pairs, "CSV"))
+    if cfg.protocol == "cacd-vs":
+        return release_pair_input(cache)
     from mtmim_cli.eval.pairs import cross_age_pairs
 
     i, j, same = cross_age_pairs(cache.identity, cache.age, cfg.n_pairs, cfg.seed,
@@ -93,6 +96,35 @@ def pair_input(cfg: EvalConfig, cache) -> PairInput:
     return PairInput(cache, i, j, same, 10, {"kind": "drawn", "cache": str(cache.path),
                                              "seed": cfg.seed, "requested": cfg.n_pairs,
                                              "min_gap": cfg.min_gap})
+
+
+def release_pair_input(cache) -> PairInput:
+    """CACD-VS's pairs and folds from a cache aligned with `--format cacd-vs`, by the
+    release's rule; pairs with a photo without a face are left out and counted."""
+    from mtmim_cli.data import cacd_vs
+
+    if not cacd_vs.is_release_cache(cache):
+        raise MtmimError(f"{cache.path}: cacd-vs without --pairs needs a cache aligned with "
+                         f"--format cacd-vs (this one was read as "
+                         f"{cache.attrs.get('reader', 'unknown')!r})")
+    rp = cacd_vs.cache_pairs(cache.paths, [cache.identity_names[k] for k in cache.identity],
+                             cache.split, cache.usable, where=str(cache.path))
+    folds = sorted({int(f) for f in rp.fold})
+    if len(folds) < 2:
+        held = rp.folds_present()
+        raise MtmimError(f"{cache.path}: pairs with faces in {len(folds)} fold(s) "
+                         f"({', '.join(map(str, held)) or 'none'}); each fold's threshold is "
+                         "chosen on the other folds, so at least two are needed")
+    dropped = np.asarray(cacd_vs.fold_of(rp.dropped), np.int64)
+    every = np.r_[rp.fold, dropped]
+    per_fold = {int(f): int(np.sum(every == f)) for f in np.unique(every)}
+    return PairInput(cache, rp.i, rp.j, rp.same, rp.fold,
+                     {"kind": "release", "release": "CACD-VS", "cache": str(cache.path),
+                      "folds": folds, "release_folds": cacd_vs.FOLDS,
+                      "pairs_per_fold": per_fold,
+                      "release_pairs_per_fold": cacd_vs.PAIRS_PER_FOLD,
+                      "dropped_pairs": rp.dropped.tolist()},
+                     dropped_folds=dropped)
 
 
 def _file_origin(path: Path, fmt: str) -> dict:
@@ -109,11 +141,44 @@ def pairs_origin_text(pairs: PairInput) -> str:
     counts = f"{n} pairs, {n - n_imp} genuine and {n_imp} impostor"
     if o.get("kind") == "file":
         return f"pairs: {o['format']} file {o['path']} (sha256 {o['sha256'][:16]}; {counts})"
+    if o.get("kind") == "release":
+        return release_origin_text(o, counts)
     if o.get("kind") == "drawn":
         gap = f", age gap >= {o['min_gap']:g} years" if o["min_gap"] else ""
         return (f"pairs: drawn from {o['cache']} (seed {o['seed']}, {o['requested']} asked{gap}; "
                 f"{counts}), not an official pair list")
     return f"pairs: {counts}"
+
+
+def release_origin_text(o: dict, counts: str) -> str:
+    """The variant line for pairs derived from a release cache: which folds, how complete,
+    and what was left out."""
+    folds, n_rel = o["folds"], o["release_folds"]
+    which = f"folds {_ranges(folds)} of the release's {n_rel}"
+    if len(folds) < n_rel:
+        which += f" (not all {n_rel})"
+    short = {f: n for f, n in o["pairs_per_fold"].items() if n < o["release_pairs_per_fold"]}
+    text = (f"pairs: the {o['release']} release's rule on {o['cache']}, {which}; {counts}; "
+            "each fold's threshold chosen on the other folds present")
+    if short:
+        text += "; fewer than the release's " + str(o["release_pairs_per_fold"]) + \
+            " pairs in fold " + ", ".join(f"{f} ({n})" for f, n in sorted(short.items()))
+    if o["dropped_pairs"]:
+        text += (f"; {len(o['dropped_pairs'])} pairs left out because a photo has no face in "
+                 "the cache (not scored; accuracy_all_pairs counts them as errors)")
+    return text
+
+
+def _ranges(values: list[int]) -> str:
+    """[1, 2, 3, 5] -> '1-3, 5'."""
+    out, start = [], None
+    for k, v in enumerate(values):
+        if start is None:
+            start = v
+        if k + 1 == len(values) or values[k + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(out)
 
 
 def read_cacd_meta(path: Path, cache) -> tuple[np.ndarray, np.ndarray]:

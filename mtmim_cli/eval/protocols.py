@@ -20,6 +20,8 @@ from mtmim_cli.eval import metrics as M
 from mtmim_cli.sharding import parse_shard as _parse_shard
 
 FAR_LEVEL = 1e-3
+# TAR is reported at each of these a pair set's impostors can resolve (metrics.min_impostors)
+FAR_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4)
 # The key of a store's config that holds the package source digest (mtmim_cli.source).
 SOURCE_KEY = "source_sha256"
 CACD_DATABASES = {"2004-2006": (2004, 2006), "2007-2009": (2007, 2009), "2010-2012": (2010, 2012)}
@@ -291,7 +293,9 @@ def verification(feats_a: np.ndarray, feats_b: np.ndarray, same: np.ndarray,
     far_pts, tar_pts, _ = M.roc_curve_points(scores, same)
     return {"accuracy": tf["accuracy"], "std": tf["std"],
             "fold_accuracies": tf["fold_accuracies"], "thresholds": tf["thresholds"],
+            "folds_used": len(tf["fold_accuracies"]),
             **tar_at_far_entry(scores, same, far),
+            "tar_at_fars": [tar_at_far_entry(scores, same, f) for f in FAR_LEVELS],
             "auc": M.roc_auc(scores, same), "pairs": int(len(scores)),
             "roc": _thin_roc(far_pts, tar_pts)}
 

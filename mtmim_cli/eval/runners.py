@@ -188,6 +188,7 @@ def cacd(model, cache, year: np.ndarray, test: np.ndarray, feat: FeatureOptions)
 def verification(model, pairs: PairInput, feat: FeatureOptions) -> Scored:
     """10-fold verification accuracy, TAR at FAR and AUC on the pairs; per pair its score
     and whether the K-fold rule classified it right."""
+    from mtmim_cli.eval import metrics as M
     from mtmim_cli.eval.agebins import pair_correctness
 
     used, inv = np.unique(np.r_[pairs.i, pairs.j], return_inverse=True)
@@ -197,12 +198,28 @@ def verification(model, pairs: PairInput, feat: FeatureOptions) -> Scored:
     m = P.verification(fa, fb, pairs.same, pairs.folds)
     scores = np.sum(np.asarray(fa, np.float64) * fb, axis=1)
     correct = pair_correctness(scores, pairs.same, pairs.folds, m["thresholds"])
+    if pairs.dropped_folds is not None:
+        m.update(with_dropped_pairs(correct, pairs.folds, pairs.dropped_folds))
     on_cache = not isinstance(pairs.source, np.ndarray)
+    fold = (pairs.folds if not isinstance(pairs.folds, (int, np.integer))
+            else M.fold_labels(n, int(pairs.folds)))
     return Scored(m, outcomes={"index": np.arange(n), "correct": correct, "score": scores},
                   context={"kind": "verification", "i": pairs.i, "j": pairs.j,
-                           "same": pairs.same, "on_cache": on_cache},
+                           "same": pairs.same, "fold": np.asarray(fold), "on_cache": on_cache},
                   rows=used if on_cache else None, features=feats if on_cache else None,
                   parts=parts if on_cache else None)
+
+
+def with_dropped_pairs(correct: np.ndarray, folds: np.ndarray,
+                       dropped_folds: np.ndarray) -> dict:
+    """Pairs that could not be scored (a photo without a face) as errors: the accuracy over
+    every pair of the folds, beside the figure over the scored ones (as FG-NET counts a
+    photo without a face as a failure)."""
+    folds, dropped_folds = np.asarray(folds), np.asarray(dropped_folds)
+    accs = [float(np.sum(correct[folds == f]) / (np.sum(folds == f) + np.sum(dropped_folds == f)))
+            for f in np.unique(np.r_[folds, dropped_folds])]
+    return {"pairs_dropped": int(len(dropped_folds)),
+            "accuracy_all_pairs": float(np.mean(accs)), "std_all_pairs": float(np.std(accs))}
 
 
 def run_protocol(protocol: str, model, inputs: EvalInputs, feat: FeatureOptions,

@@ -30,6 +30,7 @@ from mtmim_cli.eval.feature_file import factor_parts, write_feature_file
 from mtmim_cli.eval.heldout import check_model, scored_image_digests, scored_indices
 from mtmim_cli.eval.inputs import EvalInputs, is_synthetic, open_inputs, pairs_origin_text
 from mtmim_cli.eval.loading import load_model
+from mtmim_cli.eval.metrics import min_impostors
 from mtmim_cli.eval.outcomes import write_outcomes
 from mtmim_cli.eval.provenance import file_record, run_header, sha256_file
 from mtmim_cli.eval.runners import FeatureOptions, Scored, run_protocol
@@ -196,7 +197,27 @@ def _summary_line(protocol: str, label: str, m: dict) -> str:
     if protocol == "cacd-map":
         maps = ", ".join(f"{k} {100 * m[k]['map']:.2f}" for k in P.CACD_DATABASES)
         return f"{label}: MAP {maps}{secs}"
-    tar = (f"{100 * m['tar_at_far']:.2f}%" if m.get("tar_at_far") is not None
-           else m.get("tar_at_far_note", "n/a"))
-    return (f"{label}: accuracy {100 * m['accuracy']:.2f} ± {100 * m['std']:.2f}%, "
-            f"TAR@FAR={m['far']:g} {tar}, AUC {m['auc']:.4f}{secs}")
+    return (f"{label}: accuracy {100 * m['accuracy']:.2f} ± {100 * m['std']:.2f}% over "
+            f"{m.get('folds_used', '?')} folds{_dropped_text(m)}, {_tar_text(m)}, "
+            f"AUC {m['auc']:.4f}{secs}")
+
+
+def _tar_text(m: dict) -> str:
+    """TAR at every FAR the impostors resolve, or the note for the headline FAR when none."""
+    entries = [e for e in m.get("tar_at_fars", []) if e["tar_at_far"] is not None]
+    if not entries:
+        tar = (f"{100 * m['tar_at_far']:.2f}%" if m.get("tar_at_far") is not None
+               else m.get("tar_at_far_note", "n/a"))
+        return f"TAR@FAR={m['far']:g} {tar}"
+    text = ", ".join(f"TAR@FAR={e['far']:g} {100 * e['tar_at_far']:.2f}%" for e in entries)
+    unresolved = [e for e in m["tar_at_fars"] if e["tar_at_far"] is None]
+    if unresolved:
+        text += f" (lower FARs need >= {min_impostors(unresolved[0]['far'])} impostor pairs)"
+    return text
+
+
+def _dropped_text(m: dict) -> str:
+    if not m.get("pairs_dropped"):
+        return ""
+    return (f" ({m['pairs_dropped']} pairs with a photo without a face left out; counted as "
+            f"errors: {100 * m['accuracy_all_pairs']:.2f} ± {100 * m['std_all_pairs']:.2f}%)")

@@ -11,7 +11,9 @@ identities (leave-one-out rank-1: what general faces lose). Validation: the same
 on folds of the training subjects (fitted on the others), --val-repeats times 4 folds.
 
 Models named NAME-sK (or NAME@sK) are seeds of one setting: their rows are pooled (mean over
-seeds), and intervals resample identities and seeds. The pretrained model is the reference for
+seeds), and intervals resample identities and seeds (each replicate draws identities, and
+seeds with replacement: the same seeds for a model as it is and with age removed, each
+setting's own when two settings are compared). The pretrained model is the reference for
 "every setting against the pretrained model".
 
     .venv/bin/python bench/age_subspace.py --fgnet fgnet.h5 --celeba celeba.h5 \\
@@ -91,6 +93,22 @@ def _shares(f: np.ndarray, basis: np.ndarray, identity: np.ndarray, age: np.ndar
     inside = ((diff[..., :d] @ basis) ** 2).sum(-1) + ((diff[..., d:] @ basis) ** 2).sum(-1)
     return float(inside[same].sum() / total[same].sum()), \
         float(inside[~same].sum() / total[~same].sum())
+
+
+def auc_difference(auc: dict[str, float], reps: dict[str, np.ndarray], a_names: list[str],
+                   b_names: list[str], *, paired: bool, level: float = 0.95,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """Cross-age AUC of setting A minus setting B (each the mean over its seeds' models) and
+    its percentile interval: replicate r takes every model's AUC in identity draw r
+    (`reps`, shared draws) and draws each setting's seeds with replacement, the same draw
+    for both when `paired` (a_names[k] and b_names[k] are one model before and after)."""
+    from mtmim_cli.eval.compare import seed_resampled_difference
+
+    d = float(np.mean([auc[x] for x in a_names]) - np.mean([auc[x] for x in b_names]))
+    r = seed_resampled_difference(np.stack([reps[x] for x in a_names]),
+                                  np.stack([reps[x] for x in b_names]), paired=paired, seed=seed)
+    lo, hi = np.quantile(r, [(1 - level) / 2, (1 + level) / 2])
+    return d, float(lo), float(hi)
 
 
 def _val_cell(val: np.ndarray) -> str:
@@ -211,16 +229,11 @@ def main() -> None:
     def iv(lo: float, hi: float, scale: float = 100, d: int = 2) -> str:
         return f"[{scale * lo:+.{d}f}, {scale * hi:+.{d}f}]"
 
-    def auc_diff(a_names: list[str], b_names: list[str]) -> tuple[float, float, float]:
-        d = np.mean([auc[x] for x in a_names]) - np.mean([auc[x] for x in b_names])
-        r = np.mean([reps[x] for x in a_names], 0) - np.mean([reps[x] for x in b_names], 0)
-        lo, hi = np.quantile(r, [0.025, 0.975])
-        return d, lo, hi
-
     te_ids = ident[test]
     print(f"\nHeld-out FG-NET subjects {min(split['fgnet']['test_subjects'])}-"
           f"{max(split['fgnet']['test_subjects'])} and CelebA test identities; the age subspace "
-          f"fitted on the training subjects; mean ± sd over seeds. Cross-age AUC: photos aged "
+          f"fitted on the training subjects; mean ± sd over seeds; Δ intervals resample identities "
+          f"and seeds (one draw of seeds for as is and removed). Cross-age AUC: photos aged "
           f"<= {a.young_max:g} against >= {a.adult_min:g} "
           f"({len(np.unique(te_ids[age[test] <= a.young_max]))} and "
           f"{len(np.unique(te_ids[age[test] >= a.adult_min]))} identities).\n")
@@ -232,8 +245,10 @@ def main() -> None:
     for s, names in settings.items():
         A = np.stack([res[n]["removed"]["fg"] for n in names])
         B = np.stack([res[n]["as_is"]["fg"] for n in names])
-        d = bootstrap_difference(A, B, clusters=te_ids, resamples=a.resamples)
-        da = auc_diff([f"{n}|removed" for n in names], [f"{n}|as_is" for n in names])
+        # the same models with and without the subspace: seed k of both sides together
+        d = bootstrap_difference(A, B, clusters=te_ids, resamples=a.resamples, paired_seeds=True)
+        da = auc_difference(auc, reps, [f"{n}|removed" for n in names],
+                            [f"{n}|as_is" for n in names], paired=True)
         val = np.concatenate([res[n]["val"] for n in names])
         print(f"| {s} | {len(names)} | {res[names[0]]['k']} | "
               f"{ms([B_.mean() for B_ in B])} → {ms([A_.mean() for A_ in A])} | "
@@ -266,8 +281,8 @@ def main() -> None:
                         np.stack([res[n]["as_is"][key] for n in settings[ref]]),
                         clusters=clusters, resamples=a.resamples)
                     cells.append(f"{100 * d.diff:+.2f} {iv(d.low, d.high)}")
-                da = auc_diff([f"{n}|as_is" for n in names],
-                              [f"{n}|as_is" for n in settings[ref]])
+                da = auc_difference(auc, reps, [f"{n}|as_is" for n in names],
+                                    [f"{n}|as_is" for n in settings[ref]], paired=False)
                 print(f"| {s} | {ref} | {cells[0]} | {da[0]:+.4f} {iv(da[1], da[2], 1, 4)} | "
                       f"{cells[1]} |")
     print(f"\n{time.perf_counter() - t0:.0f} s")

@@ -1,13 +1,14 @@
 """Cache image layouts: bytes per image and loader images/s per worker, raw against encoded.
 
-Takes --n aligned faces of a real cache (default /work/data/celeba.h5, else --cache), writes
+Takes --n aligned faces of a real cache (--cache; default celeba.h5 in the repository root,
+the README's walk-through cache), writes
 them as a raw, a JPEG (quality 95) and a PNG cache, and reports for each the file's bytes per
 image and the rate of one DataLoader worker process delivering training batches through
 `CacheDataset` (random order, read + decode + crop + flip + normalise), the way `pretrain
 --workers K` runs K of them. Each rate is the best of --repeat passes of --batches batches.
 Also the time to write each cache (the encoding cost paid once, at align time).
 
-    .venv/bin/python bench/cache_formats.py [--cache /work/data/celeba.h5] [--n 3000]
+    .venv/bin/python bench/cache_formats.py [--cache celeba.h5] [--n 3000]
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def loader_rate(path: Path, batch: int, batches: int, repeat: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", default="/work/data/celeba.h5")
+    ap.add_argument("--cache", default=str(Path(__file__).resolve().parents[1] / "celeba.h5"))
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--batches", type=int, default=16)

@@ -12,7 +12,9 @@ come from getrusage deltas around it, so a path that spends its time in the kern
 glibc's malloc setting (see mtmim_cli/allocator.py) is process-wide; run once with
 MTMIM_KEEP_FREED_MEMORY=0 to see both paths without it.
 
-    .venv/bin/python bench/embed.py [--cache /work/data/fgnet.h5] [--images 256] [--threads 2]
+    .venv/bin/python bench/embed.py [--cache fgnet.h5] [--images 256] [--threads 2]
+
+(--cache defaults to fgnet.h5 in the repository root, the README's walk-through cache.)
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def timed(fn):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", default="/work/data/fgnet.h5")
+    ap.add_argument("--cache", default=str(Path(__file__).resolve().parents[1] / "fgnet.h5"))
     ap.add_argument("--model", default=str(shared_path("weights",
                                                        "mobilefacenet-casia-arcface.ckpt")))
     ap.add_argument("--images", type=int, default=256, help="Faces per pass (the first usable).")

@@ -2,8 +2,8 @@
 
 Needs an aligned FG-NET cache (made by `mtmim align`, outside the repository):
 
-    mtmim align ../shared/data/fgnet/images --format fgnet --out /tmp/fgnet.h5 --on-miss center
-    .venv/bin/python bench/fgnet_eval.py --cache /tmp/fgnet.h5 [--out /tmp/fgnet-eval] [--parts none,head,full]
+    mtmim align ../shared/data/fgnet/images --format fgnet --out fgnet.h5 --on-miss center
+    .venv/bin/python bench/fgnet_eval.py --cache fgnet.h5 [--out eval/fgnet-bench] [--parts none,head,full]
 
 Prints, each with the equivalent `mtmim evaluate` command:
 - `--refit none` with the mirror features concatenated, summed, and without the mirror,
@@ -38,7 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--model", type=Path, default=shared_path("weights", "mobilefacenet-casia-arcface.ckpt"))
-    ap.add_argument("--out", type=Path, default=Path("/tmp/mtmim-fgnet-eval"))
+    ap.add_argument("--out", type=Path, default=Path("eval/fgnet-bench"))
     ap.add_argument("--parts", default="none,head,full")
     # The settings the closing-note figures were made with on 2 busy cores: 2 epochs at the
     # paper's FG-NET batch of 1001 per head re-fit; 3 steps of batch 64 per full round.

@@ -9,9 +9,10 @@ From the shared CASIA MobileFaceNet, fine-tune on FG-NET subjects 1-60 in each m
   (`mi_interval`: fitted on one half, evaluated on the other, then swapped).
 The pretrained model without fine-tuning is printed as a reference row (no x_age: rank-1 only).
 
-Runs are kept in --out: rerunning reuses finished fine-tunes (and resumes a killed one).
+Runs are kept in --out: rerunning reuses finished fine-tunes made with the same settings,
+inputs and code (bench/_runs.py), and resumes a killed one.
 
-    .venv/bin/python bench/fgnet_modes.py --cache /tmp/fgnet.h5 [--epochs 4] [--lr 1e-4]
+    .venv/bin/python bench/fgnet_modes.py --cache fgnet.h5 [--epochs 4] [--lr 1e-4]
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._runs import reusable, write_settings  # noqa: E402
+from mtmim_cli.paths import shared_path  # noqa: E402
 
 
 class RawEncoder:
@@ -44,8 +50,8 @@ class RawEncoder:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", required=True, help="aligned FG-NET cache (mtmim align ... --format fgnet)")
-    ap.add_argument("--init", default="../shared/weights/mobilefacenet-casia-arcface.ckpt")
-    ap.add_argument("--out", default="/tmp/mtmim-fgnet-modes")
+    ap.add_argument("--init", default=str(shared_path("weights", "mobilefacenet-casia-arcface.ckpt")))
+    ap.add_argument("--out", default="runs/fgnet-modes")
     ap.add_argument("--modes", default="baseline,age,mtmim")
     ap.add_argument("--train-subjects", type=int, default=60, help="subjects 1..K train, the rest test")
     ap.add_argument("--epochs", type=int, default=4)
@@ -58,16 +64,19 @@ def main() -> None:
     ap.add_argument("--age-groups", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mi-steps", type=int, default=1000)
+    ap.add_argument("--reuse-stale", action="store_true",
+                    help="reuse finished runs made by other code (the table says which)")
     a = ap.parse_args()
 
     import torch
 
     from mtmim_cli.data.cache import Cache
+    from mtmim_cli.data.provenance import file_sha256
     from mtmim_cli.eval.features import extract_features, extract_views
     from mtmim_cli.eval.metrics import rank1
     from mtmim_cli.models.identity import load_identity_model
     from mtmim_cli.models.mi_bounds import mi_interval
-    from mtmim_cli.train.finetune import finetune
+    from mtmim_cli.train.finetune import finetune, resolved_settings
 
     cache = Cache(a.cache)
     subject = np.array([int(n) for n in cache.identity_names])[cache.identity]
@@ -84,6 +93,7 @@ def main() -> None:
         feats = extract_features(model, cache, test, flip="concat")
         return rank1(feats, ids, feats, ids, exclude_self=True)
 
+    inputs = {"cache_sha256": file_sha256(a.cache), "init_sha256": file_sha256(a.init)}
     rows = []
     t0 = time.perf_counter()
     rows.append({"mode": "pretrained (no fine-tune)", "rank1": evaluate(load_identity_model(a.init)),
@@ -92,13 +102,17 @@ def main() -> None:
     for mode in a.modes.split(","):
         run = out / mode
         t0 = time.perf_counter()
-        if not (run / "model.pt").exists():
-            finetune([a.cache], a.init, {"out": str(run), "epochs": a.epochs, "batch_size": a.batch_size,
-                                         "lr": a.lr, "seed": a.seed, "progress": False,
-                                         "resume": (run / "checkpoints" / "last.pt").exists()},
-                     mode=mode, exclude=held_all.tolist(), q_lr=a.q_lr, lambda_mim=a.lambda_mim,
-                     head_warmup_steps=a.head_warmup_steps,
-                     age_groups=a.age_groups)
+        opts = {"out": str(run), "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr,
+                "seed": a.seed, "progress": False, "mode": mode, "exclude": held_all.tolist(),
+                "q_lr": a.q_lr, "lambda_mim": a.lambda_mim,
+                "head_warmup_steps": a.head_warmup_steps, "age_groups": a.age_groups}
+        state = reusable(run, resolved_settings(opts), inputs, a.reuse_stale)
+        if state is None:
+            finetune([a.cache], a.init, {**opts,
+                                         "resume": (run / "checkpoints" / "last.pt").exists()})
+            write_settings(run, resolved_settings(opts), inputs)
+        elif state == "stale":
+            mode = f"{mode} (made by other code, --reuse-stale)"
         train_s = time.perf_counter() - t0
         model = load_identity_model(run / "model.pt")
         r1 = evaluate(model)
@@ -124,7 +138,10 @@ def main() -> None:
     print(f"\nsettings: {json.dumps({k: v for k, v in vars(a).items()})}; held-out half size for the "
           f"interval {len(test) // 2} (InfoNCE cap log {len(test) // 2} = {np.log(len(test) // 2):.2f})")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"settings": vars(a), "rows": rows}, indent=2))
+    from mtmim_cli.source import source_record
+
+    (out / "results.json").write_text(json.dumps({"settings": vars(a), "rows": rows,
+                                                  "source": source_record()}, indent=2))
     sys.stdout.flush()
 
 

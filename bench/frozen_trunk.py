@@ -15,8 +15,10 @@ different times; so the step itself is also timed with the two paths interleaved
 round, on the same batch (MTMIMObjective forward + backward + Adam + q steps): median wall
 and CPU seconds per step, and their ratio.
 
-    .venv/bin/python bench/frozen_trunk.py --cache /work/data/fgnet.h5 \\
-        --init ../shared/weights/mobilefacenet-casia-arcface.ckpt [--stage conv2] [--threads 2]
+    .venv/bin/python bench/frozen_trunk.py --cache fgnet.h5 [--stage conv2] [--threads 2]
+
+(--cache defaults to fgnet.h5 in the repository root, the README's walk-through cache;
+--init to the shared MobileFaceNet under $MTMIM_SHARED.)
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _reference import load_avg  # noqa: E402
 
+from mtmim_cli.paths import shared_path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
 
 def median_rate(run: Path) -> float:
     with open(run / "metrics.csv") as fh:
@@ -43,8 +49,9 @@ def median_rate(run: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", type=Path, default=Path("/work/data/fgnet.h5"))
-    ap.add_argument("--init", type=Path, default=Path("../shared/weights/mobilefacenet-casia-arcface.ckpt"))
+    ap.add_argument("--cache", type=Path, default=REPO / "fgnet.h5")
+    ap.add_argument("--init", type=Path,
+                    default=shared_path("weights", "mobilefacenet-casia-arcface.ckpt"))
     ap.add_argument("--stage", default="conv2")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)

@@ -10,10 +10,12 @@ CelebA identities (rank-1 within them: what the fine-tune forgot of general face
 
 A setting is a mode plus optional fine-tune options, written NAME=MODE[:JSON], e.g.
   baseline=baseline  mtmim=mtmim  paper-mim=mtmim:{"mi_target":"features"}
-Runs are kept in --out and reused when rerun (a killed run resumes).
+Runs are kept in --out and reused when rerun (a killed run resumes) if the same settings,
+split and code made them (bench/_runs.py; --reuse-stale also takes runs of other code, and
+the table counts them).
 
-    .venv/bin/python bench/open_set.py --out /tmp/openset --seeds 0,1,2
-    .venv/bin/python bench/open_set.py --out /tmp/sweep --val-fold 0 --seeds 0 \\
+    .venv/bin/python bench/open_set.py --out runs/openset --seeds 0,1,2
+    .venv/bin/python bench/open_set.py --out runs/sweep --val-fold 0 --seeds 0 \\
         --setting 'l0=mtmim:{"lambda_mim":0}' --setting 'l1e-2=mtmim:{"lambda_mim":0.01}'
 """
 
@@ -29,6 +31,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench._runs import reusable, write_settings  # noqa: E402
 
 
 def _settings(texts: list[str]) -> list[tuple[str, str, dict]]:
@@ -53,25 +57,23 @@ def _val_split(split: dict, fold: int, folds: int = 4, seed: int = 12345) -> dic
                               "test_identities": sorted(str(s) for s in cb_val)}}
 
 
-def _reusable(run: Path, options: dict) -> bool:
-    """A finished run made with these settings is reused; one made with others is refused."""
-    from mtmim_cli.train.finetune import resolved_settings
+def _run_inputs(paths: dict[str, str | Path]) -> dict:
+    """What the settings name only by path (the training cache, the init weights, the split
+    file, a replay cache): their contents' sha256."""
+    from mtmim_cli.data.provenance import file_sha256
 
-    if not (run / "model.pt").exists():
-        return False
-    saved = run / "bench-settings.json"
-    if not saved.exists() or json.loads(saved.read_text()) != resolved_settings(options):
-        sys.exit(f"error: {run}: a finished run with other settings (or none recorded); "
-                 "remove it or use another --out")
-    return True
+    return {f"{name}_sha256": file_sha256(p) for name, p in paths.items()}
 
 
-def _write_settings(run: Path, options: dict) -> None:
-    from mtmim_cli.train.finetune import resolved_settings
+def _subset_key(cache: str | Path, identities: list[str]) -> str:
+    """12 hex digits naming a test subset by what it holds (the source cache's content and
+    the identities kept), so another split or fold in the same --out never reuses it."""
+    import hashlib
 
-    tmp = run / ".bench-settings.json.tmp"
-    tmp.write_text(json.dumps(resolved_settings(options), sort_keys=True, indent=1))
-    tmp.replace(run / "bench-settings.json")
+    from mtmim_cli.data.provenance import file_sha256
+
+    text = json.dumps({"cache": file_sha256(cache), "identities": sorted(identities)})
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def main() -> None:
@@ -97,17 +99,20 @@ def main() -> None:
                          "of using the test subjects")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--mi-steps", type=int, default=1000)
+    ap.add_argument("--reuse-stale", action="store_true",
+                    help="reuse finished runs made by other code (the table says which)")
     ap.add_argument("--allow-trained-on", action="store_true",
                     help="score models whose training images include a test image (e.g. "
                          "replay of CelebA photos duplicated under two identities); the "
                          "full tables say how many")
     a = ap.parse_args()
 
+    from mtmim_cli.atomic import atomic_write_text
     from mtmim_cli.data.subset import subset_cache
     from mtmim_cli.eval.config import EvalConfig, ModelArg
     from mtmim_cli.orchestration.evaluate import evaluate
     from mtmim_cli.threads import set_torch_threads
-    from mtmim_cli.train.finetune import finetune
+    from mtmim_cli.train.finetune import finetune, resolved_settings
 
     set_torch_threads(a.threads)
     out = Path(a.out)
@@ -116,7 +121,9 @@ def main() -> None:
     if a.val_fold is not None:
         split = _val_split(split, a.val_fold)
     split_path = out / "split.json"
-    split_path.write_text(json.dumps(split, indent=1))
+    atomic_write_text(split_path, json.dumps(split, indent=1))
+    inputs = _run_inputs({"fgnet": a.fgnet, "init": a.init, "split": split_path,
+                          **({"replay": a.celeba} if a.replay else {})})
     settings = _settings(a.setting) or [("baseline", "baseline", {}), ("age", "age", {}),
                                         ("mtmim", "mtmim", {})]
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -129,12 +136,13 @@ def main() -> None:
     tests = {}
     for name, cache, key in (("fgnet", a.fgnet, "fgnet.test_subjects"),
                              ("celeba", a.celeba, "celeba_subset.test_identities")):
-        path = out / f"{name}_test.h5"
+        node = split
+        for part in key.split("."):
+            node = node[part]
+        wanted = [str(v) for v in node]
+        path = out / f"{name}_test-{_subset_key(cache, wanted)}.h5"
         if not path.exists():
-            node = split
-            for part in key.split("."):
-                node = node[part]
-            subset_cache(cache, path, [str(v) for v in node], progress=False)
+            subset_cache(cache, path, wanted, progress=False)
         tests[name] = path
 
     models = [ModelArg("pretrained", Path(a.init))]
@@ -145,15 +153,20 @@ def main() -> None:
     if a.replay:
         base_opts.update(replay=[a.celeba],
                          replay_identities=f"@{split_path}:celeba_subset.train_identities")
+    stale: set[str] = set()
     for name, mode, opts in settings:
         for seed in seeds:
             run = out / "runs" / f"{name}-s{seed}"
             t0 = time.perf_counter()
             run_opts = {**base_opts, **opts, "mode": mode, "seed": seed, "out": str(run)}
-            if not _reusable(run, run_opts):
+            state = reusable(run, resolved_settings(run_opts), inputs, a.reuse_stale)
+            if state is None:
                 finetune([a.fgnet], a.init, run_opts)
-                _write_settings(run, run_opts)
-            print(f"{name} seed {seed}: {run / 'model.pt'} ({time.perf_counter() - t0:.0f} s)",
+                write_settings(run, resolved_settings(run_opts), inputs)
+            elif state == "stale":
+                stale.add(f"{name}@s{seed}")
+            print(f"{name} seed {seed}: {run / 'model.pt'} ({time.perf_counter() - t0:.0f} s"
+                  f"{'; made by other code, reused under --reuse-stale' if state == 'stale' else ''})",
                   flush=True)
             models.append(ModelArg(f"{name}@s{seed}", run / "model.pt"))
 
@@ -165,15 +178,17 @@ def main() -> None:
         payloads[name] = evaluate(cfg, progress=False)
         print(f"{name}: full tables in {out / f'eval-{name}' / 'results.md'}", flush=True)
     print(summary(payloads, "the validation fold" if a.val_fold is not None else "the test side",
-                  reference=settings[0][0]))
+                  reference=settings[0][0], stale=stale))
 
 
-def summary(payloads: dict[str, dict], side: str, reference: str = "baseline") -> str:
+def summary(payloads: dict[str, dict], side: str, reference: str = "baseline",
+            stale: set[str] = frozenset()) -> str:
     """One row per setting (mean ± sd over its seeds): rank-1 on the held-out FG-NET and
     CelebA identities, and the age leakage of its identity features on FG-NET; then each
     setting against the pretrained model and against the reference setting (the first
     --setting: the baseline, or lambda 0 in a sweep), paired (95% interval, identities and
-    seeds resampled)."""
+    seeds resampled). Models in `stale` (LABEL@sK) were made by other code and reused under
+    --reuse-stale: their setting's Seeds cell counts them."""
     fg, cb = payloads["fgnet"], payloads["celeba"]
     by_setting: dict[str, list[dict]] = {}
     for r_fg, r_cb in zip(fg["results"], cb["results"], strict=True):
@@ -192,7 +207,9 @@ def summary(payloads: dict[str, dict], side: str, reference: str = "baseline") -
              "| Setting | Seeds | FG-NET rank-1 % | CelebA rank-1 % | Age R² (x_id) | "
              "Age group acc. % | InfoNCE I(x_id;x_age) | CLUB |", "|---|---|---|---|---|---|---|---|"]
     for name, rows in by_setting.items():
-        lines.append(f"| {name} | {len(rows)} | {ms([r['fg'] for r in rows])} | "
+        old = sum(1 for m in stale if m.split("@")[0] == name)
+        seeds = f"{len(rows)}" + (f", {old} made by other code (--reuse-stale)" if old else "")
+        lines.append(f"| {name} | {seeds} | {ms([r['fg'] for r in rows])} | "
                      f"{ms([r['cb'] for r in rows])} | {ms([r['age_r2'] for r in rows], 1, 3)} | "
                      f"{ms([r['age_group_accuracy'] for r in rows], 100, 1)} | "
                      f"{ms([r['infonce_lower'] for r in rows], 1, 2)} | "

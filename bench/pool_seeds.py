@@ -2,6 +2,11 @@
 only in --seed (each its own folder), pooled into one paired difference whose interval resamples
 identities and seeds, beside each seed's own difference.
 
+A and B are two rows of the same runs (e.g. two re-fit modes), so within a run they share its
+folds and seed: the pooled interval keeps that pairing (a replicate draws runs, and takes A and
+B from the same drawn runs). Each run must be fgnet-loo on the given cache (the sha256 its
+results.json records; its outcomes are one per cache record), and no two runs may share a seed.
+
     .venv/bin/python bench/pool_seeds.py --cache fgnet.h5 --a casia/mtmim --b casia/baseline \\
         eval/refit-full-k10 eval/refit-full-k10-s1 eval/refit-full-k10-s2
 """
@@ -26,8 +31,24 @@ def pooled(runs: list[dict], a: str, b: str, identity: np.ndarray, resamples: in
     B = np.stack([r["models"][b]["hit"].astype(float) for r in runs])
     per_seed = [bootstrap_difference(A[k], B[k], clusters=identity, resamples=resamples)
                 for k in range(len(runs))]
-    both = bootstrap_difference(A, B, clusters=identity, resamples=resamples)
+    both = bootstrap_difference(A, B, clusters=identity, resamples=resamples, paired_seeds=True)
     return {"per_seed": per_seed, "pooled": both}
+
+
+def check_run(folder: Path, results: dict, cache_sha256: str, cache: str) -> int:
+    """The run's seed, once its results.json says it scored fgnet-loo on this cache (one
+    outcome per cache record); MtmimError otherwise."""
+    from mtmim_cli.errors import MtmimError
+
+    if results.get("protocol") != "fgnet-loo":
+        raise MtmimError(f"{folder}: protocol {results.get('protocol')}, not fgnet-loo (whose "
+                         "outcomes are one per cache record)")
+    inputs = results.get("inputs") or [{}]
+    if inputs[0].get("sha256") != cache_sha256:
+        raise MtmimError(f"{folder}: evaluated {inputs[0].get('path', 'another cache')} (sha256 "
+                         f"{str(inputs[0].get('sha256'))[:12]}), not {cache} (sha256 "
+                         f"{cache_sha256[:12]})")
+    return int(results["variant"]["seed"])
 
 
 def main() -> None:
@@ -40,13 +61,26 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=10000)
     a = ap.parse_args()
 
+    import json
+
     from mtmim_cli.data.cache import Cache
+    from mtmim_cli.data.provenance import file_sha256
     from mtmim_cli.errors import MtmimError
     from mtmim_cli.eval.outcomes import read_outcomes
 
     identity = Cache(a.cache).identity
-    runs = []
+    cache_sha = file_sha256(a.cache)
+    runs, seeds = [], {}
     for folder in a.runs:
+        try:
+            results = json.loads((Path(folder) / "results.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise MtmimError(f"{folder}: no readable results.json ({exc})") from None
+        seed = check_run(Path(folder), results, cache_sha, a.cache)
+        if seed in seeds:
+            raise MtmimError(f"{folder}: seed {seed}, as {seeds[seed]}: pooling would count "
+                             "one seed twice")
+        seeds[seed] = folder
         doc = read_outcomes(Path(folder) / "outcomes.json")
         for label in (a.a, a.b):
             if label not in doc["models"]:
@@ -57,7 +91,7 @@ def main() -> None:
         runs.append(doc)
     r = pooled(runs, a.a, a.b, identity, a.resamples)
     print(f"{a.a} − {a.b}, rank-1 points (95% interval, {len(np.unique(identity))} identities "
-          "resampled; pooled: seeds too):")
+          "resampled; pooled: seeds too, A and B from the same drawn runs):")
     for folder, d in zip(a.runs, r["per_seed"], strict=True):
         print(f"  {folder}: {100 * d.mean_a:.2f} vs {100 * d.mean_b:.2f}: {100 * d.diff:+.2f} "
               f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}], only A / only B right "

@@ -12,7 +12,7 @@ warm-up call, with the pack in the page cache:
 Bytes are what the process asked the kernel for (rchar in /proc/self/io), so they count the
 .idx as well; the three must give identical labels.
 
-    .venv/bin/python bench/rec_scan.py [--records 50000] [--dir /work/scratch/scale]
+    .venv/bin/python bench/rec_scan.py [--records 50000] [--dir DIR]
 """
 
 from __future__ import annotations

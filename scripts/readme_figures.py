@@ -19,15 +19,26 @@ each block, so a long session keeps what finished.
 
 Attributes: id (unique), time (how long the command takes: some take hours; rewritten with
 the measured wall time after each run), tags
-(comma-separated, for `--tag`), keep, and `raw` (insert the kept lines as Markdown, e.g. a
-table the command prints, instead of a console block). Commands run under bash with
-`<venv>/bin` first on PATH, in the repository root as the README's walk-through does (its
-step 1 writes fgnet.h5 there; ../shared sits beside it), or in `--workdir`.
+(comma-separated, for `--tag`), keep, `raw` (insert the kept lines as Markdown, e.g. a
+table the command prints, instead of a console block), `reads` (comma-separated ids of the
+blocks whose outputs the command reads, e.g. the evaluate runs a pooling script pools) and
+`source` (written by this script: the first 12 hex digits of the mtmim_cli source digest,
+mtmim_cli/source.py, of the code that made the block's figures). Commands run under bash
+with `<venv>/bin` first on PATH, in the repository root as the README's walk-through does
+(its step 1 writes fgnet.h5 there; ../shared sits beside it), or in `--workdir`.
+
+A block is stale when its recorded source is not the current code's (or none is recorded).
+A block is run after the blocks it reads when both are chosen; a chosen block that reads a
+stale block that is not chosen (directly or through another input) is refused, naming it,
+unless `--with-inputs` reruns the stale inputs first (and any input reading them). `--check`
+lists stale blocks beside malformed commands; only malformed commands fail it (every code
+change makes every block stale until rerun).
 
     python scripts/readme_figures.py --list                 # ids, times, commands
-    python scripts/readme_figures.py --check                # every command well-formed
+    python scripts/readme_figures.py --check                # commands well-formed; stale blocks
     python scripts/readme_figures.py --tag cheap            # the few-minute ones
     python scripts/readme_figures.py --only casia-loo
+    python scripts/readme_figures.py --only k10-pooled --with-inputs
     python scripts/readme_figures.py --all                  # everything (hours)
 """
 
@@ -51,10 +62,10 @@ BLOCK_RE = re.compile(r"^<!-- figure (?P<head>.*?) -->\n(?P<body>.*?)^<!-- /figu
                       re.M | re.S)
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
-TIME_RE = re.compile(r'(?<!\S)time=("[^"]*"|\S+)')
+SOURCE_RE = re.compile(r"^[0-9a-f]{12}$")
 SHELL_WORDS = {"for", "in", "do", "done", "if", "then", "else", "elif", "fi", "while",
                "until", "time", "!", "{", "}"}
-KNOWN_ATTRS = {"id", "time", "tags", "keep", "raw"}
+KNOWN_ATTRS = {"id", "time", "tags", "keep", "raw", "reads", "source"}
 
 
 @dataclass
@@ -65,6 +76,8 @@ class Block:
     tags: tuple[str, ...] = ()
     keep: str | None = None
     raw: bool = False
+    reads: tuple[str, ...] = ()      # ids of the blocks whose outputs the command reads
+    source: str | None = None        # short source digest of the code that made the figures
     span: tuple[int, int] = (0, 0)   # of the body in the text it was parsed from
     head_span: tuple[int, int] = (0, 0)
 
@@ -99,15 +112,48 @@ def parse_blocks(text: str, source: str = "README.md") -> list[Block]:
                 re.compile(attrs["keep"])
             except re.error as exc:
                 raise FigureError(f"{source}:{line}: keep: {exc}") from None
+        if "source" in attrs and not SOURCE_RE.match(attrs["source"]):
+            raise FigureError(f"{source}:{line}: source {attrs['source']!r}: 12 hex digits")
         blocks.append(Block(id=attrs["id"], cmd=cmd.strip(), time=attrs["time"],
                             tags=tuple(t for t in attrs.get("tags", "").split(",") if t),
-                            keep=attrs.get("keep") or None, raw="raw" in attrs, span=m.span("body"),
+                            keep=attrs.get("keep") or None, raw="raw" in attrs,
+                            reads=tuple(r for r in attrs.get("reads", "").split(",") if r),
+                            source=attrs.get("source"), span=m.span("body"),
                             head_span=m.span("head")))
     ids = [b.id for b in blocks]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise FigureError(f"{source}: figure id(s) used twice: {', '.join(dup)}")
+    for b in blocks:
+        unknown = [r for r in b.reads if r not in ids]
+        if unknown:
+            raise FigureError(f"{source}: figure {b.id} reads {', '.join(unknown)}: no such block")
+    dependency_order(blocks, source)   # refuses a cycle
     return blocks
+
+
+def dependency_order(blocks: list[Block], source: str = "README.md") -> list[Block]:
+    """The blocks with every block after the blocks it reads (otherwise in README order);
+    FigureError on a block that reads itself, directly or through others."""
+    by_id = {b.id: b for b in blocks}
+    out: list[Block] = []
+    state: dict[str, str] = {}
+
+    def visit(b: Block, path: tuple[str, ...]) -> None:
+        if state.get(b.id) == "done":
+            return
+        if state.get(b.id) == "open":
+            raise FigureError(f"{source}: figure blocks read each other in a cycle: "
+                              + " -> ".join((*path, b.id)))
+        state[b.id] = "open"
+        for r in b.reads:
+            visit(by_id[r], (*path, b.id))
+        state[b.id] = "done"
+        out.append(b)
+
+    for b in blocks:
+        visit(b, ())
+    return out
 
 
 def kept_lines(block: Block, output: str) -> list[str]:
@@ -145,17 +191,30 @@ def render(block: Block, lines: list[str], note: str) -> str:
 
 
 def replace_body(text: str, block_id: str, body: str, source: str = "README.md",
-                 time_text: str | None = None) -> str:
-    """`text` with block `block_id`'s body replaced (and its time attribute, if given)."""
+                 time_text: str | None = None, source_text: str | None = None) -> str:
+    """`text` with block `block_id`'s body replaced (and its time and source attributes, if
+    given: rewritten in place, or added before `cmd:`)."""
     for b in parse_blocks(text, source):
         if b.id == block_id:
             text = text[:b.span[0]] + body + text[b.span[1]:]
+            head = text[b.head_span[0]:b.head_span[1]]
             if time_text is not None:
-                head = text[b.head_span[0]:b.head_span[1]]
-                head = TIME_RE.sub(lambda _: f'time="{time_text}"', head, count=1)
-                text = text[:b.head_span[0]] + head + text[b.head_span[1]:]
-            return text
+                head = set_attribute(head, "time", f'"{time_text}"')
+            if source_text is not None:
+                head = set_attribute(head, "source", source_text)
+            return text[:b.head_span[0]] + head + text[b.head_span[1]:]
     raise FigureError(f"{source}: no figure block {block_id!r}")
+
+
+def set_attribute(head: str, key: str, value: str) -> str:
+    """A block head with attribute `key` set to `value` (already quoted if it needs it)."""
+    attrs, sep, cmd = head.partition(" cmd: ")
+    rx = re.compile(rf'(?<!\S){key}=("[^"]*"|\S+)')
+    if rx.search(attrs):
+        attrs = rx.sub(lambda _: f"{key}={value}", attrs, count=1)
+    else:
+        attrs = f"{attrs} {key}={value}"
+    return attrs + sep + cmd
 
 
 def human_duration(seconds: float) -> str:
@@ -267,6 +326,50 @@ def command_problems(block: Block, repo: Path = REPO) -> list[str]:
     return problems
 
 
+# ---------------------------------------------------------------- what blocks read
+OUT_RE = re.compile(r"--out\s+([^\s;&|)]+)")
+FOR_RE = re.compile(r"\bfor\s+([A-Za-z_]\w*)\s+in\s+([^;]*);")
+
+
+def expanded_commands(cmd: str) -> list[str]:
+    """The command once per value of its `for VAR in WORDS` loop variables ($VAR, ${VAR}
+    replaced), so that paths built in a loop can be matched; the command itself without a
+    loop."""
+    out = [cmd]
+    for var, words in FOR_RE.findall(cmd):
+        rx = re.compile(rf"\$(?:{var}\b|\{{{var}\}})")
+        out = [rx.sub(w, c) for c in out for w in shlex.split(words)]
+    return out
+
+
+def output_paths(block: Block) -> set[str]:
+    """What a block's command writes for others to read: each `--out PATH` (a results.md's
+    folder rather than the file, since readers name the folder)."""
+    paths = set()
+    for c in expanded_commands(block.cmd):
+        for p in OUT_RE.findall(c):
+            p = p.strip("'\"").rstrip("/")
+            paths.add(str(Path(p).parent) if p.endswith(".md") else p)
+    return paths
+
+
+def undeclared_reads(blocks: list[Block]) -> list[str]:
+    """Blocks whose command names another block's output path (as a whole path component)
+    without declaring `reads=` that block."""
+    problems = []
+    for b in blocks:
+        text = "\n".join(expanded_commands(b.cmd))
+        for other in blocks:
+            if other.id == b.id or other.id in b.reads:
+                continue
+            hits = sorted(p for p in output_paths(other)
+                          if re.search(rf"(?<![\w./-]){re.escape(p)}(?=$|[\s/;'\"])", text, re.M))
+            if hits:
+                problems.append(f"figure {b.id}: reads {hits[0]}, an output of figure "
+                                f"{other.id}, without reads={other.id}")
+    return problems
+
+
 # ---------------------------------------------------------------- running
 def _load_average() -> str:
     try:
@@ -296,8 +399,9 @@ def run_block(block: Block, workdir: Path, venv: Path | None,
 
 
 def regenerate(readme: Path, block: Block, workdir: Path, venv: Path | None,
-               echo: bool = True) -> bool:
-    """Run one block and rewrite its body in `readme`; False (block untouched) on failure."""
+               echo: bool = True, source: str | None = None) -> bool:
+    """Run one block and rewrite its body in `readme` (and its source attribute: `source`,
+    the code that ran it); False (block untouched) on failure."""
     from mtmim_cli.atomic import atomic_write_text
 
     load0 = _load_average()
@@ -318,7 +422,8 @@ def regenerate(readme: Path, block: Block, workdir: Path, venv: Path | None,
     took = human_duration(secs)
     block = Block(**{**block.__dict__, "time": took})
     atomic_write_text(readme, replace_body(text, block.id, render(block, lines, note),
-                                           str(readme), time_text=took))
+                                           str(readme), time_text=took,
+                                           source_text=source or current_source()))
     print(f"[{block.id}] rewritten ({secs:.0f} s)")
     return True
 
@@ -336,14 +441,77 @@ def select(blocks: list[Block], only: str | None, tag: str | None, everything: b
     return list(blocks) if everything else []
 
 
+# ---------------------------------------------------------------- staleness
+def current_source() -> str:
+    """The short source digest of this checkout's mtmim_cli (what a block run now records)."""
+    from mtmim_cli.source import short, source_digest
+
+    return short(source_digest())
+
+
+def staleness(block: Block, current: str) -> str | None:
+    """Why the block's figures may not be the current code's; None when they are."""
+    if block.source is None:
+        return "no source recorded"
+    if block.source != current:
+        return f"made by other code (source {block.source}, now {current})"
+    return None
+
+
+def plan(blocks: list[Block], chosen: list[Block], current: str,
+         with_inputs: bool = False) -> list[Block]:
+    """The blocks to run, each after the blocks it reads. An input of a chosen block that is
+    not chosen must be current and read nothing that reruns; otherwise FigureError names it,
+    or with `with_inputs` it reruns too."""
+    by_id = {b.id: b for b in blocks}
+    want = {b.id for b in chosen}
+    needs: dict[str, bool] = {}   # input id -> must rerun before its readers
+
+    def must_rerun(i: str) -> bool:
+        if i not in needs:
+            b = by_id[i]
+            needs[i] = (i in want or staleness(b, current) is not None
+                        or any(must_rerun(r) for r in b.reads))
+        return needs[i]
+
+    # blocks added on the way were already known to rerun, so no earlier answer changes
+    for b in dependency_order(blocks):
+        if b.id not in want:
+            continue
+        for r in b.reads:
+            if r in want or not must_rerun(r):
+                continue
+            if not with_inputs:
+                why = staleness(by_id[r], current) or "it reads blocks that rerun"
+                raise FigureError(f"figure {b.id} reads figure {r}, {why}: rerun it first "
+                                  f"(--only {r},{b.id}) or pass --with-inputs")
+            want |= _rerun_closure(by_id, r, must_rerun)
+    return [b for b in dependency_order(blocks) if b.id in want]
+
+
+def _rerun_closure(by_id: dict[str, Block], start: str, must_rerun) -> set[str]:
+    """`start` and every block it reads, directly or not, that must rerun."""
+    out, todo = set(), [start]
+    while todo:
+        i = todo.pop()
+        if i in out or not must_rerun(i):
+            continue
+        out.add(i)
+        todo += list(by_id[i].reads)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--readme", type=Path, default=REPO / "README.md")
     ap.add_argument("--list", action="store_true", help="list the blocks and exit")
-    ap.add_argument("--check", action="store_true", help="check every block's command and exit")
+    ap.add_argument("--check", action="store_true",
+                    help="check every block's command, list stale blocks, and exit")
     ap.add_argument("--only", help="comma-separated block ids to regenerate")
     ap.add_argument("--tag", help="regenerate the blocks with this tag (e.g. cheap)")
     ap.add_argument("--all", action="store_true", help="regenerate every block (hours)")
+    ap.add_argument("--with-inputs", action="store_true",
+                    help="also rerun the stale blocks the chosen ones read (first)")
     ap.add_argument("--workdir", type=Path, default=REPO,
                     help="where the commands run (default: the repository root, where the "
                          "walk-through's fgnet.h5 is and ../shared beside it)")
@@ -353,27 +521,47 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         blocks = parse_blocks(a.readme.read_text(), str(a.readme))
+        current = current_source()
         if a.list:
             for b in blocks:
-                print(f"{b.id:<22} {b.time:<16} {','.join(b.tags) or '-':<12} {b.cmd}")
+                reads = f" (reads {','.join(b.reads)})" if b.reads else ""
+                print(f"{b.id:<22} {b.time:<16} {','.join(b.tags) or '-':<12} {b.cmd}{reads}")
             return 0
         if a.check:
-            bad = 0
+            bad, stale = 0, 0
             for b in blocks:
                 for p in command_problems(b):
                     print(f"{a.readme}: figure {b.id}: {p}")
                     bad += 1
-            print(f"{len(blocks)} figure blocks, {bad} problem(s)")
+            for p in undeclared_reads(blocks):
+                print(f"{a.readme}: {p}")
+                bad += 1
+            for b in blocks:
+                why = staleness(b, current)
+                if why:
+                    print(f"{a.readme}: figure {b.id}: stale, {why}")
+                    stale += 1
+            print(f"{len(blocks)} figure blocks, {bad} problem(s), {stale} stale "
+                  f"(this code: source {current})")
             return 1 if bad else 0
         chosen = select(blocks, a.only, a.tag, a.all)
         if not chosen:
             ap.error("choose blocks with --only, --tag or --all (or --list / --check)")
+        order = plan(blocks, chosen, current, a.with_inputs)
         venv = a.venv if a.venv.is_dir() else None
-        ok = [regenerate(a.readme, b, a.workdir, venv, echo=not a.quiet) for b in chosen]
+        ok: dict[str, bool] = {}
+        for b in order:
+            failed = [r for r in b.reads if ok.get(r) is False]
+            if failed:
+                print(f"[{b.id}] skipped: the block it reads ({', '.join(failed)}) failed",
+                      file=sys.stderr)
+                ok[b.id] = False
+                continue
+            ok[b.id] = regenerate(a.readme, b, a.workdir, venv, echo=not a.quiet, source=current)
     except FigureError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0 if all(ok) else 1
+    return 0 if all(ok.values()) else 1
 
 
 if __name__ == "__main__":

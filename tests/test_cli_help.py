@@ -32,3 +32,60 @@ def test_every_command_has_help() -> None:
                              capture_output=True, text=True)
         assert out.returncode == 0, (name, out.stderr)
         assert "Usage" in out.stdout
+
+
+def _option_blocks(text: str) -> list[list[str]]:
+    """The lines of each option (or argument) entry of a plain --help text: an entry starts
+    two spaces in, its wrapped help continues further in."""
+    blocks: list[list[str]] = []
+    listing = False
+    for line in text.splitlines():
+        if line.startswith(("Options:", "Arguments:")):
+            listing = True
+        elif listing and line.startswith("  ") and not line.startswith("   "):
+            blocks.append([line])
+        elif listing and line.startswith("   ") and blocks:
+            blocks[-1].append(line)
+        elif line and not line.startswith(" "):
+            listing = False
+    return blocks
+
+
+def test_every_commands_help_reads_in_an_80_column_terminal() -> None:
+    """At 80 columns every line fits and no option's help (with its default) runs past three
+    lines: the detail belongs in the command's text above the options."""
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from mtmim_cli.cli import app
+
+    group = get_command(app)
+    long = []
+    for name in group.list_commands(None):  # type: ignore[arg-type]
+        text = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "80"}).output
+        assert max(len(line) for line in text.splitlines()) <= 80, name
+        blocks = _option_blocks(text)
+        assert blocks, name                                  # the parser found the options
+        long += [f"{name} {b[0].split()[0].rstrip(',')}: {len(b)} lines"
+                 for b in blocks if len(b) > 3]
+    assert not long, "\n".join(long)
+
+
+def test_option_blocks_are_told_apart() -> None:
+    text = ("Usage: x\n\n  Text.\n\nOptions:\n  -a, --alpha <int>  One\n                     two\n"
+            "  --beta             Three\n\nMore text\n  not an option\n")
+    assert _option_blocks(text) == [["  -a, --alpha <int>  One", "                     two"],
+                                    ["  --beta             Three"]]
+
+
+def test_long_running_commands_take_q() -> None:
+    from typer.main import get_command
+
+    from mtmim_cli.cli import app
+
+    group = get_command(app)
+    for name in ("align", "merge", "subset", "evaluate", "finetune", "pretrain", "synth",
+                 "embed", "remove-age", "calibrate"):
+        opts = {o for p in group.commands[name].params
+                for o in (*p.opts, *getattr(p, "secondary_opts", []))}
+        assert {"-q", "--quiet"} <= opts, name

@@ -172,3 +172,82 @@ def test_bootstrap_mean_matches_binomial_standard_error_and_cluster_width():
     mc = bootstrap_mean(b, clusters=clusters, resamples=10_000, seed=1)
     se_c = np.sqrt(b.mean() * (1 - b.mean()) / 50)
     assert (mc["high"] - mc["low"]) / 2 == pytest.approx(1.959964 * se_c, rel=0.12)
+
+
+# ---------------------------------------------------------------- seeds drawn, paired or not
+def _exact_replicates(A: np.ndarray, B: np.ndarray, clusters: list[int], paired: bool) -> np.ndarray:
+    """Every equally likely replicate of the cluster + seed bootstrap of mean(A) - mean(B), by
+    loops: each ordered draw of clusters, and of seed indices (one draw for both sides when
+    paired, else one per side); a replicate's mean is over the drawn seeds' rows and the drawn
+    clusters' units, copies counted."""
+    import itertools
+
+    names = sorted(set(clusters))
+    out = []
+    for draw in itertools.product(range(len(names)), repeat=len(names)):
+        units = [i for c in draw for i in range(len(clusters)) if clusters[i] == names[c]]
+        for sa in itertools.product(range(len(A)), repeat=len(A)):
+            for sb in ([sa] if paired else itertools.product(range(len(B)), repeat=len(B))):
+                ma = np.mean([A[s][i] for s in sa for i in units])
+                mb = np.mean([B[s][i] for s in sb for i in units])
+                out.append(ma - mb)
+    return np.array(out)
+
+
+def _in_window(value: float, exact: np.ndarray, p: float, slack: float = 0.01) -> bool:
+    """Whether a Monte Carlo quantile `value` lies between the exact distribution's
+    quantiles at p - slack and p + slack (what 20,000 replicates reach with room to spare)."""
+    lo, hi = np.quantile(exact, [p - slack, p + slack], method="inverted_cdf")
+    return bool(lo - 1e-12 <= value <= hi + 1e-12)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_seed_draws_match_the_exact_bootstrap_of_a_tiny_case(paired: bool) -> None:
+    clusters = [0, 0, 1, 2]
+    # seed k of A goes with seed k of B: runs that are good or bad for both alike
+    A = np.array([[1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0]], float)
+    B = np.array([[1, 1, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0]], float)
+    d = bootstrap_difference(A, B, clusters=clusters, resamples=20_000, seed=3,
+                             paired_seeds=paired)
+    exact = _exact_replicates(A, B, clusters, paired)
+    assert d.resampling == ("clusters+paired seeds" if paired else "clusters+seeds")
+    assert d.diff == pytest.approx(A.mean() - B.mean())
+    assert _in_window(d.low, exact, 0.025) and _in_window(d.high, exact, 0.975)
+    other = _exact_replicates(A, B, clusters, not paired)
+    # the two resamplings really differ here, so the check above can tell them apart
+    assert not (_in_window(d.low, other, 0.025) and _in_window(d.high, other, 0.975))
+
+
+def test_paired_seeds_need_as_many_seeds_on_both_sides() -> None:
+    with pytest.raises(ValueError, match="paired seeds"):
+        bootstrap_difference(np.ones((2, 4)), np.ones((3, 4)), paired_seeds=True)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_seed_resampled_difference_matches_the_exact_mixture(paired: bool) -> None:
+    """Replicate r takes every model's value in draw r and a draw of seeds: exactly, a mixture
+    over r and over every ordered draw of seeds, enumerated here."""
+    import itertools
+
+    from mtmim_cli.eval.compare import seed_resampled_difference
+
+    rng = np.random.default_rng(1)
+    R = 4000
+    base = np.array([0.60, 0.90])[:, None] + 0.02 * rng.normal(size=(2, R))
+    reps_a = base + 0.01 + 0.005 * rng.normal(size=(2, R))   # seed k of A: seed k of B, moved
+    reps_b = base
+    got = seed_resampled_difference(reps_a, reps_b, paired=paired, seed=0)
+
+    def exact(pair: bool) -> np.ndarray:
+        out = []
+        for r in range(R):
+            for sa in itertools.product(range(2), repeat=2):
+                for sb in ([sa] if pair else itertools.product(range(2), repeat=2)):
+                    out.append(np.mean([reps_a[s, r] for s in sa])
+                               - np.mean([reps_b[s, r] for s in sb]))
+        return np.array(out)
+
+    want, other = exact(paired), exact(not paired)
+    for p, slack in ((0.025, 0.012), (0.5, 0.035), (0.975, 0.012)):
+        assert _in_window(float(np.quantile(got, p)), want, p, slack)
+    assert not _in_window(float(np.quantile(got, 0.025)), other, 0.025, 0.012)

@@ -51,13 +51,19 @@ def test_only_given_options_reach_finetune(tmp_path: Path, monkeypatch: pytest.M
     r = runner.invoke(app, ["finetune", str(tmp_path / "c.h5"), "--out", str(tmp_path / "r"),
                             "--lr", "0.5", "--scale", "30", "--no-progress", "--mode", "age"])
     assert r.exit_code == 0, r.output
+    for quiet in ("-q", "--quiet"):    # as align, evaluate and embed take it
+        r = runner.invoke(app, ["finetune", str(tmp_path / "c.h5"), "--out", str(tmp_path / "r"),
+                                quiet])
+        assert r.exit_code == 0, r.output
     assert seen == [{"out": str(tmp_path / "r")},
                     {"out": str(tmp_path / "r"), "lr": 0.5, "s": 30.0, "progress": False,
-                     "mode": "age"}]
+                     "mode": "age"},
+                    {"out": str(tmp_path / "r"), "progress": False},
+                    {"out": str(tmp_path / "r"), "progress": False}]
 
 
 def test_help_shows_the_defaults() -> None:
     r = CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "250"})
     assert r.exit_code == 0
     assert "[default: 0.02]" in r.output and "[default: 400]" in r.output
-    assert "[default: mtmim]" in r.output and "e^-B and e^B" in r.output
+    assert "[default: mtmim]" in r.output and "e^-B..e^B" in r.output

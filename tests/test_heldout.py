@@ -71,7 +71,8 @@ def test_model_trained_on_the_test_cache_is_refused(trained) -> None:
     out = trained["tmp"] / "allowed" / "results.md"
     payload = _fgnet(model, trained["a"], allow_trained_on=True, out=out)
     faces = payload["results"][0]["test_faces"]
-    assert faces == {"status": "trained-on", "test_images": 30, "trained_on": 27, "unrecorded": []}
+    assert faces == {"status": "trained-on", "test_images": 30, "trained_on": 27, "unrecorded": [],
+                     "subspace_fitted_on": 0}
     md = out.read_text()
     assert "FG-NET leave-one-out (rank-1 identification, %), includes faces seen in training" in md
     assert "ft: trained on 27 of the 30 test images" in md and "held-out faces" not in md
@@ -141,6 +142,43 @@ def test_fgnet_paper_rows_only_for_the_benchmark(trained, monkeypatch) -> None:
     table = markdown_table("fgnet-loo", got["results"], got["variant_text"], got["benchmark"])
     assert "Not comparable" not in table and "| MT-MIM (reported, paper) | 94.21 |" in table
     assert "This run is the benchmark: FG-NET, all 12 photos, re-fit (head) once per photo" in table
+
+
+def test_a_model_whose_age_subspace_saw_test_faces_is_refused_or_flagged(trained) -> None:
+    """remove-age fitted on two people of cache A: the weights never saw A, the projection
+    did, so A's figures would not be held-out ones for those two people."""
+    from mtmim_cli.deploy.remove_age import remove_age
+
+    tmp = trained["tmp"]
+    on_b = _finetune(trained["b"], tmp / "ft-b")           # weights: B only, recorded
+    noage = tmp / "noage.pt"
+    remove_age(on_b, trained["a"], noage, edges=(0, 6, 11, 16, 21, 31), identities=["s0", "s1"])
+    a = Cache(trained["a"])
+    n_fitted = int(np.isin(np.array(a.identity_names)[a.identity], ["s0", "s1"]).sum())
+    assert n_fitted == 12
+    assert _fgnet([ModelArg("w", on_b)], trained["a"])["results"][0]["test_faces"]["status"] \
+        == "held-out"                                        # the weights alone: held out
+    with pytest.raises(MtmimError, match=r"noage.pt: trained on 12 \(its age subspace fitted on "
+                                         r"12\) of the 30 test images \(e\.g\. img00000"):
+        _fgnet([ModelArg("noage", noage)], trained["a"])
+    out = tmp / "subspace" / "results.md"
+    payload = _fgnet([ModelArg("noage", noage)], trained["a"], allow_trained_on=True, out=out)
+    assert payload["results"][0]["test_faces"] == {
+        "status": "trained-on", "test_images": 30, "trained_on": 12, "unrecorded": [],
+        "subspace_fitted_on": 12}
+    md = out.read_text()
+    assert "includes faces seen in training" in md and "held-out faces" not in md
+    assert "noage: trained on 12 of the 30 test images (its age subspace fitted on 12)" in md
+    # On B the weights' own training data is what refuses it.
+    with pytest.raises(MtmimError, match="trained on 12 of the 12"):
+        _fgnet([ModelArg("noage", noage)], trained["b"])
+    # A remove-age file that does not record its faces claims nothing about them.
+    old = torch.load(noage, weights_only=True)
+    del old["age_subspace"]["fitted_on"]
+    torch.save(old, tmp / "noage-old.pt")
+    faces = _fgnet([ModelArg("o", tmp / "noage-old.pt")], trained["a"])["results"][0]["test_faces"]
+    assert faces["status"] == "unrecorded" and faces["unrecorded"] == [
+        f"{tmp / 'noage-old.pt'} (age subspace)"]
 
 
 @pytest.mark.slow

@@ -1,12 +1,16 @@
-"""The house's layering: every import inside mtmim_cli points down (or within its layer).
+"""The house's layering: every import inside mtmim_cli points down or stays inside its own
+package (or top-level module); an import across peers of one layer is refused like one up.
 
-    base -> data -> models -> eval -> train -> orchestration -> commands -> cli
+    errors -> base -> data -> models -> eval -> train -> orchestration | deploy | report |
+    demo -> app -> commands -> cli
 
 `eval/` never imports `train/`: evaluation scores features and never trains. `train/` may use
 eval's scoring (its validator measures verification accuracy during a run). Work that trains
-and then evaluates (the FG-NET re-fit) lives in `orchestration/`. Lazy imports inside
-functions count too: they are dependencies all the same. A new top-level module or package
-must be given a layer here before it can land.
+and then evaluates (the FG-NET re-fit) lives in `orchestration/`; `deploy/`, `report/` and
+`demo/` sit beside it and never import each other (nor it). The base modules (atomic, paths,
+...) are peers too: only `errors` lies under them. Lazy imports inside functions count: they
+are dependencies all the same, and so does `from mtmim_cli import <package>`. A new top-level
+module or package must be given a layer here before it can land.
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "mtmim_cli"
 
 LAYERS: list[set[str]] = [
-    {"__init__", "errors", "atomic", "paths", "progress", "sharding", "threads",
-     "allocator", "plot_style"},   # base
+    {"__init__", "errors"},
+    {"atomic", "paths", "progress", "sharding", "threads", "source", "allocator",
+     "plot_style"},   # base: small single-job modules, peers of one another
     {"data"},
     {"models"},
     {"eval"},
     {"train"},
     {"orchestration", "deploy", "report", "demo"},
-    {"commands", "app"},
+    {"app"},
+    {"commands"},
     {"cli"},
 ]
 
@@ -44,13 +50,22 @@ def _part(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
+def _is_submodule(name: str) -> bool:
+    return (PACKAGE / f"{name}.py").is_file() or (PACKAGE / name / "__init__.py").is_file()
+
+
 def imported_modules(source: str) -> list[str]:
-    """Every mtmim_cli module an import statement names (at any depth of the file)."""
+    """Every mtmim_cli module an import statement names (at any depth of the file);
+    `from mtmim_cli import eval` names mtmim_cli.eval, `from mtmim_cli import __version__`
+    the package's __init__."""
     out = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom):
             assert node.level == 0, "relative import: use the absolute mtmim_cli path"
             names = [node.module or ""]
+            if node.module == "mtmim_cli":
+                names = [f"mtmim_cli.{a.name}" if _is_submodule(a.name) else "mtmim_cli"
+                         for a in node.names]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         else:
@@ -69,6 +84,8 @@ def violations(module: str, source: str) -> list[str]:
             continue
         if _layer(there) > _layer(here):
             bad.append(f"{module} -> {target} (up: {here} is below {there})")
+        elif _layer(there) == _layer(here):
+            bad.append(f"{module} -> {target} (across: {here} and {there} are peers)")
     return bad
 
 
@@ -102,6 +119,18 @@ def test_every_module_has_a_layer() -> None:
     ("mtmim_cli.orchestration.refit", "from mtmim_cli.train.finetune import x\n"
                                       "from mtmim_cli.eval import protocols", True),
     ("mtmim_cli.train.loop", "from mtmim_cli import __version__\nfrom mtmim_cli.data import cache", True),
+    # the package form names the package
+    ("mtmim_cli.models.identity", "from mtmim_cli import train", False),
+    ("mtmim_cli.eval.features", "def f():\n    from mtmim_cli import __version__, orchestration\n", False),
+    ("mtmim_cli.train.loop", "from mtmim_cli import eval, errors", True),
+    # peers of one layer
+    ("mtmim_cli.deploy.embed", "from mtmim_cli.orchestration.refit import x", False),
+    ("mtmim_cli.report.page", "from mtmim_cli import demo", False),
+    ("mtmim_cli.atomic", "from mtmim_cli.paths import shared_dir", False),
+    ("mtmim_cli.atomic", "from mtmim_cli.errors import MtmimError", True),
+    ("mtmim_cli.report.page", "from mtmim_cli.report import figures", True),
+    ("mtmim_cli.commands.align_cmd", "from mtmim_cli.app import app", True),
+    ("mtmim_cli.app", "from mtmim_cli.commands import align_cmd", False),
 ])
-def test_the_checker_sees_upward_imports(module: str, source: str, ok: bool) -> None:
+def test_the_checker_sees_upward_and_sideways_imports(module: str, source: str, ok: bool) -> None:
     assert (violations(module, source) == []) is ok

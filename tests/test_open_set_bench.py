@@ -32,7 +32,37 @@ def test_validation_folds_partition_the_train_side_only() -> None:
         assert not set(v["celeba_subset"]["test_identities"]) & {"x", "y"}
         held += te
     assert sorted(held) == list(range(1, 61))            # every train subject validates once
-    assert OS._val_split(split, 2) == OS._val_split(split, 2)   # seeded
+
+
+def test_validation_folds_are_the_same_people_in_every_process() -> None:
+    """The README's validation runs carve fold 0 (mi-sweep) and folds 1-3 (mi-folds) in
+    separate processes: together they must still partition the train side, whatever the
+    process's hash seed, and fold 0 is pinned so that a change to the carving, which would
+    make stored validation runs hold out other people, fails here."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    split = {"fgnet": {"train_subjects": list(range(1, 61)), "test_subjects": list(range(61, 83))},
+             "celeba_subset": {"train_identities": [str(i) for i in range(100)],
+                               "test_identities": ["x", "y"]}}
+    code = ("import importlib.util, json, sys\n"
+            f"spec = importlib.util.spec_from_file_location('o', {str(REPO / 'bench' / 'open_set.py')!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "print(json.dumps(m._val_split(json.loads(sys.argv[1]), int(sys.argv[2]))))")
+    folds = []
+    for k in range(4):
+        env = {**os.environ, "PYTHONHASHSEED": str(11 + k)}
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(split), str(k)],
+                             capture_output=True, text=True, check=True, env=env)
+        folds.append(json.loads(out.stdout))
+    held = [s for f in folds for s in f["fgnet"]["test_subjects"]]
+    assert sorted(held) == list(range(1, 61))
+    cb = [s for f in folds for s in f["celeba_subset"]["test_identities"]]
+    assert sorted(cb, key=int) == [str(i) for i in range(100)]
+    assert folds[0]["fgnet"]["test_subjects"] == [2, 7, 8, 9, 13, 15, 18, 21, 25, 27, 29, 39,
+                                                  48, 49, 54]
 
 
 def _payload(rank1: dict[str, float], r2: dict[str, float], pairs: list[tuple]) -> dict:
@@ -58,22 +88,43 @@ def test_summary_means_seeds_and_shows_pairs_against_pretrained_and_the_referenc
     assert "| FG-NET | g1 | pretrained | +4.00 | [-0.00, +6.00] |" in text
     other = OS.summary({"fgnet": fg, "celeba": cb}, "the test side", reference="baseline")
     assert "| FG-NET | g1 | age |" not in other      # age is not the reference there
+    assert "made by other code" not in text
+    flagged = OS.summary({"fgnet": fg, "celeba": cb}, "the test side", stale={"g1@s0"})
+    assert "| g1 | 2, 1 made by other code (--reuse-stale) | 94.00 ± 1.41 |" in flagged
+    assert "| age | 2 | 93.00" in flagged
 
 
 def test_a_finished_run_is_reused_only_with_the_same_resolved_settings(tmp_path, monkeypatch) -> None:
     import pytest
 
     import mtmim_cli.train.finetune_options as FO
+    from mtmim_cli.train.finetune import resolved_settings
 
     run = tmp_path / "mtmim-s0"
     opts = {"recipe": "small", "mode": "mtmim", "seed": 0, "out": str(run), "progress": False}
-    assert not OS._reusable(run, opts)                    # nothing there yet
+    inputs = {"split_sha256": "ab"}
+
+    def reusable(o: dict) -> str | None:
+        return OS.reusable(run, resolved_settings(o), inputs)
+
+    assert reusable(opts) is None                          # nothing there yet
     run.mkdir()
     (run / "model.pt").write_bytes(b"x")
     with pytest.raises(SystemExit, match="other settings"):
-        OS._reusable(run, opts)                           # a model without recorded settings
-    OS._write_settings(run, opts)
-    assert OS._reusable(run, {**opts, "progress": True})  # progress does not change a run
+        reusable(opts)                                     # a model without recorded settings
+    OS.write_settings(run, resolved_settings(opts), inputs)
+    assert reusable({**opts, "progress": True}) == "current"   # progress does not change a run
     monkeypatch.setitem(FO.RECIPES, "small", {**FO.RECIPES["small"], "lambda_mim": 0.123})
     with pytest.raises(SystemExit, match="other settings"):
-        OS._reusable(run, opts)                           # the recipe changed underneath
+        reusable(opts)                                     # the recipe changed underneath
+
+
+def test_test_subsets_are_named_by_what_they_hold(tmp_path) -> None:
+    """Another fold or split in the same --out gets its own test subset file: the name is
+    a digest of the source cache's bytes and the identities kept (in any order)."""
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    a.write_bytes(b"cache one")
+    b.write_bytes(b"cache two")
+    key = OS._subset_key(a, ["1", "2"])
+    assert len(key) == 12 and key == OS._subset_key(a, ["2", "1"])
+    assert key != OS._subset_key(a, ["1", "3"]) and key != OS._subset_key(b, ["1", "2"])

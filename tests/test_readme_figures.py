@@ -129,3 +129,124 @@ def test_measured_time_replaces_the_time_attribute() -> None:
     text = '<!-- figure time="not timed yet" id=a cmd: echo 1 -->\nx\n<!-- /figure -->\n'
     new = RF.replace_body(text, "a", "y\n", time_text="about 3 s")
     assert new == '<!-- figure time="about 3 s" id=a cmd: echo 1 -->\ny\n<!-- /figure -->\n'
+
+
+# ---------------------------------------------------------------- blocks that read blocks
+def _chain(source_b: str | None, source_c: str | None = None) -> str:
+    """Three blocks: a reads b, b reads c; each prints its name into log.txt and the README."""
+    def head(i: str, reads: str, src: str | None) -> str:
+        extra = (f" reads={reads}" if reads else "") + (f" source={src}" if src else "")
+        return (f'<!-- figure id={i} time="1 s"{extra} cmd: echo {i} >> log.txt; echo {i} -->\n'
+                f"old {i}\n<!-- /figure -->\n")
+    return head("a", "b", None) + head("b", "c", source_b) + head("c", "", source_c)
+
+
+def _run(readme: Path, *args: str) -> int:
+    return RF.main(["--readme", str(readme), "--quiet", "--venv", str(readme.parent / "none"),
+                    "--workdir", str(readme.parent), *args])
+
+
+def test_reads_and_source_attributes_parse_and_bad_ones_are_refused() -> None:
+    blocks = RF.parse_blocks(_chain("0123456789ab"))
+    assert [(b.id, b.reads, b.source) for b in blocks] == [
+        ("a", ("b",), None), ("b", ("c",), "0123456789ab"), ("c", (), None)]
+    assert [b.id for b in RF.dependency_order(blocks)] == ["c", "b", "a"]
+    with pytest.raises(RF.FigureError, match="reads nope: no such block"):
+        RF.parse_blocks('<!-- figure id=a time="1" reads=nope cmd: echo 1 -->\n<!-- /figure -->\n')
+    with pytest.raises(RF.FigureError, match="cycle: a -> b -> a"):
+        RF.parse_blocks('<!-- figure id=a time="1" reads=b cmd: echo 1 -->\n<!-- /figure -->\n'
+                        '<!-- figure id=b time="1" reads=a cmd: echo 1 -->\n<!-- /figure -->\n')
+    with pytest.raises(RF.FigureError, match="12 hex digits"):
+        RF.parse_blocks('<!-- figure id=a time="1" source=xyz cmd: echo 1 -->\n<!-- /figure -->\n')
+
+
+def test_a_run_records_the_code_that_made_it(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(_chain(None))
+    assert _run(readme, "--only", "c") == 0
+    (c,) = [b for b in RF.parse_blocks(readme.read_text()) if b.id == "c"]
+    assert c.source == RF.current_source() and c.time == "about 0 s"
+    # rewritten in place the next time, not added twice
+    old = RF.parse_blocks(readme.read_text())
+    text = RF.replace_body(readme.read_text(), "c", "x\n", source_text="ffffffffffff")
+    assert text.count("source=") == 1 and RF.parse_blocks(text)[2].source == "ffffffffffff"
+    assert [b.source for b in old[:2]] == [None, None]
+
+
+def test_a_block_reading_a_stale_block_is_refused_or_its_inputs_rerun_first(tmp_path) -> None:
+    readme = tmp_path / "README.md"
+    log = tmp_path / "log.txt"
+    now = RF.current_source()
+    # b was made by other code: a, which reads it, is refused, naming b and why
+    readme.write_text(_chain("0123456789ab", now))
+    before = readme.read_text()
+    assert _run(readme, "--only", "a") == 2
+    assert readme.read_text() == before and not log.exists()
+    with pytest.raises(RF.FigureError, match=r"figure a reads figure b, made by other code "
+                                             r"\(source 0123456789ab, now [0-9a-f]{12}\): rerun "
+                                             r"it first \(--only b,a\) or pass --with-inputs"):
+        RF.plan(RF.parse_blocks(before), [RF.parse_blocks(before)[0]], now)
+    # chosen together they run inputs first, whatever order they are named in
+    assert _run(readme, "--only", "a,b") == 0
+    assert log.read_text().split() == ["b", "a"]
+    assert {b.id: b.source for b in RF.parse_blocks(readme.read_text())} == {
+        "a": now, "b": now, "c": now}
+    # now b is current: a alone runs
+    log.unlink()
+    assert _run(readme, "--only", "a") == 0 and log.read_text().split() == ["a"]
+
+
+def test_a_stale_input_further_up_reruns_everything_below_it(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    log = tmp_path / "log.txt"
+    now = RF.current_source()
+    readme.write_text(_chain(now, None))      # b is current, but c, which b reads, is not
+    with pytest.raises(RF.FigureError, match="figure a reads figure b, it reads blocks that rerun"):
+        RF.plan(RF.parse_blocks(readme.read_text()), RF.parse_blocks(readme.read_text())[:1], now)
+    assert _run(readme, "--only", "a", "--with-inputs") == 0
+    assert log.read_text().split() == ["c", "b", "a"]
+
+
+def test_a_failed_input_skips_its_readers(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text('<!-- figure id=r time="1" reads=w cmd: echo reader -->\nold r\n<!-- /figure -->\n'
+                      '<!-- figure id=w time="1" cmd: exit 3 -->\nold w\n<!-- /figure -->\n')
+    before = readme.read_text()
+    assert _run(readme, "--only", "r,w") == 1 and readme.read_text() == before
+
+
+def test_check_reports_stale_blocks_and_undeclared_reads(tmp_path: Path, capsys) -> None:
+    readme = tmp_path / "README.md"
+    now = RF.current_source()
+    readme.write_text(f'<!-- figure id=w time="1" source={now} cmd: mtmim evaluate --out eval/x/results.md -->\n'
+                      "x\n<!-- /figure -->\n"
+                      '<!-- figure id=r time="1" source=0123456789ab cmd: cat eval/x/results.md -->\n'
+                      "y\n<!-- /figure -->\n")
+    assert RF.main(["--readme", str(readme), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "figure r: reads eval/x, an output of figure w, without reads=w" in out
+    assert "figure r: stale, made by other code (source 0123456789ab" in out
+    assert "figure w: stale" not in out and "1 problem(s), 1 stale" in out
+    readme.write_text(readme.read_text().replace("id=r ", "id=r reads=w "))
+    assert RF.main(["--readme", str(readme), "--check"]) == 0   # stale alone does not fail it
+    assert "0 problem(s), 1 stale" in capsys.readouterr().out
+
+
+def test_loops_expand_when_matching_paths() -> None:
+    w = RF.Block(id="w", cmd="for k in 1 2; do mtmim evaluate --out runs/f$k; done", time="1")
+    assert RF.output_paths(w) == {"runs/f1", "runs/f2"}
+    r = RF.Block(id="r", cmd="for d in f2 g; do cat runs/$d/split.json; done", time="1")
+    prefix = RF.Block(id="p", cmd="cat runs/f10/x", time="1")    # runs/f1 is not runs/f10
+    assert RF.undeclared_reads([w, r, prefix]) == [
+        "figure r: reads runs/f2, an output of figure w, without reads=w"]
+
+
+def test_the_readmes_blocks_declare_what_they_read() -> None:
+    blocks = {b.id: b for b in RF.parse_blocks((REPO / "README.md").read_text())}
+    assert RF.undeclared_reads(list(blocks.values())) == []
+    assert set(blocks["k10-pooled"].reads) == {"refit-full-k10", "refit-full-k10-seeds",
+                                              "refit-full-k10-val"}
+    assert blocks["age-subspace"].reads == ("open-set",)
+    assert set(blocks["cross-age-folds"].reads) == {"mi-sweep", "mi-folds"}
+    assert blocks["cacd-vs"].reads == ("open-set",)
+    assert blocks["cacd-vs-levers"].reads == ("cacd-vs",)

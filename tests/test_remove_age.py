@@ -1,5 +1,6 @@
 """`mtmim remove-age`: the written model's features are the source model's features minus their
-projection on the age subspace fitted, independently here, from the source model's own views."""
+projection on the age subspace computed independently here (by the loop definition in
+tests/test_age_subspace.py) from the source model's own views."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def test_written_model_projects_off_the_subspace_fitted_on_its_own_views(model_a
                                                                            tmp_path) -> None:
     from mtmim_cli.data.cache import Cache
     from mtmim_cli.deploy.remove_age import remove_age
-    from mtmim_cli.eval.age_subspace import fit_age_subspace
     from mtmim_cli.models.identity import load_identity_model
+    from tests.test_age_subspace import reference_basis
 
     src, cache = model_and_cache
     keep = [f"id{k}" for k in range(6)]
@@ -45,13 +46,21 @@ def test_written_model_projects_off_the_subspace_fitted_on_its_own_views(model_a
     rows = np.flatnonzero(np.isin(np.array(c.identity_names)[c.identity], keep))
     images = c.images(np.arange(len(c)))
     a, b = _views(load_identity_model(src), images)
-    want = fit_age_subspace(np.concatenate([a[rows], b[rows]]), np.tile(c.identity[rows], 2),
-                            np.tile(c.age[rows], 2), EDGES)
+    want = reference_basis(np.concatenate([a[rows], b[rows]]), np.tile(c.identity[rows], 2),
+                           np.tile(c.age[rows], 2), EDGES)
     new = load_identity_model(tmp_path / "noage.pt")
     basis = new.age_basis.double().numpy()
     assert r["dims"] == basis.shape[1] == want.shape[1] >= 1 and r["photos"] == len(rows)
     assert np.max(subspace_angles(basis, want)) < 1e-4
     assert new.meta["age_subspace"]["identities"] == 6 and "basis" not in new.meta["age_subspace"]
+    # the faces it was fitted on, as blake2b-64 digests of their stored pixels
+    import hashlib
+
+    fitted = new.meta["age_subspace"]["fitted_on"]
+    want_digests = sorted(int.from_bytes(hashlib.blake2b(images[k].tobytes(), digest_size=8)
+                                         .digest(), "little") for k in rows)
+    assert sorted(np.frombuffer(fitted["images"], "<u8").tolist()) == want_digests
+    assert fitted["caches"][0]["used"] == len(rows) and fitted["init"] is None
     got, _ = _views(new, images)
     np.testing.assert_allclose(got, a - (a @ basis) @ basis.T, atol=1e-5)
     assert np.abs(got @ basis).max() < 1e-5

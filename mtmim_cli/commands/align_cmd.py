@@ -19,9 +19,9 @@ def _command_line() -> str:
     return "mtmim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-PAD_HELP = ("Frame each photo by this fraction of its longer side (in its mean colour) "
-            "before detecting: for tight crops that are all face, which MTCNN misses or "
-            "misplaces (try 0.5). Landmarks are mapped back; the photo itself is warped.")
+# Detail for the commands' text: the frame is the photo's mean colour; it is for tight crops
+# that are all face, which MTCNN misses or misplaces; landmarks are mapped back.
+PAD_HELP = "Frame tight crops by this fraction of their longer side before detecting (try 0.5)."
 
 
 @app.command()
@@ -30,48 +30,43 @@ def align(
     fmt: str = typer.Option(..., "--format", "-f", help=f"Dataset layout: {_FORMATS}."),
     out: Path = typer.Option(..., "--out", "-o", help="The HDF5 cache to write (e.g. fgnet.h5)."),
     on_miss: str = typer.Option("skip", "--on-miss",
-                                help="Photo without a detected face: skip (stored as a miss), "
-                                     "center (store a centre crop), fail (stop the run)."),
+                                help="No face found: skip (stored as a miss), center (a centre crop) or fail."),
     aligned: bool = typer.Option(False, "--aligned",
-                                 help="Input is already aligned crops: pad/resize to 112x112, "
-                                      "no detection."),
+                                 help="Input is aligned crops: resize to 112x112, no detection."),
     min_face: float = typer.Option(None, "--min-face",
-                                   help="Smallest face to look for: below 1, a fraction of the "
-                                        "photo's shorter side; from 1 up, pixels. Default 0.15; "
-                                        "a miss is retried at 20 px, then padded."),
+                                   help="Smallest face: below 1 a fraction of the shorter side, else pixels (0.15)."),
     det_size: int = typer.Option(None, "--det-size",
-                                 help="Photos longer than this many pixels are downscaled for "
-                                      "detection (warp at full size). Default 640; 0 = never."),
+                                 help="Downscale longer photos to this many pixels to detect (640; 0 = never)."),
     pad: float = typer.Option(0.0, "--pad", help=PAD_HELP),
     no_retry: bool = typer.Option(False, "--no-retry",
-                                  help="Do not retry a miss (at MTCNN's 20-px minimum face, then "
-                                       "padded by 0.5)."),
+                                  help="Do not retry a miss (at a 20-px minimum face, then padded)."),
     device: str = typer.Option("cpu", "--device", help="Torch device for MTCNN: cpu, cuda, cuda:1."),
     threads: int = typer.Option(None, "--threads",
-                                help="Torch threads per worker (default 1 on cpu: the workers "
-                                     "use the cores, and MTCNN's small layers scale poorly)."),
+                                help="Torch threads per worker (default 1 on cpu)."),
     workers: int = typer.Option(2, "--workers",
-                                help="Threads that decode, detect and warp photos in parallel "
-                                     "(the cache does not depend on it)."),
+                                help="Threads that decode, detect and warp in parallel."),
     shard: str = typer.Option(None, "--shard",
-                              help="I/N: align only the I-th of N contiguous blocks of the "
-                                   "records (join the N files with `mtmim merge`)."),
+                              help="I/N: only the I-th of N blocks of records (join with `mtmim merge`)."),
     commit_every: int = typer.Option(64, "--commit-every",
-                                     help="Records between durable commits: a killed run loses "
-                                          "at most this many (or 10 s of work)."),
+                                     help="Records between durable commits (what a kill can lose)."),
     image_format: str = typer.Option("raw", "--image-format",
-                                     help="How the cache stores faces: raw (37,632 bytes each, "
-                                          "fastest to read), jpeg (~5.8 KB at quality 95, decoded "
-                                          "by the loader workers: for MS1M-size sets) or png "
-                                          "(lossless, ~20 KB)."),
+                                     help="How faces are stored: raw, jpeg or png (see above)."),
     jpeg_quality: int = typer.Option(95, "--jpeg-quality", help="JPEG quality for --image-format jpeg."),
     overwrite: bool = typer.Option(False, "--overwrite",
-                                   help="Redo an existing cache made from other photos or settings."),
+                                   help="Redo a cache made from other photos or settings."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Detect, align (five points onto the 112x112 template) and cache every photo of a dataset.
 
-    Resumes after a kill: rerun the same command. Misses and unreadable files are stored with a reason and listed at the end.
+    Resumes after a kill: rerun the same command. Misses and unreadable files are stored with
+    a reason and listed at the end. A miss is retried at MTCNN's 20-px minimum face, then
+    padded by 0.5 (unless --no-retry). --pad frames every photo (in its mean colour) before
+    detecting, for tight crops that are all face, which MTCNN misses or misplaces.
+
+    --image-format: raw stores 37,632 bytes a face (fastest to read); jpeg about 5.8 KB at
+    quality 95, decoded by the loader workers (for MS1M-size sets); png is lossless, about
+    20 KB. --threads defaults to 1 on cpu because the workers use the cores and MTCNN's small
+    layers scale poorly; the cache does not depend on --workers.
     """
     ensure_writable(out)
 
@@ -116,13 +111,14 @@ def merge(
     out: Path = typer.Argument(..., help="The merged cache to write."),
     shards: list[Path] = typer.Argument(..., help="All N shard caches of one `align --shard` job."),
     copy: bool = typer.Option(False, "--copy",
-                              help="Copy the images into OUT (a standalone file, needing the "
-                                   "disk twice over). Default: OUT links the shards' images "
-                                   "(HDF5 virtual datasets, no copy); keep the shard files "
-                                   "where they are relative to OUT."),
+                              help="Copy the images into OUT (standalone; twice the disk)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Join the caches of `mtmim align --shard I/N` into the cache an unsharded run writes."""
+    """Join the caches of `mtmim align --shard I/N` into the cache an unsharded run writes.
+
+    Without --copy, OUT links the shards' images (HDF5 virtual datasets, no copy): keep the
+    shard files where they are relative to OUT.
+    """
     ensure_writable(out, option="OUT")
 
     from mtmim_cli.data.align import summarize_cache
@@ -137,14 +133,16 @@ def merge(
 def subset(
     cache: Path = typer.Argument(..., help="The cache to take records from."),
     identities: str = typer.Option(..., "--identities",
-                                   help="Identities to keep: comma-separated names, @FILE (one per "
-                                        "line) or @FILE.json:key.path (a list in a JSON split file, "
-                                        "e.g. @open-set.json:fgnet.test_subjects); whole numbers "
-                                        "match by value (1 = '001')."),
+                                   help="Identities to keep: NAMES, @FILE or @FILE.json:key.path."),
     out: Path = typer.Option(..., "--out", "-o", help="The cache to write."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Write a cache with only the listed identities' records (e.g. an open-set test side)."""
+    """Write a cache with only the listed identities' records (e.g. an open-set test side).
+
+    --identities takes comma-separated names, @FILE (one name per line) or @FILE.json:key.path
+    (a list in a JSON split file, e.g. @open-set.json:fgnet.test_subjects); whole numbers
+    match by value (1 = '001').
+    """
     ensure_writable(out)
 
     from mtmim_cli.data.align import summarize_cache

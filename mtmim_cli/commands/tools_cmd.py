@@ -11,6 +11,8 @@ from mtmim_cli.app import app
 from mtmim_cli.atomic import ensure_writable
 from mtmim_cli.commands.align_cmd import PAD_HELP
 
+BACKBONE_HELP = "Backbone of plain weights; onnx:CHANNELS[,MEAN,STD] for *.onnx."
+
 
 @app.command()
 def version(full: bool = typer.Option(False, "--full", help="Also report torch, CUDA and devices.")) -> None:
@@ -32,7 +34,7 @@ def synth(
     age_max: float = typer.Option(70.0, "--age-max", help="Oldest age drawn (years)."),
     test_fraction: float = typer.Option(0.25, "--test-fraction", help="Share of identities marked split=test."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same photos."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Generate the embedded cross-age face set (offline) with labels.csv for `align --format csv`."""
     ensure_writable(out, folder=True)
@@ -48,12 +50,18 @@ def synth(
 
 @app.command()
 def report(
-    inputs: list[Path] = typer.Argument(..., help="Training run folders (metrics.csv) and evaluation outputs (results.json or its folder; with features.npz from `evaluate --features`, the x_id/x_age projections)."),
+    inputs: list[Path] = typer.Argument(..., help="Run folders (metrics.csv) and evaluate outputs (results.json or its folder)."),
     out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for report.md and its PNG figures."),
-    max_images: int = typer.Option(400, "--max-images", help="Faces per model to project from the features files (an even spread)."),
-    age_map_model: str = typer.Option(None, "--age-map-model", help="Model label whose probe-age x gallery-age success map to draw (default: the first evaluated model that has one)."),
+    max_images: int = typer.Option(400, "--max-images", help="Faces per model to project from features files."),
+    age_map_model: str = typer.Option(None, "--age-map-model", help="Model label whose age map to draw (default: the first with one)."),
 ) -> None:
-    """Markdown report from run folders and evaluate's outputs: training curves, CLUB over training, x_id/x_age projections, CMC and ROC, rank-1 by age and age gap, a probe-age x gallery-age map."""
+    """Markdown report from run folders and evaluate's outputs: training curves, CLUB over
+    training, x_id/x_age projections, CMC and ROC, rank-1 by age and age gap, a probe-age x
+    gallery-age map.
+
+    The projections come from a features.npz beside an evaluation (`evaluate --features`);
+    --age-map-model picks whose probe-age x gallery-age success map is drawn.
+    """
     ensure_writable(out, folder=True)
 
     from mtmim_cli.report import build_report
@@ -64,19 +72,25 @@ def report(
 
 @app.command()
 def calibrate(
-    model: Path = typer.Argument(..., help="Checkpoint (ours, the shared MobileFaceNet, a backbone.pth with --backbone, or a *.onnx face encoder)."),
-    cache: Path = typer.Option(..., "--cache", "-c", help="Labelled aligned cache the model was not trained on (e.g. the held-out split)."),
+    model: Path = typer.Argument(..., help="Checkpoint: ours, MobileFaceNet, a backbone.pth or a *.onnx encoder."),
+    cache: Path = typer.Option(..., "--cache", "-c", help="Labelled cache the model was not trained on."),
     far: float = typer.Option(1e-3, "--far", help="Target false-accept rate over impostor pairs."),
     n_pairs: int = typer.Option(6000, "--n-pairs", help="Pairs to draw (half genuine)."),
     min_gap: float = typer.Option(0.0, "--min-gap", help="Minimum age gap of the drawn pairs (years)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the pair draw."),
     flip: str = typer.Option("concat", "--flip", help="Mirror features: concat, sum or none (verify uses the same)."),
-    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files; onnx:CHANNELS[,MEAN,STD] for a *.onnx model's input."),
-    out: Path = typer.Option(None, "--out", "-o", help="Write the calibrated checkpoint here (default: update MODEL in place; required for external weights)."),
-    min_false_accepts: int = typer.Option(10, "--min-false-accepts", help="Impostor pairs that must score above the threshold for --far to count as measured (FAR x impostor pairs >= this); below it calibrate refuses."),
-    allow_unresolved: bool = typer.Option(False, "--allow-unresolved", help="Store a threshold at a FAR the pairs cannot resolve anyway (marked unresolved in the checkpoint)."),
+    backbone: str = typer.Option(None, "--backbone", help=BACKBONE_HELP),
+    out: Path = typer.Option(None, "--out", "-o", help="Calibrated copy to write (default: MODEL in place; ours only)."),
+    min_false_accepts: int = typer.Option(10, "--min-false-accepts", help="False accepts --far must leave to count as measured."),
+    allow_unresolved: bool = typer.Option(False, "--allow-unresolved", help="Store a threshold at an unresolved FAR (marked so)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Measure the verification threshold at a FAR and store it in the checkpoint's meta."""
+    """Measure the verification threshold at a FAR and store it in the checkpoint's meta.
+
+    A FAR is measured only when the impostor pairs leave at least --min-false-accepts above
+    the threshold (FAR x impostor pairs); below that calibrate refuses, unless
+    --allow-unresolved stores the threshold marked unresolved. External weights need --out.
+    """
     ensure_writable(out or model, option="--out" if out else "MODEL")
 
     from mtmim_cli.deploy.verify import calibrate_threshold, is_mtmim_checkpoint, store_threshold
@@ -88,7 +102,7 @@ def calibrate(
         raise MtmimError(f"{model}: not an mtmim checkpoint; give --out for the calibrated copy")
     t = calibrate_threshold(model, cache, far=far, n_pairs=n_pairs, seed=seed, min_gap=min_gap,
                             flip=flip, backbone=backbone, min_false_accepts=min_false_accepts,
-                            allow_unresolved=allow_unresolved)
+                            allow_unresolved=allow_unresolved, progress=not quiet)
     path = store_threshold(model, {**t, "backbone": backbone}, out)
     lo, hi = t["far_interval"]
     typer.echo(f"threshold {t['value']:.4f} at FAR {far:g} (measured {t['far_measured']:.4g}: "
@@ -106,7 +120,7 @@ def verify(
     photo_b: Path = typer.Argument(..., help="Second photo."),
     model: Path = typer.Option(..., "--model", "-m", help="Calibrated checkpoint (see `mtmim calibrate`)."),
     threshold: float = typer.Option(None, "--threshold", help="Decide at this cosine instead of the stored threshold."),
-    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files; onnx:CHANNELS[,MEAN,STD] for a *.onnx model's input."),
+    backbone: str = typer.Option(None, "--backbone", help=BACKBONE_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     pad: float = typer.Option(0.0, "--pad", help=PAD_HELP),
 ) -> None:
@@ -127,12 +141,12 @@ def verify(
 
 @app.command()
 def embed(
-    src: Path = typer.Argument(..., help="A folder of photos (searched recursively; each is aligned) or an aligned cache (.h5)."),
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to embed with: a fine-tuned model gives its identity part x_id, a pretrained or external encoder its feature x (the file's `feature` attribute says which)."),
-    out: Path = typer.Option(..., "--out", "-o", help="HDF5 file to write: embeddings, path, identity, age, status (one row per face), missed_path and missed_reason."),
+    src: Path = typer.Argument(..., help="A folder of photos (aligned here) or an aligned cache (.h5)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to embed with (x_id of a fine-tuned model, else x)."),
+    out: Path = typer.Option(..., "--out", "-o", help="HDF5 file to write (one row per face)."),
     flip: str = typer.Option("concat", "--flip", help="Mirror features: concat (the paper), sum, none."),
-    on_miss: str = typer.Option("skip", "--on-miss", help="Photo without a detected face: skip (counted and listed in missed_path, no row), center (embed its central square, status 'center'). A cache's misses are always skipped."),
-    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files; onnx:CHANNELS[,MEAN,STD] for a *.onnx model's input."),
+    on_miss: str = typer.Option("skip", "--on-miss", help="No face found: skip (listed, no row) or center (a centre crop)."),
+    backbone: str = typer.Option(None, "--backbone", help=BACKBONE_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(128, "--batch-size", help="Images per forward pass."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core)."),
@@ -140,7 +154,12 @@ def embed(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """L2-normalised identity embeddings (x_id of a fine-tuned model, x of a pretrained one) of
-    a photo folder or a cache, one row per face, in one HDF5 file."""
+    a photo folder or a cache, one row per face, in one HDF5 file.
+
+    The file holds embeddings, path, identity, age and status per face, and missed_path and
+    missed_reason for photos without one (a cache's misses are always skipped); its `feature`
+    attribute says which feature it is. --pad frames tight crops before detecting.
+    """
     ensure_writable(out)
 
     from mtmim_cli.deploy.embed import embed_source
@@ -168,7 +187,7 @@ def embed(
 def export(
     model: Path = typer.Argument(..., help="Checkpoint to export (x_id for a fine-tuned model)."),
     onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write."),
-    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files; onnx:CHANNELS[,MEAN,STD] for a *.onnx model's input."),
+    backbone: str = typer.Option(None, "--backbone", help=BACKBONE_HELP),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
     check_cache: Path = typer.Option(None, "--check-cache", help="Check on real faces from this cache (default: a seeded random batch)."),
 ) -> None:
@@ -186,18 +205,23 @@ def export(
 @app.command("remove-age")
 def remove_age_cmd(
     model: Path = typer.Argument(..., help="Model file (any that evaluate takes)."),
-    cache: Path = typer.Option(..., "--cache", help="Labelled cache with ages to fit on (training identities only: never the people you test on)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Model file to write: MODEL plus the age subspace to project out."),
-    identities: str = typer.Option(None, "--identities", help="Fit on these identities only: comma-separated, @FILE, or @FILE.json:key (e.g. @open-set.json:fgnet.train_subjects)."),
-    age_bins: str = typer.Option("0,6,11,16,21,31", "--age-bins", help="Lower edges of the age groups whose mean change is removed (one fewer dimensions than groups, at most)."),
-    backbone: str = typer.Option(None, "--backbone", help="Backbone of plain weights files; onnx:CHANNELS[,MEAN,STD] for a *.onnx model's input."),
+    cache: Path = typer.Option(..., "--cache", help="Labelled cache with ages to fit on (never your test people)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model file to write: MODEL plus the subspace."),
+    identities: str = typer.Option(None, "--identities", help="Fit on these identities only: NAMES, @FILE or @FILE.json:key."),
+    age_bins: str = typer.Option("0,6,11,16,21,31", "--age-bins", help="Lower edges of the age groups whose mean change is removed."),
+    backbone: str = typer.Option(None, "--backbone", help=BACKBONE_HELP),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Project the within-identity age subspace out of a model's features: the closed-form,
     linear counterpart of MT-MIM's x_id = x - x_age, fitted on dated photos (no training).
     evaluate, embed, verify and export use the projected features; as a fine-tuning --init only
-    the encoder counts (fit again after fine-tuning)."""
+    the encoder counts (fit again after fine-tuning).
+
+    At most one dimension fewer than age groups is removed. The file records the faces the
+    subspace was fitted on: `evaluate` refuses to score it on any of them (they shaped it),
+    as it refuses a model trained on its test faces.
+    """
     ensure_writable(out)
 
     from mtmim_cli.data.identity_lists import read_identity_list

@@ -13,44 +13,65 @@ from mtmim_cli.atomic import ensure_writable
 @app.command()
 def pretrain(
     ctx: typer.Context,
-    caches: list[Path] = typer.Argument(..., help="Training caches from `mtmim align` (how identity names match across them: --identities)."),
-    out: Path = typer.Option(Path("runs/pretrain"), "--out", "-o", help="Run folder: config.json, metrics.csv, validation.csv, checkpoints/, model.pt, best.pt."),
-    backbone: str = typer.Option(None, "--backbone", help="Encoder: iresnet18/34/50/100 (default iresnet50), resnet50 (the paper's), mobilefacenet (112x96 crop), tiny (tests/demo); onnx:SPEC for an --init ONNX file's input (see `mtmim evaluate --help`)."),
-    embedding_size: int = typer.Option(0, "--embedding-size", help="Embedding size; 0 = the backbone's native size (512; 128 for mobilefacenet)."),
-    init: Path = typer.Option(None, "--init", help="Start from these encoder weights (the shared MobileFaceNet ckpt, an insightface backbone.pth, an ONNX face encoder, or one of our checkpoints); loaded strictly."),
-    margin: str = typer.Option("arcface", "--margin", help="Margin head: arcface (cos(theta+m), the paper), cosface (cos(theta)-m), sphereface (cos(m*theta))."),
+    caches: list[Path] = typer.Argument(..., help="Training caches from `mtmim align`."),
+    out: Path = typer.Option(Path("runs/pretrain"), "--out", "-o", help="Run folder (config.json, metrics.csv, model.pt, ...)."),
+    backbone: str = typer.Option(None, "--backbone", help="Encoder: iresnet18/34/50/100, resnet50, mobilefacenet, tiny."),
+    embedding_size: int = typer.Option(0, "--embedding-size", help="Embedding size; 0 = the backbone's native size."),
+    init: Path = typer.Option(None, "--init", help="Start from these encoder weights (loaded strictly)."),
+    margin: str = typer.Option("arcface", "--margin", help="Margin head: arcface (the paper), cosface, sphereface."),
     scale: float = typer.Option(64.0, "--scale", help="Logit scale s of the margin head."),
-    margin_m: float = typer.Option(None, "--margin-m", help="Margin value (default: 0.35 for arcface and cosface, 1.35 for sphereface)."),
+    margin_m: float = typer.Option(None, "--margin-m", help="Margin (default 0.35; 1.35 for sphereface)."),
     epochs: int = typer.Option(10, "--epochs", help="Passes over the training data."),
-    batch_size: int = typer.Option(128, "--batch-size", help="Global batch size (split over torchrun processes)."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Global batch size."),
     optimizer: str = typer.Option("adam", "--optimizer", help="adam (the paper) or sgd (arcface_torch)."),
     lr: float = typer.Option(1e-3, "--lr", help="Base learning rate."),
     momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
     weight_decay: float = typer.Option(5e-4, "--weight-decay", help="Weight decay."),
-    schedule: str = typer.Option("plateau", "--schedule", help="plateau (lr/10 when the epoch loss stops falling, the paper), poly, cosine, constant."),
+    schedule: str = typer.Option("plateau", "--schedule", help="plateau (the paper), poly, cosine or constant."),
     warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear warm-up steps."),
-    warmup_epochs: float = typer.Option(0.0, "--warmup-epochs", help="Linear warm-up in epochs (when --warmup-steps is 0)."),
+    warmup_epochs: float = typer.Option(0.0, "--warmup-epochs", help="Linear warm-up in epochs (without --warmup-steps)."),
     poly_power: float = typer.Option(2.0, "--poly-power", help="Power of the poly schedule's decay to 0."),
-    preset: str = typer.Option(None, "--preset", help="arcface: insightface arcface_torch's recipe (SGD, momentum 0.9, weight decay 5e-4, lr 0.1 x batch/512, 2 warm-up epochs, poly decay power 2, 25 epochs, grad clip 5, ArcFace m 0.5) for the options not given; see docs/SCALE.md."),
-    accumulate: int = typer.Option(1, "--accumulate", help="Split each global batch into N micro-batches whose gradients are summed before one optimiser step (memory / N; BatchNorm sees micro-batches)."),
-    plateau_patience: int = typer.Option(1, "--plateau-patience", help="Epochs without improvement before the lr drops (plateau)."),
-    identities: str = typer.Option("auto", "--identities", help="How identity names match across caches: auto (the caches of one align job, e.g. its shards, share names; other caches keep theirs apart; refuses when two align runs of one dataset folder share a name), by-name (a name is one person in every cache), per-cache (never shared). See docs/SCALE.md."),
-    partial_fc: float = typer.Option(0.0, "--partial-fc", metavar="RATE", help="Partial FC: split the class centres over the torchrun processes and keep this share of them per step (every class of the batch, plus sampled negatives); 1.0 = split only, 0 = off (every process holds all centres)."),
-    amp: str = typer.Option("none", "--amp", help="Mixed precision: none, bf16 (CUDA or CPU), fp16 (CUDA, with loss scaling)."),
-    clip_grad: float = typer.Option(0.0, "--clip-grad", help="Clip the global gradient norm to this value (0 = off)."),
+    preset: str = typer.Option(None, "--preset", help="arcface: arcface_torch's recipe for options not given."),
+    accumulate: int = typer.Option(1, "--accumulate", help="Micro-batches per global batch (memory / N)."),
+    plateau_patience: int = typer.Option(1, "--plateau-patience", help="Epochs without improvement before the lr drops."),
+    identities: str = typer.Option("auto", "--identities", help="Identity names across caches: auto, by-name, per-cache."),
+    partial_fc: float = typer.Option(0.0, "--partial-fc", metavar="RATE", help="Partial FC share of class centres per step (0 = off)."),
+    amp: str = typer.Option("none", "--amp", help="Mixed precision: none, bf16, fp16 (CUDA)."),
+    clip_grad: float = typer.Option(0.0, "--clip-grad", help="Clip the global gradient norm (0 = off)."),
     seed: int = typer.Option(0, "--seed", help="Seed of weights, sampling and flips."),
-    workers: int = typer.Option(-1, "--workers", help="DataLoader worker processes per training process, kept across epochs (-1: the cores per process less one, at most 8)."),
+    workers: int = typer.Option(-1, "--workers", help="DataLoader workers per process (-1: automatic)."),
     max_steps: int = typer.Option(0, "--max-steps", help="Stop after this many steps (0 = all epochs)."),
-    ckpt_every: int = typer.Option(200, "--ckpt-every", help="Steps between full-state checkpoints (also at every epoch end)."),
-    val_cache: Path = typer.Option(None, "--val-cache", help="Held-out cache (e.g. aligned FG-NET): 10-fold cross-age verification before, during and after training."),
+    ckpt_every: int = typer.Option(200, "--ckpt-every", help="Steps between full-state checkpoints."),
+    val_cache: Path = typer.Option(None, "--val-cache", help="Held-out cache for cross-age verification."),
     val_pairs: int = typer.Option(3000, "--val-pairs", help="Number of validation pairs (half genuine)."),
     val_every: int = typer.Option(0, "--val-every", help="Steps between validations (0 = before and after only)."),
-    sync_bn: bool = typer.Option(False, "--sync-bn", help="Under torchrun, BatchNorm statistics over the global batch."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint (same options)."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for torch per process (default: one per core; under torchrun give cores / processes)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Live display of loss, accuracy, images/s and ETA."),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="Under torchrun, BatchNorm over the global batch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (same options)."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch per process."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", " /--quiet", " /-q", help="Live display of loss, accuracy, images/s and ETA."),
 ) -> None:
-    """General-face pretraining of an encoder with a margin softmax (torchrun-ready)."""
+    """General-face pretraining of an encoder with a margin softmax (torchrun-ready).
+
+    --backbone: iresnet18/34/50/100 (default iresnet50), resnet50 (the paper's),
+    mobilefacenet (112x96 crop), tiny (tests and the demo); onnx:SPEC for an --init ONNX
+    file's input (see `mtmim evaluate --help`). --init takes the shared MobileFaceNet ckpt,
+    an insightface backbone.pth, an ONNX face encoder or one of our checkpoints. Margins:
+    arcface cos(theta+m) (the paper), cosface cos(theta)-m, sphereface cos(m*theta).
+
+    --preset arcface fills the options not given with insightface arcface_torch's recipe:
+    SGD, momentum 0.9, weight decay 5e-4, lr 0.1 x batch/512, 2 warm-up epochs, poly decay
+    power 2, 25 epochs, gradient clip 5, ArcFace m 0.5 (docs/SCALE.md).
+
+    --identities: auto (the caches of one align job, e.g. its shards, share names; other
+    caches keep theirs apart; refuses when two align runs of one dataset folder share a
+    name), by-name (a name is one person in every cache) or per-cache (docs/SCALE.md).
+    --partial-fc RATE splits the class centres over the torchrun processes and keeps that
+    share per step (every class of the batch plus sampled negatives; 1.0 = split only).
+    --batch-size is global (split over torchrun processes); --accumulate N sums N
+    micro-batches' gradients (BatchNorm sees micro-batches). --amp bf16 runs on CUDA or CPU,
+    fp16 on CUDA with loss scaling. --workers -1 = the cores per process less one, at most 8.
+    A checkpoint is also written at every epoch end.
+    """
     ensure_writable(out, folder=True)
 
     from mtmim_cli.threads import set_torch_threads

@@ -19,6 +19,10 @@ Record (version 1), `meta["trained_on"]`::
      "images": bytes,   # sorted unique uint64 (little-endian) digests of every image trained on
      "init": None | {"path", "sha256", "kind", "trained_on": <its record> | None}}
 
+A model written by `mtmim remove-age` also carries the same record (with `init` None) for the
+faces its age subspace was fitted on, as `meta["age_subspace"]["fitted_on"]`; `overlap`
+counts them as trained on, since the projection was fitted to them.
+
 `content_sha256` is the sha256 of the cache's per-record digests in record order (every
 record, faces or not): a content fingerprint independent of the HDF5 layout. `images` holds
 8 bytes per trained image (8 KB for FG-NET, 4 MB for 0.5M images). `init` chains: a
@@ -148,12 +152,14 @@ def lineage(meta: dict | None, source: str = "the model") -> Lineage:
 
 @dataclass
 class Overlap:
-    """How a set of test images relates to a model's training data."""
+    """How a set of test images relates to a model's training data (its weights' lineage and,
+    for a remove-age model, the faces its age subspace was fitted on)."""
 
     test_images: int
     trained_on: int                         # test images found among the trained images
     unrecorded: list[str]                   # links of the lineage without a training record
     mask: np.ndarray                        # per test image: trained on
+    subspace_fitted_on: int = 0             # of `trained_on`: those the age subspace saw
 
     @property
     def status(self) -> str:
@@ -167,20 +173,38 @@ class Overlap:
         """The words a section title may use for these test faces."""
         if self.trained_on:
             return (f"faces seen in training ({self.trained_on} of {self.test_images} test "
-                    "images were trained on)")
+                    f"images were trained on{self._subspace_words()})")
         if self.unrecorded:
             return ("faces outside the recorded training data (no training record for "
                     + ", ".join(Path(u).name for u in self.unrecorded) + ")")
         return "held-out faces"
 
+    def _subspace_words(self) -> str:
+        if not self.subspace_fitted_on:
+            return ""
+        return f"; its age subspace was fitted on {self.subspace_fitted_on} of them"
+
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "test_images": self.test_images,
-                "trained_on": self.trained_on, "unrecorded": self.unrecorded}
+                "trained_on": self.trained_on, "unrecorded": self.unrecorded,
+                "subspace_fitted_on": self.subspace_fitted_on}
 
 
 def overlap(meta: dict | None, test_digests: np.ndarray, source: str = "the model") -> Overlap:
-    """Which test images (by digest) a model with checkpoint meta `meta` was trained on."""
+    """Which test images (by digest) a model with checkpoint meta `meta` was trained on: its
+    weights' lineage, and the faces its age subspace (remove-age) was fitted on."""
     lin = lineage(meta, source)
     test_digests = np.asarray(test_digests, np.uint64)
     mask = np.isin(test_digests, lin.images)
-    return Overlap(int(len(test_digests)), int(mask.sum()), lin.unrecorded, mask)
+    unrecorded = list(lin.unrecorded)
+    fitted = 0
+    subspace = (meta or {}).get("age_subspace")
+    if isinstance(subspace, dict):
+        record = subspace.get("fitted_on")
+        if isinstance(record, dict) and "images" in record:
+            seen = np.isin(test_digests, unpack(record["images"]))
+            fitted = int(seen.sum())
+            mask = mask | seen
+        else:   # written before remove-age recorded its faces
+            unrecorded.append(f"{source} (age subspace)")
+    return Overlap(int(len(test_digests)), int(mask.sum()), unrecorded, mask, fitted)

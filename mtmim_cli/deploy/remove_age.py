@@ -1,7 +1,9 @@
 """`mtmim remove-age`: a model file whose features have the within-identity age subspace
 projected out (eval/age_subspace.py), fitted on the dated photos of a labelled cache.
 
-The new file is the old one plus an `age_subspace` entry (the basis and how it was fitted);
+The new file is the old one plus an `age_subspace` entry (the basis, how it was fitted, and
+`fitted_on`: the digests of the faces it was fitted on, in data/provenance.py's record
+format, so `evaluate` refuses to score it on them as it refuses a model trained on them);
 every command that loads a model to compare faces (evaluate, embed, verify, export) applies the
 projection after the encoder (and the factorization unit). As a fine-tuning init it counts as
 its encoder only: a fine-tuned model is a new feature space and needs its own fit.
@@ -32,6 +34,7 @@ def remove_age(model_path: str | os.PathLike, cache_path: str | os.PathLike,
     from mtmim_cli.atomic import atomic_write
     from mtmim_cli.data.cache import Cache
     from mtmim_cli.data.identity_lists import listed_labels
+    from mtmim_cli.data.provenance import training_record
     from mtmim_cli.eval.age_subspace import fit_age_subspace, remove_subspace
     from mtmim_cli.eval.features import combine_views, extract_views
     from mtmim_cli.eval.leakage import age_probe
@@ -69,7 +72,9 @@ def remove_age(model_path: str | os.PathLike, cache_path: str | os.PathLike,
             "source": str(model_path)}
     if isinstance(obj, dict) and not ({"net_state_dict", "objective"} & set(obj)):
         obj = {"net_state_dict": obj}
-    obj = {**obj, "age_subspace": {**info, "basis": torch.from_numpy(basis.astype(np.float32))}}
+    fitted_on = training_record([cache], [rows], [[]], init=None)
+    obj = {**obj, "age_subspace": {**info, "fitted_on": fitted_on,
+                                   "basis": torch.from_numpy(basis.astype(np.float32))}}
     with atomic_write(out) as tmp:
         torch.save(obj, tmp)
     return {**info, "out": str(out), "feature_dim": int(basis.shape[0]),

@@ -21,7 +21,10 @@ independent, so with clustered probes it is optimistic; the cluster interval is 
 Several checkpoints of one setting (seeds) evaluated on the same probes summarise as mean
 and sample standard deviation over seeds; two settings compare by a bootstrap that draws
 units (or clusters) and, when `resample_seeds`, the seeds of each setting too, so the
-interval holds seed-to-seed variation as well as probe sampling.
+interval holds seed-to-seed variation as well as probe sampling. Each side's seeds are drawn
+independently, unless `paired_seeds`: then seed k of A and seed k of B belong together (two
+modes scored in one run, which share its folds and seed; one model before and after a
+change) and one draw of seed indices serves both sides.
 """
 
 from __future__ import annotations
@@ -97,10 +100,10 @@ class Difference:
 
 
 def _replicate_means(sides: list[np.ndarray], inv: np.ndarray, k: int, resamples: int,
-                     seed: int, draw_seeds: bool) -> np.ndarray:
+                     seed: int, draw_seeds: bool, paired: bool = False) -> np.ndarray:
     """Bootstrap replicates of each side's mean outcome, shape (sides, resamples). Every
     replicate draws k clusters with replacement (shared by all sides: the pairing) and, with
-    `draw_seeds`, each side's seeds with replacement."""
+    `draw_seeds`, each side's seeds with replacement (one draw for every side if `paired`)."""
     size = np.bincount(inv, minlength=k).astype(np.float64)
     # Per-cluster sums per seed: a replicate's mean is (seed weights) @ sums @ (cluster
     # counts) / (seeds drawn * units drawn), so no replicate touches the units themselves.
@@ -111,12 +114,38 @@ def _replicate_means(sides: list[np.ndarray], inv: np.ndarray, k: int, resamples
         m = min(_CHUNK, resamples - start)
         w = rng.multinomial(k, np.full(k, 1.0 / k), size=m).astype(np.float64)
         units = w @ size
+        shared = _seed_weights(rng, len(sides[0]), m, draw_seeds) if paired else None
         for j, (x, sx) in enumerate(zip(sides, sums, strict=True)):
-            s = len(x)
-            u = (rng.multinomial(s, np.full(s, 1.0 / s), size=m) / s if draw_seeds
-                 else np.full((m, s), 1.0 / s))
+            u = shared if shared is not None else _seed_weights(rng, len(x), m, draw_seeds)
             out[j, start:start + m] = np.sum(u * (w @ sx.T), axis=1) / units
     return out
+
+
+def _seed_weights(rng: np.random.Generator, s: int, m: int, draw: bool) -> np.ndarray:
+    """(m, s): each replicate's share of every seed: counts of s draws with replacement over
+    s, or 1/s each when seeds are not drawn."""
+    if not draw:
+        return np.full((m, s), 1.0 / s)
+    return rng.multinomial(s, np.full(s, 1.0 / s), size=m) / s
+
+
+def seed_resampled_difference(reps_a: np.ndarray, reps_b: np.ndarray, *, paired: bool,
+                              seed: int = 0) -> np.ndarray:
+    """Replicates of (mean over A's seeds) - (mean over B's seeds) from per-seed bootstrap
+    replicates (seeds, resamples) whose unit draws are shared (replicate r of every seed
+    drew the same units, e.g. `cross_age.bootstrap_cross_age_auc`): replicate r also draws
+    each side's seeds with replacement, one draw for both sides when `paired` (seed k of A
+    belongs with seed k of B)."""
+    A, B = np.atleast_2d(reps_a), np.atleast_2d(reps_b)
+    if A.shape[1] != B.shape[1]:
+        raise ValueError(f"{A.shape[1]} and {B.shape[1]} replicates: not the same draws")
+    if paired and len(A) != len(B):
+        raise ValueError(f"paired seeds: A has {len(A)} seeds, B has {len(B)}")
+    rng = np.random.default_rng(seed)
+    m = A.shape[1]
+    ua = _seed_weights(rng, len(A), m, True)
+    ub = ua if paired else _seed_weights(rng, len(B), m, True)
+    return np.sum(ua * A.T, axis=1) - np.sum(ub * B.T, axis=1)
 
 
 def _check(level: float, resamples: int) -> None:
@@ -127,27 +156,31 @@ def _check(level: float, resamples: int) -> None:
 def bootstrap_difference(a: np.ndarray | Sequence, b: np.ndarray | Sequence, *,
                          clusters: np.ndarray | Sequence | None = None,
                          resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
-                         seed: int = 0, resample_seeds: bool = True,
+                         seed: int = 0, resample_seeds: bool = True, paired_seeds: bool = False,
                          unit_name: str = "probes", cluster_name: str = "clusters") -> Difference:
     """Difference of mean outcomes, A minus B, on shared units, with a paired percentile
     bootstrap interval. `a`, `b`: shape (units,) for one model each, or (seeds, units) for
     several checkpoints of a setting (then the figure is the mean over seeds, and with
-    `resample_seeds` each replicate also draws seeds with replacement). With one seed per
-    side the exact McNemar p-value of binary outcomes is included."""
+    `resample_seeds` each replicate also draws seeds with replacement: each side's own, or
+    with `paired_seeds` one draw of seed indices for both, row k of A going with row k of B).
+    With one seed per side the exact McNemar p-value of binary outcomes is included."""
     A, B = _as_outcomes(a, "a"), _as_outcomes(b, "b")
     n = A.shape[1]
     if B.shape[1] != n:
         raise ValueError(f"a has {n} units, b has {B.shape[1]}: not the same probes")
+    if paired_seeds and len(A) != len(B):
+        raise ValueError(f"paired seeds: a has {len(A)} seeds, b has {len(B)}")
     _check(level, resamples)
     inv, k = _cluster_index(clusters, n)
     draw_seeds = resample_seeds and (len(A) > 1 or len(B) > 1)
-    reps = _replicate_means([A, B], inv, k, resamples, seed, draw_seeds)
+    reps = _replicate_means([A, B], inv, k, resamples, seed, draw_seeds, paired_seeds)
     alpha = (1 - level) / 2
     low, high = np.quantile(reps[0] - reps[1], [alpha, 1 - alpha])
     ma, mb = float(A.mean()), float(B.mean())
     out = Difference(mean_a=ma, mean_b=mb, diff=ma - mb, low=float(low), high=float(high),
                      level=level, units=n, clusters=k,
-                     resampling=_resampling(unit_name, cluster_name, clusters, draw_seeds),
+                     resampling=_resampling(unit_name, cluster_name, clusters, draw_seeds,
+                                            paired_seeds),
                      resamples=resamples, seed=seed, seeds_a=len(A), seeds_b=len(B))
     if len(A) == 1 and len(B) == 1 and _binary(A) and _binary(B):
         out.a_only = int(np.sum((A[0] == 1) & (B[0] == 0)))
@@ -176,8 +209,10 @@ def bootstrap_mean(a: np.ndarray | Sequence, *, clusters: np.ndarray | Sequence 
             "resamples": resamples, "seed": seed, "seeds": len(A)}
 
 
-def _resampling(unit_name: str, cluster_name: str, clusters: object, draw_seeds: bool) -> str:
-    return (unit_name if clusters is None else cluster_name) + ("+seeds" if draw_seeds else "")
+def _resampling(unit_name: str, cluster_name: str, clusters: object, draw_seeds: bool,
+                paired: bool = False) -> str:
+    seeds = ("+paired seeds" if paired else "+seeds") if draw_seeds else ""
+    return (unit_name if clusters is None else cluster_name) + seeds
 
 
 def _binary(x: np.ndarray) -> bool:

@@ -44,6 +44,7 @@ class EvalConfig:
     shard: str | None = None
     rounds_dir: Path | None = None
     merge_only: bool = False
+    reuse_stale: bool = False          # use stored rounds made by other code (tables flag them)
     seed: int = 0
     batch_size: int = 128
     device: str = "cpu"
@@ -76,6 +77,8 @@ def check_config(cfg: EvalConfig) -> None:
         raise MtmimError(f"--refit {cfg.refit}: choose from {', '.join(REFITS)}")
     if cfg.refit != "none" and cfg.protocol != "fgnet-loo":
         raise MtmimError(f"--refit {cfg.refit} applies to fgnet-loo only")
+    if cfg.reuse_stale and cfg.refit == "none":
+        raise MtmimError("--reuse-stale: applies to stored re-fit rounds (--refit head|full)")
     bad = [m for m in cfg.refit_modes if m not in ("baseline", "age", "mtmim")]
     if bad:
         raise MtmimError(f"--refit-modes {','.join(cfg.refit_modes)}: {bad[0]} is not one of "

@@ -5,7 +5,8 @@ model's recorded training images (`mtmim_cli.data.provenance`).
 given: a results.md outlives the console, so a warning would scroll by while the table
 stood as a held-out figure. With the flag the table says, in its title and per model, how
 many test images each model trained on, and the paper's rows move under "not comparable".
-FG-NET with `--refit head|full` trains each round without its held-out photo, which is
+A model from `mtmim remove-age` counts as trained on the faces its age subspace was fitted on
+(the projection was chosen to fit them). FG-NET with `--refit head|full` trains each round without its held-out photo, which is
 the protocol, not a violation; the check is on the weights the rounds start from (a model
 fine-tuned on the whole cache has seen every probe, re-fit or not).
 """
@@ -54,7 +55,9 @@ def check_model(meta: dict | None, model_path, digests: np.ndarray, names: list[
     ov = PV.overlap(meta, digests, source=str(model_path))
     if ov.trained_on and not allow:
         first = names[int(np.flatnonzero(ov.mask)[0])]
-        raise MtmimError(f"{model_path}: trained on {ov.trained_on} of the {ov.test_images} "
+        what = (f"trained on {ov.trained_on}" if not ov.subspace_fitted_on else
+                f"trained on {ov.trained_on} (its age subspace fitted on {ov.subspace_fitted_on})")
+        raise MtmimError(f"{model_path}: {what} of the {ov.test_images} "
                          f"test images (e.g. {first}); its figures would not be held-out "
                          "ones. Test on other faces, or pass --allow-trained-on to measure "
                          "training fit on purpose")
@@ -78,8 +81,10 @@ def model_notes(overlaps: dict[str, dict]) -> list[str]:
     notes = []
     for label, o in overlaps.items():
         if o["status"] == "trained-on":
+            sub = o.get("subspace_fitted_on")
             notes.append(f"{label}: trained on {o['trained_on']} of the {o['test_images']} "
-                         "test images (run with --allow-trained-on)")
+                         "test images" + (f" (its age subspace fitted on {sub})" if sub else "")
+                         + " (run with --allow-trained-on)")
         elif o["status"] == "unrecorded":
             notes.append(f"{label}: no test image in its recorded training data; no training "
                          f"record for {', '.join(o['unrecorded'])}")

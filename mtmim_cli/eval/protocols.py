@@ -22,6 +22,8 @@ from mtmim_cli.sharding import parse_shard as _parse_shard
 FAR_LEVEL = 1e-3
 # TAR is reported at each of these a pair set's impostors can resolve (metrics.min_impostors)
 FAR_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4)
+# The key of a store's config that holds the package source digest (mtmim_cli.source).
+SOURCE_KEY = "source_sha256"
 CACD_DATABASES = {"2004-2006": (2004, 2006), "2007-2009": (2007, 2009), "2010-2012": (2010, 2012)}
 CACD_QUERY_YEAR = 2013
 MORPH_SETTINGS = {
@@ -93,27 +95,44 @@ def rank_held_out(feats: np.ndarray, identity: np.ndarray, held_out: np.ndarray)
 class RoundStore:
     """Round results of one protocol run, appended as JSON lines per shard, so a killed run
     resumes (a torn last line is ignored) and shards run by separate processes merge by
-    reading every file of the folder. `config` must match for rounds to be reused."""
+    reading every file of the folder. `config` must match for rounds to be reused. When it
+    holds the package's source digest (`SOURCE_KEY`), rounds made by other code are refused,
+    or with `reuse_stale` used and counted (`stale_count`); each round records the code that
+    made it."""
 
     folder: Path
     config: dict
+    reuse_stale: bool = False
 
     def __post_init__(self) -> None:
+        from mtmim_cli.source import short, source_record
+
         self.folder = Path(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.made_by = source_record()
         cfg_path = self.folder / "config.json"
         text = json.dumps(self.config, sort_keys=True, indent=1)
         if cfg_path.exists():
-            old = json.loads(cfg_path.read_text())
-            if old != json.loads(text):
-                diff = sorted(k for k in set(old) | set(self.config)
-                              if old.get(k) != self.config.get(k))
+            old, new = json.loads(cfg_path.read_text()), json.loads(text)
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if diff == [SOURCE_KEY] and not self.reuse_stale:
+                raise MtmimError(f"{self.folder}: holds rounds made by other code (mtmim_cli "
+                                 f"source {short(old.get(SOURCE_KEY))}, this code "
+                                 f"{short(new.get(SOURCE_KEY))}); remove the folder to rerun "
+                                 "them, or pass --reuse-stale to use them flagged as stale")
+            if diff and diff != [SOURCE_KEY]:
                 raise MtmimError(f"{self.folder}: holds rounds of a different run "
                                  f"(differs in {', '.join(diff)}); use another --rounds-dir")
         else:
             tmp = cfg_path.with_name(f".config.{os.getpid()}.tmp")
             tmp.write_text(text)
             os.replace(tmp, cfg_path)
+
+    def stale_count(self, records: dict[int, dict]) -> int:
+        """How many of `records` (from `done`) other code made (or no code recorded)."""
+        here = self.made_by["sha256"]
+        return sum(1 for rec in records.values()
+                   if (rec.get("source") or {}).get("sha256") != here)
 
     def done(self) -> dict[int, dict]:
         out: dict[int, dict] = {}
@@ -135,7 +154,7 @@ class RoundStore:
                     rd.seek(-1, os.SEEK_END)
                     if rd.read(1) != b"\n":
                         fh.write("\n")
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps({**record, "source": self.made_by}) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mtmim_cli import __version__
 from mtmim_cli.data.provenance import file_sha256
+from mtmim_cli.source import source_record
 
 
 def sha256_file(path: Path) -> str:
@@ -25,8 +26,10 @@ def file_record(path: Path) -> dict:
 
 
 def run_header(command: str) -> dict:
-    """The fields every results.json starts with: tool, version, command, time, host."""
-    return {"tool": "mtmim", "tool_version": __version__, "command": command,
+    """The fields every results.json starts with: tool, version, the digest of its source
+    (and the git state of its checkout), command, time, host."""
+    return {"tool": "mtmim", "tool_version": __version__, "source": source_record(),
+            "command": command,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "host": {"python": sys.version.split()[0], "platform": platform.platform(),
                      "cpus": os.cpu_count()}}

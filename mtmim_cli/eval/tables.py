@@ -129,7 +129,8 @@ def markdown_table(protocol: str, rows: list[dict], variant: str = "",
     lines = [f"### {title}", ""]
     if variant:
         lines += [f"Variant: {variant}", ""]
-    lines += [f"- {note}" for note in model_notes(faces)] + ([""] if model_notes(faces) else [])
+    notes = model_notes(faces) + stale_notes(rows)
+    lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, lk in zip(rows, leak, strict=True):
         m = flat_metrics(protocol, row["metrics"])
@@ -158,6 +159,25 @@ def markdown_table(protocol: str, rows: list[dict], variant: str = "",
     return "\n".join(lines) + "\n"
 
 
+def source_words(record: dict | None) -> str:
+    """The code a run came from, in words: its source digest and git state."""
+    from mtmim_cli.source import short
+
+    if not record:
+        return "not recorded"
+    git = record.get("git")
+    where = ("no git checkout" if not git else
+             f"git {git['commit'][:12]}" + (", with uncommitted changes" if git["dirty"] else ""))
+    return f"mtmim_cli sha256 {short(record.get('sha256'))} ({where})"
+
+
+def stale_notes(rows: list[dict]) -> list[str]:
+    """One line per row whose stored rounds other code made (reused under --reuse-stale)."""
+    return [f"{r['model']}: {r['metrics']['stale_rounds']} of {r['metrics']['rounds']} rounds "
+            "were made by other code than this run's (reused with --reuse-stale): not this "
+            "code's figures" for r in rows if r["metrics"].get("stale_rounds")]
+
+
 def write_results(out_md: Path, payload: dict) -> dict[str, Path]:
     """results.md (tables), results.json (everything) and cmc.csv / roc.csv beside them.
     Every file is written to a temporary sibling and renamed."""
@@ -168,6 +188,7 @@ def write_results(out_md: Path, payload: dict) -> dict[str, Path]:
     protocol = payload["protocol"]
     md = [f"# mtmim evaluate: {protocol}", "",
           f"Command: `{payload['command']}`  ", f"Tool: mtmim {payload['tool_version']}  ",
+          f"Source: {source_words(payload.get('source'))}  ",
           "Caches: " + (", ".join(f"`{c['path']}` (sha256 {c['sha256'][:12]})"
                                   for c in payload.get("inputs", [])) or "none"), "",
           markdown_table(protocol, payload["results"], payload.get("variant_text", ""),

@@ -190,6 +190,9 @@ def _summary_line(protocol: str, label: str, m: dict) -> str:
         if m.get("images_without_face"):
             line += (f" ({100 * m['rank1_faces']:.2f}% over the {m['ranked']} with a face; the "
                      f"{m['images_without_face']} without one count as failures)")
+        if m.get("stale_rounds"):
+            line += (f" ({m['stale_rounds']} of {m['rounds']} rounds made by other code, "
+                     "--reuse-stale)")
         return line + secs
     if protocol == "cacd-map":
         maps = ", ".join(f"{k} {100 * m[k]['map']:.2f}" for k in P.CACD_DATABASES)

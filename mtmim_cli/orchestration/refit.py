@@ -32,6 +32,7 @@ from mtmim_cli.eval.runners import (
     image_counts,
     with_all_images,
 )
+from mtmim_cli.source import source_digest
 
 # Bump when what a stored round means changes without the tool version changing.
 ROUND_FORMAT = 3
@@ -66,13 +67,13 @@ def run_refit(cfg: EvalConfig, cache, m: ModelArg, *, cache_sha256: str, model_s
     if cfg.refit == "head":
         from mtmim_cli.eval.features import extract_views
 
-        P.RoundStore(folder, key)   # pins what views.npz was computed from
+        P.RoundStore(folder, key, cfg.reuse_stale)   # pins what views.npz was computed from
         views = stored_views(folder / "views.npz", lambda: extract_views(
             encoder, cache, idx, mirror=cfg.flip != "none", batch_size=feat.batch_size,
             device=feat.device, progress=feat.progress))
     for mode in refit_modes(cfg):
         t0 = time.perf_counter()
-        store = P.RoundStore(folder / mode, {**key, "mode": mode})
+        store = P.RoundStore(folder / mode, {**key, "mode": mode}, cfg.reuse_stale)
         what = f"{m.label}: refit {cfg.refit} {mode}"
         if cfg.merge_only:
             done = store.done()
@@ -93,6 +94,8 @@ def run_refit(cfg: EvalConfig, cache, m: ModelArg, *, cache_sha256: str, model_s
         metrics = P.merge_rounds(done, len(rounds), len(idx), cfg.max_rank)
         metrics["rounds_dir"] = str(store.folder)
         metrics["refit_mode"] = mode
+        if stale := store.stale_count(done):
+            metrics["stale_rounds"] = stale   # reused under --reuse-stale; the tables say so
         # this mode's own time (the views are extracted once, before the first mode); the
         # caller adds it to the row's wall time, which otherwise counts from the last row
         metrics["refit_seconds"] = round(time.perf_counter() - t0, 2)
@@ -146,14 +149,16 @@ def _feature_shape(encoder, cache, idx: np.ndarray, feat: FeatureOptions) -> tup
 def round_key(cfg: EvalConfig, m: ModelArg, *, cache_sha256: str, model_sha256: str,
               input_width: int, features: tuple[int, int]) -> dict:
     """Everything that changes a round's result: the protocol's settings, the re-fit options,
-    the inputs' digests, the crop and feature shape, the extraction settings, the tool."""
+    the inputs' digests, the crop and feature shape, the extraction settings, the tool and
+    the digest of its source (`mtmim_cli.source`)."""
     return {"protocol": cfg.protocol, "refit": cfg.refit, "folds": cfg.folds, "seed": cfg.seed,
             "flip": cfg.flip, "cache_sha256": cache_sha256, "model_sha256": model_sha256,
             "backbone": m.backbone, "refit_options": cfg.refit_options,
             "resolved_options": resolved_refit_options(cfg.refit, cfg.refit_options),
             "input_width": input_width, "features": list(features),
             "batch_size": cfg.batch_size, "device": str(cfg.device).split(":")[0],
-            "tool_version": __version__, "round_format": ROUND_FORMAT}
+            "tool_version": __version__, "round_format": ROUND_FORMAT,
+            P.SOURCE_KEY: source_digest()}
 
 
 def resolved_refit_options(refit: str, options: dict) -> dict:

@@ -1,14 +1,43 @@
-"""`--threads`: how many CPU threads torch may use in this process."""
+"""`--threads`: how many CPU threads torch may use in this process; and the BLAS pool numpy
+and scikit-learn use, which stays at one thread.
+
+Why one BLAS thread: the analyses after scoring (age probes, bootstraps) run BLAS on small
+matrices, where OpenBLAS's second thread spins waiting for work. On two cores shared with
+other work that is ruinous: an SVD of a 530 x 256 matrix took 7.4 s with two OpenBLAS threads
+at load 5 and 0.06 s with one, and the age probe of one model on FG-NET took 186 s of
+evaluate's 264. `MTMIM_BLAS_THREADS` sets another count."""
 
 from __future__ import annotations
 
+import os
+
 from mtmim_cli.errors import MtmimError
+
+
+def limit_blas_threads() -> None:
+    """Cap the BLAS/OpenMP pools numpy and scikit-learn use (MTMIM_BLAS_THREADS, default 1)."""
+    raw = os.environ.get("MTMIM_BLAS_THREADS", "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        raise MtmimError(f"MTMIM_BLAS_THREADS={raw}: must be a whole number") from None
+    if n < 1:
+        raise MtmimError(f"MTMIM_BLAS_THREADS={raw}: must be at least 1")
+    # Pools loaded later (scipy and scikit-learn bring their own OpenBLAS) read the
+    # environment when they load; those already loaded are capped through threadpoolctl.
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(n, user_api="blas")
 
 
 def set_torch_threads(threads: int | None) -> None:
     """Use `threads` threads for torch's intra-op work, and as many inter-op threads when the
     inter-op pool has not started yet (torch allows setting it only once, before first use).
-    None leaves torch's defaults (one thread per core)."""
+    None leaves torch's defaults (one thread per core). BLAS keeps one thread either way
+    (`limit_blas_threads`)."""
+    limit_blas_threads()
     if threads is None:
         return
     if threads < 1:

@@ -30,3 +30,35 @@ def test_a_bad_thread_count_is_one_line_on_the_command_line(tmp_path) -> None:
                 "--threads", "0")
     assert r.returncode == 2 and r.stderr.strip().endswith("--threads 0: must be at least 1"), \
         r.stderr
+
+
+def _blas_pools(env: dict) -> list[int]:
+    """Thread counts of every BLAS pool in a fresh process that caps them, then loads the
+    libraries that bring their own (scipy's and scikit-learn's OpenBLAS)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("from mtmim_cli.threads import limit_blas_threads; limit_blas_threads(); "
+            "import numpy, scipy.linalg, sklearn.linear_model; "
+            "from threadpoolctl import threadpool_info; import json; "
+            "print(json.dumps([p['num_threads'] for p in threadpool_info() "
+            "if p['user_api'] == 'blas']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, **env}, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_every_blas_pool_keeps_one_thread_even_those_loaded_later() -> None:
+    pools = _blas_pools({"OPENBLAS_NUM_THREADS": "2", "MTMIM_BLAS_THREADS": "1"})
+    assert pools and all(n == 1 for n in pools), pools
+    assert all(n == 2 for n in _blas_pools({"MTMIM_BLAS_THREADS": "2"}))
+    with pytest.raises(MtmimError, match="MTMIM_BLAS_THREADS=x"):
+        import os
+
+        os.environ["MTMIM_BLAS_THREADS"] = "x"
+        try:
+            set_torch_threads(None)
+        finally:
+            del os.environ["MTMIM_BLAS_THREADS"]

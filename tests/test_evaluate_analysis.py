@@ -194,6 +194,13 @@ def test_factorized_model_gets_infonce_and_same_features(tmp_path: Path, models:
                      models=[ModelArg("f", models["factorized"])])
     leak = evaluate(cfg, progress=False)["results"][0]["metrics"]["age_leakage"]
     assert np.isfinite(leak["infonce_lower"]) and leak["infonce_cap"] == pytest.approx(np.log(34))
+    # by default no critic trains, and the table says so and how to get it
+    out = tmp_path / "default" / "results.md"
+    default = evaluate(EvalConfig(protocol="fgnet-loo", cache=cache_path, out=out,
+                                  models=[ModelArg("f", models["factorized"])]), progress=False)
+    leak = default["results"][0]["metrics"]["age_leakage"]
+    assert leak["infonce_skipped"] and "infonce_lower" not in leak
+    assert "--mi-steps 2000 adds it" in out.read_text()
 
 
 def test_refit_rounds_give_the_same_outcomes(tmp_path: Path, models: dict,

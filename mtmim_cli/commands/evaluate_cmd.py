@@ -69,8 +69,8 @@ def evaluate(
                                  help="Lower edges (years) of the age gap bins."),
     age_probe: bool = typer.Option(True, "--age-probe/--no-age-probe",
                                    help="Probe the identity features for age."),
-    mi_steps: int = typer.Option(2000, "--mi-steps",
-                                 help="InfoNCE steps for I(x_id; x_age) (0: skip)."),
+    mi_steps: int = typer.Option(0, "--mi-steps",
+                                 help="InfoNCE steps for I(x_id; x_age), e.g. 2000 (0: skip)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Evaluate one or more models on a protocol; print and write the result tables.

@@ -59,6 +59,9 @@ def leakage_note(rows: list[dict]) -> list[str]:
         text += (" InfoNCE: a lower bound on I(x_id; x_age) in nats for factorized models "
                  "(fresh estimator, cross-fitted halves; capped at log(images/2)); "
                  "– for models without a factorization unit.")
+    elif any((r["metrics"].get("age_leakage") or {}).get("infonce_skipped") for r in rows):
+        text += (" InfoNCE I(x_id; x_age) of the factorized models: not estimated (it trains "
+                 "a critic, about a minute per model on two cores); --mi-steps 2000 adds it.")
     return ["", text]
 
 

@@ -65,7 +65,7 @@ class EvalConfig:
     age_edges: tuple[int, ...] = (0, 6, 11, 16, 21, 31)   # lower edges of the probe age groups
     gap_edges: tuple[int, ...] = (0, 6, 11, 21)           # lower edges of the age gap bins
     age_probe: bool = True             # age leakage probe of the identity features
-    mi_steps: int = 2000               # InfoNCE estimator steps for factorized models (0: none)
+    mi_steps: int = 0                  # InfoNCE estimator steps for factorized models (0: skipped)
 
 
 def check_config(cfg: EvalConfig) -> None:

@@ -13,12 +13,13 @@ identities, 128-d) when no cache is at hand.
 
     .venv/bin/python bench/refit_head_modes.py --cache fgnet.h5 \\
         --model ../shared/weights/mobilefacenet-casia-arcface.ckpt [--rounds 250] [--epochs 2]
-        [--repeat 3] [--threads 1]
+        [--repeat 3] [--threads 1] [--options '{"q_steps": 1}']
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
 import sys
@@ -73,6 +74,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--modes", default="baseline,age,mtmim")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--options", default="{}", help="JSON dict of --refit-options for every "
+                                                   "mode, e.g. '{\"q_steps\": 1}'")
     a = ap.parse_args()
     if a.synthetic == bool(a.cache and a.model):
         sys.exit("error: give --cache and --model, or --synthetic")
@@ -91,11 +94,15 @@ def main() -> None:
     if "age" not in modes:
         sys.exit("error: --modes must hold age (the reference)")
     print(f"{'synthetic' if a.synthetic else a.cache}: {len(labels)} images x {len(views)} "
-          f"views, {views[0].shape[1]}-d; {len(rounds)} rounds x {a.epochs} epochs; torch "
+          f"views, {views[0].shape[1]}-d; {len(rounds)} rounds x {a.epochs} epochs; options "
+          f"{a.options}; torch "
           f"threads {torch.get_num_threads()}; load average {load_avg()}", flush=True)
 
+    options = {"epochs": a.epochs, **json.loads(a.options)}
+
     def fit(mode: str):
-        return fit_rounds(views, labels, ages, rounds, RoundHeadConfig(mode=mode, epochs=a.epochs))
+        return fit_rounds(views, labels, ages, rounds, RoundHeadConfig.from_options(
+            {**options, "mode": mode}))
 
     fit("age")   # warm-up: allocator, thread pool
     runs: dict[str, list[dict]] = {m: [] for m in modes}

@@ -18,7 +18,7 @@ def test_bench_prints_each_mode_against_age() -> None:
                           "--synthetic", "--rounds", "2", "--epochs", "1", "--repeat", "1",
                           "--threads", "1"], capture_output=True, text=True, check=True).stdout
     lines = [ln.strip() for ln in out.splitlines()]
-    assert lines[0].startswith("synthetic: 1002 images x 2 views, 128-d; 2 rounds x 1 epochs")
+    assert lines[0].startswith("synthetic: 1002 images x 2 views, 128-d; 2 rounds x 1 epochs; options {}")
     for mode in ("baseline", "age", "mtmim"):
         assert any(ln.startswith(f"{mode}: ") and "vs age:" in ln for ln in lines), out
     assert lines[-1].startswith("load average")

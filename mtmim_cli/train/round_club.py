@@ -21,15 +21,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-# q's parameters: w1 (R, d, 2h) and b1 (R, 2h), the first layers of mu and lv side by side
-# (mu's h columns first); mu2_w, lv2_w (R, h, d) and mu2_b, lv2_b (R, d). Weights are
-# stored (in, out), the layout the batched products read without a copy.
-Q_PARAMS = ("w1", "b1", "mu2_w", "mu2_b", "lv2_w", "lv2_b")
-
 
 def q_params_from(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """One round's q in `Q_PARAMS` layout from the separate (in, out) weights of the mu and lv
-    nets (`mu1_w`, `mu1_b`, `mu2_*`, `lv1_w`, `lv1_b`, `lv2_*`)."""
+    """q's parameters in the layout this module reads, from the separate (in, out) weights of
+    the mu and lv nets (`mu1_w`, `mu1_b`, `mu2_*`, `lv1_w`, `lv1_b`, `lv2_*`): w1 (d, 2h) and
+    b1 (2h), the first layers of mu and lv side by side (mu's h columns first); mu2_w, lv2_w
+    (h, d) and mu2_b, lv2_b (d). Weights stay (in, out), the layout the batched products read
+    without a copy; the round axis is added in front by the caller."""
     return {"w1": torch.cat([state["mu1_w"], state["lv1_w"]], dim=-1),
             "b1": torch.cat([state["mu1_b"], state["lv1_b"]], dim=-1),
             **{k: state[k] for k in ("mu2_w", "mu2_b", "lv2_w", "lv2_b")}}

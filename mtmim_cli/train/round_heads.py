@@ -33,6 +33,7 @@ from torch import Tensor
 from mtmim_cli.data.groups import equal_frequency_groups
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.models.margin import MARGIN_PRESETS, margin_target
+from mtmim_cli.train import round_club as Q
 
 MODES = ("baseline", "age", "mtmim")
 # One fused kernel per Adam step instead of a dozen passes over each (R, ...) tensor; the
@@ -129,61 +130,6 @@ def _stack(t: Tensor, r: int) -> Tensor:
 def _linear(x: Tensor, wt: Tensor, b: Tensor) -> Tensor:
     """Per-round nn.Linear: x (R, B, i), wt (R, i, o) (the weight transposed), b (R, o)."""
     return torch.baddbmm(b[:, None], x, wt)
-
-
-class _Q:
-    """Per-round CLUB nets q(x_age | x_id): mean and bounded log-variance MLPs."""
-
-    def __init__(self, p: dict[str, Tensor], bound: float) -> None:
-        self.p, self.bound = p, bound
-
-    def __call__(self, x: Tensor, detached: bool = False) -> tuple[Tensor, Tensor]:
-        p = {k: v.detach() for k, v in self.p.items()} if detached else self.p
-        mu = _linear(torch.relu(_linear(x, p["mu1_w"], p["mu1_b"])), p["mu2_w"], p["mu2_b"])
-        raw = _linear(torch.relu(_linear(x, p["lv1_w"], p["lv1_b"])), p["lv2_w"], p["lv2_b"])
-        return mu, self.bound * torch.tanh(raw / self.bound)
-
-
-def _q_step_grads(p: dict[str, Tensor], x: Tensor, y: Tensor, wn: Tensor,
-                  bound: float) -> dict[str, Tensor]:
-    """Gradients of each round's weighted negative log-likelihood of q (up to constants),
-    sum_b wn[r, b] * 0.5 * sum_k [(y - mu)^2 exp(-lv) + lv], by hand: the same values
-    autograd gives through `_Q`, with the (R, B, .) intermediates reused in place (q's five
-    steps per encoder step are most of the mtmim mode's time)."""
-    a1 = _linear(x, p["mu1_w"], p["mu1_b"])
-    h1 = torch.relu(a1)
-    mu = _linear(h1, p["mu2_w"], p["mu2_b"])
-    a3 = _linear(x, p["lv1_w"], p["lv1_b"])
-    h3 = torch.relu(a3)
-    th = _linear(h3, p["lv2_w"], p["lv2_b"]).div_(bound).tanh_()
-    inv_var = (th * -bound).exp_()                       # exp(-lv)
-    r = y - mu
-    w3 = wn[..., None]
-    r_e = r.mul_(inv_var)                                 # (y - mu) exp(-lv)
-    d_lv = (r_e * (y - mu)).neg_().add_(1.0).mul_(0.5 * w3)  # 0.5 (1 - r^2 e) wn
-    d_mu = r_e.neg_().mul_(w3)                            # -(y - mu) e wn
-    d_raw = d_lv.mul_(th.pow_(2).neg_().add_(1.0))        # through bound * tanh(raw / bound)
-    g = {"mu2_w": torch.bmm(h1.transpose(1, 2), d_mu), "mu2_b": d_mu.sum(1),
-         "lv2_w": torch.bmm(h3.transpose(1, 2), d_raw), "lv2_b": d_raw.sum(1)}
-    d_h1 = torch.bmm(d_mu, p["mu2_w"].transpose(1, 2)).mul_(a1 > 0)
-    d_h3 = torch.bmm(d_raw, p["lv2_w"].transpose(1, 2)).mul_(a3 > 0)
-    xt = x.transpose(1, 2)
-    g.update(mu1_w=torch.bmm(xt, d_h1), mu1_b=d_h1.sum(1), lv1_w=torch.bmm(xt, d_h3),
-             lv1_b=d_h3.sum(1))
-    return g
-
-
-def masked_club(mu: Tensor, logvar: Tensor, y: Tensor, w: Tensor) -> Tensor:
-    """CLUB's closed form per round over the rows with weight w (R, B) in {0, 1}: the same
-    value `models.club.club_closed_form` gives on the kept rows alone."""
-    n = w.sum(1).clamp_min(1.0)
-    wn = (w / n[:, None])[..., None]
-    y_mean = (y * wn).sum(1, keepdim=True)
-    y_var = ((y - y_mean).pow(2) * wn).sum(1, keepdim=True)
-    all_pairs = y_var + (mu - y_mean).pow(2)
-    per_row = 0.5 * ((all_pairs - (y - mu).pow(2)) * torch.exp(-logvar)).sum(2)
-    return (per_row * w).sum(1) / n
-
 
 
 class _MarginCE(torch.autograd.Function):
@@ -284,8 +230,7 @@ def fit_rounds(views: Sequence[np.ndarray], labels: np.ndarray, ages: np.ndarray
     init = _init_state(d, cfg.age_groups, cfg, seed)
     Wt, b = _stack(init["Wt"], R), _stack(init["b"], R)
     age_w, age_b = _stack(init["age_w"], R), _stack(init["age_b"], R)
-    qp = {k: _stack(v, R) for k, v in init.items() if k[:2] in ("mu", "lv")}
-    q = _Q(qp, cfg.logvar_bound)
+    qp = {k: _stack(v, R) for k, v in Q.q_params_from(init).items()}
     with torch.no_grad():
         centres = _start_centres(X, Y, M, C, init["Wt"], init["b"], cfg, seed)
     centres.requires_grad_(True)
@@ -332,18 +277,21 @@ def fit_rounds(views: Sequence[np.ndarray], labels: np.ndarray, ages: np.ndarray
                 l_age = F.cross_entropy(_linear(x_age, age_w, age_b).reshape(-1, cfg.age_groups),
                                         gb.clamp_min(0).reshape(-1), reduction="none").view(R, -1)
                 loss = loss + cfg.lambda_age * _masked_mean(l_age, known)
-            if use_mim:
-                mu, logvar = q(x_id, detached=True)   # q is held fixed in the encoder step
-                loss = loss + cfg.lambda_mim * masked_club(mu, logvar, x_age, wb)
+            if use_mim:   # q is held fixed in the encoder step
+                with torch.no_grad():
+                    fw = Q.forward(qp, x_id.detach(), cfg.logvar_bound)
+                loss = loss + cfg.lambda_mim * Q.club_penalty(x_id, x_age, wn, fw, qp)
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()   # rounds are independent: the sum's gradient is each round's
             opt.step()
             if use_mim:
                 xi, xa = x_id.detach(), x_age.detach()
                 with torch.no_grad():
-                    for _ in range(cfg.q_steps):
-                        for k, t in _q_step_grads(qp, xi, xa, wn, cfg.logvar_bound).items():
-                            qp[k].grad = t
+                    for k in range(cfg.q_steps):
+                        if k:   # the first step reads the penalty's forward: q has not moved
+                            fw = Q.forward(qp, xi, cfg.logvar_bound)
+                        for name, t in Q.likelihood_grads(qp, fw, xi, xa, wn).items():
+                            qp[name].grad = t
                         q_opt.step()
             last = loss.detach()
             done += 1

@@ -143,6 +143,9 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
+    from mtmim_cli.threads import passive_openmp
+
+    passive_openmp()   # as `mtmim` does, before torch loads
 
     from mtmim_cli.data.cache import Cache
     from mtmim_cli.data.identity_lists import listed_labels

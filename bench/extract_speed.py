@@ -51,6 +51,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="32,64,128")
     a = ap.parse_args()
+    from mtmim_cli.threads import passive_openmp
+
+    passive_openmp()   # as `mtmim` does, before torch loads
 
     import onnxruntime as ort
     import torch

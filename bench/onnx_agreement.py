@@ -33,6 +33,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
+    from mtmim_cli.threads import passive_openmp
+
+    passive_openmp()   # as `mtmim` does, before torch loads
 
     import torch
 

@@ -106,6 +106,9 @@ def main() -> None:
                          "replay of CelebA photos duplicated under two identities); the "
                          "full tables say how many")
     a = ap.parse_args()
+    from mtmim_cli.threads import passive_openmp
+
+    passive_openmp()   # as `mtmim` does, before torch loads
 
     from mtmim_cli.atomic import atomic_write_text
     from mtmim_cli.data.subset import subset_cache

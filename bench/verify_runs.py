@@ -98,6 +98,9 @@ def main() -> None:
                     help="score models that trained on test images (the tables say so)")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
+    from mtmim_cli.threads import passive_openmp
+
+    passive_openmp()   # as `mtmim` does, before torch loads
 
     from mtmim_cli.data.cache import Cache
     from mtmim_cli.eval.compare import bootstrap_difference

@@ -15,9 +15,11 @@ from mtmim_cli.commands import (  # noqa: F401  (each module registers its comma
     train_cmd,
 )
 from mtmim_cli.errors import MtmimError
+from mtmim_cli.threads import passive_openmp
 
 
 def main() -> None:
+    passive_openmp()   # before any command imports torch
     try:
         app()
     except MtmimError as exc:

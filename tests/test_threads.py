@@ -62,3 +62,23 @@ def test_every_blas_pool_keeps_one_thread_even_those_loaded_later() -> None:
             set_torch_threads(None)
         finally:
             del os.environ["MTMIM_BLAS_THREADS"]
+
+
+def test_mtmim_sets_passive_openmp_before_torch_loads() -> None:
+    """In a fresh `mtmim` process torch's OpenMP pool sees OMP_WAIT_POLICY=PASSIVE (unless
+    the environment set a policy), read when libgomp loads."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from mtmim_cli import cli; "
+            "cli.app = lambda: print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules); "
+            "cli.main()")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    assert out == ["PASSIVE", "False"]
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    assert out == ["ACTIVE", "False"]

@@ -99,6 +99,9 @@ def main() -> None:
                          "of using the test subjects")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--mi-steps", type=int, default=1000)
+    ap.add_argument("--activations", default=None,
+                    help="folder of frozen-trunk activations (default OUT/activations); they are "
+                         "keyed by trunk weights, images and stage, so --out folders may share one")
     ap.add_argument("--reuse-stale", action="store_true",
                     help="reuse finished runs made by other code (the table says which)")
     ap.add_argument("--allow-trained-on", action="store_true",
@@ -151,7 +154,7 @@ def main() -> None:
     models = [ModelArg("pretrained", Path(a.init))]
     base_opts = {"recipe": a.recipe, **json.loads(a.options),
                  "train_identities": f"@{split_path}:fgnet.train_subjects",
-                 "activation_cache": str(out / "activations"), "progress": False,
+                 "activation_cache": str(a.activations or out / "activations"), "progress": False,
                  "resume": True}
     if a.replay:
         base_opts.update(replay=[a.celeba],

@@ -67,3 +67,15 @@ def test_help_shows_the_defaults() -> None:
     assert r.exit_code == 0
     assert "[default: 0.02]" in r.output and "[default: 400]" in r.output
     assert "[default: mtmim]" in r.output and "e^-B..e^B" in r.output
+
+
+def test_small_sface_is_small_but_for_what_was_chosen_for_sface() -> None:
+    from mtmim_cli.train.finetune import resolved_settings
+    from mtmim_cli.train.finetune_options import RECIPES
+
+    small = resolved_settings({"recipe": "small"})
+    sface = resolved_settings({"recipe": "small-sface"})
+    differ = {k for k in small if small[k] != sface[k] and k != "recipe"}
+    assert differ == {"freeze_through", "lr", "lambda_mim"}
+    assert (sface["freeze_through"], sface["lr"], sface["lambda_mim"]) == ("last:1", 3e-4, 0.1)
+    assert set(RECIPES["small-sface"]) == set(RECIPES["small"])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Regenerate the README's figures from the commands shown beside them.
+"""Regenerate the README's figures (and those of docs/*.md) from the commands shown beside them.
 
-Every figure in README.md sits in a marked block whose opening comment names the command
+Every figure in README.md and docs/*.md sits in a marked block whose opening comment names the command
 that prints it:
 
     <!-- figure id=demo time="1-4 min" tags=cheap keep="total" cmd: make demo -->
@@ -80,6 +80,7 @@ class Block:
     source: str | None = None        # short source digest of the code that made the figures
     span: tuple[int, int] = (0, 0)   # of the body in the text it was parsed from
     head_span: tuple[int, int] = (0, 0)
+    doc: str = "README.md"           # the document the block stands in
 
 
 class FigureError(Exception):
@@ -87,7 +88,19 @@ class FigureError(Exception):
 
 
 def parse_blocks(text: str, source: str = "README.md") -> list[Block]:
-    """The figure blocks of a Markdown text, in order; FigureError on a malformed head."""
+    """The figure blocks of a Markdown text, in order; FigureError on a malformed head, an
+    id used twice, a read of no block in the text, or a cycle."""
+    return validate(_parse_one(text, source), source)
+
+
+def parse_documents(paths: list[Path]) -> list[Block]:
+    """The figure blocks of several documents (README.md and docs/*.md), in order: ids are
+    unique across them and a block may read a block of another document."""
+    blocks = [b for p in paths for b in _parse_one(p.read_text(), str(p))]
+    return validate(blocks, ", ".join(str(p) for p in paths))
+
+
+def _parse_one(text: str, source: str) -> list[Block]:
     blocks: list[Block] = []
     for m in BLOCK_RE.finditer(text):
         line = text.count("\n", 0, m.start()) + 1
@@ -119,7 +132,11 @@ def parse_blocks(text: str, source: str = "README.md") -> list[Block]:
                             keep=attrs.get("keep") or None, raw="raw" in attrs,
                             reads=tuple(r for r in attrs.get("reads", "").split(",") if r),
                             source=attrs.get("source"), span=m.span("body"),
-                            head_span=m.span("head")))
+                            head_span=m.span("head"), doc=source))
+    return blocks
+
+
+def validate(blocks: list[Block], source: str) -> list[Block]:
     ids = [b.id for b in blocks]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -194,7 +211,7 @@ def replace_body(text: str, block_id: str, body: str, source: str = "README.md",
                  time_text: str | None = None, source_text: str | None = None) -> str:
     """`text` with block `block_id`'s body replaced (and its time and source attributes, if
     given: rewritten in place, or added before `cmd:`)."""
-    for b in parse_blocks(text, source):
+    for b in _parse_one(text, source):
         if b.id == block_id:
             text = text[:b.span[0]] + body + text[b.span[1]:]
             head = text[b.head_span[0]:b.head_span[1]]
@@ -365,8 +382,8 @@ def undeclared_reads(blocks: list[Block]) -> list[str]:
             hits = sorted(p for p in output_paths(other)
                           if re.search(rf"(?<![\w./-]){re.escape(p)}(?=$|[\s/;'\"])", text, re.M))
             if hits:
-                problems.append(f"figure {b.id}: reads {hits[0]}, an output of figure "
-                                f"{other.id}, without reads={other.id}")
+                problems.append(f"{b.doc}: figure {b.id}: reads {hits[0]}, an output of "
+                                f"figure {other.id}, without reads={other.id}")
     return problems
 
 
@@ -501,9 +518,17 @@ def _rerun_closure(by_id: dict[str, Block], start: str, must_rerun) -> set[str]:
     return out
 
 
+def default_documents(repo: Path = REPO) -> list[Path]:
+    """README.md and the docs/*.md that hold figure blocks."""
+    docs = sorted(p for p in (repo / "docs").glob("*.md") if "<!-- figure " in p.read_text())
+    return [repo / "README.md", *docs]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--readme", type=Path, default=REPO / "README.md")
+    ap.add_argument("--readme", type=Path, action="append",
+                    help="a document with figure blocks (repeat; default: README.md and every "
+                         "docs/*.md that has one)")
     ap.add_argument("--list", action="store_true", help="list the blocks and exit")
     ap.add_argument("--check", action="store_true",
                     help="check every block's command, list stale blocks, and exit")
@@ -520,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="do not echo the commands' output")
     a = ap.parse_args(argv)
     try:
-        blocks = parse_blocks(a.readme.read_text(), str(a.readme))
+        docs = a.readme or default_documents()
+        blocks = parse_documents(docs)
         current = current_source()
         if a.list:
             for b in blocks:
@@ -531,15 +557,15 @@ def main(argv: list[str] | None = None) -> int:
             bad, stale = 0, 0
             for b in blocks:
                 for p in command_problems(b):
-                    print(f"{a.readme}: figure {b.id}: {p}")
+                    print(f"{b.doc}: figure {b.id}: {p}")
                     bad += 1
             for p in undeclared_reads(blocks):
-                print(f"{a.readme}: {p}")
+                print(p)
                 bad += 1
             for b in blocks:
                 why = staleness(b, current)
                 if why:
-                    print(f"{a.readme}: figure {b.id}: stale, {why}")
+                    print(f"{b.doc}: figure {b.id}: stale, {why}")
                     stale += 1
             print(f"{len(blocks)} figure blocks, {bad} problem(s), {stale} stale "
                   f"(this code: source {current})")
@@ -557,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 ok[b.id] = False
                 continue
-            ok[b.id] = regenerate(a.readme, b, a.workdir, venv, echo=not a.quiet, source=current)
+            ok[b.id] = regenerate(Path(b.doc), b, a.workdir, venv, echo=not a.quiet,
+                                  source=current)
     except FigureError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -238,7 +238,7 @@ def test_loops_expand_when_matching_paths() -> None:
     r = RF.Block(id="r", cmd="for d in f2 g; do cat runs/$d/split.json; done", time="1")
     prefix = RF.Block(id="p", cmd="cat runs/f10/x", time="1")    # runs/f1 is not runs/f10
     assert RF.undeclared_reads([w, r, prefix]) == [
-        "figure r: reads runs/f2, an output of figure w, without reads=w"]
+        "README.md: figure r: reads runs/f2, an output of figure w, without reads=w"]
 
 
 def test_the_readmes_blocks_declare_what_they_read() -> None:
@@ -250,3 +250,35 @@ def test_the_readmes_blocks_declare_what_they_read() -> None:
     assert set(blocks["cross-age-folds"].reads) == {"mi-sweep", "mi-folds"}
     assert blocks["cacd-vs"].reads == ("open-set",)
     assert blocks["cacd-vs-levers"].reads == ("cacd-vs",)
+
+
+def test_blocks_of_several_documents_read_each_other(tmp_path: Path) -> None:
+    """A block in docs/ may read a block of README.md: ids are unique across the documents
+    given, each block is rewritten in its own document, and inputs run first."""
+    log = tmp_path / "log.txt"
+    readme, doc = tmp_path / "README.md", tmp_path / "results.md"
+    readme.write_text(f"<!-- figure id=w time=1 cmd: echo w >> {log}; echo made w -->\n"
+                      "<!-- /figure -->\n")
+    doc.write_text(f"Results.\n\n<!-- figure id=r reads=w time=1 cmd: echo r >> {log}; "
+                   "echo made r -->\n<!-- /figure -->\n")
+    args = ["--readme", str(readme), "--readme", str(doc), "--quiet",
+            "--venv", str(tmp_path / "none"), "--workdir", str(tmp_path)]
+    assert RF.main([*args, "--only", "r,w"]) == 0
+    assert log.read_text().split() == ["w", "r"]
+    assert "made w" in readme.read_text() and "made r" not in readme.read_text()
+    assert "made r" in doc.read_text() and doc.read_text().startswith("Results.\n")
+    # alone, the read is unknown; a second document may not reuse an id
+    with pytest.raises(RF.FigureError, match="figure r reads w: no such block"):
+        RF.parse_documents([doc])
+    (tmp_path / "dup.md").write_text("<!-- figure id=w time=1 cmd: echo x -->\n<!-- /figure -->\n")
+    with pytest.raises(RF.FigureError, match="figure id.s. used twice: w"):
+        RF.parse_documents([readme, tmp_path / "dup.md"])
+
+
+def test_the_default_documents_are_the_readme_and_the_docs_with_figures() -> None:
+    docs = RF.default_documents()
+    assert docs[0] == REPO / "README.md" and (REPO / "docs" / "sface.md") in docs
+    assert (REPO / "docs" / "DEVELOPING.md") not in docs
+    blocks = RF.parse_documents(docs)
+    assert RF.undeclared_reads(blocks) == []
+    assert all(RF.command_problems(b) == [] for b in blocks)

@@ -36,10 +36,13 @@ TRAIN_DEFAULTS: dict[str, Any] = {"out": "runs/finetune", "lr": 0.02, "optimizer
 # Named bundles of settings (`--recipe`), over the defaults and under explicit options.
 # "small": for fine-tuning a general-face model on a few thousand cross-age photos (FG-NET).
 # Chosen on validation identities carved out of FG-NET subjects 1-60 (4 folds of 15 subjects,
-# and a 10-fold closed-set split of the same 720 photos), never on subjects 61-82, with an
-# experiment harness outside the toolkit that trains the same parts (README, "Fine-tuning on a
-# small cross-age set"). Against the shared CASIA MobileFaceNet (validation rank-1 +1.1 to
-# +1.2 points on held-out people; the other CelebA people -0.3 points, -0.04 with wise 0.5):
+# and a 10-fold closed-set split of the same 720 photos), never on subjects 61-82. The choice
+# of trained parts, lr, L2-SP and centres was first made with a script outside the toolkit that
+# trained the same parts, and is not reproduced by a command here; wise and the MI penalty were
+# chosen through the toolkit (docs/results.md, "Fine-tuning on a small cross-age set", blocks
+# refit-full-k10-val, mi-sweep, mi-folds). Against the shared CASIA MobileFaceNet (validation
+# rank-1 +1.1 to +1.2 points on held-out people; the other CelebA people -0.3 points, -0.04
+# with wise 0.5):
 # - train linear7 + linear1 on the frozen trunk's cached activations, BatchNorm frozen
 #   (statistics and affine): unfreezing conv2 or training BatchNorm did not do better;
 # - margin-head centres start at the class means: a random head (loss ~40) wrecks the model;
@@ -49,7 +52,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {"out": "runs/finetune", "lr": 0.02, "optimizer
 #   protocol of subjects 1-60 (3 seeds) rank-1 was baseline 92.20 / mtmim 92.89 at wise 0.5
 #   and 92.71 / 92.43 at wise 1 (`evaluate --refit full --folds 10 --refit-options`);
 # - the MI penalty against the age group (mi_target age-group, lambda 1, q lr 1e-3, 5 q
-#   steps), chosen through bench/open_set.py --val-fold 0..3, 3 seeds each (README's sweep
+#   steps), chosen through bench/open_set.py --val-fold 0..3, 3 seeds each (docs/results.md's sweep
 #   and fold blocks): the age R^2 of an identity-grouped probe from x_id, lambda 0 / 0.1 / 1 / 3,
 #   fold 0: 0.26 / 0.19 / 0.04 / -; fold 1: 0.53 / 0.33 / -0.07 / 0.31; fold 2: 0.60 / 0.54 /
 #   0.40 / 0.49; fold 3: 0.36 / 0.25 / -0.02 / 0.12, with validation rank-1 within 0.2 points

@@ -120,3 +120,34 @@ def test_factor_mi_lower_bound_sees_dependence():
     assert dependent["infonce_lower"] > 1.0
     assert independent["infonce_lower"] < 0.2
     assert dependent["infonce_cap"] == pytest.approx(np.log(200))
+
+
+def test_softmax_objective_gradient_matches_finite_differences():
+    from scipy.optimize import check_grad
+
+    from mtmim_cli.eval.leakage import _softmax_objective
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(25, 4))
+    onehot = np.eye(3)[rng.integers(0, 3, 25)]
+    theta = rng.normal(size=(4 + 1) * 3)
+    err = check_grad(lambda t: _softmax_objective(t, x, onehot, 0.7)[0],
+                     lambda t: _softmax_objective(t, x, onehot, 0.7)[1], theta)
+    assert err < 1e-6
+
+
+@pytest.mark.parametrize("c", [0.01, 1.0, 10.0])
+def test_logistic_path_fits_sklearns_model_when_both_converge(c):
+    """Fitted to a tight tolerance, the same predictions as sklearn's LogisticRegression(C)
+    on standardised features (three classes, labels not 0..k-1, features below the rows)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(90, 6))
+    y = np.array([3, 5, 9])[np.argmax(x[:, :3] + rng.normal(size=(90, 3)), axis=1)]
+    xt = rng.normal(size=(300, 6))
+    got = logistic_path(x, y, xt, [c], tol=1e-10)[0]
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=10000, tol=1e-12))
+    np.testing.assert_array_equal(got, ref.fit(x, y).predict(xt))

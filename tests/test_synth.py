@@ -99,9 +99,10 @@ def test_held_out_identities_cover_both_portraits() -> None:
 
 
 def test_synth_is_deterministic_and_complete(tmp_path: Path) -> None:
+    """The same files from one process and from a pool of two (order of completion differs)."""
     cfg = S.SynthConfig(identities=3, per_identity=3, seed=7)
-    S.synthesize(tmp_path / "a", cfg, progress=False)
-    S.synthesize(tmp_path / "b", cfg, progress=False)
+    S.synthesize(tmp_path / "a", cfg, progress=False, workers=1)
+    S.synthesize(tmp_path / "b", cfg, progress=False, workers=2)
     S.synthesize(tmp_path / "c", S.SynthConfig(identities=3, per_identity=3, seed=8), progress=False)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")

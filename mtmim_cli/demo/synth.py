@@ -42,9 +42,12 @@ every photo (tests require at least 95%).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -498,13 +501,40 @@ def held_out_identities(config: SynthConfig) -> set[str]:
     return {f"s{i:03d}" for i in range(config.identities - n_test, config.identities)}
 
 
-def synthesize(out: str | Path, config: SynthConfig | None = None, progress: bool = True) -> dict:
+@functools.cache
+def _base(name: str) -> tuple[np.ndarray, np.ndarray]:
+    return load_base(name), np.asarray(BASE_LANDMARKS[name], dtype=np.float64)
+
+
+def _render_and_save(job: tuple[Photo, str, int, int]) -> tuple[str, np.ndarray]:
+    """Render one photo and write its JPEG; returns its relative path and landmarks."""
+    from PIL import Image
+
+    ph, folder, seed, quality = job
+    base, base_lm = _base(ph.identity.base)
+    img, lm = render(ph, base, base_lm, seed)
+    rel = f"images/{ph.identity.name}/{ph.identity.name}_{ph.index:02d}.jpg"
+    Image.fromarray(img).save(Path(folder) / rel, quality=quality)
+    return rel, lm
+
+
+def _workers(requested: int | None, photos: int) -> int:
+    """Processes to render with: the CPUs this process may use, none beyond one per 16
+    photos (starting a worker costs about as much as rendering a dozen photos)."""
+    if requested is not None:
+        return max(1, requested)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, photos // 16))
+
+
+def synthesize(out: str | Path, config: SynthConfig | None = None, progress: bool = True,
+               workers: int | None = None) -> dict:
     """Write the cross-age face set into `out` (built in a temporary sibling, then renamed).
+    `workers`: rendering processes (default: the CPUs available, see `_workers`); the files
+    are the same for any number.
 
     Returns a summary: folder, number of photos and identities, the labels file.
     """
-    from PIL import Image
-
     from mtmim_cli.progress import make_progress
 
     config = config or SynthConfig()
@@ -513,20 +543,30 @@ def synthesize(out: str | Path, config: SynthConfig | None = None, progress: boo
         raise MtmimError(f"{out}: exists and is not empty (choose a new folder)")
     photos = plan(config)
     test_ids = held_out_identities(config)
-    bases = {name: load_base(name) for name in BASE_NAMES}
-    base_lm = {name: np.asarray(v, dtype=np.float64) for name, v in BASE_LANDMARKS.items()}
     tmp = out.with_name(f".{out.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "images").mkdir(parents=True)
     rows, lm_rows = [], []
-    with make_progress("img", disable=not progress) as bar:
+    for ident in {ph.identity.name for ph in photos}:
+        (tmp / "images" / ident).mkdir()
+    jobs = [(ph, str(tmp), config.seed, config.jpeg_quality) for ph in photos]
+    workers = _workers(workers, len(photos))
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            # every photo has its own seed, so the pool writes the same files as one process;
+            # spawn, not fork: the caller may hold torch's OpenMP threads (the in-process demo)
+            import concurrent.futures
+            import multiprocessing
+
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn")))
+            done = pool.map(_render_and_save, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
+        else:
+            done = map(_render_and_save, jobs)
+        bar = stack.enter_context(make_progress("img", disable=not progress))
         task = bar.add_task("synth", total=len(photos))
-        for ph in photos:
-            img, lm = render(ph, bases[ph.identity.base], base_lm[ph.identity.base], config.seed)
-            rel = f"images/{ph.identity.name}/{ph.identity.name}_{ph.index:02d}.jpg"
-            (tmp / rel).parent.mkdir(exist_ok=True)
-            Image.fromarray(img).save(tmp / rel, quality=config.jpeg_quality)
+        for ph, (rel, lm) in zip(photos, done, strict=True):
             split = "test" if ph.identity.name in test_ids else "train"
             rows.append([rel, ph.identity.name, f"{ph.age:g}", split])
             lm_rows.append([rel, *(f"{v:.2f}" for v in lm.reshape(-1))])

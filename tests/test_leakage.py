@@ -151,3 +151,21 @@ def test_logistic_path_fits_sklearns_model_when_both_converge(c):
     got = logistic_path(x, y, xt, [c], tol=1e-10)[0]
     ref = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=10000, tol=1e-12))
     np.testing.assert_array_equal(got, ref.fit(x, y).predict(xt))
+
+
+def test_age_probe_is_fitted_once_per_content_and_returns_a_copy(monkeypatch):
+    import mtmim_cli.eval.leakage as L
+
+    calls = []
+    real = L._age_probe
+    monkeypatch.setattr(L, "_age_probe", lambda *a: calls.append(1) or real(*a))
+    _, identity, age, x = _people(n_ids=12, per=5, seed=4)
+    first = age_probe(x, age, identity)
+    first["age_r2"] = 99.0                              # a caller's edit stays its own
+    again = age_probe(x.copy(), age.copy(), identity.copy())
+    assert len(calls) == 1 and again["age_r2"] != 99.0
+    age_probe(x, age, identity, folds=3)                # other settings: probed again
+    x2 = x.copy()
+    x2[0, 0] += 1e-9                                    # other features: probed again
+    age_probe(x2, age, identity)
+    assert len(calls) == 3

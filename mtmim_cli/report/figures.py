@@ -27,7 +27,8 @@ def pyplot():
 
 def save_figure(fig, path: Path) -> Path:
     with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        # every figure lays itself out (tight_layout), so no second draw to crop it
+        fig.savefig(tmp, format="png", dpi=110)
     pyplot().close(fig)
     return path
 

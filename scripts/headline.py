@@ -2,7 +2,10 @@
 """The README's "Results at a glance": one Markdown table whose every figure is read from the
 figure block (in README.md or docs/*.md) that printed it, with a link to that block; the
 published rows come from the code that prints them beside evaluate's tables
-(`mtmim_cli.eval.tables.REPORTED`). A figure whose block has not printed it yet shows as "–".
+(`mtmim_cli.eval.tables.REPORTED`). A figure whose block has not printed it yet shows as "–",
+and so does every figure of a block made by other code than this checkout's (stale: its
+figures may not be what the code prints now); the table names those blocks and how to rerun
+them (the block is `partial` in readme_figures' terms).
 
     python scripts/headline.py
 """
@@ -35,14 +38,27 @@ def bodies() -> dict[str, tuple[str, str]]:
     return out
 
 
+def stale_blocks(current: str) -> set[str]:
+    """Ids of the blocks whose recorded source is not `current` (or none is recorded)."""
+    blocks = [b for doc in RF.default_documents() for b in RF._parse_one(doc.read_text(), str(doc))]
+    return {b.id for b in blocks if RF.staleness(b, current) is not None}
+
+
 class Reader:
     def __init__(self) -> None:
         self.blocks = bodies()
+        self.stale = stale_blocks(RF.current_source())
         self.used: list[str] = []
+        self.left_out: list[str] = []   # stale blocks whose figures were asked for
 
     def find(self, block: str, pattern: str, group: int = 1) -> str:
-        """The first match of `pattern` (a regular expression, multiline) in the block's body."""
+        """The first match of `pattern` (a regular expression, multiline) in the block's body;
+        "–" if the block is stale."""
         if block not in self.blocks:
+            return "–"
+        if block in self.stale:
+            if block not in self.left_out:
+                self.left_out.append(block)
             return "–"
         if block not in self.used:
             self.used.append(block)
@@ -120,6 +136,11 @@ def main() -> None:
     print("|---|---|---|---|")
     for line in rows:
         print(line)
+    if r.left_out:
+        ids = ",".join(r.left_out)
+        print()
+        print(f"Not shown (\"–\"), made by older code than this checkout's: {', '.join(r.left_out)}; "
+              f"`python scripts/readme_figures.py --only {ids} --with-inputs` reruns them.")
     published = "; ".join(f"{name} {m['rank1']:.2f}" for name, m in REPORTED["fgnet-loo"])
     print()
     print(f"As published (ResNet-50 pretrained on MS1M and CASIA-WebFace), FG-NET leave-one-out "

@@ -21,7 +21,9 @@ Attributes: id (unique), time (how long the command takes: some take hours; rewr
 the measured wall time after each run), tags
 (comma-separated, for `--tag`), keep, `raw` (insert the kept lines as Markdown, e.g. a
 table the command prints, instead of a console block), `reads` (comma-separated ids of the
-blocks whose outputs the command reads, e.g. the evaluate runs a pooling script pools) and
+blocks whose outputs the command reads, e.g. the evaluate runs a pooling script pools),
+`partial` (the command itself shows only the figures of the blocks it reads that are current
+and names the others, as scripts/headline.py does: it may run while some are stale) and
 `source` (written by this script: the first 12 hex digits of the mtmim_cli source digest,
 mtmim_cli/source.py, of the code that made the block's figures). Commands run under bash
 with `<venv>/bin` first on PATH, in the repository root as the README's walk-through does
@@ -30,7 +32,8 @@ with `<venv>/bin` first on PATH, in the repository root as the README's walk-thr
 A block is stale when its recorded source is not the current code's (or none is recorded).
 A block is run after the blocks it reads when both are chosen; a chosen block that reads a
 stale block that is not chosen (directly or through another input) is refused, naming it,
-unless `--with-inputs` reruns the stale inputs first (and any input reading them). `--check`
+unless `--with-inputs` reruns the stale inputs first (and any input reading them), or the
+block is `partial` (then its stale inputs stay as they are without `--with-inputs`). `--check`
 lists stale blocks beside malformed commands; only malformed commands fail it (every code
 change makes every block stale until rerun).
 
@@ -65,7 +68,7 @@ ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 SOURCE_RE = re.compile(r"^[0-9a-f]{12}$")
 SHELL_WORDS = {"for", "in", "do", "done", "if", "then", "else", "elif", "fi", "while",
                "until", "time", "!", "{", "}"}
-KNOWN_ATTRS = {"id", "time", "tags", "keep", "raw", "reads", "source"}
+KNOWN_ATTRS = {"id", "time", "tags", "keep", "raw", "reads", "partial", "source"}
 
 
 @dataclass
@@ -77,6 +80,7 @@ class Block:
     keep: str | None = None
     raw: bool = False
     reads: tuple[str, ...] = ()      # ids of the blocks whose outputs the command reads
+    partial: bool = False            # its command shows only current inputs' figures
     source: str | None = None        # short source digest of the code that made the figures
     span: tuple[int, int] = (0, 0)   # of the body in the text it was parsed from
     head_span: tuple[int, int] = (0, 0)
@@ -131,6 +135,7 @@ def _parse_one(text: str, source: str) -> list[Block]:
                             tags=tuple(t for t in attrs.get("tags", "").split(",") if t),
                             keep=attrs.get("keep") or None, raw="raw" in attrs,
                             reads=tuple(r for r in attrs.get("reads", "").split(",") if r),
+                            partial="partial" in attrs,
                             source=attrs.get("source"), span=m.span("body"),
                             head_span=m.span("head"), doc=source))
     return blocks
@@ -498,6 +503,8 @@ def plan(blocks: list[Block], chosen: list[Block], current: str,
         for r in b.reads:
             if r in want or not must_rerun(r):
                 continue
+            if b.partial and not with_inputs:
+                continue   # its command leaves out what is stale
             if not with_inputs:
                 why = staleness(by_id[r], current) or "it reads blocks that rerun"
                 raise FigureError(f"figure {b.id} reads figure {r}, {why}: rerun it first "

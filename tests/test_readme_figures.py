@@ -281,3 +281,16 @@ def test_the_default_documents_are_the_readme_and_the_docs_with_figures() -> Non
     blocks = RF.parse_documents(docs)
     assert RF.undeclared_reads(blocks) == []
     assert all(RF.command_problems(b) == [] for b in blocks)
+
+
+def test_a_partial_block_runs_beside_stale_inputs_and_reruns_them_on_request(tmp_path) -> None:
+    readme = tmp_path / "README.md"
+    log = tmp_path / "log.txt"
+    now = RF.current_source()
+    readme.write_text(_chain("0123456789ab", now).replace("id=a ", "id=a partial ", 1))
+    (a,) = [b for b in RF.parse_blocks(readme.read_text()) if b.id == "a"]
+    assert a.partial
+    assert _run(readme, "--only", "a") == 0 and log.read_text().split() == ["a"]
+    log.unlink()
+    assert _run(readme, "--only", "a", "--with-inputs") == 0
+    assert log.read_text().split() == ["b", "a"]

@@ -34,8 +34,9 @@ def limit_blas_threads() -> None:
         raise MtmimError(f"MTMIM_BLAS_THREADS={raw}: must be at least 1")
     # Pools loaded later (scipy and scikit-learn bring their own OpenBLAS) read the
     # environment when they load; those already loaded are capped through threadpoolctl.
-    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
+    # Not MKL_NUM_THREADS: torch reads it, above OMP_NUM_THREADS, for its own intra-op pool,
+    # so setting it before torch loads ran every forward and backward pass on one thread.
+    os.environ["OPENBLAS_NUM_THREADS"] = str(n)
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(n, user_api="blas")

@@ -82,3 +82,28 @@ def test_mtmim_sets_passive_openmp_before_torch_loads() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True).stdout.split()
     assert out == ["ACTIVE", "False"]
+
+
+@pytest.mark.parametrize("order", ["limit-then-torch", "torch-then-limit"])
+def test_capping_blas_leaves_torchs_own_threads_alone(order: str) -> None:
+    """torch's intra-op pool keeps the count a process that never capped BLAS gets, whether
+    torch loads after the cap (it reads MKL_NUM_THREADS then) or before it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    env["OMP_NUM_THREADS"] = "2"
+
+    def threads(code: str) -> int:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, check=True).stdout
+        return int(out.strip().splitlines()[-1])
+
+    plain = threads("import torch; print(torch.get_num_threads())")
+    cap = "from mtmim_cli.threads import limit_blas_threads; limit_blas_threads(); "
+    get = "import torch; print(torch.get_num_threads())"
+    assert plain == 2
+    assert threads(cap + get if order == "limit-then-torch" else get.split(";")[0] + "; "
+                   + cap + "print(torch.get_num_threads())") == plain

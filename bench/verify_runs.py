@@ -206,4 +206,9 @@ def check_init(cache, outcome: dict, m0: dict, origin: dict) -> tuple[np.ndarray
 
 
 if __name__ == "__main__":
-    main()
+    from mtmim_cli.errors import MtmimError
+
+    try:
+        main()
+    except MtmimError as exc:   # one line for a bench's user, as the CLI does
+        sys.exit(f"error: {exc}")

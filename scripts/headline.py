@@ -28,26 +28,22 @@ _spec.loader.exec_module(RF)
 NUM = r"[+-]?\d+(?:\.\d+)?"
 
 
-def bodies() -> dict[str, tuple[str, str]]:
-    """Block id -> (body text, document path relative to the repository)."""
-    out = {}
+def read_blocks(current: str) -> tuple[dict[str, tuple[str, str]], set[str]]:
+    """Block id -> (body text, document path relative to the repository), and the ids of the
+    blocks whose recorded source is not `current` (or none is recorded): one parse."""
+    out, stale = {}, set()
     for doc in RF.default_documents():
         text = doc.read_text()
         for b in RF._parse_one(text, str(doc)):
             out[b.id] = (text[b.span[0]:b.span[1]], str(doc.relative_to(REPO)))
-    return out
-
-
-def stale_blocks(current: str) -> set[str]:
-    """Ids of the blocks whose recorded source is not `current` (or none is recorded)."""
-    blocks = [b for doc in RF.default_documents() for b in RF._parse_one(doc.read_text(), str(doc))]
-    return {b.id for b in blocks if RF.staleness(b, current) is not None}
+            if RF.staleness(b, current) is not None:
+                stale.add(b.id)
+    return out, stale
 
 
 class Reader:
     def __init__(self) -> None:
-        self.blocks = bodies()
-        self.stale = stale_blocks(RF.current_source())
+        self.blocks, self.stale = read_blocks(RF.current_source())
         self.used: list[str] = []
         self.left_out: list[str] = []   # stale blocks whose figures were asked for
 

@@ -103,7 +103,7 @@ def test_capping_blas_leaves_torchs_own_threads_alone(order: str) -> None:
 
     plain = threads("import torch; print(torch.get_num_threads())")
     cap = "from mtmim_cli.threads import limit_blas_threads; limit_blas_threads(); "
-    get = "import torch; print(torch.get_num_threads())"
+    code = {"limit-then-torch": cap + "import torch; print(torch.get_num_threads())",
+            "torch-then-limit": "import torch; " + cap + "print(torch.get_num_threads())"}
     assert plain == 2
-    assert threads(cap + get if order == "limit-then-torch" else get.split(";")[0] + "; "
-                   + cap + "print(torch.get_num_threads())") == plain
+    assert threads(code[order]) == plain

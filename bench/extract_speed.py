@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batches", default="32,64,128")
+    ap.add_argument("--batches", default="16,32,64,128")
     a = ap.parse_args()
     from mtmim_cli.threads import passive_openmp
 
@@ -76,7 +76,7 @@ def main() -> None:
     width = model.input_width
 
     def ours() -> np.ndarray:
-        return extract_features(model, cache, idx, flip="concat", batch_size=128)
+        return extract_features(model, cache, idx, flip="concat")   # rows per pass: its default
 
     def torch_loop(bs: int, bf16: bool = False):
         def run() -> np.ndarray:

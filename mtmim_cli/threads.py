@@ -14,6 +14,14 @@ import os
 from mtmim_cli.errors import MtmimError
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        return os.cpu_count() or 1
+
+
 def passive_openmp() -> None:
     """Idle OpenMP threads (torch's intra-op pool) sleep instead of spinning, unless the
     environment says otherwise. libgomp reads OMP_WAIT_POLICY when torch loads, so this runs

@@ -258,7 +258,9 @@ def test_features_file_reuses_the_scoring_pass(tmp_path: Path, models: dict,
                         models=[ModelArg("plain", models["pool8"]),
                                 ModelArg("fact", models["factorized"])]), progress=False)
     idx = np.flatnonzero(cache.usable)
-    assert sum(seen) == 2 * 2 * len(idx)   # two models, image and mirror, nothing more
+    # two models, image and mirror, nothing more (but the one zero row each that sizes
+    # the passes, features.rows_per_pass)
+    assert sum(seen) == 2 * 2 * len(idx) + 2 and seen.count(1) == 2
     got = read_feature_file(out.parent / "features.npz")
     batch = preprocess(cache.images(idx), 112)
     with torch.no_grad():

@@ -71,3 +71,55 @@ def test_array_source_and_bad_mode() -> None:
         combine_views(f, None, "concat")
     with pytest.raises(ValueError):
         extract_features(model, imgs, flip="mean")
+
+
+class _Wide(nn.Module):
+    """A conv to `channels` maps at full resolution: its largest activation is known."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.input_width = 112
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(len(x))
+        return self.conv(x).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("channels", [1, 16, 64])
+def test_rows_per_pass_is_the_largest_power_of_two_under_the_budget(channels: int) -> None:
+    from mtmim_cli.eval import features as F
+
+    model = _Wide(channels).eval()
+    row = channels * 112 * 112 * 4   # float32 conv output for one row
+    want = max(r for r in (2 ** k for k in range(3, 9))
+               if r == F.MIN_ROWS or r * row <= F.ROW_BUDGET)
+    assert F.rows_per_pass(model, 112, "cpu") == want
+    assert F.rows_per_pass(model, 112, "cuda") == F.DEVICE_ROWS
+    assert F.images_per_pass(model, 112, "cpu", True, None) == want // 2
+    assert F.images_per_pass(model, 112, "cpu", False, 7) == 7
+    with pytest.raises(ValueError):
+        F.images_per_pass(model, 112, "cpu", True, 0)
+
+
+def test_mirror_runs_in_the_same_pass_and_batching_changes_nothing(tiny_cache: Path,
+                                                                    monkeypatch) -> None:
+    from mtmim_cli.eval import features as F
+
+    cache = Cache(tiny_cache)
+    idx = np.arange(len(cache))[:21]
+    model = _Wide(8)
+    one = extract_views(model, cache, idx, batch_size=1)
+    # a budget of 8 rows of this model: passes of 4 images and their 4 mirrors
+    monkeypatch.setattr(F, "ROW_BUDGET", 8 * 8 * 112 * 112 * 4)
+    model.calls.clear()
+    auto = extract_views(model, cache, idx)
+    assert model.calls == [1] + [8] * 5 + [2]   # the probe row, then image + mirror rows
+    for a, b in zip(one, auto, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        x = torch.from_numpy((cache.images(idx[:3]).astype(np.float32) - 127.5) / 128.0)
+        x = x.permute(0, 3, 1, 2)
+        flipped = model(torch.flip(x, dims=[3])).numpy()
+    np.testing.assert_allclose(auto[1][:3], flipped, rtol=1e-5, atol=1e-6)

@@ -51,7 +51,8 @@ def evaluate(
                                        help="MORPH training subjects (s2: 10,000)."),
     split_out: Path = typer.Option(None, "--split-out",
                                    help="MORPH: where to write the subject split (JSON)."),
-    batch_size: int = typer.Option(128, "--batch-size", help="Images per forward pass."),
+    batch_size: int = typer.Option(None, "--batch-size", min=1,
+                                    help="Images per forward pass with their mirrors (default: sized to the model)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     max_rank: int = typer.Option(20, "--max-rank", help="Longest rank of the CMC curve."),
     allow_trained_on: bool = typer.Option(

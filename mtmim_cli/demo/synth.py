@@ -47,7 +47,6 @@ import csv
 import functools
 import json
 import math
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -523,8 +522,9 @@ def _workers(requested: int | None, photos: int) -> int:
     photos (starting a worker costs about as much as rendering a dozen photos)."""
     if requested is not None:
         return max(1, requested)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cpus, photos // 16))
+    from mtmim_cli.threads import usable_cores
+
+    return max(1, min(usable_cores(), photos // 16))
 
 
 def synthesize(out: str | Path, config: SynthConfig | None = None, progress: bool = True,

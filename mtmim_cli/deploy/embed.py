@@ -105,7 +105,7 @@ def _from_folder(src: Path, device: str, on_miss: str, progress: bool, pad: floa
 
 def embed_source(src: str | os.PathLike, model_path: str | os.PathLike,
                  out: str | os.PathLike, *, flip: str = "concat", on_miss: str = "skip",
-                 backbone: str | None = None, device: str = "cpu", batch_size: int = 128,
+                 backbone: str | None = None, device: str = "cpu", batch_size: int | None = None,
                  pad: float = 0.0, progress: bool = True) -> dict:
     """Embed every face of `src` (a folder of photos or an mtmim cache) into `out`; records
     without a face are skipped and listed (`on_miss="center"`: a folder's faceless photos are

@@ -24,7 +24,7 @@ from mtmim_cli.errors import MtmimError
 def remove_age(model_path: str | os.PathLike, cache_path: str | os.PathLike,
                out: str | os.PathLike, *, edges: Sequence[int],
                identities: Sequence[str] | None = None, backbone: str | None = None,
-               batch_size: int = 128, progress: bool = False) -> dict:
+               batch_size: int | None = None, progress: bool = False) -> dict:
     """Fit the age subspace of `model_path`'s features on `cache_path` (its usable, dated
     photos; only `identities` when given; image and mirror views alike), write the model with
     it to `out` (atomically), and return what was done, with the cross-validated age probe

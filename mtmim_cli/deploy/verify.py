@@ -26,7 +26,7 @@ from mtmim_cli.eval.metrics import allowed_false_accepts, min_impostors
 def _features(model, images: np.ndarray, flip: str) -> np.ndarray:
     from mtmim_cli.eval.features import extract_features
 
-    return extract_features(model, images, flip=flip, batch_size=64)
+    return extract_features(model, images, flip=flip)
 
 
 MIN_FALSE_ACCEPTS = 10  # impostors above a threshold before its FAR counts as measured

@@ -46,7 +46,7 @@ class EvalConfig:
     merge_only: bool = False
     reuse_stale: bool = False          # use stored rounds made by other code (tables flag them)
     seed: int = 0
-    batch_size: int = 128
+    batch_size: int | None = None   # images per pass (None: features.images_per_pass)
     device: str = "cpu"
     max_rank: int = 20
     n_pairs: int = 6000                # generated pairs (pairs protocol without --pairs)

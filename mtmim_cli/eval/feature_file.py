@@ -16,7 +16,7 @@ from mtmim_cli.errors import MtmimError
 FILE_NAME = "features.npz"
 
 
-def factor_parts(model, cache, indices: np.ndarray, batch_size: int = 64,
+def factor_parts(model, cache, indices: np.ndarray, batch_size: int | None = None,
                  device: str = "cpu") -> dict[str, np.ndarray | None]:
     """{'x_id', 'x_age'} of the cache's images at `indices` (one view, no mirror); x_age is
     None for a model without a factorization unit (its output is x_id). The same pass the

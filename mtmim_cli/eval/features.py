@@ -48,15 +48,79 @@ def _image_batches(source: Cache | np.ndarray, indices: np.ndarray, batch_size: 
             yield np.asarray(source[idx])
 
 
+# Rows (images and mirrors together) per forward pass on the CPU: as many as keep the
+# largest activation of the pass under ROW_BUDGET bytes. Past that the convolutions stream
+# their activations through memory instead of cache: on 2 cores (bench/extract_speed.py)
+# SFace (3.2 MB per row, 112x112x64) ran 54 / 51 / 28 / 18 img/s at 32 / 64 / 128 / 256 rows
+# and MobileFaceNet (1.4 MB) 143 / 163 / 156 / 78 img/s.
+ROW_BUDGET = 128 << 20
+MIN_ROWS, MAX_ROWS, DEVICE_ROWS = 8, 256, 256
+
+
+def _peak_row_bytes(model: torch.nn.Module, width: int) -> int:
+    """Bytes of the largest output of any leaf module for one input row (one forward pass)."""
+    peak = 0
+
+    def hook(_module, _inputs, output) -> None:
+        nonlocal peak
+        if isinstance(output, torch.Tensor):
+            peak = max(peak, output.numel() * output.element_size())
+
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        model(torch.zeros(1, 3, 112, width))
+    finally:
+        for h in handles:
+            h.remove()
+    return max(peak, 1)
+
+
+def rows_per_pass(model: torch.nn.Module, width: int, device: str | torch.device) -> int:
+    """How many rows one forward pass takes when the caller does not say (see ROW_BUDGET);
+    on an accelerator a fixed large batch. The model must be in eval mode."""
+    if torch.device(device).type != "cpu":
+        return DEVICE_ROWS
+    memo = model.__dict__.setdefault("_mtmim_row_bytes", {})
+    if width not in memo:   # a model's shapes do not change, so it is probed once per width
+        memo[width] = _peak_row_bytes(model, width)
+    rows = MIN_ROWS
+    while rows * 2 <= MAX_ROWS and rows * 2 * memo[width] <= ROW_BUDGET:
+        rows *= 2
+    return rows
+
+
+def images_per_pass(model: torch.nn.Module, width: int, device: str | torch.device,
+                    mirror: bool, batch_size: int | None) -> int:
+    """Images per forward pass: `batch_size` when given, else as many as `rows_per_pass`
+    holds with the mirror of each image in the same pass."""
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        return int(batch_size)
+    return max(1, rows_per_pass(model, width, device) // (2 if mirror else 1))
+
+
+def forward_views(model, x: torch.Tensor, mirror: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`model` on the image rows and, when `mirror`, their horizontal flips, in one pass (one
+    pass of 2B rows runs faster than two of B). The crop is symmetric, so flipping the
+    crop equals cropping the flip."""
+    if not mirror:
+        return model(x), None
+    y = model(torch.cat([x, torch.flip(x, dims=[3])]))
+    return y[:len(x)], y[len(x):]
+
+
 @torch.no_grad()
 def extract_views(model: torch.nn.Module, source: Cache | np.ndarray,
                   indices: Sequence[int] | np.ndarray | None = None, *, mirror: bool = True,
-                  batch_size: int = 128, device: str | torch.device = "cpu",
+                  batch_size: int | None = None, device: str | torch.device = "cpu",
                   progress: bool = False, description: str = "features"
                   ) -> tuple[np.ndarray, np.ndarray | None]:
     """Raw model outputs (float32, not normalised) for the image and, when `mirror`, its
     horizontal flip. `source` is a Cache or a uint8 (N,112,112,3) array; `model` must take
-    the crop width in its `input_width` attribute (default 112)."""
+    the crop width in its `input_width` attribute (default 112). `batch_size` is images per
+    forward pass (None: sized to the model, `images_per_pass`)."""
     if indices is None:
         n = len(source)
         indices = np.arange(n)
@@ -67,6 +131,7 @@ def extract_views(model: torch.nn.Module, source: Cache | np.ndarray,
         reuse_freed_memory()  # else every batch page-faults its activations in again
     was_training = model.training
     model.eval()
+    batch_size = images_per_pass(model, width, device, mirror, batch_size)
     from mtmim_cli.eval.trunk_memo import shared_views
 
     shared = shared_views(model, source, indices, mirror=mirror, width=width,
@@ -83,10 +148,10 @@ def extract_views(model: torch.nn.Module, source: Cache | np.ndarray,
             if on_cpu:
                 # oneDNN's CPU convolutions run ~15% faster on channels-last tensors here
                 x = x.contiguous(memory_format=torch.channels_last)
-            out.append(model(x).float().cpu().numpy())
+            y, y_flip = forward_views(model, x, mirror)
+            out.append(y.float().cpu().numpy())
             if mirror:
-                # The crop is symmetric, so flipping the crop equals cropping the flip.
-                out_flip.append(model(torch.flip(x, dims=[3])).float().cpu().numpy())
+                out_flip.append(y_flip.float().cpu().numpy())
             bar.advance(task, len(images))
     model.train(was_training)
     dim = int(out[0].shape[1]) if out else 0
@@ -98,7 +163,7 @@ def extract_views(model: torch.nn.Module, source: Cache | np.ndarray,
 
 def extract_features(model: torch.nn.Module, cache: Cache | np.ndarray,
                      indices: Sequence[int] | np.ndarray | None = None, flip: str = "concat",
-                     batch_size: int = 128, *, device: str | torch.device = "cpu",
+                     batch_size: int | None = None, *, device: str | torch.device = "cpu",
                      progress: bool = False) -> np.ndarray:
     """L2-normalised float32 identity features (image and mirror combined as `flip` says)."""
     if flip not in FLIP_MODES:

@@ -23,7 +23,7 @@ from mtmim_cli.eval.inputs import EvalInputs, PairInput
 class FeatureOptions:
     """How identity features are taken: mirror combination, batch, device, progress bar."""
     flip: str = "concat"
-    batch_size: int = 128
+    batch_size: int | None = None   # images per pass (None: sized to the model)
     device: str = "cpu"
     progress: bool = False
 

@@ -26,6 +26,7 @@ import torch
 
 from mtmim_cli.data.cache import Cache
 from mtmim_cli.data.dataset import preprocess
+from mtmim_cli.eval.features import forward_views
 from mtmim_cli.progress import make_progress
 
 _MEMO: OrderedDict[tuple, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
@@ -106,12 +107,10 @@ def _trunk(trunk, source, indices, mirror, width, batch_size, device, progress, 
             x = preprocess(_images(source, idx), width).to(device)
             if on_cpu:
                 x = x.contiguous(memory_format=torch.channels_last)
-            outs = []
-            for view in (x, torch.flip(x, dims=[3])) if mirror else (x,):
-                h = view
-                for _, m in trunk:
-                    h = m(h)
-                outs.append(h.float().cpu().numpy())
+            h, h_flip = forward_views(lambda v: _run(trunk, v), x, mirror)
+            outs = [h.float().cpu().numpy()]
+            if mirror:
+                outs.append(h_flip.float().cpu().numpy())
             if a is None:   # the first batch tells the size: keep it only if it fits
                 shape = (len(indices), *outs[0].shape[1:])
                 need = int(np.prod(shape)) * 4 * len(outs)
@@ -127,6 +126,12 @@ def _trunk(trunk, source, indices, mirror, width, batch_size, device, progress, 
     return a, b
 
 
+def _run(stages, h: torch.Tensor) -> torch.Tensor:
+    for _, m in stages:
+        h = m(h)
+    return h
+
+
 def _make_room(need: int) -> None:
     """Drop the least recently used entries until `need` more bytes fit under the limit."""
     def used() -> int:
@@ -138,24 +143,24 @@ def _make_room(need: int) -> None:
 
 @torch.no_grad()
 def _tail(acts, tail, after, batch_size, device, progress, description):
-    outs = []
-    n = len(acts[0])
+    """The stages after the trunk on the kept activations, image and mirror rows in one pass."""
+    a, b = acts
+    n = len(a)
+    out, out_flip = [], []
     with make_progress("img", transient=True, disable=not progress) as bar:
         task = bar.add_task(f"{description} (shared trunk)", total=n)
-        for view in acts:
-            if view is None:
-                outs.append(None)
-                continue
-            rows = []
-            for lo in range(0, n, batch_size):
-                h = torch.from_numpy(view[lo:lo + batch_size]).to(device)
-                for _, m in tail:
-                    h = m(h)
-                rows.append(after(h).float().cpu().numpy())
-                if view is acts[0]:
-                    bar.advance(task, len(h))
-            outs.append(np.concatenate(rows).astype(np.float32))
-    return outs[0], outs[1]
+        for lo in range(0, n, batch_size):
+            h = torch.from_numpy(a[lo:lo + batch_size])
+            if b is not None:
+                h = torch.cat([h, torch.from_numpy(b[lo:lo + batch_size])])
+            y = after(_run(tail, h.to(device))).float().cpu().numpy()
+            k = min(batch_size, n - lo)
+            out.append(y[:k])
+            if b is not None:
+                out_flip.append(y[k:])
+            bar.advance(task, k)
+    return (np.concatenate(out).astype(np.float32),
+            np.concatenate(out_flip).astype(np.float32) if b is not None else None)
 
 
 def _images(source: Cache | np.ndarray, idx: np.ndarray) -> np.ndarray:

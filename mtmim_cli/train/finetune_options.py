@@ -72,9 +72,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {"out": "runs/finetune", "lr": 0.02, "optimizer
 #   FG-NET, CelebA cost 0.30 instead of 0.57 (fold 0); wise 0.25 kept CelebA as well but
 #   gained less on FG-NET;
 # - the MI penalty at lambda 0.1: the age R^2 of x_id, lambda 0 / 0.1 / 0.3 / 1, fold 0:
-#   0.47 / 0.30 / 0.47 / -; fold 1: 0.58 / 0.38 / 0.57 / 0.71, with FG-NET rank-1 +0.35 and
-#   +0.00 against lambda 0 and CelebA within 0.05. At lambda 1 (small's) age came back above
-#   lambda 0 and rank-1 fell 0.91 points (fold 1); at 3 and 10 more so. The paper's CLUB
+#   0.47 / 0.30 / 0.47 / 0.70; fold 1: 0.58 / 0.38 / 0.57 / 0.71, with FG-NET rank-1 +0.35
+#   and +0.00 against lambda 0 and CelebA within 0.05. At lambda 1 (small's) age came back
+#   above lambda 0 and rank-1 fell 1.23 and 0.91 points (folds 0, 1); at 3 and 10 more so. The paper's CLUB
 #   between x_id and x_age (features, 1e-4) changed nothing measurable (fold 1).
 RECIPES: dict[str, dict[str, Any]] = {
     "small": {"freeze_through": "auto", "freeze_bn": "all", "init_centres": "mean-mirror",

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from mtmim_cli.threads import usable_cores
+
 MAX_DEFAULT_WORKERS = 8
 
 
@@ -23,10 +25,7 @@ def default_workers() -> int:
     """The loader workers per training process when `--workers` is not given: the cores this
     process may use, shared by the processes on this machine (torchrun's LOCAL_WORLD_SIZE),
     less one for the training process itself, at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:   # not on Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, min(MAX_DEFAULT_WORKERS, cores // local - 1))
 

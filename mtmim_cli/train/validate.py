@@ -31,7 +31,7 @@ class _IdentityView(nn.Module):
 class PairValidator:
     def __init__(self, cache: str | os.PathLike | Cache, input_width: int, n_pairs: int = 3000,
                  seed: int = 0, min_gap: float = 0.0, flip: str = "concat",
-                 batch_size: int = 128, keep: np.ndarray | None = None) -> None:
+                 batch_size: int | None = None, keep: np.ndarray | None = None) -> None:
         """`keep`: a record mask restricting the pairs (e.g. identities carved out of a
         training cache for validation)."""
         self.cache = cache if isinstance(cache, Cache) else Cache(cache)

@@ -1,7 +1,8 @@
 """The texts of `mtmim finetune`: its --help text and the `--help-recipes` page, which holds
-the tables (each recipe's settings, each encoder's stages) that would push --help past a
-screenful. Both are read from the tables themselves, so they stay true as those change; no
-torch here."""
+what would push --help past 160 lines at 80 columns: the tables (each recipe's settings
+beside the paper's, each encoder's stages) and the detail of the options for small sets.
+The tables are read from RECIPES and the backbone registry, so the page stays true as they
+change; no torch here."""
 
 from __future__ import annotations
 

@@ -434,7 +434,8 @@ def test_lfw_pairs_txt(tmp_path: Path, pool_model: Path) -> None:
     same = np.array([1, 1, 0, 0, 1, 1, 0, 0], bool)
     expected = M.tenfold_verification(np.sum(f[i] * f[j], axis=1), same, 2)
     assert m["fold_accuracies"] == expected["fold_accuracies"] and m["pairs"] == 8
-    (tmp_path / "bad.txt").write_text("1\t1\nAnn_Lee\t1\t9\nAnn_Lee\t1\tBo_Du\t1\n")
+    (tmp_path / "bad.txt").write_text("2\t1\nAnn_Lee\t1\t9\nAnn_Lee\t1\tBo_Du\t1\n"
+                                      "Ann_Lee\t1\t2\nAnn_Lee\t1\tBo_Du\t1\n")
     with pytest.raises(MtmimError, match="Ann_Lee_0009.jpg is not in"):
         evaluate(EvalConfig(protocol="lfw", models=[ModelArg("pool", pool_model)],
                                 cache=tmp_path / "lfw.h5", pairs=tmp_path / "bad.txt"), progress=False)

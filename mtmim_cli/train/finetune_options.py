@@ -87,12 +87,6 @@ RECIPES["small-sface"] = {**RECIPES["small"], "freeze_through": "last:1", "lr": 
                           "lambda_mim": 0.1}
 
 
-def recipe_summary() -> str:
-    """The recipes and their values, for --help."""
-    return "; ".join(f"{name} = " + ", ".join(f"{k} {v}" for k, v in r.items())
-                     for name, r in RECIPES.items())
-
-
 def default(name: str) -> Any:
     """A fine-tuning option's or training setting's default, as `finetune` resolves it
     without a recipe."""

@@ -149,8 +149,11 @@ def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
         md += ["## Training runs\n", run_table(runs), "",
                "Final values are means over the last tenth of the logged steps.\n"]
         md += auto_section(runs)
-        save_figure(plot_training_curves(runs, palette), out / "training_curves.png")
-        md += ["### Training curves\n", "![training curves](training_curves.png)\n"]
+        # an auto run that kept its init logged no step (nothing to draw)
+        curved = [r for r in runs if len(r.metrics)]
+        if curved:
+            save_figure(plot_training_curves(curved, palette), out / "training_curves.png")
+            md += ["### Training curves\n", "![training curves](training_curves.png)\n"]
         fig = plot_club(runs, palette)
         if fig is not None:
             save_figure(fig, out / "club.png")

@@ -369,6 +369,8 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
     if o["recipe"] == AUTO_RECIPE and o["auto"] is None:
         raise MtmimError("--recipe auto: a search over fine-tunes; run it through `mtmim "
                          "finetune` or mtmim_cli.orchestration.auto_recipe.auto_finetune")
+    if o["auto_guard"] and o["recipe"] != AUTO_RECIPE:
+        raise MtmimError("--auto-guard: applies to --recipe auto")
     cfg.validate()
     if o["init_centres"] not in CENTRE_INITS:
         raise MtmimError(f"--init-centres {o['init_centres']}: choose from {', '.join(CENTRE_INITS)}")

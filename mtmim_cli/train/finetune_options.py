@@ -28,8 +28,9 @@ DEFAULTS: dict[str, Any] = {
     "val_identities": 0, "activation_cache": None, "activation_dtype": "float16",
     "train_identities": None, "replay_identities": None, "wise": 1.0,
     # --recipe auto's record of its search (grid, validation scores, choice), set by the
-    # search for the run it retrains (orchestration/auto_recipe.py); None otherwise
-    "auto": None,
+    # search for the run it retrains (orchestration/auto_recipe.py), and its general-face
+    # guard cache
+    "auto": None, "auto_guard": None,
 }
 # TrainConfig fields where fine-tuning differs from TrainConfig's own defaults (pretraining).
 TRAIN_DEFAULTS: dict[str, Any] = {"out": "runs/finetune", "lr": 0.02, "optimizer": "adam",

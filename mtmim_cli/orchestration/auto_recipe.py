@@ -438,8 +438,8 @@ def auto_finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike |
         got = store.get(keys[(tk, f)])
         if got is not None:
             results[(tk, f)] = got
-    say(f"auto recipe: {len(settings)} candidates ({len(trained)} trained settings x {FOLDS} "
-        f"folds, wise {', '.join(f'{a:g}' for a in alphas)} from each), "
+    say(f"auto recipe: {len(settings)} candidates ({len(trained)} trained settings, wise "
+        f"{', '.join(f'{a:g}' for a in alphas)} from each), each trained on {FOLDS} folds: "
         f"{len(jobs) - len(results)} fine-tunes to run")
     done_here = 0
     with make_progress("candidate", disable=not progress) as bar:

@@ -130,6 +130,25 @@ def test_choice_is_the_best_eligible_candidate_of_a_brute_force_table() -> None:
     assert A.pick([{**r, "eligible": False} for r in rows]) is None
 
 
+def test_rank1_criterion_pools_the_folds_probes_with_identity_clusters() -> None:
+    """Without ages: the difference is the pooled rank-1 of the candidate's fold models
+    minus the init's, its interval the identity-cluster bootstrap over both folds' probes."""
+    from mtmim_cli.eval.compare import bootstrap_difference
+
+    rng = np.random.default_rng(2)
+    s = A.candidates({"depth": ("last:1",), "lr": (1e-3,), "lambda_mim": (None,), "wise": (1.0,)})
+    ids = [np.repeat([f"a{k}" for k in range(6)], 4), np.repeat([f"b{k}" for k in range(6)], 4)]
+    init = [{"value": 0.0, "hits": list(rng.integers(0, 2, 24))} for _ in ids]
+    cand = {s[0]: [{"value": 0.0, "hits": list(rng.integers(0, 2, 24)), "guard": None} for _ in ids]}
+    row = A.summarise(s, init, cand, "rank1", None, ids)[0]
+    a = np.concatenate([c["hits"] for c in cand[s[0]]])
+    b = np.concatenate([i["hits"] for i in init])
+    ref = bootstrap_difference(a, b, clusters=np.concatenate(ids), resamples=2000, seed=0)
+    assert row["diff"] == pytest.approx(a.mean() - b.mean())
+    assert (row["low"], row["high"]) == (pytest.approx(ref.low), pytest.approx(ref.high))
+    assert row["eligible"] == (ref.low > 0)
+
+
 def test_declared_grid_follows_the_options_and_the_encoder() -> None:
     g = A.declared_grid("mtmim", {}, n_stages=7)
     assert g == {"depth": ("last:1", "last:2"), "lr": A.GRID["lr"],
@@ -142,6 +161,7 @@ def test_declared_grid_follows_the_options_and_the_encoder() -> None:
 
 
 # ----------------------------------------------------------------------- whole searches
+@pytest.mark.slow
 def test_no_winner_writes_a_model_equal_to_the_init(tmp_path: Path, init: Path) -> None:
     """Each person's photos nearly alike: the init verifies them perfectly (AUC 1), so no
     candidate can beat it; the CLI says so in one line, exits 0, and model.pt's features
@@ -178,6 +198,7 @@ def test_no_winner_writes_a_model_equal_to_the_init(tmp_path: Path, init: Path) 
     assert "`--recipe auto`" in text and "equals the init" in text and "| c01 |" in text
 
 
+@pytest.mark.slow
 def test_a_killed_search_resumes_without_retraining_finished_candidates(
         tmp_path: Path, init: Path, monkeypatch) -> None:
     import mtmim_cli.train.finetune as F
@@ -208,6 +229,9 @@ def test_a_killed_search_resumes_without_retraining_finished_candidates(
     candidates = [c for c in calls if "/auto/runs/" in c]
     assert len(candidates) == 3 and first not in candidates
     assert "3 fine-tunes to run" in lines[0]
+    runs = sorted((out / "auto" / "runs").iterdir())
+    assert len(runs) == 4 and not list((out / "auto" / "runs").rglob("last.pt"))
+    assert [r.name for r in runs if (r / "model.pt").exists()] == ["fold0-last1-lr0.01-lam0.1"]
     # a third run trains nothing; another lr is another key: nothing is reused for it
     calls.clear()
     A.auto_finetune([cache], init, {**FAST, "out": str(out)}, echo=None)
@@ -245,6 +269,7 @@ def test_wise_models_interpolate_the_trained_weights(tmp_path: Path, init: Path)
         torch.testing.assert_close(v, at25[f"factorize.{k}"], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_winner_is_retrained_on_all_training_identities_and_recorded(
         tmp_path: Path, init: Path, monkeypatch) -> None:
     """The retrain path, with the table's verdicts forced (a tiny random encoder gives no

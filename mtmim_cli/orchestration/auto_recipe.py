@@ -458,6 +458,7 @@ def auto_finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike |
             result = {"per_wise": per_alpha, "seconds": round(time.perf_counter() - t0, 2)}
             store.put(keys[(tk, f)], result)
             results[(tk, f)] = result
+            _prune(run, keep_model=(tk, f) == (trained[0], 0))
             bar.advance(task)
             done_here += 1
             if on_candidate is not None:
@@ -498,8 +499,10 @@ def auto_finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike |
     if best is None:
         say("auto recipe: no candidate beats the init on validation beyond its interval; "
             f"{out / 'model.pt'} equals the init")
-        write_init_model(out, init_model, candidate_run=out / "auto" / "runs" /
-                         f"fold0-{_slug(trained[0])}", init=init, caches=caches,
+        template = Path(candidate_options(trained[0], 0)["out"])
+        if not (template / "model.pt").exists():   # pruned by an older search: train it again
+            template = finetune(list(caches), init, candidate_options(trained[0], 0))
+        write_init_model(out, init_model, candidate_run=template, init=init, caches=caches,
                          options=opts, record=record)
         return out
     chosen = settings[best]
@@ -512,6 +515,15 @@ def auto_finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike |
     run = finetune(list(caches), init, final)
     _record_in_model(Path(run) / "model.pt", record)
     return Path(run)
+
+
+def _prune(run: Path, keep_model: bool) -> None:
+    """A scored candidate's weights are not needed again (its result is stored; an SFace
+    candidate holds 130 MB): keep its config and metrics, and model.pt of the one whose
+    checkpoint format the fallback copies."""
+    for p in [run / "checkpoints" / "last.pt", run / "best.pt",
+              *([] if keep_model else [run / "model.pt"])]:
+        p.unlink(missing_ok=True)
 
 
 def _slug(tk: tuple) -> str:

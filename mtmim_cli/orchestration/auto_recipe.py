@@ -592,6 +592,9 @@ def write_init_model(out: Path, init_model, *, candidate_run: Path, init: str | 
     meta.update({"init": str(init), "auto": record, "equals_init": True})
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out / "model.pt", {"meta": meta, "objective": obj})
+    # an earlier search's retrained run in this folder no longer describes model.pt
+    for stale in (out / "checkpoints" / "last.pt", out / "best.pt", out / "validation.csv"):
+        stale.unlink(missing_ok=True)
     config = {"extra": {"recipe": "auto", "mode": options.get("mode", "mtmim"),
                         "caches": [str(c) for c in caches], "init": str(init), "equals_init": True, "auto": record}}
     atomic_write_text(out / "config.json", json.dumps(config, indent=1, default=str))

@@ -130,12 +130,12 @@ def evaluate(
     if flip not in ("concat", "sum", "none"):
         raise MtmimError(f"--flip {flip}: choose concat, sum or none")
     if recipe is not None:
-        from mtmim_cli.train.finetune_options import RECIPES
+        from mtmim_cli.train.finetune_options import RECIPE_NAMES
 
         if refit != "full":
             raise MtmimError(f"--recipe {recipe}: applies to --refit full (each round fine-tunes)")
-        if recipe not in RECIPES:
-            raise MtmimError(f"--recipe {recipe}: choose from {', '.join(RECIPES)}")
+        if recipe not in RECIPE_NAMES:
+            raise MtmimError(f"--recipe {recipe}: choose from {', '.join(RECIPE_NAMES)}")
         opts = {"recipe": recipe, **opts}
     set_torch_threads(threads)
     cfg = EvalConfig(

@@ -106,6 +106,7 @@ def finetune(
     train_identities: str = typer.Option(D("train_identities"), "--train-identities", help="Train only on these identities: NAMES, @FILE, @F.json:key."),
     replay: list[Path] = typer.Option(D("replay"), "--replay", help="General-face cache(s) mixed into every batch (repeat)."),
     replay_identities: str = typer.Option(D("replay_identities"), "--replay-identities", help="Replay only these identities (as --train-identities)."),
+    auto_guard: Path = typer.Option(D("auto_guard"), "--auto-guard", help="--recipe auto: general-face cache of untested people (guard)."),
     wise: float = typer.Option(D("wise"), "--wise", metavar="ALPHA", help="WiSE-FT: weight of the trained weights in model.pt."),
     replay_ratio: float = typer.Option(D("replay_ratio"), "--replay-ratio", help="Share of each batch drawn from --replay."),
     val_identities: float = typer.Option(D("val_identities"), "--val-identities", help="Validate on this many identities carved from the data."),
@@ -133,6 +134,11 @@ def finetune(
     if q_steps < 0 or q_lr <= 0:
         raise MtmimError(f"--q-steps {q_steps} / --q-lr {q_lr}: need q-steps >= 0 and q-lr > 0")
     set_torch_threads(threads)
+    if recipe == "auto":   # a search over fine-tunes, chosen on validation identities
+        from mtmim_cli.orchestration.auto_recipe import auto_finetune
+
+        auto_finetune(caches, init, given_settings(ctx))
+        return
     run(caches, init, given_settings(ctx))
 
 

@@ -44,7 +44,15 @@ from mtmim_cli.models.club import CLUB, AgeGroupQ, train_group_q, train_q
 from mtmim_cli.models.factorize import FactorizationUnit
 from mtmim_cli.train import distributed as D
 from mtmim_cli.train.config import TrainConfig
-from mtmim_cli.train.finetune_options import DEFAULTS, MI_TARGETS, MODES, RECIPES, TRAIN_DEFAULTS
+from mtmim_cli.train.finetune_options import (
+    AUTO_RECIPE,
+    DEFAULTS,
+    MI_TARGETS,
+    MODES,
+    RECIPE_NAMES,
+    RECIPES,
+    TRAIN_DEFAULTS,
+)
 from mtmim_cli.train.objectives import Objective, make_id_head
 from mtmim_cli.train.transfer import EncoderPlan
 
@@ -310,9 +318,10 @@ def resolved_settings(options: dict[str, Any]) -> dict[str, Any]:
 def _recipe(name: str | None) -> dict[str, Any]:
     if not name:
         return {}
-    if name not in RECIPES:
-        raise MtmimError(f"--recipe {name}: choose from {', '.join(RECIPES)}")
-    return RECIPES[name]
+    if name not in RECIPE_NAMES:
+        raise MtmimError(f"--recipe {name}: choose from {', '.join(RECIPE_NAMES)}")
+    # auto searches over small's bundle; the setting it retrains overrides the searched keys
+    return RECIPES["small" if name == AUTO_RECIPE else name]
 
 
 def _load_encoder(init: str | os.PathLike | None, backbone: str | None,
@@ -357,6 +366,11 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
     )
 
     cfg, o = split_options(config, options)
+    if o["recipe"] == AUTO_RECIPE and o["auto"] is None:
+        raise MtmimError("--recipe auto: a search over fine-tunes; run it through `mtmim "
+                         "finetune` or mtmim_cli.orchestration.auto_recipe.auto_finetune")
+    if o["auto_guard"] and o["recipe"] != AUTO_RECIPE:
+        raise MtmimError("--auto-guard: applies to --recipe auto")
     cfg.validate()
     if o["init_centres"] not in CENTRE_INITS:
         raise MtmimError(f"--init-centres {o['init_centres']}: choose from {', '.join(CENTRE_INITS)}")

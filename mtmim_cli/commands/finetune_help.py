@@ -12,7 +12,7 @@ from collections.abc import Callable
 import typer
 
 from mtmim_cli.models.backbones import stage_table
-from mtmim_cli.train.finetune_options import RECIPES
+from mtmim_cli.train.finetune_options import RECIPE_NAMES, RECIPES
 from mtmim_cli.train.finetune_options import default as D
 
 WIDTH = 80   # the page is plain text printed as is: it fits an 80-column terminal
@@ -30,8 +30,9 @@ def finetune_text() -> str:
     factorization makes x_age a function of x_id, so 'features' can fall without age leaving
     x_id. q's learning rate drops by 10 with the encoder's on plateau.
 
-    --recipe ({', '.join(RECIPES)}): a named bundle of the options for small training sets;
-    options given override it, without it the paper's settings apply. --help-recipes shows
+    --recipe ({', '.join(RECIPE_NAMES)}): a named bundle of the options for small training
+    sets (auto, for a new encoder: chosen on validation people of the training side); options
+    given override it, without it the paper's settings apply. --help-recipes shows
     each recipe's settings, each encoder's stages for --freeze-through (last:K = all but the
     last K stages, auto = last:2) and what the options for small sets do: --freeze-bn,
     --init-centres, --l2sp, --wise, --head-warmup-steps, --augment, --activation-cache,
@@ -125,6 +126,8 @@ def recipes_page(command: typer.core.TyperCommand, library_name: dict[str, str])
         "",
         *_table(rows),
         "",
+        *_wrap(_auto_text()),
+        "",
         *_wrap("--freeze-through STAGE freezes the encoder up to and including STAGE (eval "
                "mode, no gradient) and trains the rest; last:K = all but the last K stages, "
                "auto = last:2. The stages:"),
@@ -136,6 +139,23 @@ def recipes_page(command: typer.core.TyperCommand, library_name: dict[str, str])
         *(line for text in SMALL_SET_OPTIONS for line in _wrap(text, "  ", "    ")),
     ]
     return "\n".join(lines)
+
+
+def _auto_text() -> str:
+    """The paragraph on --recipe auto, read from its declared search."""
+    from mtmim_cli.orchestration import auto_recipe as A
+
+    grid = "; ".join(f"{k} {', '.join(f'{v:g}' for v in vs)}" for k, vs in A.GRID.items())
+    return (f"--recipe auto (what a new encoder gets): {A.BASE_RECIPE}'s bundle, with a grid "
+            f"searched on {A.FOLDS} identity-grouped validation folds of the training "
+            f"identities ({grid}; depth = the last K stages train, lambda in mode mtmim "
+            f"only, an option given fixes its axis). Criterion: young (<= {A.YOUNG_MAX:g}) "
+            f"vs adult (>= {A.ADULT_MIN:g}) verification AUC, rank-1 where there are no "
+            f"such pairs, against the init with a paired {A.LEVEL:.0%} identity-bootstrap "
+            f"interval; --auto-guard CACHE: general-face AUC may fall by at most "
+            f"{A.GUARD_TOLERANCE:g}. No candidate above the init beyond its interval: the "
+            "model written equals the init. The chosen setting is retrained on all training "
+            "identities; config.json, model.pt and `mtmim report` record the search.")
 
 
 def show_recipes(library_name: dict[str, str]) -> Callable[[typer.Context, bool], None]:

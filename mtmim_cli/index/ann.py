@@ -83,8 +83,6 @@ def build_faiss(kind: str, feats: np.ndarray, *, nlist: int | None = None, m: in
             train = feats[np.random.default_rng(seed).choice(n, 64 * nlist, replace=False)]
         index.train(train)
         index.add(feats)
-        index.own_fields = True
-        index._quantizer = quantizer   # keep the Python object alive with the index
         return index
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, m, ip)

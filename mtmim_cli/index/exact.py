@@ -59,7 +59,7 @@ def exact_search(gallery: np.ndarray, probes: np.ndarray, k: int,
     q = len(probes)
     k = min(int(k), n)
     if k <= 0 or q == 0:
-        return np.zeros((q, 0), np.float32), np.zeros((q, 0), np.int64)
+        return np.zeros((q, max(k, 0)), np.float32), np.zeros((q, max(k, 0)), np.int64)
     if block_rows is None:
         block_rows = max(4096, BLOCK_SCORES // max(q, 1))
     best_v = best_i = None

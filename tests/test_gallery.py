@@ -290,3 +290,19 @@ def test_readme_example_runs(setup, tmp_path, monkeypatch) -> None:
     exec(compile(code, "README.md", "exec"), scope)
     assert (tmp_path / "gallery" / "manifest.json").is_file()
     assert scope["vector"].shape == (128,)
+
+
+def test_search_speed_bench_runs(tmp_path) -> None:
+    """The bench's smallest run: every row printed, the exact scan checked against numpy."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "search_speed.py"), "--sizes",
+                        "10000", "--repeats", "1", "--batch", "20", "--threads", "1", "--out",
+                        str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())["sizes"]["10000"]
+    assert {"faiss flat", "faiss sq8", "faiss fp16"} <= set(row["indexes"])
+    assert any(k.startswith("hnsw32") for k in row["indexes"]) and row["exact_bytes_per_face"] == 512
+    assert "exact/numpy" in r.stdout

@@ -136,7 +136,9 @@ def search(
         for r in results:
             for h in r.hits:
                 d = decision_text(h.accepted)
-                table.add_row(r.probe if h.rank == 1 else "", str(h.rank), h.identity, h.path,
+                # file names on the terminal (full paths go to --out)
+                table.add_row(Path(r.probe).name if h.rank == 1 else "", str(h.rank),
+                              h.identity, Path(h.path).name,
                               "" if h.age != h.age else f"{h.age:g}", f"{h.score:.4f}",
                               f"[{style[d]}]{d}[/]")
         if table.rows:

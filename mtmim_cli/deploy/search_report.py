@@ -95,7 +95,8 @@ def write_sheet(out: str | os.PathLike, results, faces: np.ndarray, top: int) ->
                 h = r.hits[j - 1]
                 a.imshow(faces[h.row])
                 age = "" if math.isnan(h.age) else f", {h.age:g}y"
-                a.set_title(f"{h.identity[:16]}\n{h.score:.3f}{age}", fontsize=7,
+                a.set_title(f"{h.identity[:16]}\n{h.score:.3f}{age} {decision_text(h.accepted)}",
+                            fontsize=7,
                             color=colour[h.accepted])
                 for side in a.spines.values():
                     side.set_edgecolor(colour[h.accepted])

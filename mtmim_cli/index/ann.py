@@ -134,11 +134,14 @@ def nearest_other(search, probes: np.ndarray, self_rows: np.ndarray
     return s, r
 
 
-def recall_at_1(feats: np.ndarray, search, sample: np.ndarray) -> float:
+def recall_at_1(feats: np.ndarray, search, sample: np.ndarray,
+                exact: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """Share of the sampled gallery faces whose nearest other face under `search` is the exact
-    scan's (equal score within SCORE_TIE counts)."""
+    scan's (equal score within SCORE_TIE counts); `exact`: that answer computed already
+    (`nearest_other` of the exact scan), reused while an index is tuned."""
     probes = feats[sample]
-    es, er = nearest_other(lambda p, k: exact_search(feats, p, k), probes, sample)
+    es, er = exact if exact is not None else nearest_other(
+        lambda p, k: exact_search(feats, p, k), probes, sample)
     s, r = nearest_other(search, probes, sample)
     hit = (r == er) | ((r >= 0) & (s >= es - SCORE_TIE))
     return float(hit.mean())
@@ -173,10 +176,17 @@ def build_index(feats: np.ndarray, kind: str = "auto", *, seed: int = 0,
               if chosen != "ivf" or v <= index.nlist] or [getattr(index, "nlist", 1)]
     if chosen == "ivf" and ladder[-1] < index.nlist:
         ladder.append(index.nlist)
+    exact = nearest_other(lambda p, k: exact_search(feats, p, k), feats[sample], sample)
     for value in ladder:
         set_search_param(index, chosen, value)
-        rec = recall_at_1(feats, lambda p, k: faiss_search(index, p, k), sample)
+        rec = recall_at_1(feats, lambda p, k: faiss_search(index, p, k), sample, exact)
         tried.append({"param": value, "recall_at_1": rec})
+        if rec >= min_recall and chosen == "ivf" and value >= index.nlist:
+            # every cell probed: an exhaustive scan with extra steps, no faster than exact
+            return None, Built("exact", kind, {}, rec, len(sample), build_s, exact_bytes,
+                               fallback=(f"ivf reached recall@1 {min_recall} only probing all "
+                                         f"{index.nlist} cells; using the exact scan"),
+                               tried=tried)
         if rec >= min_recall:
             key = "nprobe" if chosen == "ivf" else "efSearch"
             p = ({"nlist": int(index.nlist)} if chosen == "ivf"

@@ -265,6 +265,7 @@ def test_cli_errors_and_exit_codes(setup, tmp_path) -> None:
         assert r.returncode == 2, (what, r.stdout, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:"), (what, r.stderr)
+    assert not (tmp_path / "g2" / ".work").exists()   # --index refused before embedding
     (out / "manifest.json").write_text("{not json")
     r = run_cli("search", str(blank), "-g", str(out))
     assert r.returncode == 2 and "corrupt gallery manifest" in r.stderr

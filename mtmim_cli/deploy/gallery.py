@@ -409,10 +409,13 @@ def enroll(src: str | os.PathLike, model_path: str | os.PathLike, out: str | os.
     written, so the same command run again after a kill resumes where it stopped."""
     from mtmim_cli.data.detect import FaceDetector, check_pad
     from mtmim_cli.deploy.embed import ON_MISS, feature_name, file_sha256
+    from mtmim_cli.index.ann import KINDS
     from mtmim_cli.models.identity import load_identity_model
     from mtmim_cli.progress import make_progress
 
     src, model_path, out = Path(src), Path(model_path), Path(out)
+    if index not in KINDS:   # before hours of embedding, not after
+        raise MtmimError(f"--index {index}: choose from {', '.join(KINDS)}")
     if on_miss not in ON_MISS:
         raise MtmimError(f"--on-miss {on_miss}: choose from {', '.join(ON_MISS)}")
     if flip is not None and flip not in ("concat", "sum", "none"):

@@ -1,8 +1,8 @@
 """The house's layering: every import inside mtmim_cli points down or stays inside its own
 package (or top-level module); an import across peers of one layer is refused like one up.
 
-    errors -> base -> data -> models -> eval -> train -> orchestration | deploy | report |
-    demo -> app -> commands -> cli
+    errors -> base -> index -> data -> models -> eval -> train -> orchestration | deploy |
+    report | demo -> api -> app -> commands -> cli
 
 `eval/` never imports `train/`: evaluation scores features and never trains. `train/` may use
 eval's scoring (its validator measures verification accuracy during a run). Work that trains
@@ -26,11 +26,13 @@ LAYERS: list[set[str]] = [
     {"__init__", "errors"},
     {"atomic", "paths", "progress", "sharding", "threads", "source", "allocator",
      "plot_style"},   # base: small single-job modules, peers of one another
+    {"index"},          # nearest-neighbour search: numpy and faiss only
     {"data"},
     {"models"},
     {"eval"},
     {"train"},
     {"orchestration", "deploy", "report", "demo"},
+    {"api"},            # the public Python API: over deploy's gallery, under the commands
     {"app"},
     {"commands"},
     {"cli"},

@@ -17,7 +17,6 @@ renamed when complete.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from mtmim_cli import __version__
+from mtmim_cli.digest import file_sha256
 from mtmim_cli.errors import MtmimError
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 ON_MISS = ("skip", "center")
 
@@ -153,7 +144,7 @@ def embed_source(src: str | os.PathLike, model_path: str | os.PathLike,
             f.create_dataset("missed_path", data=strings(s.paths, missed), dtype=text)
             f.create_dataset("missed_reason", data=strings(s.reasons, missed), dtype=text)
             f.attrs.update({"format": "mtmim-embeddings", "feature": feature,
-                            "model": str(model_path), "model_sha256": _sha256(model_path),
+                            "model": str(model_path), "model_sha256": file_sha256(model_path),
                             "flip": flip, "on_miss": on_miss, "pad": pad, "source": str(src),
                             "tool_version": __version__})
     return {"out": str(out), "embedded": len(rows), "total": len(s.paths),

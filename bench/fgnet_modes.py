@@ -71,7 +71,7 @@ def main() -> None:
     import torch
 
     from mtmim_cli.data.cache import Cache
-    from mtmim_cli.data.provenance import file_sha256
+    from mtmim_cli.digest import file_sha256
     from mtmim_cli.eval.features import extract_features, extract_views
     from mtmim_cli.eval.metrics import rank1
     from mtmim_cli.models.identity import load_identity_model

@@ -60,7 +60,7 @@ def _val_split(split: dict, fold: int, folds: int = 4, seed: int = 12345) -> dic
 def _run_inputs(paths: dict[str, str | Path]) -> dict:
     """What the settings name only by path (the training cache, the init weights, the split
     file, a replay cache): their contents' sha256."""
-    from mtmim_cli.data.provenance import file_sha256
+    from mtmim_cli.digest import file_sha256
 
     return {f"{name}_sha256": file_sha256(p) for name, p in paths.items()}
 
@@ -70,7 +70,7 @@ def _subset_key(cache: str | Path, identities: list[str]) -> str:
     the identities kept), so another split or fold in the same --out never reuses it."""
     import hashlib
 
-    from mtmim_cli.data.provenance import file_sha256
+    from mtmim_cli.digest import file_sha256
 
     text = json.dumps({"cache": file_sha256(cache), "identities": sorted(identities)})
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -64,7 +64,7 @@ def main() -> None:
     import json
 
     from mtmim_cli.data.cache import Cache
-    from mtmim_cli.data.provenance import file_sha256
+    from mtmim_cli.digest import file_sha256
     from mtmim_cli.errors import MtmimError
     from mtmim_cli.eval.outcomes import read_outcomes
 

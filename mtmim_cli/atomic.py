@@ -16,7 +16,9 @@ def tmp_path_for(final: str | os.PathLike) -> Path:
 
 @contextmanager
 def atomic_write(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path; on success fsync and rename it onto `final`, else remove it."""
+    """Yield a temporary path; on success fsync it, rename it onto `final` and fsync the
+    folder (so the rename itself survives a crash), else remove it. The writer may create
+    the temporary file itself (by name) or open it."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
@@ -25,9 +27,24 @@ def atomic_write(final: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
+        fsync_folder(final.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make a rename into `folder` durable (a no-op where folders cannot be opened: Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass   # some file systems refuse fsync on a folder; the file itself is synced
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(final: str | os.PathLike, text: str) -> None:

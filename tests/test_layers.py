@@ -25,7 +25,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtmim_cli"
 LAYERS: list[set[str]] = [
     {"__init__", "errors"},
     {"atomic", "paths", "progress", "sharding", "threads", "source", "allocator",
-     "plot_style"},   # base: small single-job modules, peers of one another
+     "plot_style", "digest"},   # base: small single-job modules, peers of one another
     {"index"},          # nearest-neighbour search: numpy and faiss only
     {"data"},
     {"models"},

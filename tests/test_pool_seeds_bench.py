@@ -90,7 +90,7 @@ def _pool(cache: Path, *runs: Path) -> subprocess.CompletedProcess:
 
 
 def test_runs_that_do_not_fit_the_cache_are_refused_on_one_line(tmp_path) -> None:
-    from mtmim_cli.data.provenance import file_sha256
+    from mtmim_cli.digest import file_sha256
 
     cache = write_cache(tmp_path / "c.h5", [f"p{k}" for k in range(4) for _ in range(2)])
     sha = file_sha256(cache)

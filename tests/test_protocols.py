@@ -15,13 +15,13 @@ from sklearn.metrics import average_precision_score
 from torch import nn
 
 from mtmim_cli.data.cache import Cache
+from mtmim_cli.digest import file_sha256
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.eval import loading as L
 from mtmim_cli.eval import metrics as M
 from mtmim_cli.eval import protocols as P
 from mtmim_cli.eval.config import EvalConfig, ModelArg
 from mtmim_cli.eval.features import extract_features
-from mtmim_cli.eval.provenance import sha256_file
 from mtmim_cli.orchestration.evaluate import evaluate
 from tests.conftest import write_cache
 
@@ -86,8 +86,8 @@ def test_fgnet_refit_none_end_to_end(tmp_path: Path, pool_model: Path) -> None:
     assert m["queries"] == 72 and m["cmc"][0] == pytest.approx(m["rank1"], abs=1 / 72 + 1e-9)
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["results"][0]["metrics"]["rank1"] == expected
-    assert saved["inputs"][0]["sha256"] == sha256_file(cache_path)
-    assert saved["models"][0]["sha256"] == sha256_file(pool_model)
+    assert saved["inputs"][0]["sha256"] == file_sha256(cache_path)
+    assert saved["models"][0]["sha256"] == file_sha256(pool_model)
     assert saved["command"] == "mtmim evaluate test" and saved["tool_version"]
     md = out.read_text()
     # Rank-1 over all photos (here every photo has a face), queries, photos without a face.

@@ -76,14 +76,6 @@ def cache_digests(cache: Cache) -> np.ndarray:
     return _MEMO[key]
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def content_sha256(digests: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(digests, "<u8").tobytes()).hexdigest()
 

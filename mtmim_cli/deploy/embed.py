@@ -17,7 +17,6 @@ renamed when complete.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from mtmim_cli import __version__
+from mtmim_cli.digest import file_sha256
 from mtmim_cli.errors import MtmimError
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 a model is known by (embed's files and galleries record it)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 ON_MISS = ("skip", "center")
 

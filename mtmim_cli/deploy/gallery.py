@@ -226,7 +226,7 @@ class Gallery:
         checked against the manifest's."""
         if self._model is not None and model_path is None:
             return self._model
-        from mtmim_cli.deploy.embed import file_sha256
+        from mtmim_cli.digest import file_sha256
         from mtmim_cli.models.identity import load_identity_model
 
         path = Path(model_path or self.manifest["model"])
@@ -408,7 +408,8 @@ def enroll(src: str | os.PathLike, model_path: str | os.PathLike, out: str | os.
     its index, the manifest last. Chunks are kept under out/.work until the manifest is
     written, so the same command run again after a kill resumes where it stopped."""
     from mtmim_cli.data.detect import FaceDetector, check_pad
-    from mtmim_cli.deploy.embed import ON_MISS, feature_name, file_sha256
+    from mtmim_cli.deploy.embed import ON_MISS, feature_name
+    from mtmim_cli.digest import file_sha256
     from mtmim_cli.index.ann import KINDS
     from mtmim_cli.models.identity import load_identity_model
     from mtmim_cli.progress import make_progress

@@ -130,7 +130,7 @@ def release_pair_input(cache) -> PairInput:
 
 
 def _file_origin(path: Path, fmt: str) -> dict:
-    from mtmim_cli.data.provenance import file_sha256
+    from mtmim_cli.digest import file_sha256
 
     return {"kind": "file", "format": fmt, "path": str(path), "sha256": file_sha256(path)}
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mtmim_cli.atomic import atomic_write_text
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.eval import metrics as M
 from mtmim_cli.sharding import parse_shard as _parse_shard
@@ -124,9 +125,7 @@ class RoundStore:
                 raise MtmimError(f"{self.folder}: holds rounds of a different run "
                                  f"(differs in {', '.join(diff)}); use another --rounds-dir")
         else:
-            tmp = cfg_path.with_name(f".config.{os.getpid()}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, cfg_path)
+            atomic_write_text(cfg_path, text)
 
     def stale_count(self, records: dict[int, dict]) -> int:
         """How many of `records` (from `done`) other code made (or no code recorded)."""

@@ -11,18 +11,14 @@ import time
 from pathlib import Path
 
 from mtmim_cli import __version__
-from mtmim_cli.data.provenance import file_sha256
+from mtmim_cli.digest import file_sha256
 from mtmim_cli.source import source_record
-
-
-def sha256_file(path: Path) -> str:
-    return file_sha256(path)
 
 
 def file_record(path: Path) -> dict:
     """{'path', 'sha256', 'bytes'} of an input file."""
     path = Path(path)
-    return {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return {"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size}
 
 
 def run_header(command: str) -> dict:

@@ -134,7 +134,7 @@ def load_onnx(path: str | os.PathLike, spec: dict[str, Any] | None = None) -> Pr
         raise MtmimError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
     if not len(model.graph.node):
         raise MtmimError(f"{path}: not a readable ONNX model (no graph nodes)")
-    from mtmim_cli.data.provenance import file_sha256
+    from mtmim_cli.digest import file_sha256
 
     source = {"file": path.name, "sha256": file_sha256(path)}
     return prepare(model, path, spec or {}, source)

@@ -333,7 +333,7 @@ def auto_finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike |
     the table and the choice (None: silent); `on_candidate(n)` is called after each stored
     candidate (tests use it to stop a search)."""
     from mtmim_cli.data.cache import Cache
-    from mtmim_cli.data.provenance import file_sha256
+    from mtmim_cli.digest import file_sha256
     from mtmim_cli.eval.runners import FeatureOptions
     from mtmim_cli.models.identity import load_identity_model
     from mtmim_cli.train.finetune import finetune, resolved_settings

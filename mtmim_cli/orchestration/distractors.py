@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from mtmim_cli.atomic import atomic_write_text
+from mtmim_cli.digest import file_sha256
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.eval import distractors as D
 from mtmim_cli.eval.config import EvalConfig
 from mtmim_cli.eval.loading import load_model
-from mtmim_cli.eval.provenance import file_record, run_header, sha256_file
+from mtmim_cli.eval.provenance import file_record, run_header
 from mtmim_cli.eval.runners import FeatureOptions, image_counts
 
 
@@ -58,7 +59,7 @@ def evaluate_distractors(cfg: EvalConfig, progress: bool = True,
             r["rank1"] = r["cmc"][0]
         per_model[m.label] = rows
         models_info.append({"label": m.label, "path": str(m.path), "backbone": m.backbone,
-                            "sha256": sha256_file(m.path),
+                            "sha256": file_sha256(m.path),
                             "wall_seconds": round(time.perf_counter() - t0, 2)})
         for r in rows:
             say(f"{m.label}: N={r['distractors']:,} rank-1 {100 * r['rank1']:.2f}% "

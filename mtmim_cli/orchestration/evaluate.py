@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mtmim_cli.atomic import atomic_write_text
+from mtmim_cli.digest import file_sha256
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.eval import benchmarks
 from mtmim_cli.eval import protocols as P
@@ -32,7 +33,7 @@ from mtmim_cli.eval.inputs import EvalInputs, is_synthetic, open_inputs, pairs_o
 from mtmim_cli.eval.loading import load_model
 from mtmim_cli.eval.metrics import min_impostors
 from mtmim_cli.eval.outcomes import write_outcomes
-from mtmim_cli.eval.provenance import file_record, run_header, sha256_file
+from mtmim_cli.eval.provenance import file_record, run_header
 from mtmim_cli.eval.runners import FeatureOptions, Scored, run_protocol
 
 
@@ -73,7 +74,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
 
     rows, models_info, parts, scored, bins = [], [], {}, [], None
     for m in cfg.models:
-        sha = sha256_file(m.path)
+        sha = file_sha256(m.path)
         t0 = time.perf_counter()
         model = loaded.pop(m.label)
         results = _score(cfg, inputs, m, sha, files, feat, model)

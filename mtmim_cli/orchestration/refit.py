@@ -12,7 +12,6 @@ never merged.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mtmim_cli import __version__
+from mtmim_cli.atomic import atomic_write
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.eval import protocols as P
 from mtmim_cli.eval.config import EvalConfig, ModelArg
@@ -204,9 +204,8 @@ def stored_views(path: Path, compute: Callable[[], tuple[np.ndarray, np.ndarray 
         with np.load(path) as z:
             return z["f"], (z["ff"] if "ff" in z.files else None)
     f, ff = compute()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, f=f, **({"ff": ff} if ff is not None else {}))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:   # a handle: savez adds no suffix
+        np.savez(fh, f=f, **({"ff": ff} if ff is not None else {}))
     return f, ff
 
 

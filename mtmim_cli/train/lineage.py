@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 
 from mtmim_cli.data import provenance
+from mtmim_cli.digest import file_sha256
 from mtmim_cli.models.weights_io import load_weights_file
 
 
@@ -23,7 +24,7 @@ def init_link(init: str | os.PathLike | None) -> dict | None:
         return None
     obj = load_weights_file(init)
     meta = obj.get("meta") if isinstance(obj, dict) and "objective" in obj else None
-    return provenance.init_link(init, provenance.file_sha256(init), meta)
+    return provenance.init_link(init, file_sha256(init), meta)
 
 
 def run_record(dataset, init: str | os.PathLike | None,

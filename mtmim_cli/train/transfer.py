@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Dataset, Sampler
 
+from mtmim_cli.atomic import atomic_write
 from mtmim_cli.data.dataset import CacheDataset, _flip_bit, preprocess_cropped
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.progress import make_progress
@@ -414,11 +415,9 @@ def _write_activations(plan: EncoderPlan, base: CacheDataset, path: Path, dtype:
     modes = [m.training for m in trunk]
     for m in trunk:
         m.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        out = None
-        with make_progress("img", disable=not progress) as bar:
+        with atomic_write(path) as tmp, make_progress("img", disable=not progress) as bar:
+            out = None
             task = bar.add_task(f"trunk activations through {plan.freeze_through}", total=len(base))
             for lo in range(0, len(base), batch_size):
                 idx = np.arange(lo, min(len(base), lo + batch_size))
@@ -430,11 +429,10 @@ def _write_activations(plan: EncoderPlan, base: CacheDataset, path: Path, dtype:
                                                     shape=(len(base), *h.shape[1:]))
                 out[idx] = h
                 bar.advance(task, len(idx))
-        out.flush()
-        del out
-        os.replace(tmp, path)
+            if out is None:
+                raise MtmimError(f"{path}: no items to compute trunk activations of")
+            out.flush()
+            del out
     finally:
-        if tmp.exists():
-            tmp.unlink()
         for m, t in zip(trunk, modes, strict=True):
             m.train(t)

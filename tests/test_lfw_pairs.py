@@ -8,33 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 from mtmim_cli.data.cache import DETECTED, Cache, CacheWriter
 from mtmim_cli.data.records import Record
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.eval import benchmarks as B
-from mtmim_cli.eval import loading as L
 from mtmim_cli.eval import metrics as M
 from mtmim_cli.eval.config import EvalConfig, ModelArg
 from mtmim_cli.eval.features import extract_features
 from mtmim_cli.eval.lfw_pairs import parse_lfw_pairs, read_lfw_pairs
 from mtmim_cli.orchestration.evaluate import evaluate
+from tests.conftest import PoolNet
 
 NAMES = ["Ann_Lee", "Bo_Du", "Cy_Ng", "Di_Wu"]
 PER_NAME = 4
-
-
-class Pool(nn.Module):
-    input_width = 112
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.avg_pool2d(x, 8).flatten(1) * self.scale
 
 
 @pytest.fixture
@@ -52,20 +39,6 @@ def lfw_cache(tmp_path: Path) -> Path:
     w.commit(len(recs))
     w.finish()
     return tmp_path / "lfw.h5"
-
-
-@pytest.fixture
-def pool_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "pool.pt"
-    torch.save(Pool().state_dict(), path)
-
-    def loader(p: Path, backbone: str | None) -> nn.Module:
-        m = Pool()
-        m.load_state_dict(torch.load(p, weights_only=True))
-        return m
-
-    monkeypatch.setattr(L, "MODEL_LOADER", loader)
-    return path
 
 
 def _pairs(n: int, seed: int) -> tuple[list[str], list[str]]:
@@ -114,7 +87,7 @@ def test_the_10_300_layout_scores_contiguous_folds(tmp_path: Path, lfw_cache: Pa
     ij = np.array([_position(cache, ln) for ln in lines])
     same = np.array([len(ln.split("\t")) == 3 for ln in lines])
     fold_of = np.repeat(np.arange(folds), 2 * per)
-    feats = extract_features(Pool(), cache, None, "concat")
+    feats = extract_features(PoolNet(), cache, None, "concat")
     expected = M.tenfold_verification(np.sum(feats[ij[:, 0]] * feats[ij[:, 1]], axis=1),
                                       same, fold_of)
     assert m["fold_accuracies"] == expected["fold_accuracies"] and m["pairs"] == len(lines)

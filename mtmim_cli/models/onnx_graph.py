@@ -364,14 +364,16 @@ def free_fixed_batch(model) -> int:
     inference shows that the reshaped tensor's first dimension is the graph's free batch
     (a symbolic dimension) and the constant target's first entry is 1, that entry becomes 0,
     which ONNX reads as "copy this dimension from the input". Shapes are inferred again
-    after each change, since a freed Reshape lets the batch reach the next one."""
+    after each change, since a freed Reshape lets the batch reach the next one; `model`
+    comes with its shapes inferred (prepare's), which serve the first pass."""
     import onnx
     from onnx import numpy_helper
 
     g = model.graph
     changed = 0
     for _ in range(sum(n.op_type == "Reshape" for n in g.node)):
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph \
+            if changed else g
         first_dim = {}
         for vi in (*inferred.input, *inferred.value_info, *inferred.output):
             dims = vi.type.tensor_type.shape.dim

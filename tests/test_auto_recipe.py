@@ -179,6 +179,7 @@ def test_no_winner_writes_a_model_equal_to_the_init(tmp_path: Path, init: Path) 
     assert "| candidate | trains | lr | lambda | wise | AUC |" in r.stdout
     assert "| init |" in r.stdout and "guard vs init" in r.stdout
     assert "no candidate beats the init" in r.stdout
+    assert "done:" not in r.stdout   # the candidates' own lines stay quiet under the table
     cfg = json.loads((out / "config.json").read_text())
     auto = cfg["extra"]["auto"]
     assert auto["chosen"] is None and auto["criterion"] == "auc" and len(auto["candidates"]) == 4
@@ -271,7 +272,7 @@ def test_wise_models_interpolate_the_trained_weights(tmp_path: Path, init: Path)
 
 @pytest.mark.slow
 def test_a_winner_is_retrained_on_all_training_identities_and_recorded(
-        tmp_path: Path, init: Path, monkeypatch) -> None:
+        tmp_path: Path, init: Path, monkeypatch, capsys) -> None:
     """The retrain path, with the table's verdicts forced (a tiny random encoder gives no
     real winner): the chosen setting trains on every training identity into --out, and
     config.json and model.pt record the grid, the scores and the choice."""
@@ -292,6 +293,8 @@ def test_a_winner_is_retrained_on_all_training_identities_and_recorded(
     run = A.auto_finetune([cache], init, {**FAST, "out": str(out)}, echo=lines.append)
     assert run == out
     assert any("chose c03 (last:2, lr 0.01, lambda 0.1, wise 0.5)" in s for s in lines)
+    # four candidates trained quietly; only the final retrain says it is done
+    assert capsys.readouterr().out.count("done:") == 1
     cfg = json.loads((out / "config.json").read_text())
     e = cfg["extra"]   # last:2 of the tiny encoder: trained after its pool stage
     assert (e["recipe"], e["freeze_through"], e["wise"], e["lambda_mim"]) == ("auto", "pool", 0.5, 0.1)

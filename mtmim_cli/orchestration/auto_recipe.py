@@ -337,6 +337,7 @@ def auto_finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike |
     from mtmim_cli.eval.runners import FeatureOptions
     from mtmim_cli.models.identity import load_identity_model
     from mtmim_cli.train.finetune import finetune, resolved_settings
+    from mtmim_cli.train.loop import routine_messages_off
 
     opts = dict(options)
     if not init:
@@ -448,7 +449,8 @@ def auto_finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike |
             if (tk, f) in results:
                 continue
             t0 = time.perf_counter()
-            run = finetune(list(caches), init, candidate_options(tk, f))
+            with routine_messages_off():
+                run = finetune(list(caches), init, candidate_options(tk, f))
             rows, ident, age = fold_rows(f)
             per_alpha = {}
             for a, model in wise_models(run, alphas).items():
@@ -501,7 +503,8 @@ def auto_finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike |
             f"{out / 'model.pt'} equals the init")
         template = Path(candidate_options(trained[0], 0)["out"])
         if not (template / "model.pt").exists():   # pruned by an older search: train it again
-            template = finetune(list(caches), init, candidate_options(trained[0], 0))
+            with routine_messages_off():
+                template = finetune(list(caches), init, candidate_options(trained[0], 0))
         write_init_model(out, init_model, candidate_run=template, init=init, caches=caches,
                          options=opts, record=record)
         return out

@@ -16,7 +16,8 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,23 @@ def lr_factor(config: TrainConfig, step: int, total: int, warmup: int | None = N
     if config.schedule == "poly":
         return (1.0 - p) ** config.poly_power
     return 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+
+# A fine-tune run inside another command's search (orchestration/auto_recipe.py) keeps its
+# routine lines (resuming, validation, done) to itself: the search prints one table for all
+# of them. Warnings (skipped steps, early stops) still reach the terminal.
+_ROUTINE_QUIET: ContextVar[bool] = ContextVar("mtmim_routine_quiet", default=False)
+
+
+@contextmanager
+def routine_messages_off() -> Iterator[None]:
+    """Within this block, training prints only its warnings."""
+    token = _ROUTINE_QUIET.set(True)
+    try:
+        yield
+    finally:
+        _ROUTINE_QUIET.reset(token)
 
 
 @dataclass
@@ -342,8 +360,8 @@ class _Run:
         save_checkpoint(path, state)
 
     # --- output ---
-    def say(self, msg: str) -> None:
-        if self.main:
+    def say(self, msg: str, routine: bool = False) -> None:
+        if self.main and not (routine and _ROUTINE_QUIET.get()):
             console = self.display.console
             console.print(msg, highlight=False)
             console.file.flush()   # reach a redirected log now, not when the buffer fills
@@ -369,7 +387,8 @@ class _Run:
             self.val_log.write({"step": st.step, "accuracy": acc, "std": std,
                                 "best_accuracy": st.best_val})
         self.say(f"validation at step {st.step} on {getattr(validator, 'name', 'pairs')}: "
-                 f"accuracy {acc:.4f} ± {std:.4f} (best {st.best_val:.4f} at step {st.best_step})")
+                 f"accuracy {acc:.4f} ± {std:.4f} (best {st.best_val:.4f} at step {st.best_step})",
+                 routine=True)
         since = sum(h["step"] > st.best_step for h in st.history)
         if self.config.early_stop and since >= self.config.early_stop:
             st.stopped = True
@@ -383,7 +402,8 @@ class _Run:
         if not config.warmup_steps and config.warmup_epochs:
             self.warmup = round(config.warmup_epochs * sampler.steps)
         if self.resuming:
-            self.say(f"resuming {self.run_dir} at step {st.step} (epoch {st.epoch + 1}, batch {st.position})")
+            self.say(f"resuming {self.run_dir} at step {st.step} (epoch {st.epoch + 1}, "
+                     f"batch {st.position})", routine=True)
         elif self.validator is not None:
             self.validate()
         self.objective.train()
@@ -410,7 +430,7 @@ class _Run:
                     with atomic_write(self.run_dir / "model.pt") as tmp:
                         shutil.copyfile(best, tmp)
                 self.say(f"model.pt: the best validation checkpoint (step {st.best_step}, "
-                         f"accuracy {st.best_val:.4f})")
+                         f"accuracy {st.best_val:.4f})", routine=True)
             else:
                 self.checkpoint(self.run_dir / "model.pt", full=False)
         finally:
@@ -420,7 +440,7 @@ class _Run:
                     log.close()
         skipped = f" ({st.skipped} skipped for non-finite gradients)" if st.skipped else ""
         self.say(f"done: {st.step} steps{skipped}, last loss {self.last_loss:.4f}; "
-                 f"weights in {self.run_dir / 'model.pt'}")
+                 f"weights in {self.run_dir / 'model.pt'}", routine=True)
         return TrainResult(self.run_dir, st.step, self.last_loss, list(st.history))
 
     def _run_epoch(self, total: int) -> None:

@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--settings", default=None,
                     help="with --runs: only the runs of these settings (comma-separated)")
     ap.add_argument("--reference", default="baseline",
-                    help="the setting every other one is also compared with")
+                    help="the setting(s) every other one is also compared with (comma-separated)")
     ap.add_argument("--young-max", type=float, default=10)
     ap.add_argument("--adult-min", type=float, default=18)
     ap.add_argument("--val-repeats", type=int, default=5)
@@ -268,12 +268,12 @@ def main() -> None:
               f"{ms([res[n]['share'][1] for n in names], 100, 1)}% |")
     if len(settings) > 1:
         print("\nFeatures as they are, each setting against the pretrained model and against "
-              f"the reference setting ({a.reference}); paired, identities and seeds "
+              f"the reference setting(s) ({a.reference}); paired, identities and seeds "
               "resampled:\n")
         print("| A | B | FG-NET rank-1 Δ (points) [95%] | cross-age AUC Δ [95%] | "
               "CelebA rank-1 Δ (points) [95%] |")
         print("|---|---|---|---|---|")
-        for ref in ("pretrained", a.reference):
+        for ref in ("pretrained", *a.reference.split(",")):
             for s, names in settings.items():
                 if s in ("pretrained", ref) or ref not in settings:
                     continue

@@ -184,7 +184,8 @@ def test_no_winner_writes_a_model_equal_to_the_init(tmp_path: Path, init: Path) 
     auto = cfg["extra"]["auto"]
     assert auto["chosen"] is None and auto["criterion"] == "auc" and len(auto["candidates"]) == 4
     assert auto["init_value"] == pytest.approx(1.0)
-    assert all(c["guard_diff"] is not None for c in auto["candidates"])
+    # nothing clears the init, so the guard scores nobody (not even the init)
+    assert all(c["guard_diff"] is None for c in auto["candidates"]) and auto["guard_init"] is None
     model = load_identity_model(out / "model.pt")
     assert model.meta["equals_init"] and model.meta["auto"]["chosen"] is None
     assert "trained_on" not in model.meta
@@ -223,7 +224,7 @@ def test_a_killed_search_resumes_without_retraining_finished_candidates(
     assert len(calls) == 1
     first = calls[0]
     stored = list((out / "auto" / "candidates").glob("*.json"))
-    assert len(stored) == 2 + 1          # the init per fold, one candidate
+    assert len(stored) == 1              # one candidate (the init is scored after a depth)
     calls.clear()
     lines: list[str] = []
     A.auto_finetune([cache], init, {**FAST, "out": str(out)}, echo=lines.append)
@@ -306,6 +307,41 @@ def test_a_winner_is_retrained_on_all_training_identities_and_recorded(
     assert meta["auto"]["chosen_label"] == "c03" and meta["wise"] == 0.5
     assert meta["num_classes"] == 8     # every training identity, no fold held out
     assert "trained_on" in meta
+
+
+@pytest.mark.slow
+def test_the_guard_scores_only_candidates_above_the_init(tmp_path: Path, init: Path,
+                                                         monkeypatch) -> None:
+    """With the criterion's lower bound forced above zero for last:2 at wise 0.5 only, the
+    guard extracts features for that setting's two fold models and the init, nothing else;
+    the table shows '-' for the others, and every candidate run is pruned afterwards."""
+    cache = _cache(tmp_path / "c.h5")
+    guard = _cache(tmp_path / "g.h5", n_ids=4, seed=5)
+    real = A.summarise
+
+    def forced(settings, *args, **kw):
+        rows = real(settings, *args, **kw)
+        for s, r in zip(settings, rows, strict=True):
+            r["low"] = 0.01 if (s.depth, s.wise) == ("last:2", 0.5) else -0.01
+            r["eligible"] = r["low"] > 0 and r["guard_ok"]
+        return rows
+
+    monkeypatch.setattr(A, "summarise", forced)
+    scored: list[int] = []
+    real_guard = A.guard_auc
+    monkeypatch.setattr(A, "guard_auc", lambda f, i: scored.append(len(f)) or real_guard(f, i))
+    out = tmp_path / "run"
+    lines: list[str] = []
+    A.auto_finetune([cache], init, {**FAST, "auto_guard": str(guard), "out": str(out)},
+                    echo=lines.append)
+    assert len(scored) == A.FOLDS + 1    # the chosen setting's fold models, then the init
+    rec = json.loads((out / "config.json").read_text())["extra"]["auto"]
+    by = {(c["setting"]["freeze_through"], c["setting"]["wise"]): c for c in rec["candidates"]}
+    assert by[("last:2", 0.5)]["guard_diff"] is not None and rec["guard_init"] is not None
+    assert [k for k, c in by.items() if c["guard_diff"] is not None] == [("last:2", 0.5)]
+    table = next(t for t in lines if t.startswith("| candidate"))
+    assert table.count("| - | not above init |") == 3
+    assert not list((out / "auto" / "runs").rglob("last.pt"))
 
 
 def test_refusals(tmp_path: Path, init: Path) -> None:

@@ -1,0 +1,182 @@
+"""`--recipe auto`'s validation: identity-grouped folds of the training side, a model's
+criterion on a fold (cross-age AUC with paired bootstrap replicates, or leave-one-out rank-1),
+the general-face guard, and the table and choice over the candidates."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mtmim_cli.errors import MtmimError
+from mtmim_cli.orchestration.auto_grid import (
+    ADULT_MIN,
+    GUARD_TOLERANCE,
+    LEVEL,
+    RESAMPLES,
+    YOUNG_MAX,
+    Setting,
+)
+
+
+@dataclass
+class Folds:
+    """The training side and its validation folds, as cache records and identity names."""
+
+    records: np.ndarray              # usable, not excluded, listed training records
+    names: np.ndarray                # identity name per record
+    folds: list[list[str]]           # identity names per fold
+
+    def validation(self, f: int) -> np.ndarray:
+        return self.records[np.isin(self.names, self.folds[f])]
+
+    def training_names(self, f: int) -> list[str]:
+        held = set(self.folds[f])
+        return sorted({str(n) for n in self.names} - held)
+
+
+def validation_folds(cache_path: str | os.PathLike, train_identities: str | None,
+                     exclude: Sequence[int] | None, folds: int, seed: int) -> Folds:
+    """Identity-grouped validation folds over the identities the fine-tune trains on (never
+    the excluded records: a leave-out round's test photos), dealt by a seeded permutation."""
+    from mtmim_cli.data.dataset import CacheDataset
+    from mtmim_cli.data.identity_lists import read_identity_list
+    from mtmim_cli.train.transfer import identity_mask
+
+    if folds < 2:
+        raise MtmimError(f"--recipe auto: {folds} validation fold(s); need at least 2")
+    base = CacheDataset([cache_path], train=False)
+    keep = np.ones(len(base), bool)
+    if exclude is not None and len(exclude):
+        keep &= ~np.isin(base.record, np.asarray(exclude, np.int64))
+    if train_identities:
+        keep &= identity_mask(base, range(1), read_identity_list(train_identities),
+                              "--train-identities")
+    cache = base.caches[0]
+    records = base.record[keep]
+    names = np.asarray(cache.identity_names, dtype=object)[cache.identity[records]].astype(str)
+    ids = np.unique(names)
+    if len(ids) < 2 * folds:
+        raise MtmimError(f"{cache_path}: {len(ids)} training identities; --recipe auto needs at "
+                         f"least {2 * folds} for {folds} validation folds")
+    perm = np.random.default_rng([seed, 0xA070]).permutation(ids)
+    return Folds(records, names, [sorted(str(n) for n in p) for p in np.array_split(perm, folds)])
+
+
+def _scores(features: np.ndarray, ident: np.ndarray, age: np.ndarray, criterion: str,
+            seed: int) -> dict[str, Any]:
+    """A model's criterion on one fold's validation photos: the AUC and its bootstrap
+    replicates (identity draws fixed by `seed`, so every model of the fold is paired), or
+    the rank-1 hit of each probe that has a mate."""
+    from mtmim_cli.eval.cross_age import bootstrap_cross_age_auc, cross_age_auc
+
+    if criterion == "auc":
+        value = cross_age_auc(features, ident, age, young_max=YOUNG_MAX, adult_min=ADULT_MIN)
+        reps = bootstrap_cross_age_auc({"m": features}, ident, age, young_max=YOUNG_MAX,
+                                       adult_min=ADULT_MIN, resamples=RESAMPLES, seed=seed)["m"]
+        return {"value": value, "reps": [round(float(r), 8) for r in reps]}
+    hits = loo_hits(features, ident)
+    return {"value": float(np.mean(hits)), "hits": [int(h) for h in hits]}
+
+
+def loo_hits(features: np.ndarray, ident: np.ndarray) -> np.ndarray:
+    """Rank-1 hit of every photo that has a mate, against all the other photos."""
+    s = features @ features.T
+    np.fill_diagonal(s, -np.inf)
+    probes = _probes(ident)
+    return (ident[np.argmax(s[probes], axis=1)] == ident[probes]).astype(np.int64)
+
+
+def _probes(ident: np.ndarray) -> np.ndarray:
+    _, inv, counts = np.unique(ident, return_inverse=True, return_counts=True)
+    return np.flatnonzero(counts[inv] >= 2)
+
+
+def choose_criterion(ident: np.ndarray, age: np.ndarray, folds: Folds) -> str:
+    """'auc' when every fold's validation people have genuine and impostor young x adult
+    pairs, 'rank1' otherwise."""
+    from mtmim_cli.eval.cross_age import cross_age_pairs_all
+
+    for f in range(len(folds.folds)):
+        rows = np.isin(folds.records, folds.validation(f))
+        try:
+            cross_age_pairs_all(ident[rows], age[rows], YOUNG_MAX, ADULT_MIN)
+        except ValueError:
+            return "rank1"
+    return "auc"
+
+
+def guard_auc(features: np.ndarray, ident: np.ndarray) -> float:
+    """Verification ROC AUC over every pair of the guard's photos."""
+    from mtmim_cli.eval.metrics import roc_auc
+
+    i, j = np.triu_indices(len(features), k=1)
+    return roc_auc(np.einsum("nd,nd->n", features[i], features[j]), ident[i] == ident[j])
+
+
+def summarise(settings: list[Setting], init: list[dict], cand: dict[Setting, list[dict]],
+              criterion: str, guard_init: float | None, fold_ids: list[np.ndarray]
+              ) -> list[dict]:
+    """Per candidate: its criterion (mean over folds), the paired difference against the
+    init with its interval, the guard's difference, and whether it may be chosen."""
+    from mtmim_cli.eval.compare import bootstrap_difference
+
+    rows = []
+    alpha = (1 - LEVEL) / 2
+    for s in settings:
+        per = cand[s]
+        value = float(np.mean([p["value"] for p in per]))
+        if criterion == "auc":
+            diffs = np.mean([np.asarray(p["reps"]) - np.asarray(i["reps"])
+                             for p, i in zip(per, init, strict=True)], axis=0)
+            diff = value - float(np.mean([i["value"] for i in init]))
+            low, high = (float(x) for x in np.quantile(diffs, [alpha, 1 - alpha]))
+        else:
+            a = np.concatenate([p["hits"] for p in per])
+            b = np.concatenate([i["hits"] for i in init])
+            d = bootstrap_difference(a, b, clusters=np.concatenate(fold_ids), resamples=2000,
+                                     level=LEVEL, seed=0)
+            value, diff, low, high = d.mean_a, d.diff, d.low, d.high
+        guard = None   # no guard, or not scored: the candidate is not above the init anyway
+        if guard_init is not None and all(p.get("guard") is not None for p in per):
+            guard = float(np.mean([p["guard"] for p in per])) - guard_init
+        ok_guard = guard_init is None or (guard is not None and guard >= -GUARD_TOLERANCE)
+        rows.append({"setting": s.to_dict(), "label": s.label(), "value": value, "diff": diff,
+                     "low": low, "high": high, "guard_diff": guard, "guard_ok": ok_guard,
+                     "eligible": bool(low > 0 and ok_guard)})
+    return rows
+
+
+def pick(rows: list[dict]) -> int | None:
+    """The eligible candidate of highest criterion (the first listed on a tie), or None."""
+    best = None
+    for k, r in enumerate(rows):
+        if r["eligible"] and (best is None or r["value"] > rows[best]["value"]):
+            best = k
+    return best
+
+
+def table(rows: list[dict], init_value: float, criterion: str, guard: bool) -> str:
+    """The candidates' validation scores as a Markdown table."""
+    name = "AUC" if criterion == "auc" else "rank-1"
+    head = ["candidate", "trains", "lr", "lambda", "wise", name, "vs init", f"{LEVEL:.0%} interval"]
+    if guard:
+        head.append("guard vs init")
+    head.append("verdict")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    init_row = ["init", "-", "-", "-", "-", f"{init_value:.4f}", "-", "-"]
+    lines.append("| " + " | ".join(init_row + (["-"] if guard else []) + ["-"]) + " |")
+    for k, r in enumerate(rows):
+        s = r["setting"]
+        verdict = ("beats init" if r["eligible"] else
+                   "not above init" if r["low"] <= 0 else "guard: falls")
+        cells = [f"c{k + 1:02d}", s["freeze_through"], f"{s['lr']:g}",
+                 "-" if s["lambda_mim"] is None else f"{s['lambda_mim']:g}", f"{s['wise']:g}",
+                 f"{r['value']:.4f}", f"{r['diff']:+.4f}", f"[{r['low']:+.4f}, {r['high']:+.4f}]"]
+        if guard:
+            cells.append("-" if r["guard_diff"] is None else f"{r['guard_diff']:+.4f}")
+        lines.append("| " + " | ".join([*cells, verdict]) + " |")
+    return "\n".join(lines)

@@ -59,7 +59,7 @@ def evaluate(
         False, "--allow-trained-on",
         help="Score models fitted on test faces (flagged)."),
     features: bool = typer.Option(False, "--features",
-                                  help="Also write features.npz (x_id, x_age) by --out."),
+                                  help="Also write <stem>.features.npz (x_id, x_age) by --out."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
     resample: str = typer.Option("identity", "--resample",
                                  help="Bootstrap unit: identity, probe (or fold: pairs)."),

@@ -59,7 +59,7 @@ def report(
     training, x_id/x_age projections, CMC and ROC, rank-1 by age and age gap, a probe-age x
     gallery-age map.
 
-    The projections come from a features.npz beside an evaluation (`evaluate --features`);
+    The projections come from the features.npz an evaluation lists (`evaluate --features`);
     --age-map-model picks whose probe-age x gallery-age success map is drawn.
     """
     ensure_writable(out, folder=True)

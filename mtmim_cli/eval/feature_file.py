@@ -1,4 +1,5 @@
-"""The features file `evaluate --features` writes beside results.md (`features.npz`): for
+"""The features file `evaluate --features` writes beside results.md (`results.features.npz`,
+named after --out's stem, listed in the manifest results.json): for
 each model, the identity part x_id (what the model outputs) and, for a model with a
 factorization unit, the age part x_age of every face the protocol scored, with the faces'
 identity, age and cache path. `mtmim report` draws its x_id / x_age projections and
@@ -12,9 +13,6 @@ import numpy as np
 
 from mtmim_cli.atomic import atomic_write
 from mtmim_cli.errors import MtmimError
-
-FILE_NAME = "features.npz"
-
 
 def factor_parts(model, cache, indices: np.ndarray, batch_size: int | None = None,
                  device: str = "cpu") -> dict[str, np.ndarray | None]:

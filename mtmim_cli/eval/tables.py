@@ -1,5 +1,6 @@
 """Result tables: Markdown per protocol (our models beside the paper's reported numbers),
-results.json with every figure, and cmc.csv / roc.csv for `mtmim report` to plot.
+results.json with every figure (and the manifest of its siblings), and <stem>.cmc.csv /
+<stem>.roc.csv for `mtmim report` to plot.
 
 cmc.csv columns: protocol, model, rank, rate (identification rate at that rank).
 roc.csv columns: protocol, model, far, tar.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from mtmim_cli.atomic import atomic_write_text
@@ -178,13 +180,34 @@ def stale_notes(rows: list[dict]) -> list[str]:
             "code's figures" for r in rows if r["metrics"].get("stale_rounds")]
 
 
-def write_results(out_md: Path, payload: dict) -> dict[str, Path]:
-    """results.md (tables), results.json (everything) and cmc.csv / roc.csv beside them.
-    Every file is written to a temporary sibling and renamed."""
+# The files of one evaluation, each named after --out's stem: results.md, results.json (the
+# manifest), results.cmc.csv, ... Two evaluations with other stems in one folder never
+# overwrite each other's files.
+OUTPUT_SUFFIXES = {"md": ".md", "json": ".json", "cmc": ".cmc.csv", "roc": ".roc.csv",
+                   "outcomes": ".outcomes.json", "features": ".features.npz"}
+
+
+def output_paths(out_md: Path) -> dict[str, Path]:
+    """Every file an evaluation with `--out out_md` may write, by kind."""
+    out_md = Path(out_md)
+    return {kind: out_md if kind == "md" else out_md.with_name(out_md.stem + suffix)
+            for kind, suffix in OUTPUT_SUFFIXES.items()}
+
+
+def write_results(out_md: Path, payload: dict,
+                  siblings: dict[str, Callable[[Path], object]] | None = None) -> dict[str, Path]:
+    """results.md (tables), cmc.csv / roc.csv, then each of `siblings` (kind -> a function
+    writing that file, e.g. outcomes, features), all named after `out_md`'s stem; then,
+    last, results.json (everything) with the name and sha256 of each of them under "files".
+    results.json is the manifest: any older one is removed first, so a run that dies while
+    writing leaves no manifest, and `mtmim report` attaches only files a manifest lists with
+    their digest. Every file goes through `atomic_write`."""
+    from mtmim_cli.digest import file_sha256
     from mtmim_cli.eval.analysis_tables import analysis_markdown
 
-    out_md = Path(out_md)
-    base = out_md.parent
+    paths = output_paths(out_md)
+    out_md = paths["md"]
+    paths["json"].unlink(missing_ok=True)
     protocol = payload["protocol"]
     md = [f"# mtmim evaluate: {protocol}", "",
           f"Command: `{payload['command']}`  ", f"Tool: mtmim {payload['tool_version']}  ",
@@ -194,9 +217,6 @@ def write_results(out_md: Path, payload: dict) -> dict[str, Path]:
           markdown_table(protocol, payload["results"], payload.get("variant_text", ""),
                          payload.get("benchmark")),
           analysis_markdown(payload)]
-    paths = {"md": out_md, "json": out_md.with_suffix(".json"),
-             "cmc": base / "cmc.csv", "roc": base / "roc.csv"}
-    atomic_write_text(paths["json"], json.dumps(payload, indent=1, default=_json_default) + "\n")
     cmc_buf, roc_buf = io.StringIO(), io.StringIO()
     cw, rw = csv.writer(cmc_buf), csv.writer(roc_buf)
     cw.writerow(["protocol", "model", "rank", "rate"])
@@ -209,12 +229,38 @@ def write_results(out_md: Path, payload: dict) -> dict[str, Path]:
         if roc:
             for far, tar in zip(roc["far"], roc["tar"], strict=True):
                 rw.writerow([protocol, row["model"], f"{far:.8g}", f"{tar:.6f}"])
+    atomic_write_text(out_md, "\n".join(md))
     atomic_write_text(paths["cmc"], cmc_buf.getvalue())
     atomic_write_text(paths["roc"], roc_buf.getvalue())
-    atomic_write_text(out_md, "\n".join(md))
-    return paths
+    written = {k: paths[k] for k in ("md", "cmc", "roc")}
+    for kind, write in (siblings or {}).items():
+        write(paths[kind])
+        written[kind] = paths[kind]
+    files = {kind: {"name": path.name, "sha256": file_sha256(path)} for kind, path in written.items()}
+    atomic_write_text(paths["json"], json.dumps({**payload, "files": files}, indent=1,
+                                                default=_json_default) + "\n")
+    return {"md": out_md, "json": paths["json"], **{k: v for k, v in written.items() if k != "md"}}
 
 
+def manifest_files(folder: Path, results: dict) -> tuple[dict[str, Path], list[str]]:
+    """The files a results.json (the manifest) lists whose sha256 still matches, by kind,
+    and one line for each listed file that is missing or changed since (not attached)."""
+    from mtmim_cli.digest import file_sha256
+
+    good, bad = {}, []
+    listed = results.get("files")
+    if not isinstance(listed, dict):
+        return good, ["no manifest of its files (written before manifests): none attached"]
+    for kind, entry in listed.items():
+        name = entry.get("name", "") if isinstance(entry, dict) else ""
+        path = folder / name
+        if not name or Path(name).name != name or not path.is_file():
+            bad.append(f"{name or kind}: listed but missing")
+        elif file_sha256(path) != entry.get("sha256"):
+            bad.append(f"{name}: changed since the evaluation wrote it (sha256 differs)")
+        else:
+            good[kind] = path
+    return good, bad
 def _json_default(obj: object) -> object:
     import numpy as np
 

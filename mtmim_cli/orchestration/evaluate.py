@@ -26,7 +26,6 @@ from mtmim_cli.eval.analysis import (
 )
 from mtmim_cli.eval.analysis_tables import analysis_markdown
 from mtmim_cli.eval.config import EvalConfig, ModelArg, check_config, variant_text
-from mtmim_cli.eval.feature_file import FILE_NAME as FEATURE_FILE
 from mtmim_cli.eval.feature_file import factor_parts, write_feature_file
 from mtmim_cli.eval.heldout import check_model, scored_image_digests, scored_indices
 from mtmim_cli.eval.inputs import EvalInputs, is_synthetic, open_inputs, pairs_origin_text
@@ -120,18 +119,19 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
         if comparisons:
             payload["comparisons"] = comparisons
     if cfg.out is not None and not partial:
-        paths = write_results(cfg.out, payload)
+        siblings: dict[str, Callable[[Path], object]] = {}
         if scored and scored[0][1].outcomes:
-            paths["outcomes"] = write_outcomes(
-                Path(cfg.out).parent / "outcomes.json", cfg.protocol,
-                scored[0][1].context.get("kind", ""),
+            siblings["outcomes"] = lambda path: write_outcomes(
+                path, cfg.protocol, scored[0][1].context.get("kind", ""),
                 {label: sc.outcomes for label, sc in scored})
+        if parts:
+            siblings["features"] = lambda path: write_feature_file(path, inputs.cache,
+                                                                   feature_idx, parts)
+        paths = write_results(cfg.out, payload, siblings)   # results.json, the manifest, last
         say("wrote " + ", ".join(str(p) if k in ("md", "json") else p.name
                                  for k, p in paths.items()))
         if parts:
-            path = write_feature_file(Path(cfg.out).parent / FEATURE_FILE, inputs.cache,
-                                      feature_idx, parts)
-            say(f"wrote {path} (x_id, x_age of {len(feature_idx)} faces per model)")
+            say(f"{paths['features'].name}: x_id, x_age of {len(feature_idx)} faces per model")
     if not partial:
         say(markdown_table(cfg.protocol, rows, payload["variant_text"], payload["benchmark"]))
         say(analysis_markdown(payload))

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from mtmim_cli.errors import MtmimError
-from mtmim_cli.eval.feature_file import FILE_NAME as FEATURE_FILE
 from mtmim_cli.eval.feature_file import read_feature_file
+from mtmim_cli.eval.tables import manifest_files
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Evaluation:
     cmc: Any | None  # DataFrame (protocol, model, rank, rate)
     roc: Any | None  # DataFrame (protocol, model, far, tar)
     features: dict | None = None  # model label -> features.npz entry (evaluate --features)
+    ignored: list[str] = field(default_factory=list)  # listed files missing or changed
 
     def test_faces(self, label: str) -> dict | None:
         """The evaluation's record of how `label`'s training data relates to its test faces."""
@@ -85,22 +86,27 @@ def load_evaluation(path: Path) -> Evaluation:
     if path.is_file():
         stem = path.stem
     else:  # results.json, else the one <stem>.json beside a <stem>.md that evaluate wrote
-        stems = [p.stem for p in sorted(folder.glob("*.json")) if (folder / f"{p.stem}.md").is_file()]
+        stems = [p.stem for p in sorted(folder.glob("*.json"))
+                 if (folder / f"{p.stem}.md").is_file() and not p.name.endswith(".outcomes.json")]
         stem = "results" if (folder / "results.json").is_file() or len(stems) != 1 else stems[0]
     rj = folder / f"{stem}.json"
     try:
         results = json.loads(rj.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise MtmimError(f"{rj}: not a readable results file ({exc})") from None
-    md = folder / f"{stem}.md"
-    markdown = md.read_text() if md.is_file() else ""
-    cmc = _read_csv(folder / "cmc.csv") if (folder / "cmc.csv").is_file() else None
-    roc = _read_csv(folder / "roc.csv") if (folder / "roc.csv").is_file() else None
-    feats = folder / FEATURE_FILE
+    if not isinstance(results, dict):
+        raise MtmimError(f"{rj}: not a results file of `mtmim evaluate` (not a JSON object)")
+    # Only what the manifest (results.json) lists with a matching sha256 is attached: files
+    # of another evaluation in the folder, or left by a run that died, are not this one's.
+    files, ignored = manifest_files(folder, results)
+    markdown = files["md"].read_text() if "md" in files else ""
+    cmc = _read_csv(files["cmc"]) if "cmc" in files else None
+    roc = _read_csv(files["roc"]) if "roc" in files else None
     return Evaluation(path=folder, results=results, markdown=markdown,
                       cmc=cmc if cmc is not None and len(cmc) else None,
                       roc=roc if roc is not None and len(roc) else None,
-                      features=read_feature_file(feats) if feats.is_file() else None)
+                      features=read_feature_file(files["features"]) if "features" in files else None,
+                      ignored=[f"{rj}: {line}" for line in ignored])
 
 def classify_inputs(paths: list[Path]) -> tuple[list[Run], list[Evaluation]]:
     runs, evals = [], []

@@ -149,6 +149,7 @@ def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
             if body.startswith("# "):  # demote its title under ours
                 body = "#" + body
             md += [f"From `{e.path}`:\n", body or "(no results.md)", ""]
+            md += [f"- not attached: {line}" for line in e.ignored] + ([""] if e.ignored else [])
             if _synthetic_inputs(e):
                 md += ["*These faces come from `mtmim synth` (the embedded synthetic set): rows "
                        "marked reported are the paper's numbers on the real benchmark and are "

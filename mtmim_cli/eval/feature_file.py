@@ -14,6 +14,7 @@ import numpy as np
 from mtmim_cli.atomic import atomic_write
 from mtmim_cli.errors import MtmimError
 
+
 def factor_parts(model, cache, indices: np.ndarray, batch_size: int | None = None,
                  device: str = "cpu") -> dict[str, np.ndarray | None]:
     """{'x_id', 'x_age'} of the cache's images at `indices` (one view, no mirror); x_age is

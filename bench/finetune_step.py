@@ -42,7 +42,7 @@ def step_bench(backbone: str, batch: int, steps: int, warmup: int) -> None:
     from mtmim_cli.models.backbones import build_backbone, default_embedding_size, input_width
     from mtmim_cli.models.factorize import FactorizationUnit
     from mtmim_cli.models.margin import CombinedMarginHead
-    from mtmim_cli.train.finetune import MTMIMObjective
+    from mtmim_cli.train.mtmim_objective import MTMIMObjective
 
     torch.manual_seed(0)
     dim, width, classes = default_embedding_size(backbone), input_width(backbone), 1000

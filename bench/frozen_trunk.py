@@ -125,7 +125,7 @@ def interleaved_steps(args: argparse.Namespace, acts_dir: Path, rounds: int = 12
 
     from mtmim_cli.data.dataset import CacheDataset
     from mtmim_cli.models.identity import load_identity_model
-    from mtmim_cli.train.finetune import MTMIMObjective
+    from mtmim_cli.train.mtmim_objective import MTMIMObjective
     from mtmim_cli.train.transfer import TrainingSet
 
     model = load_identity_model(args.init)

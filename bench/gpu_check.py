@@ -189,8 +189,8 @@ def main() -> None:
 
     from mtmim_cli.data.groups import equal_frequency_groups
     from mtmim_cli.models.backbones import build_backbone
-    from mtmim_cli.train.finetune import MTMIMObjective
     from mtmim_cli.train.loader import default_workers
+    from mtmim_cli.train.mtmim_objective import MTMIMObjective
     from mtmim_cli.train.objectives import PretrainObjective
 
     t_start = time.perf_counter()

@@ -116,6 +116,7 @@ def main() -> None:
     from mtmim_cli.atomic import atomic_write_text
     from mtmim_cli.data.subset import subset_cache
     from mtmim_cli.eval.config import EvalConfig, ModelArg
+    from mtmim_cli.orchestration.auto_recipe import auto_finetune
     from mtmim_cli.orchestration.evaluate import evaluate
     from mtmim_cli.threads import set_torch_threads
     from mtmim_cli.train.finetune import finetune, resolved_settings
@@ -166,7 +167,11 @@ def main() -> None:
             t0 = time.perf_counter()
             run_opts = {**base_opts, **opts, "mode": mode, "seed": seed, "out": str(run)}
             state = reusable(run, resolved_settings(run_opts), inputs, a.reuse_stale)
-            if state is None:
+            if state is None and run_opts.get("recipe") == "auto":
+                # A search over fine-tunes on validation folds of the training subjects.
+                auto_finetune([a.fgnet], a.init, run_opts, echo=print)
+                write_settings(run, resolved_settings(run_opts), inputs)
+            elif state is None:
                 finetune([a.fgnet], a.init, run_opts)
                 write_settings(run, resolved_settings(run_opts), inputs)
             elif state == "stale":

@@ -11,6 +11,7 @@ from mtmim_cli.commands import (  # noqa: F401  (each module registers its comma
     align_cmd,
     evaluate_cmd,
     finetune_cmd,
+    gallery_cmd,
     tools_cmd,
     train_cmd,
 )

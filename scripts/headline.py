@@ -24,6 +24,7 @@ _spec = importlib.util.spec_from_file_location("readme_figures", REPO / "scripts
 RF = importlib.util.module_from_spec(_spec)
 sys.modules["readme_figures"] = RF
 _spec.loader.exec_module(RF)
+import figure_blocks as FB  # noqa: E402  (beside readme_figures, on the path it set)
 
 NUM = r"[+-]?\d+(?:\.\d+)?"
 
@@ -34,7 +35,7 @@ def read_blocks(current: str) -> tuple[dict[str, tuple[str, str]], set[str]]:
     out, stale = {}, set()
     for doc in RF.default_documents():
         text = doc.read_text()
-        for b in RF._parse_one(text, str(doc)):
+        for b in FB.parse_text(text, str(doc)):
             out[b.id] = (text[b.span[0]:b.span[1]], str(doc.relative_to(REPO)))
             if RF.staleness(b, current) is not None:
                 stale.add(b.id)

@@ -144,3 +144,33 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "mtmim_cli.cli", *args], cwd=cwd or REPO,
                           capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+# A fixed pooling encoder that every pair-file protocol test scores with.
+class PoolNet(torch.nn.Module):
+    """8x8 average pooling of the normalised image, flattened: a fixed, deterministic encoder."""
+
+    input_width = 112
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x, 8).flatten(1) * self.scale
+
+
+@pytest.fixture
+def pool_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "pool.pt"
+    torch.save(PoolNet().state_dict(), path)
+
+    def loader(p: Path, backbone: str | None) -> torch.nn.Module:
+        m = PoolNet()
+        m.load_state_dict(torch.load(p, weights_only=True))
+        return m
+
+    from mtmim_cli.eval import loading as L
+
+    monkeypatch.setattr(L, "MODEL_LOADER", loader)
+    return path

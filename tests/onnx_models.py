@@ -137,3 +137,61 @@ def ort_features(path: Path, images: np.ndarray) -> np.ndarray:
                 feeds[i.name] = np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32)
         out.append(sess.run(None, feeds)[0])
     return np.concatenate(out)
+
+
+class BatchOneMobileFaceNet(nn.Module):
+    """A MobileFaceNet-shaped net (strided convs, PReLU, a global depthwise conv down to
+    (N, D, 1, 1), BatchNorm1d) whose flatten is written with the batch as a number when
+    `exported_batch` is set: `x.reshape(1, -1)`, the constant Reshape target that
+    constant-folded exports at batch 1 carry (the field's MobileFaceNet files). With
+    `exported_batch=None` it is the same function for any batch (the reference)."""
+
+    def __init__(self, dim: int = 128) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.PReLU(16),
+            nn.Conv2d(16, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.PReLU(32),
+            nn.Conv2d(32, 32, 28, groups=32, bias=False), nn.BatchNorm2d(32),
+            nn.Conv2d(32, dim, 1, bias=False), nn.BatchNorm2d(dim))
+        self.bn = nn.BatchNorm1d(dim)
+        self.exported_batch: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(x)
+        return self.bn(x.reshape(self.exported_batch or x.shape[0], -1))
+
+
+def batch_one_mobilefacenet(path: Path, seed: int = 0) -> tuple[Path, nn.Module]:
+    """`BatchOneMobileFaceNet` exported at a fixed batch of 1 with the batch baked into its
+    Reshape target; returns the file and the reference model (any batch)."""
+    torch.manual_seed(seed)
+    model = randomise_batchnorm(BatchOneMobileFaceNet(), seed)
+    model.exported_batch = 1
+    export(model, path)
+    model.exported_batch = None
+    return path, model
+
+
+def dynamic_width_graph(path: Path, out_dim: int = 64) -> Path:
+    """Conv, then a Reshape whose target is computed in the graph ([N, -1] from Shape): shape
+    inference leaves the output's width unknown, so only a forward pass tells it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.1, (out_dim, 3, 112, 112)).astype(np.float32), "cw"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus")]
+    nodes = [helper.make_node("Conv", ["x", "cw"], ["c"], kernel_shape=[112, 112]),
+             helper.make_node("Shape", ["c"], ["s"]),
+             helper.make_node("Slice", ["s", "zero", "one"], ["n"]),
+             helper.make_node("Concat", ["n", "minus"], ["t"], axis=0),
+             helper.make_node("Reshape", ["c", "t"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "dynamic_width", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 112, 112])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path

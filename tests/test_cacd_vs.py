@@ -1,4 +1,4 @@
-"""CACD-VS read as released: a release-shaped folder of generated faces (`mtmim_cli.demo.synth`,
+"""CACD-VS read as released: a release-shaped folder of generated faces (`mtmim_cli.demo.faces`,
 from the portraits scikit-image and matplotlib ship, so no ../shared is needed) through
 `align --format cacd-vs` and `evaluate --protocol cacd-vs`; labels, folds and accuracy
 checked against the release's rule and a brute-force k-fold written here."""
@@ -38,11 +38,11 @@ def rule(pair: int) -> tuple[int, bool]:
 
 
 def _render(person: int, age: float) -> np.ndarray:
-    from mtmim_cli.demo import synth as S
+    from mtmim_cli.demo import faces as F
 
-    ident = S.draw_identity(11, person)
-    img, _ = S.render(S.Photo(ident, int(age), age), S.load_base(ident.base),
-                      np.asarray(S.BASE_LANDMARKS[ident.base], np.float64), 11)
+    ident = F.draw_identity(11, person)
+    img, _ = F.render(F.Photo(ident, int(age), age), F.load_base(ident.base),
+                      np.asarray(F.BASE_LANDMARKS[ident.base], np.float64), 11)
     return np.asarray(Image.fromarray(img).resize((250, 250), Image.Resampling.BILINEAR))
 
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtmim_cli.data.groups import assign_groups
-from mtmim_cli.train.finetune import MTMIMObjective, fit_heads_on_features
+from mtmim_cli.train.finetune import fit_heads_on_features
+from mtmim_cli.train.mtmim_objective import MTMIMObjective
 
 from .conftest import run_cli, write_cache
 

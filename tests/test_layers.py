@@ -1,8 +1,8 @@
 """The house's layering: every import inside mtmim_cli points down or stays inside its own
 package (or top-level module); an import across peers of one layer is refused like one up.
 
-    errors -> base -> data -> models -> eval -> train -> orchestration | deploy | report |
-    demo -> app -> commands -> cli
+    errors -> base -> index -> data -> models -> eval -> train -> orchestration | deploy |
+    report | demo -> api -> app -> commands -> cli
 
 `eval/` never imports `train/`: evaluation scores features and never trains. `train/` may use
 eval's scoring (its validator measures verification accuracy during a run). Work that trains
@@ -26,11 +26,13 @@ LAYERS: list[set[str]] = [
     {"__init__", "errors"},
     {"atomic", "paths", "progress", "sharding", "threads", "source", "allocator",
      "plot_style", "digest"},   # base: small single-job modules, peers of one another
+    {"index"},          # nearest-neighbour search: numpy and faiss only
     {"data"},
     {"models"},
     {"eval"},
     {"train"},
     {"orchestration", "deploy", "report", "demo"},
+    {"api"},            # the public Python API: over deploy's gallery, under the commands
     {"app"},
     {"commands"},
     {"cli"},
@@ -134,3 +136,110 @@ def test_every_module_has_a_layer() -> None:
 ])
 def test_the_checker_sees_upward_and_sideways_imports(module: str, source: str, ok: bool) -> None:
     assert (violations(module, source) == []) is ok
+
+
+# --- No circles: the layering above allows imports inside one package in any direction, so
+# two modules of one package could still import each other (eval/features.py and
+# eval/trunk_memo.py did, one of them lazily). A circle works only as long as one side
+# imports late; the graph below is of modules (not packages) and fails on any circle.
+
+def module_imports(module: str, source: str) -> set[str]:
+    """The mtmim_cli modules `module`'s source imports (at any depth: lazy ones too):
+    `from mtmim_cli.eval import trunk_memo` names mtmim_cli.eval.trunk_memo, `from
+    mtmim_cli.eval.features import x` mtmim_cli.eval.features, `from mtmim_cli.eval import
+    x` (not a module) the package mtmim_cli.eval. A package's __init__ that runs on the way
+    to a module is not an edge: Python handles a package importing its own modules."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if not (base == "mtmim_cli" or base.startswith("mtmim_cli.")):
+                continue
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                out.add(sub if _is_module(sub) else base)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names
+                    if a.name == "mtmim_cli" or a.name.startswith("mtmim_cli.")}
+    out.discard(module)
+    return out
+
+
+def _is_module(name: str) -> bool:
+    rel = Path(*name.split(".")[1:])
+    return (PACKAGE / rel.with_suffix(".py")).is_file() or (PACKAGE / rel / "__init__.py").is_file()
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every group of modules that import each other, directly or through others (the
+    strongly connected components of more than one module, or one importing itself), each
+    sorted, the list sorted (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph.get(root, ()))))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                group = []
+                while True:
+                    m = stack.pop()
+                    on_stack.discard(m)
+                    group.append(m)
+                    if m == node:
+                        break
+                if len(group) > 1 or node in graph.get(node, ()):
+                    found.append(sorted(group))
+    return sorted(found)
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {module: module_imports(module, path.read_text()) for module, path in _modules()}
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    found = circles(import_graph())
+    assert not found, "import circles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_the_graph_sees_every_form_of_import() -> None:
+    src = ("from mtmim_cli.eval import trunk_memo, FLIP\nimport mtmim_cli.data.cache\n"
+           "def f():\n    from mtmim_cli.eval.features import forward_views\n"
+           "from mtmim_cli import errors\nimport numpy\n")
+    assert module_imports("mtmim_cli.eval.x", src) == {
+        "mtmim_cli.eval.trunk_memo", "mtmim_cli.eval", "mtmim_cli.data.cache",
+        "mtmim_cli.eval.features", "mtmim_cli.errors"}
+
+
+@pytest.mark.parametrize("graph, expected", [
+    ({"a": {"b"}, "b": {"c"}, "c": set()}, []),
+    ({"a": {"b"}, "b": {"a"}}, [["a", "b"]]),
+    ({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}, [["a", "b", "c"]]),
+    ({"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"c", "e"}, "e": set()}, [["a", "b"], ["c", "d"]]),
+    ({"a": {"a"}}, [["a"]]),
+    ({"a": {"b", "c"}, "b": {"d"}, "c": {"d"}, "d": set()}, []),   # a diamond is no circle
+])
+def test_circles_are_found_and_only_circles(graph: dict[str, set[str]],
+                                            expected: list[list[str]]) -> None:
+    assert circles(graph) == expected

@@ -18,6 +18,8 @@ from mtmim_cli.models.identity import load_identity_model
 from mtmim_cli.models.onnx_graph import dequantize, parse_spec
 from tests.conftest import run_cli, write_cache
 from tests.onnx_models import (
+    batch_one_mobilefacenet,
+    dynamic_width_graph,
     insightface_iresnet,
     ort_features,
     pixel_mobilefacenet,
@@ -117,6 +119,60 @@ def test_pixel_mobilefacenet_reads_its_scaling_from_the_graph_and_keeps_its_widt
 
     a, _ = extract_views(encoder_of(model), Cache(cache), np.arange(5), mirror=False)
     assert np.abs(a - got).max() <= 1e-5
+
+
+def test_a_batch_of_one_baked_into_a_reshape_is_freed(tmp_path: Path) -> None:
+    """The field's MobileFaceNet exports: batch fixed at 1 and `Reshape(x, [1, -1])` before
+    the last BatchNorm (once refused: "output has shape [1, None]"). The file runs on any
+    batch and gives each face the reference model's features."""
+    import onnx
+    from onnx import numpy_helper
+
+    path, ref_model = batch_one_mobilefacenet(tmp_path / "mfn-b1.onnx")
+    g = onnx.load(str(path)).graph
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+                   for n in g.node if n.op_type == "Constant"})
+    targets = [consts[n.input[1]].tolist() for n in g.node if n.op_type == "Reshape"]
+    assert targets == [[1, -1]]              # the file is what it claims to be
+    model = load_identity_model(path)
+    assert model.embedding_size == 128
+    assert model.meta["onnx"]["freed_batch_reshapes"] == 1
+    images = _faces(5, seed=2)
+    norm = (_nchw(images) - 127.5) / 127.5
+    with torch.no_grad():
+        got = model(preprocess(images, 112)).numpy()
+        want = ref_model(torch.from_numpy(norm)).numpy()
+    assert got.shape == (5, 128)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+    assert np.abs(got - ort_features(path, norm)).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+def test_an_output_width_the_graph_leaves_unknown_is_found_by_a_forward_pass(tmp_path: Path) -> None:
+    from mtmim_cli.models.weights_io import load_weights_file
+    from mtmim_cli.train.checkpoint import save_checkpoint
+
+    path = dynamic_width_graph(tmp_path / "dyn.onnx", out_dim=64)
+    model = load_identity_model(path)
+    assert model.embedding_size == 64
+    assert model.meta["onnx"]["embedding_size_from"] == "forward pass"
+    images = _faces(3, seed=3)
+    norm = (_nchw(images) - 127.5) / 127.5
+    with torch.no_grad():
+        got = model(preprocess(images, 112)).numpy()
+    assert np.abs(got - ort_features(path, norm)).max() <= 1e-4
+    # A checkpoint of it carries the width it was measured to have.
+    ckpt = tmp_path / "dyn.pt"
+    save_checkpoint(ckpt, load_weights_file(path))
+    again = load_identity_model(ckpt)
+    assert again.embedding_size == 64
+    with torch.no_grad():
+        assert np.abs(again(preprocess(images, 112)).numpy() - got).max() <= 1e-6
+    # A width measured to be class scores is refused as a declared one is.
+    bad = dynamic_width_graph(tmp_path / "scores.onnx", out_dim=1000)
+    with pytest.raises(MtmimError, match="1000 values per image .ImageNet class scores") as info:
+        load_identity_model(bad)
+    assert str(info.value).startswith(str(bad))
 
 
 def test_channel_order_and_scaling_given_by_the_spec(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import average_precision_score
-from torch import nn
 
 from mtmim_cli.data.cache import Cache
 from mtmim_cli.digest import file_sha256
@@ -23,37 +22,10 @@ from mtmim_cli.eval import protocols as P
 from mtmim_cli.eval.config import EvalConfig, ModelArg
 from mtmim_cli.eval.features import extract_features
 from mtmim_cli.orchestration.evaluate import evaluate
-from tests.conftest import write_cache
+from tests.conftest import PoolNet, write_cache
 
 
 # ---------------------------------------------------------------- a small real model
-class PoolNet(nn.Module):
-    """8x8 average pooling of the normalised image, flattened: a fixed, deterministic encoder."""
-
-    input_width = 112
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.avg_pool2d(x, 8).flatten(1) * self.scale
-
-
-@pytest.fixture
-def pool_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "pool.pt"
-    torch.save(PoolNet().state_dict(), path)
-
-    def loader(p: Path, backbone: str | None) -> nn.Module:
-        m = PoolNet()
-        m.load_state_dict(torch.load(p, weights_only=True))
-        return m
-
-    monkeypatch.setattr(L, "MODEL_LOADER", loader)
-    return path
-
-
 def _face_cache(path: Path, n_ids: int = 12, per_id: int = 6, noise: float = 90.0,
                 seed: int = 0) -> Path:
     """Each identity a common 14x14 pattern plus a small identity-specific change, upsampled;
@@ -434,7 +406,8 @@ def test_lfw_pairs_txt(tmp_path: Path, pool_model: Path) -> None:
     same = np.array([1, 1, 0, 0, 1, 1, 0, 0], bool)
     expected = M.tenfold_verification(np.sum(f[i] * f[j], axis=1), same, 2)
     assert m["fold_accuracies"] == expected["fold_accuracies"] and m["pairs"] == 8
-    (tmp_path / "bad.txt").write_text("1\t1\nAnn_Lee\t1\t9\nAnn_Lee\t1\tBo_Du\t1\n")
+    (tmp_path / "bad.txt").write_text("2\t1\nAnn_Lee\t1\t9\nAnn_Lee\t1\tBo_Du\t1\n"
+                                      "Ann_Lee\t1\t2\nAnn_Lee\t1\tBo_Du\t1\n")
     with pytest.raises(MtmimError, match="Ann_Lee_0009.jpg is not in"):
         evaluate(EvalConfig(protocol="lfw", models=[ModelArg("pool", pool_model)],
                                 cache=tmp_path / "lfw.h5", pairs=tmp_path / "bad.txt"), progress=False)

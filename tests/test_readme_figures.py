@@ -15,6 +15,8 @@ _spec = importlib.util.spec_from_file_location("readme_figures", REPO / "scripts
 RF = importlib.util.module_from_spec(_spec)
 sys.modules["readme_figures"] = RF  # dataclasses look their module up while the class is built
 _spec.loader.exec_module(RF)
+import figure_blocks as FB  # noqa: E402  (readme_figures' parts, on the path it set)
+import figure_commands as FC  # noqa: E402
 
 
 def test_every_block_of_the_readme_and_docs_is_well_formed() -> None:
@@ -62,7 +64,7 @@ def test_script_rewrites_a_block_from_its_command(tmp_path: Path) -> None:
     assert len(body) == 5 and body[4] == "```"  # the old figure and the unkept line are gone
     # Everything outside the block is as it was, and the block still parses.
     assert text.startswith("# Title\n\nSome prose with no figure.\n") and "untouched" in text
-    assert [(b.id, b.time) for b in RF.parse_blocks(text)] == [("answer", "about 0 s"),
+    assert [(b.id, b.time) for b in FB.parse_blocks(text)] == [("answer", "about 0 s"),
                                                                 ("broken", "instant")]
     # A failing command leaves its block alone and fails the run.
     rc = RF.main(["--readme", str(readme), "--only", "broken", "--quiet",
@@ -83,10 +85,10 @@ def test_raw_blocks_insert_markdown(tmp_path: Path) -> None:
 
 def test_raw_blocks_keep_captions_and_back_to_back_tables_apart() -> None:
     lines = ["Caption.", "| A | B |", "|---|---|", "| 1 | 2 |", "| C |", "|:-:|", "| 3 |", "After."]
-    assert RF.markdown_spacing(lines) == ["Caption.", "", "| A | B |", "|---|---|", "| 1 | 2 |",
+    assert FB.markdown_spacing(lines) == ["Caption.", "", "| A | B |", "|---|---|", "| 1 | 2 |",
                                           "", "| C |", "|:-:|", "| 3 |", "", "After."]
     # a row that merely follows another row is not a new table
-    assert RF.markdown_spacing(["| a |", "|---|", "| 1 |", "| 2 |"]) == ["| a |", "|---|",
+    assert FB.markdown_spacing(["| a |", "|---|", "| 1 |", "| 2 |"]) == ["| a |", "|---|",
                                                                         "| 1 |", "| 2 |"]
 
 
@@ -115,11 +117,11 @@ def test_check_accepts_loops_env_and_make() -> None:
 
 def test_parse_rejects_bad_heads() -> None:
     with pytest.raises(RF.FigureError, match="needs time"):
-        RF.parse_blocks("<!-- figure id=a cmd: echo 1 -->\nx\n<!-- /figure -->\n")
+        FB.parse_blocks("<!-- figure id=a cmd: echo 1 -->\nx\n<!-- /figure -->\n")
     with pytest.raises(RF.FigureError, match="used twice"):
-        RF.parse_blocks('<!-- figure id=a time="1" cmd: echo 1 -->\n<!-- /figure -->\n' * 2)
+        FB.parse_blocks('<!-- figure id=a time="1" cmd: echo 1 -->\n<!-- /figure -->\n' * 2)
     with pytest.raises(RF.FigureError, match="unknown attribute"):
-        RF.parse_blocks('<!-- figure id=a time="1" colour=red cmd: echo 1 -->\n<!-- /figure -->\n')
+        FB.parse_blocks('<!-- figure id=a time="1" colour=red cmd: echo 1 -->\n<!-- /figure -->\n')
 
 
 def test_measured_time_replaces_the_time_attribute() -> None:
@@ -146,29 +148,29 @@ def _run(readme: Path, *args: str) -> int:
 
 
 def test_reads_and_source_attributes_parse_and_bad_ones_are_refused() -> None:
-    blocks = RF.parse_blocks(_chain("0123456789ab"))
+    blocks = FB.parse_blocks(_chain("0123456789ab"))
     assert [(b.id, b.reads, b.source) for b in blocks] == [
         ("a", ("b",), None), ("b", ("c",), "0123456789ab"), ("c", (), None)]
     assert [b.id for b in RF.dependency_order(blocks)] == ["c", "b", "a"]
     with pytest.raises(RF.FigureError, match="reads nope: no such block"):
-        RF.parse_blocks('<!-- figure id=a time="1" reads=nope cmd: echo 1 -->\n<!-- /figure -->\n')
+        FB.parse_blocks('<!-- figure id=a time="1" reads=nope cmd: echo 1 -->\n<!-- /figure -->\n')
     with pytest.raises(RF.FigureError, match="cycle: a -> b -> a"):
-        RF.parse_blocks('<!-- figure id=a time="1" reads=b cmd: echo 1 -->\n<!-- /figure -->\n'
+        FB.parse_blocks('<!-- figure id=a time="1" reads=b cmd: echo 1 -->\n<!-- /figure -->\n'
                         '<!-- figure id=b time="1" reads=a cmd: echo 1 -->\n<!-- /figure -->\n')
     with pytest.raises(RF.FigureError, match="12 hex digits"):
-        RF.parse_blocks('<!-- figure id=a time="1" source=xyz cmd: echo 1 -->\n<!-- /figure -->\n')
+        FB.parse_blocks('<!-- figure id=a time="1" source=xyz cmd: echo 1 -->\n<!-- /figure -->\n')
 
 
 def test_a_run_records_the_code_that_made_it(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text(_chain(None))
     assert _run(readme, "--only", "c") == 0
-    (c,) = [b for b in RF.parse_blocks(readme.read_text()) if b.id == "c"]
+    (c,) = [b for b in FB.parse_blocks(readme.read_text()) if b.id == "c"]
     assert c.source == RF.current_source() and c.time == "about 0 s"
     # rewritten in place the next time, not added twice
-    old = RF.parse_blocks(readme.read_text())
+    old = FB.parse_blocks(readme.read_text())
     text = RF.replace_body(readme.read_text(), "c", "x\n", source_text="ffffffffffff")
-    assert text.count("source=") == 1 and RF.parse_blocks(text)[2].source == "ffffffffffff"
+    assert text.count("source=") == 1 and FB.parse_blocks(text)[2].source == "ffffffffffff"
     assert [b.source for b in old[:2]] == [None, None]
 
 
@@ -184,11 +186,11 @@ def test_a_block_reading_a_stale_block_is_refused_or_its_inputs_rerun_first(tmp_
     with pytest.raises(RF.FigureError, match=r"figure a reads figure b, made by other code "
                                              r"\(source 0123456789ab, now [0-9a-f]{12}\): rerun "
                                              r"it first \(--only b,a\) or pass --with-inputs"):
-        RF.plan(RF.parse_blocks(before), [RF.parse_blocks(before)[0]], now)
+        RF.plan(FB.parse_blocks(before), [FB.parse_blocks(before)[0]], now)
     # chosen together they run inputs first, whatever order they are named in
     assert _run(readme, "--only", "a,b") == 0
     assert log.read_text().split() == ["b", "a"]
-    assert {b.id: b.source for b in RF.parse_blocks(readme.read_text())} == {
+    assert {b.id: b.source for b in FB.parse_blocks(readme.read_text())} == {
         "a": now, "b": now, "c": now}
     # now b is current: a alone runs
     log.unlink()
@@ -201,7 +203,7 @@ def test_a_stale_input_further_up_reruns_everything_below_it(tmp_path: Path) -> 
     now = RF.current_source()
     readme.write_text(_chain(now, None))      # b is current, but c, which b reads, is not
     with pytest.raises(RF.FigureError, match="figure a reads figure b, it reads blocks that rerun"):
-        RF.plan(RF.parse_blocks(readme.read_text()), RF.parse_blocks(readme.read_text())[:1], now)
+        RF.plan(FB.parse_blocks(readme.read_text()), FB.parse_blocks(readme.read_text())[:1], now)
     assert _run(readme, "--only", "a", "--with-inputs") == 0
     assert log.read_text().split() == ["c", "b", "a"]
 
@@ -233,7 +235,7 @@ def test_check_reports_stale_blocks_and_undeclared_reads(tmp_path: Path, capsys)
 
 def test_loops_expand_when_matching_paths() -> None:
     w = RF.Block(id="w", cmd="for k in 1 2; do mtmim evaluate --out runs/f$k; done", time="1")
-    assert RF.output_paths(w) == {"runs/f1", "runs/f2"}
+    assert FC.output_paths(w) == {"runs/f1", "runs/f2"}
     r = RF.Block(id="r", cmd="for d in f2 g; do cat runs/$d/split.json; done", time="1")
     prefix = RF.Block(id="p", cmd="cat runs/f10/x", time="1")    # runs/f1 is not runs/f10
     assert RF.undeclared_reads([w, r, prefix]) == [
@@ -288,7 +290,7 @@ def test_a_partial_block_runs_beside_stale_inputs_and_reruns_them_on_request(tmp
     log = tmp_path / "log.txt"
     now = RF.current_source()
     readme.write_text(_chain("0123456789ab", now).replace("id=a ", "id=a partial ", 1))
-    (a,) = [b for b in RF.parse_blocks(readme.read_text()) if b.id == "a"]
+    (a,) = [b for b in FB.parse_blocks(readme.read_text()) if b.id == "a"]
     assert a.partial
     assert _run(readme, "--only", "a") == 0 and log.read_text().split() == ["a"]
     log.unlink()

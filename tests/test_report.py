@@ -36,8 +36,8 @@ def _png_has_content(path: Path) -> None:
 
 def _metrics_csv(folder: Path, mode: str, n: int, seed: int) -> dict[str, np.ndarray]:
     """A metrics.csv with the real column names of the loop and of the MT-MIM objective."""
-    from mtmim_cli.train.finetune import MTMIMObjective
     from mtmim_cli.train.loop import BASE_COLUMNS
+    from mtmim_cli.train.mtmim_objective import MTMIMObjective
 
     rng = np.random.default_rng(seed)
     cols = {c: rng.normal(size=n).cumsum() for c in (*BASE_COLUMNS, *MTMIMObjective.metric_names)}

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mtmim_cli.demo import faces as F
 from mtmim_cli.demo import synth as S
+from mtmim_cli.demo import warps as W
 from tests.conftest import run_cli
 
 
@@ -29,7 +31,7 @@ def test_cardioid_matches_the_published_formula() -> None:
     origin = np.array([80.0, 75.0])
     k = -0.15
     pts = origin + rng.normal(0, 30, (50, 2))
-    out = S.Cardioid(origin, k, fade=1e9).forward(pts)
+    out = W.Cardioid(origin, k, fade=1e9).forward(pts)
     d, d2 = pts - origin, out - origin
     r, r2 = np.linalg.norm(d, axis=1), np.linalg.norm(d2, axis=1)
     cos_t = -d[:, 1] / r  # theta from the upward vertical, image y down
@@ -38,27 +40,27 @@ def test_cardioid_matches_the_published_formula() -> None:
 
 
 def test_backward_chain_inverts_the_forward_chain() -> None:
-    base_lm = np.asarray(S.BASE_LANDMARKS["astronaut"])
-    a, b = S._similarity_from_eyes(base_lm[:2], S.EYES)
-    ctrl0 = S.control_points(S._apply_sim(a, b, base_lm))
-    ident = S.draw_identity(3, 5)
-    idw = S.identity_warp(ident, ctrl0)
+    base_lm = np.asarray(F.BASE_LANDMARKS["astronaut"])
+    a, b = W.similarity_from_eyes(base_lm[:2], F.EYES)
+    ctrl0 = F.control_points(W.apply_similarity(a, b, base_lm))
+    ident = F.draw_identity(3, 5)
+    idw = F.identity_warp(ident, ctrl0)
     for age in (2.0, 8.0, 30.0, 69.0):
-        maps = [idw, *S.ageing_maps(age, idw.forward(ctrl0))]
+        maps = [idw, *F.ageing_maps(age, idw.forward(ctrl0))]
         q = np.stack(np.meshgrid(np.linspace(0, 159, 40), np.linspace(0, 159, 40)), -1)
-        p0 = S.backward_chain(maps, q)[-1]
-        assert np.abs(S.forward_chain(maps, p0) - q).max() < 0.01  # pixels
+        p0 = W.backward_chain(maps, q)[-1]
+        assert np.abs(W.forward_chain(maps, p0) - q).max() < 0.01  # pixels
 
 
 def test_ageing_transform_shapes_children_and_old_faces() -> None:
     """Cardioidal strain shortens the lower face of a child; sagging lengthens an old one."""
-    base_lm = np.asarray(S.BASE_LANDMARKS["hopper"])
-    a, b = S._similarity_from_eyes(base_lm[:2], S.EYES)
-    lm0 = S._apply_sim(a, b, base_lm)
-    ctrl = S.control_points(lm0)
+    base_lm = np.asarray(F.BASE_LANDMARKS["hopper"])
+    a, b = W.similarity_from_eyes(base_lm[:2], F.EYES)
+    lm0 = W.apply_similarity(a, b, base_lm)
+    ctrl = F.control_points(lm0)
 
     def eye_mouth_over_iod(age: float) -> float:
-        lm = S.forward_chain(S.ageing_maps(age, ctrl), lm0)
+        lm = W.forward_chain(F.ageing_maps(age, ctrl), lm0)
         iod = np.linalg.norm(lm[1] - lm[0])
         return float(np.linalg.norm((lm[3] + lm[4]) / 2 - (lm[0] + lm[1]) / 2) / iod)
 
@@ -76,7 +78,7 @@ def test_identity_and_age_are_independent_by_construction() -> None:
     photos = S.plan(cfg)
     ages = np.array([p.age for p in photos])
     ident = np.array([p.identity.index for p in photos])
-    base = np.array([S.BASE_NAMES.index(p.identity.base) for p in photos])
+    base = np.array([F.BASE_NAMES.index(p.identity.base) for p in photos])
     assert ages.min() >= cfg.age_min and ages.max() <= cfg.age_max
     # every identity spans the whole range (stratified draws): one age per tenth of the range
     for i in range(cfg.identities):
@@ -95,7 +97,7 @@ def test_held_out_identities_cover_both_portraits() -> None:
     cfg = S.SynthConfig(identities=24)
     held = S.held_out_identities(cfg)
     assert len(held) == 6
-    assert {S.draw_identity(0, int(n[1:])).base for n in held} == set(S.BASE_NAMES)
+    assert {F.draw_identity(0, int(n[1:])).base for n in held} == set(F.BASE_NAMES)
 
 
 def test_synth_is_deterministic_and_complete(tmp_path: Path) -> None:

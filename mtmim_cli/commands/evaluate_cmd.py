@@ -72,6 +72,12 @@ def evaluate(
                                    help="Probe the identity features for age."),
     mi_steps: int = typer.Option(0, "--mi-steps",
                                  help="InfoNCE steps for I(x_id; x_age), e.g. 2000 (0: skip)."),
+    distractors: Path = typer.Option(None, "--distractors",
+                                     help="fgnet-loo: a cache of other people's faces added to the gallery."),
+    distractor_counts: str = typer.Option(None, "--distractor-counts",
+                                          help="Distractor counts N, e.g. 10,100,1000 (default: powers of 10)."),
+    distractor_index: str = typer.Option("auto", "--distractor-index",
+                                         help="exact, ivf, hnsw; auto: exact to 100,000."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Evaluate one or more models on a protocol; print and write the result tables.
@@ -105,6 +111,10 @@ def evaluate(
 
     A model whose recorded training data (or a remove-age subspace's fitting faces) holds
     test images is refused; --allow-trained-on scores it and the tables say how many.
+    --distractors D.h5 (fgnet-loo): every FG-NET photo against the other FG-NET photos plus
+    N faces of D.h5, for each N of --distractor-counts (nested subsets drawn with --seed):
+    rank-1 and CMC against N in results.md and distractors.png; the table says which N used
+    the exact scan and which an index (with its recall@1).
     Intervals: --resample identity is a cluster bootstrap (a person's probes move together);
     verification resamples pairs, or whole folds with --resample fold. The age probe fits identity-grouped linear probes of age
     group and log(1+age) on the identity features (caches with ages).
@@ -130,12 +140,12 @@ def evaluate(
     if flip not in ("concat", "sum", "none"):
         raise MtmimError(f"--flip {flip}: choose concat, sum or none")
     if recipe is not None:
-        from mtmim_cli.train.finetune_options import RECIPES
+        from mtmim_cli.train.finetune_options import RECIPE_NAMES
 
         if refit != "full":
             raise MtmimError(f"--recipe {recipe}: applies to --refit full (each round fine-tunes)")
-        if recipe not in RECIPES:
-            raise MtmimError(f"--recipe {recipe}: choose from {', '.join(RECIPES)}")
+        if recipe not in RECIPE_NAMES:
+            raise MtmimError(f"--recipe {recipe}: choose from {', '.join(RECIPE_NAMES)}")
         opts = {"recipe": recipe, **opts}
     set_torch_threads(threads)
     cfg = EvalConfig(
@@ -148,5 +158,7 @@ def evaluate(
         allow_trained_on=allow_trained_on, features=features, command=command_line(),
         resample=resample, resamples=resamples, age_edges=parse_edges(age_bins, "--age-bins"),
         gap_edges=parse_edges(gap_bins, "--gap-bins"), age_probe=age_probe, mi_steps=mi_steps,
+        distractors=distractors, distractor_counts=distractor_counts,
+        distractor_index=distractor_index,
     )
     run_evaluate(cfg, progress=not quiet, echo=typer.echo)

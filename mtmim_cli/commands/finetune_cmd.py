@@ -8,8 +8,8 @@ import typer
 
 from mtmim_cli.app import app
 from mtmim_cli.atomic import ensure_writable
-from mtmim_cli.models.backbones import stage_summary
-from mtmim_cli.train.finetune_options import MI_TARGETS, MODES, recipe_summary
+from mtmim_cli.commands.finetune_help import finetune_text, show_recipes
+from mtmim_cli.train.finetune_options import MI_TARGETS, MODES
 from mtmim_cli.train.finetune_options import default as D
 
 
@@ -49,60 +49,10 @@ def _age(v: float) -> str:
 
 # Options whose library name differs from the option's.
 _LIBRARY_NAME = {"scale": "s", "margin_m": "m"}
-_NOT_SETTINGS = ("caches", "init", "threads")
+_NOT_SETTINGS = ("caches", "init", "threads", "help_recipes")
 
 
-def _finetune_text() -> str:
-    """The command's text: what the short option help leaves out (recipes and stages are
-    read from their tables, so the text stays true as they change)."""
-    return f"""MT-MIM fine-tuning: factorization, age groups, CLUB penalty with alternating q updates.
-
-    --init takes our pretrain checkpoint, an insightface iresnet backbone.pth (with
-    --backbone), the shared MobileFaceNet ckpt or an ONNX face encoder (*.onnx; --backbone
-    onnx:SPEC for its input). --mi-target: features (the paper: CLUB between x_id and x_age
-    with a Gaussian q), age-group (CLUB between x_id and the age group, categorical q) or
-    lautum (mean KL from the group prior to q(group | x_id)). The paper's linear
-    factorization makes x_age a function of x_id, so 'features' can fall without age leaving
-    x_id. q's learning rate drops by 10 with the encoder's on plateau.
-
-    --recipe: a named bundle of the options for small training sets; options given override
-    it, and without it the paper's settings apply. {recipe_summary()}.
-
-    --freeze-through STAGE freezes the encoder up to and including STAGE (eval mode, no
-    gradient) and trains the rest; the frozen trunk's activations are computed once and cached
-    in --activation-cache (default --out/activations; keyed by weights, images, stage, crop
-    and dtype so runs share them; off = train on images, needed for --augment). last:K = all
-    but the last K stages; auto = last:2. Stages: {stage_summary()}; an ONNX encoder's are its
-    weight layers, named in the refusal of a wrong name. --freeze-bn stats keeps every encoder
-    BatchNorm in eval mode (affine still trained); all fixes the affine too. --init-centres
-    mean starts each class centre at its mean x_id under the initial encoder; mean-mirror
-    averages each image with its mirror first.
-
-    --lr trains factorization and heads, and the encoder unless --encoder-lr. --l2sp ALPHA
-    adds (alpha/2)||w - w0||^2 toward the encoder's initial weights instead of weight decay
-    (heads keep --weight-decay). --wise ALPHA writes (1 - ALPHA) x initial + ALPHA x trained
-    weights (WiSE-FT). --head-warmup-steps keeps the encoder out of the optimiser at first
-    (BatchNorm statistics fixed; fresh Adam state at release). --augment: none, light, or
-    key=value pairs over it (brightness, contrast, saturation, scale: max relative change;
-    translate: pixels; rotate: degrees; grey: probability), e.g. 'light,grey=0.3', drawn per
-    (seed, epoch, image); images only, not cached activations.
-
-    Identity lists (--train-identities, --replay-identities): comma-separated names, @FILE
-    (one per line) or @FILE.json:key.path (e.g. @open-set.json:fgnet.train_subjects); whole
-    numbers match by value (1 = '001'). --replay caches get classes of their own, no age loss,
-    and stay out of CLUB and q; --replay-ratio is their share of each batch.
-    --val-identities carves identities (a count, or a fraction below 1) out of the first
-    cache and validates on their cross-age pairs; --early-stop and --keep best act on it.
-    --identities: auto (caches of one align job share names, others keep theirs apart),
-    by-name or per-cache (docs/SCALE.md). --partial-fc RATE splits the class centres over
-    torchrun processes and keeps that share per step (1.0 = split only). --batch-size is
-    global (split over torchrun processes); --accumulate N sums N micro-batches' gradients
-    (BatchNorm sees micro-batches; q fits the whole batch). --workers -1 = the cores per
-    process less one, at most 8.
-    """
-
-
-@app.command(help=_finetune_text())
+@app.command(help=finetune_text())
 def finetune(
     ctx: typer.Context,
     caches: list[Path] = typer.Argument(..., help="Training caches with ages (from `mtmim align`)."),
@@ -143,18 +93,20 @@ def finetune(
     val_every: int = typer.Option(D("val_every"), "--val-every", help="Steps between validations (0 = before and after only)."),
     sync_bn: bool = typer.Option(D("sync_bn"), "--sync-bn", help="Under torchrun, BatchNorm over the global batch."),
     head_warmup_steps: int = typer.Option(D("head_warmup_steps"), "--head-warmup-steps", help="First steps with the encoder held (0 = the paper)."),
-    recipe: str = typer.Option(D("recipe"), "--recipe", help="A named bundle of settings for small sets (see above)."),
-    freeze_through: str = typer.Option(D("freeze_through"), "--freeze-through", help="Freeze the encoder through this stage (see above)."),
+    recipe: str = typer.Option(D("recipe"), "--recipe", help="A named bundle of settings for small sets (--help-recipes)."),
+    help_recipes: bool = typer.Option(False, "--help-recipes", is_eager=True, callback=show_recipes(_LIBRARY_NAME), help="Print recipes, stages, small-set options."),
+    freeze_through: str = typer.Option(D("freeze_through"), "--freeze-through", help="Freeze the encoder through this stage (--help-recipes)."),
     activation_cache: str = typer.Option(D("activation_cache"), "--activation-cache", help="Folder of the frozen trunk's activations (off: none)."),
     activation_dtype: str = typer.Option(D("activation_dtype"), "--activation-dtype", help="Cached activations: float16 or float32."),
-    freeze_bn: str = typer.Option(D("freeze_bn"), "--freeze-bn", help="Encoder BatchNorm: off, stats or all (see above)."),
+    freeze_bn: str = typer.Option(D("freeze_bn"), "--freeze-bn", help="Encoder BatchNorm: off, stats or all (--help-recipes)."),
     init_centres: str = typer.Option(D("init_centres"), "--init-centres", help="Margin-head centres: random, mean or mean-mirror."),
     encoder_lr: float = typer.Option(D("encoder_lr"), "--encoder-lr", help="Learning rate of the encoder (default: --lr)."),
     l2sp: float = typer.Option(D("l2sp"), "--l2sp", metavar="ALPHA", help="L2-SP pull toward the initial weights (0 = off)."),
-    augment: str = typer.Option(D("augment"), "--augment", help="none, light, or key=value over it (see above)."),
+    augment: str = typer.Option(D("augment"), "--augment", help="none, light, or key=value over it (--help-recipes)."),
     train_identities: str = typer.Option(D("train_identities"), "--train-identities", help="Train only on these identities: NAMES, @FILE, @F.json:key."),
     replay: list[Path] = typer.Option(D("replay"), "--replay", help="General-face cache(s) mixed into every batch (repeat)."),
     replay_identities: str = typer.Option(D("replay_identities"), "--replay-identities", help="Replay only these identities (as --train-identities)."),
+    auto_guard: Path = typer.Option(D("auto_guard"), "--auto-guard", help="--recipe auto: general-face cache of untested people (guard)."),
     wise: float = typer.Option(D("wise"), "--wise", metavar="ALPHA", help="WiSE-FT: weight of the trained weights in model.pt."),
     replay_ratio: float = typer.Option(D("replay_ratio"), "--replay-ratio", help="Share of each batch drawn from --replay."),
     val_identities: float = typer.Option(D("val_identities"), "--val-identities", help="Validate on this many identities carved from the data."),
@@ -166,7 +118,7 @@ def finetune(
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch per process."),
     progress: bool = typer.Option(D("progress"), "--progress/--no-progress", " /--quiet", " /-q", help="Live display of loss, accuracy, images/s and ETA."),
 ) -> None:
-    """MT-MIM fine-tuning (the command's text is `_finetune_text`)."""
+    """MT-MIM fine-tuning (the command's text is `finetune_help.finetune_text`)."""
     ensure_writable(out, folder=True)
 
     from mtmim_cli.errors import MtmimError
@@ -182,6 +134,11 @@ def finetune(
     if q_steps < 0 or q_lr <= 0:
         raise MtmimError(f"--q-steps {q_steps} / --q-lr {q_lr}: need q-steps >= 0 and q-lr > 0")
     set_torch_threads(threads)
+    if recipe == "auto":   # a search over fine-tunes, chosen on validation identities
+        from mtmim_cli.orchestration.auto_recipe import auto_finetune
+
+        auto_finetune(caches, init, given_settings(ctx))
+        return
     run(caches, init, given_settings(ctx))
 
 

@@ -30,6 +30,32 @@ from mtmim_cli.errors import MtmimError
 ON_MISS = ("skip", "center")
 
 
+def feature_name(model) -> str:
+    """Which feature a model's embeddings are: x_id (fine-tuned), x, and any age subspace
+    projected out (`mtmim remove-age`), said wherever its features go."""
+    feature = "x_id" if model.factorize is not None else "x"
+    if model.age_basis is not None:
+        feature += f" minus its age subspace ({model.age_basis.shape[1]} dims)"
+    return feature
+
+
+def align_one(path: Path, detector, on_miss: str = "skip") -> tuple[np.ndarray | None, str, str]:
+    """One photo aligned: (112x112x3 uint8 or None, status, reason); status detected, center
+    (faceless, `on_miss="center"`), miss or error (an unreadable file: its reason)."""
+    from mtmim_cli.data.align import align_photo, center_crop
+    from mtmim_cli.data.readers import load_image
+
+    try:
+        aligned, _ = align_photo(path, detector)
+    except MtmimError as exc:
+        return None, "error", str(exc)
+    if aligned is not None:
+        return aligned, "detected", ""
+    if on_miss == "center":
+        return center_crop(load_image(path)), "center", "no face found"
+    return None, "miss", "no face found"
+
+
 @dataclass
 class _Source:
     """What to embed: images (a Cache or an array), the rows holding a face, and per-record
@@ -60,9 +86,8 @@ def _from_folder(src: Path, device: str, on_miss: str, progress: bool, pad: floa
     """Align every photo under `src` (recursively; detection framed by `pad`, as `align
     --pad`); faceless ones are centre-cropped when `on_miss` is "center", else left out of
     `rows`."""
-    from mtmim_cli.data.align import align_photo, center_crop
     from mtmim_cli.data.detect import FaceDetector
-    from mtmim_cli.data.readers import IMAGE_EXTS, load_image
+    from mtmim_cli.data.readers import IMAGE_EXTS
     from mtmim_cli.progress import make_progress
 
     files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS
@@ -76,16 +101,11 @@ def _from_folder(src: Path, device: str, on_miss: str, progress: bool, pad: floa
     with make_progress("img", disable=not progress) as bar:
         task = bar.add_task("align", total=len(files))
         for n, p in enumerate(files):
-            try:
-                aligned, _ = align_photo(p, detector)
-            except MtmimError as exc:
-                aligned, status[n], reasons[n] = None, "error", str(exc)
+            aligned, status[n], reasons[n] = align_one(p, detector, on_miss)
             if aligned is not None:
-                images[n], status[n] = aligned, "detected"
-            elif status[n] == "miss":
-                reasons[n] = "no face found"
-                if on_miss == "center":
-                    images[n], status[n] = center_crop(load_image(p)), "center"
+                images[n] = aligned
+                if status[n] == "detected":
+                    reasons[n] = ""
             bar.advance(task)
     rows = np.flatnonzero([s in ("detected", "center") for s in status])
     rel = [p.relative_to(src).as_posix() for p in files]
@@ -126,9 +146,7 @@ def embed_source(src: str | os.PathLike, model_path: str | os.PathLike,
     else:
         feats = np.zeros((0, model.embedding_size * (2 if flip == "concat" else 1)), np.float32)
     missed = np.setdiff1d(np.arange(len(s.paths)), rows)
-    feature = "x_id" if model.factorize is not None else "x"
-    if model.age_basis is not None:   # `mtmim remove-age`: say so wherever the file goes
-        feature += f" minus its age subspace ({model.age_basis.shape[1]} dims)"
+    feature = feature_name(model)
     text = h5py.string_dtype(encoding="utf-8")
 
     def strings(values: list[str], idx: np.ndarray) -> np.ndarray:

@@ -66,6 +66,10 @@ class EvalConfig:
     gap_edges: tuple[int, ...] = (0, 6, 11, 21)           # lower edges of the age gap bins
     age_probe: bool = True             # age leakage probe of the identity features
     mi_steps: int = 0                  # InfoNCE estimator steps for factorized models (0: skipped)
+    # fgnet-loo against distractors (eval.distractors):
+    distractors: Path | None = None    # a cache of faces of other people
+    distractor_counts: str | None = None   # "10,100,..." (None: powers of ten up to all)
+    distractor_index: str = "auto"     # exact, ivf, hnsw; auto: exact up to 100,000
 
 
 def check_config(cfg: EvalConfig) -> None:

@@ -15,6 +15,8 @@ import torch
 from mtmim_cli.allocator import reuse_freed_memory
 from mtmim_cli.data.cache import Cache
 from mtmim_cli.data.dataset import preprocess
+from mtmim_cli.eval.trunk_memo import shared_views
+from mtmim_cli.eval.views import forward_views, read_images
 from mtmim_cli.progress import make_progress
 
 FLIP_MODES = ("concat", "sum", "none")
@@ -41,11 +43,7 @@ def combine_views(feats: np.ndarray, feats_flip: np.ndarray | None, flip: str) -
 
 def _image_batches(source: Cache | np.ndarray, indices: np.ndarray, batch_size: int):
     for start in range(0, len(indices), batch_size):
-        idx = indices[start:start + batch_size]
-        if isinstance(source, Cache):
-            yield source.images(idx)
-        else:
-            yield np.asarray(source[idx])
+        yield read_images(source, indices[start:start + batch_size])
 
 
 # Rows (images and mirrors together) per forward pass on the CPU: as many as keep the
@@ -101,16 +99,6 @@ def images_per_pass(model: torch.nn.Module, width: int, device: str | torch.devi
     return max(1, rows_per_pass(model, width, device) // (2 if mirror else 1))
 
 
-def forward_views(model, x: torch.Tensor, mirror: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`model` on the image rows and, when `mirror`, their horizontal flips, in one pass (one
-    pass of 2B rows runs faster than two of B). The crop is symmetric, so flipping the
-    crop equals cropping the flip."""
-    if not mirror:
-        return model(x), None
-    y = model(torch.cat([x, torch.flip(x, dims=[3])]))
-    return y[:len(x)], y[len(x):]
-
-
 @torch.no_grad()
 def extract_views(model: torch.nn.Module, source: Cache | np.ndarray,
                   indices: Sequence[int] | np.ndarray | None = None, *, mirror: bool = True,
@@ -132,8 +120,6 @@ def extract_views(model: torch.nn.Module, source: Cache | np.ndarray,
     was_training = model.training
     model.eval()
     batch_size = images_per_pass(model, width, device, mirror, batch_size)
-    from mtmim_cli.eval.trunk_memo import shared_views
-
     shared = shared_views(model, source, indices, mirror=mirror, width=width,
                           batch_size=batch_size, device=device, progress=progress,
                           description=description)

@@ -14,6 +14,7 @@ import numpy as np
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.eval import protocols as P
 from mtmim_cli.eval.config import VERIFICATION, EvalConfig
+from mtmim_cli.eval.lfw_pairs import read_lfw_pairs
 
 
 @dataclass
@@ -81,8 +82,9 @@ def pair_input(cfg: EvalConfig, cache) -> PairInput:
         raise MtmimError(f"{cfg.protocol}: needs --pairs FILE.bin, or --cache with --pairs FILE.csv "
                          "(or --cache alone to draw cross-age pairs)")
     if cfg.pairs is not None and cfg.pairs.suffix == ".txt":
-        return PairInput(cache, *read_lfw_pairs(cfg.pairs, cache),
-                         _file_origin(cfg.pairs, "LFW pairs.txt"))
+        i, j, same, folds, layout = read_lfw_pairs(cfg.pairs, cache)
+        return PairInput(cache, i, j, same, folds,
+                         {**_file_origin(cfg.pairs, "LFW pairs.txt"), "layout": layout})
     if cfg.pairs is not None:
         i, j, same, folds = read_pair_csv(cfg.pairs, cache)
         return PairInput(cache, i, j, same, folds if folds is not None else 10,
@@ -140,7 +142,9 @@ def pairs_origin_text(pairs: PairInput) -> str:
     n_imp = int((~np.asarray(pairs.same, bool)).sum())
     counts = f"{n} pairs, {n - n_imp} genuine and {n_imp} impostor"
     if o.get("kind") == "file":
-        return f"pairs: {o['format']} file {o['path']} (sha256 {o['sha256'][:16]}; {counts})"
+        layout = f"; {o['layout']}" if o.get("layout") else ""
+        return (f"pairs: {o['format']} file {o['path']} (sha256 {o['sha256'][:16]}; "
+                f"{counts}){layout}")
     if o.get("kind") == "release":
         return release_origin_text(o, counts)
     if o.get("kind") == "drawn":
@@ -233,44 +237,3 @@ def read_pair_csv(path: Path, cache) -> tuple[np.ndarray, np.ndarray, np.ndarray
         raise MtmimError(f"{path}: no pairs")
     return (np.array(a), np.array(b), np.array(same, bool),
             np.array(fold) if "fold" in cols else None)
-
-
-def read_lfw_pairs(path: Path, cache) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """LFW's pairs.txt: a header `folds n`, then per fold n lines `name i j` (same person)
-    and n lines `name1 i name2 j` (different). Photos are found in the cache by the path
-    ending `name/name_000i.jpg` (the folder layout `align --format folder` stores)."""
-    if not path.exists():
-        raise MtmimError(f"{path}: no such file")
-    lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
-    try:
-        folds, per = int(lines[0][0]), int(lines[0][1])
-    except (IndexError, ValueError):
-        raise MtmimError(f"{path}: first line must be '<folds> <pairs per class>'") from None
-    if len(lines) - 1 != 2 * folds * per:
-        raise MtmimError(f"{path}: {len(lines) - 1} pair lines, header promises {2 * folds * per}")
-    pos = {}
-    for k, p in enumerate(cache.paths):
-        parts = p.replace("\\", "/").split("/")
-        pos["/".join(parts[-2:])] = k
-
-    def find(name: str, num: str, n: int) -> int:
-        key = f"{name}/{name}_{int(num):04d}.jpg"
-        if key not in pos:
-            raise MtmimError(f"{path}: line {n}: {key} is not in {cache.path}")
-        if not cache.usable[pos[key]]:
-            raise MtmimError(f"{path}: line {n}: {key} has no aligned face in {cache.path}")
-        return pos[key]
-
-    a, b, same = [], [], []
-    for n, f in enumerate(lines[1:], 2):
-        if len(f) == 3:
-            a.append(find(f[0], f[1], n))
-            b.append(find(f[0], f[2], n))
-            same.append(True)
-        elif len(f) == 4:
-            a.append(find(f[0], f[1], n))
-            b.append(find(f[2], f[3], n))
-            same.append(False)
-        else:
-            raise MtmimError(f"{path}: line {n}: expected 'name i j' or 'name1 i name2 j'")
-    return np.array(a), np.array(b), np.array(same), folds

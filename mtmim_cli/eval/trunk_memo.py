@@ -26,7 +26,7 @@ import torch
 
 from mtmim_cli.data.cache import Cache
 from mtmim_cli.data.dataset import preprocess
-from mtmim_cli.eval.features import forward_views
+from mtmim_cli.eval.views import forward_views, read_images
 from mtmim_cli.progress import make_progress
 
 _MEMO: OrderedDict[tuple, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
@@ -104,7 +104,7 @@ def _trunk(trunk, source, indices, mirror, width, batch_size, device, progress, 
         task = bar.add_task(description, total=len(indices))
         for lo in range(0, len(indices), batch_size):
             idx = indices[lo:lo + batch_size]
-            x = preprocess(_images(source, idx), width).to(device)
+            x = preprocess(read_images(source, idx), width).to(device)
             if on_cpu:
                 x = x.contiguous(memory_format=torch.channels_last)
             h, h_flip = forward_views(lambda v: _run(trunk, v), x, mirror)
@@ -161,7 +161,3 @@ def _tail(acts, tail, after, batch_size, device, progress, description):
             bar.advance(task, k)
     return (np.concatenate(out).astype(np.float32),
             np.concatenate(out_flip).astype(np.float32) if b is not None else None)
-
-
-def _images(source: Cache | np.ndarray, idx: np.ndarray) -> np.ndarray:
-    return source.images(idx) if isinstance(source, Cache) else np.asarray(source[idx])

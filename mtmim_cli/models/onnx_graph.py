@@ -113,7 +113,7 @@ def parse_spec(backbone: str | None, where: str = "--backbone") -> dict[str, Any
 class PreparedGraph:
     model: Any                      # onnx.ModelProto: float, OPSET, one input, one output
     convention: InputConvention
-    embedding_size: int
+    embedding_size: int | None      # None until a forward pass finds it (graph leaves it unknown)
     source: dict[str, Any]          # file name, sha256, folded/quantized counts
 
     def describe(self) -> str:
@@ -190,11 +190,14 @@ def prepare(model, path: Path, spec: dict[str, Any], source: dict[str, Any]) -> 
             from onnx import version_converter
             prepared = version_converter.convert_version(prepared, OPSET)
         prepared = onnx.shape_inference.infer_shapes(prepared, strict_mode=False)
+        freed = free_fixed_batch(prepared)
+        if freed:
+            prepared = onnx.shape_inference.infer_shapes(prepared, strict_mode=False)
     except Exception as exc:  # noqa: BLE001 - onnx raises many types for a graph it cannot move
         raise MtmimError(f"{path}: cannot bring the graph to opset {OPSET} ({_first_line(exc)})") from None
     dim = _embedding_size(prepared, nodes, path)
     source = {**source, "folded_nodes": folded, "dequantized_tensors": quantized,
-              "opset": opsets.get("", OPSET)}
+              "opset": opsets.get("", OPSET), "freed_batch_reshapes": freed}
     return PreparedGraph(prepared, convention, dim, source)
 
 
@@ -351,22 +354,96 @@ def _convention(size: tuple[int, int], graph_scales: tuple[float, float] | None,
                            tuple(sorted(decided.items())))
 
 
-def _embedding_size(model, nodes, path: Path) -> int:
+def free_fixed_batch(model) -> int:
+    """Let Reshapes whose target was exported with a batch of 1 take any batch; returns how
+    many were changed (in place).
+
+    A graph exported at batch 1 and then constant-folded (onnx-simplifier's habit, common in
+    the field's MobileFaceNet files) carries `Reshape(x, [1, -1])` where the model said
+    `x.view(x.size(0), -1)`: on a batch of B it makes one row of B embeddings. Where shape
+    inference shows that the reshaped tensor's first dimension is the graph's free batch
+    (a symbolic dimension) and the constant target's first entry is 1, that entry becomes 0,
+    which ONNX reads as "copy this dimension from the input". Shapes are inferred again
+    after each change, since a freed Reshape lets the batch reach the next one; `model`
+    comes with its shapes inferred (prepare's), which serve the first pass."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = model.graph
+    changed = 0
+    for _ in range(sum(n.op_type == "Reshape" for n in g.node)):
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph \
+            if changed else g
+        first_dim = {}
+        for vi in (*inferred.input, *inferred.value_info, *inferred.output):
+            dims = vi.type.tensor_type.shape.dim
+            if len(dims):
+                first_dim[vi.name] = dims[0]
+        inits = {t.name: k for k, t in enumerate(g.initializer)}
+        fixed = None
+        for node in g.node:
+            if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in inits:
+                continue
+            allowzero = next((a.i for a in node.attribute if a.name == "allowzero"), 0)
+            target = numpy_helper.to_array(g.initializer[inits[node.input[1]]])
+            d0 = first_dim.get(node.input[0])
+            if allowzero or target.ndim != 1 or not target.size or int(target[0]) != 1 \
+                    or d0 is None or d0.HasField("dim_value"):
+                continue
+            fixed = node, target
+            break
+        if fixed is None:
+            break
+        node, target = fixed
+        freed = target.astype(np.int64).copy()
+        freed[0] = 0
+        # A new initializer: the old one may be shared by a Reshape that is not on the batch.
+        names = {t.name for t in g.initializer}
+        name, k = f"{node.input[1]}_any_batch", 0
+        while name in names:
+            k += 1
+            name = f"{node.input[1]}_any_batch{k}"
+        g.initializer.append(numpy_helper.from_array(freed, name))
+        node.input[1] = name
+        changed += 1
+        # The shapes inferred so far hold the batch of 1: infer afresh from here on.
+        del g.value_info[:]
+        for o in g.output:
+            o.type.tensor_type.ClearField("shape")
+    if changed:
+        used = {i for n in g.node for i in n.input}
+        keep = [t for t in g.initializer if t.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    return changed
+
+
+def _embedding_size(model, nodes, path: Path) -> int | None:
+    """D of the (N, D) output, or None when shape inference leaves it unknown (the encoder
+    then finds it by a forward pass: `check_embedding_size`)."""
     out = model.graph.output[0]
     producer = next((n for n in reversed(nodes) if out.name in n.output), None)
     if producer is not None and producer.op_type in CLASSIFIER_OPS:
         raise MtmimError(f"{path}: output {out.name} comes from {producer.op_type}: class "
                          "scores, not an embedding")
     dims = out.type.tensor_type.shape.dim
+    if not out.type.tensor_type.HasField("shape"):
+        return None
     shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    if len(shape) != 2 or shape[1] is None:
+    if len(shape) != 2:
         raise MtmimError(f"{path}: output {out.name} has shape {shape or 'unknown'}; expected "
                          "(N, D), one embedding per image")
-    d = int(shape[1])
+    if shape[1] is None:
+        return None
+    return check_embedding_size(int(shape[1]), out.name, path)
+
+
+def check_embedding_size(d: int, name: str, path: str | os.PathLike) -> int:
+    """`d` when it is an embedding's width; else a one-line refusal naming the file."""
     lo, hi = EMBEDDING_SIZES
     if d == 1000 or not lo <= d <= hi:
         what = "ImageNet class scores" if d == 1000 else "not an embedding size"
-        raise MtmimError(f"{path}: output {out.name} has {d} values per image ({what}); a face "
+        raise MtmimError(f"{path}: output {name} has {d} values per image ({what}); a face "
                          f"embedding has {lo}-{hi}")
     return d
 

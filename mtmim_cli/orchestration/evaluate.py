@@ -44,6 +44,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
 
     say = echo or (lambda s: None)
     check_config(cfg)
+    if cfg.distractors is not None:   # a table of its own: rank-1 and CMC against N
+        from mtmim_cli.orchestration.distractors import evaluate_distractors
+
+        return evaluate_distractors(cfg, progress, echo)
     inputs = open_inputs(cfg)
     files = [file_record(Path(p)) for p in (cfg.cache, cfg.pairs, cfg.meta) if p is not None]
     if inputs.cache is not None:

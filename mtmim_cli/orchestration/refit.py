@@ -176,7 +176,12 @@ def resolved_refit_options(refit: str, options: dict) -> dict:
     elif refit == "full":
         from mtmim_cli.train.finetune import resolved_settings
 
+        guard = opts.pop("auto_guard", None)
         resolved = {k: v for k, v in resolved_settings(opts).items() if k != "out"}
+        if opts.get("recipe") == "auto":   # the search's grid and criterion change rounds too
+            from mtmim_cli.orchestration.auto_recipe import declaration
+
+            resolved["auto_search"] = {**declaration(), "guard": guard}
     else:
         return {}
     resolved.pop("mode", None)
@@ -270,9 +275,14 @@ def full_round_fn(cache, idx: np.ndarray, ident: np.ndarray, m: ModelArg, *, bas
         # mode: computed once into the model's rounds folder, unless the options name a place.
         shared = {"activation_cache": str(base.parent.parent / "activations"),
                   **({"backbone": m.backbone} if m.backbone else {})}
-        run_dir = finetune([cache.path], m.path, {**shared, **options, "out": str(run),
-                                                  "exclude": exclude.tolist(), "seed": seed,
-                                                  "progress": False, "resume": True})
+        round_opts = {**shared, **options, "out": str(run), "exclude": exclude.tolist(),
+                      "seed": seed, "progress": False, "resume": True}
+        if options.get("recipe") == "auto":   # chosen on this round's training identities
+            from mtmim_cli.orchestration.auto_recipe import auto_finetune
+
+            run_dir = auto_finetune([cache.path], m.path, round_opts, echo=None)
+        else:
+            run_dir = finetune([cache.path], m.path, round_opts)
         model = load_model(_final_checkpoint(Path(run_dir)), None, feat.device)
         return P.rank_held_out(feat.extract(model, cache, idx), ident, held)
 

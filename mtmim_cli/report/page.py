@@ -112,6 +112,26 @@ def age_section(results: list[dict], out: Path, palette: Palette,
                "![probe age x gallery age](age_map.png)\n"]
     return md
 
+def auto_section(runs: list[Run]) -> list[str]:
+    """What `--recipe auto` searched, its validation table and its choice, per run."""
+    md = []
+    for r in runs:
+        extra = r.config.get("extra") if isinstance(r.config.get("extra"), dict) else {}
+        auto = extra.get("auto")
+        if not isinstance(auto, dict):
+            continue
+        chosen = auto.get("chosen")
+        choice = (f"chose {auto.get('chosen_label')}: " + ", ".join(
+                  f"{k} {v}" for k, v in chosen.items() if v is not None) +
+                  "; retrained on all training identities" if chosen else
+                  "no candidate beat the init beyond its interval: model.pt equals the init")
+        grid = "; ".join(f"{k} {', '.join(str(v) for v in vs)}"
+                         for k, vs in (auto.get("grid") or {}).items())
+        md += [f"### {r.label}: `--recipe auto`\n", f"Grid: {grid}.\n",
+               f"{auto.get('summary', '')}.\n", str(auto.get("table", "")), "",
+               f"Choice: {choice}.\n"]
+    return md
+
 def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
                  max_images: int = 400, age_map_model: str | None = None) -> Path:
     """Write `out`/report.md and its figures from run folders and evaluate's outputs;
@@ -128,8 +148,12 @@ def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
     if runs:
         md += ["## Training runs\n", run_table(runs), "",
                "Final values are means over the last tenth of the logged steps.\n"]
-        save_figure(plot_training_curves(runs, palette), out / "training_curves.png")
-        md += ["### Training curves\n", "![training curves](training_curves.png)\n"]
+        md += auto_section(runs)
+        # an auto run that kept its init logged no step (nothing to draw)
+        curved = [r for r in runs if len(r.metrics)]
+        if curved:
+            save_figure(plot_training_curves(curved, palette), out / "training_curves.png")
+            md += ["### Training curves\n", "![training curves](training_curves.png)\n"]
         fig = plot_club(runs, palette)
         if fig is not None:
             save_figure(fig, out / "club.png")

@@ -27,6 +27,10 @@ DEFAULTS: dict[str, Any] = {
     "encoder_lr": None, "l2sp": 0.0, "augment": "none", "replay": None, "replay_ratio": 0.25,
     "val_identities": 0, "activation_cache": None, "activation_dtype": "float16",
     "train_identities": None, "replay_identities": None, "wise": 1.0,
+    # --recipe auto's record of its search (grid, validation scores, choice), set by the
+    # search for the run it retrains (orchestration/auto_recipe.py), and its general-face
+    # guard cache
+    "auto": None, "auto_guard": None,
 }
 # TrainConfig fields where fine-tuning differs from TrainConfig's own defaults (pretraining).
 TRAIN_DEFAULTS: dict[str, Any] = {"out": "runs/finetune", "lr": 0.02, "optimizer": "adam",
@@ -85,12 +89,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 RECIPES["small-sface"] = {**RECIPES["small"], "freeze_through": "last:1", "lr": 3e-4,
                           "lambda_mim": 0.1}
-
-
-def recipe_summary() -> str:
-    """The recipes and their values, for --help."""
-    return "; ".join(f"{name} = " + ", ".join(f"{k} {v}" for k, v in r.items())
-                     for name, r in RECIPES.items())
+# "auto" is not a fixed bundle: a search over small's bundle (trainable depth, lr, lambda,
+# WiSE) chosen on validation folds of the run's own training identities
+# (orchestration/auto_recipe.py, which declares the grid and the criterion).
+AUTO_RECIPE = "auto"
+RECIPE_NAMES = (*RECIPES, AUTO_RECIPE)
 
 
 def default(name: str) -> Any:

@@ -29,7 +29,7 @@ def test_finetune_from_shared_mobilefacenet(fgnet_four: Path, mobilefacenet_ckpt
     from mtmim_cli.eval.features import extract_features
     from mtmim_cli.eval.metrics import rank1_dense
     from mtmim_cli.models.identity import load_identity_model
-    from mtmim_cli.train.finetune import MTMIMObjective
+    from mtmim_cli.train.mtmim_objective import MTMIMObjective
 
     cache = Cache(fgnet_four)
     pre = load_identity_model(mobilefacenet_ckpt)

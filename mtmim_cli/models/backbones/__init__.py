@@ -56,14 +56,15 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-def stage_summary() -> str:
-    """The stages a trunk may be frozen through, per backbone family (for --help; no torch)."""
+def stage_table() -> dict[str, str]:
+    """The stages a trunk may be frozen through, per backbone family, numbered runs folded
+    (`blocks.0..blocks.14`); for `mtmim finetune --help-recipes`, no torch."""
     def short(names: tuple[str, ...]) -> str:
         runs = groupby(names, key=lambda n: n.rsplit(".", 1)[0])   # blocks.0..blocks.14
         return ", ".join(r[0] if len(r) == 1 else f"{r[0]}..{r[-1]}"
                          for r in (list(g) for _, g in runs))
-    return "; ".join(f"{'iresnet*' if k == 'iresnet18' else k}: {short(v.stages)}"
-                     for k, v in BACKBONES.items() if not k.startswith("iresnet") or k == "iresnet18")
+    return {("iresnet*" if k == "iresnet18" else k): short(v.stages)
+            for k, v in BACKBONES.items() if not k.startswith("iresnet") or k == "iresnet18"}
 
 
 def split_stages(encoder, stage: str) -> tuple[list, list]:  # -> (trunk, tail) module lists

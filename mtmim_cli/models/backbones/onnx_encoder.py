@@ -37,6 +37,7 @@ from mtmim_cli.data.dataset import MEAN, SCALE
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.models.onnx_graph import (
     PreparedGraph,
+    check_embedding_size,
     graph_blob,
     graph_from_blob,
     load_onnx,
@@ -101,16 +102,39 @@ class OnnxEncoder(nn.Module):
     def __init__(self, prepared: PreparedGraph, where: str = "") -> None:
         super().__init__()
         self.convention = prepared.convention
-        self.source = dict(prepared.source)
-        self.embedding_size = int(prepared.embedding_size)
         self.input_height = prepared.convention.height
         self.input_width = prepared.convention.width
         c = prepared.convention
         self.adapter = _InputAdapter(c.channels, c.mean, c.std)
-        self.net = _convert(prepared.model, where or prepared.source.get("file", "ONNX model"))
+        where = where or prepared.source.get("file", "ONNX model")
+        self.net = _convert(prepared.model, where)
+        if prepared.embedding_size is None:
+            prepared.embedding_size = self._measured_width(where)
+            prepared.source = {**prepared.source, "embedding_size_from": "forward pass"}
+        self.source = dict(prepared.source)
+        self.embedding_size = int(prepared.embedding_size)
         blob = np.frombuffer(graph_blob(prepared), dtype=np.uint8).copy()
         self.register_buffer(GRAPH_KEY, torch.from_numpy(blob))
         self._stage_cache: tuple[tuple[int, ...], list[tuple[str, nn.Module]]] | None = None
+
+    def _measured_width(self, where: str) -> int:
+        """D of a graph whose output width shape inference leaves open, from one forward pass
+        on two blank crops (in eval mode: BatchNorm statistics stay as they are)."""
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                y = self.net(self.adapter(torch.zeros(2, 3, self.input_height, self.input_width)))
+        except Exception as exc:  # noqa: BLE001 - any failure of a foreign graph on a batch
+            raise MtmimError(f"{where}: the graph does not run on a batch of 2 images "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        finally:
+            self.train(was)
+        if not isinstance(y, Tensor) or y.ndim != 2 or y.shape[0] != 2:
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise MtmimError(f"{where}: gives {shape} for 2 images; expected (2, D), one "
+                             "embedding per image")
+        return check_embedding_size(int(y.shape[1]), "its output", where)
 
     def forward(self, x: Tensor) -> Tensor:
         if tuple(x.shape[-2:]) != (self.input_height, self.input_width):

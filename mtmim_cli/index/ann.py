@@ -1,0 +1,205 @@
+"""FAISS indexes over L2-normalised features, their recall against the exact scan, and the
+choice by gallery size.
+
+recall@1 is measured on a seeded sample of the gallery's own faces, each searched with itself
+left out (it would always find itself): the share whose nearest other face under the index is
+the exact scan's nearest other face (an equal score counts, duplicates being interchangeable).
+An index is tuned upward (IVF: nprobe, HNSW: efSearch) until recall@1 reaches
+`MIN_RECALL`; one that cannot is refused and the exact scan used instead, said so in `Built`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from mtmim_cli.errors import MtmimError
+from mtmim_cli.index.exact import exact_search
+
+KINDS = ("auto", "exact", "ivf", "hnsw")
+MIN_RECALL = 0.99
+AUTO_EXACT_UP_TO = 100_000   # faces; above this `auto` builds IVF (exact: ~4 ms a probe here)
+RECALL_SAMPLE = 1000
+SCORE_TIE = 1e-6             # an index's neighbour this close to the exact one's score is a hit
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:   # declared in pyproject; a broken install says what is missing
+        raise MtmimError("faiss: not installed (pip install faiss-cpu)") from None
+    return faiss
+
+
+@dataclass
+class Built:
+    """What was built: the kind in use, its parameters, the measured recall, and why exact
+    was used instead when the requested index fell short."""
+    kind: str
+    requested: str
+    params: dict = field(default_factory=dict)
+    recall_at_1: float | None = None
+    recall_sample: int = 0
+    build_seconds: float = 0.0
+    bytes_per_face: float = 0.0
+    fallback: str = ""
+    tried: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_kind(kind: str, n: int) -> str:
+    if kind not in KINDS:
+        raise MtmimError(f"--index {kind}: choose from {', '.join(KINDS)}")
+    if kind == "auto":
+        return "exact" if n <= AUTO_EXACT_UP_TO else "ivf"
+    return kind
+
+
+def build_faiss(kind: str, feats: np.ndarray, *, nlist: int | None = None, m: int = 32,
+                ef_construction: int = 80, seed: int = 0, codec: str = "flat"):
+    """An IVF (inverted lists over k-means cells, flat or SQ8/fp16 codes) or HNSW (graph,
+    M links per node) inner-product index holding `feats` (float32, normalised)."""
+    faiss = _faiss()
+    n, d = feats.shape
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    ip = faiss.METRIC_INNER_PRODUCT
+    if kind == "ivf":
+        nlist = nlist or ivf_nlist(n)
+        quantizer = faiss.IndexFlatIP(d)
+        if codec == "flat":
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, ip)
+        else:
+            qt = {"sq8": faiss.ScalarQuantizer.QT_8bit, "fp16": faiss.ScalarQuantizer.QT_fp16}
+            index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, qt[codec], ip)
+        index.cp.seed = seed
+        # k-means on at most 64 points a cell: faiss's own advice, and minutes saved at 10^6
+        train = feats
+        if n > 64 * nlist:
+            train = feats[np.random.default_rng(seed).choice(n, 64 * nlist, replace=False)]
+        index.train(train)
+        index.add(feats)
+        return index
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, m, ip)
+        index.hnsw.efConstruction = ef_construction
+        index.add(feats)
+        return index
+    if kind in ("flat", "sq8", "fp16"):
+        if kind == "flat":
+            index = faiss.IndexFlatIP(d)
+        else:
+            qt = {"sq8": faiss.ScalarQuantizer.QT_8bit, "fp16": faiss.ScalarQuantizer.QT_fp16}
+            index = faiss.IndexScalarQuantizer(d, qt[kind], ip)
+            index.train(feats)
+        index.add(feats)
+        return index
+    raise MtmimError(f"--index {kind}: not a FAISS index kind here")
+
+
+def ivf_nlist(n: int) -> int:
+    """Cells of an IVF index: about 4 sqrt(N) (faiss's guideline), at least 1, at most N/39
+    so that k-means has 39 points a cell (faiss warns below that)."""
+    return int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
+
+
+def set_search_param(index, kind: str, value: int) -> None:
+    if kind == "ivf":
+        index.nprobe = int(value)
+    elif kind == "hnsw":
+        index.hnsw.efSearch = int(value)
+
+
+def faiss_search(index, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    probes = np.ascontiguousarray(np.atleast_2d(probes), dtype=np.float32)
+    k = min(int(k), index.ntotal)
+    scores, rows = index.search(probes, k)
+    return scores.astype(np.float32), rows.astype(np.int64)
+
+
+def nearest_other(search, probes: np.ndarray, self_rows: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Each probe's best gallery row other than itself (its own row `self_rows`): (score,
+    row), row -1 when the search returned nothing else."""
+    scores, rows = search(probes, 2)
+    own = rows == self_rows[:, None]
+    pick = np.where(own[:, 0], 1, 0)
+    r = rows[np.arange(len(rows)), pick] if rows.shape[1] > 1 else np.full(len(rows), -1)
+    s = scores[np.arange(len(rows)), pick] if rows.shape[1] > 1 else np.full(len(rows), -np.inf)
+    r = np.where(r == self_rows, -1, r)
+    return s, r
+
+
+def recall_at_1(feats: np.ndarray, search, sample: np.ndarray,
+                exact: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """Share of the sampled gallery faces whose nearest other face under `search` is the exact
+    scan's (equal score within SCORE_TIE counts); `exact`: that answer computed already
+    (`nearest_other` of the exact scan), reused while an index is tuned."""
+    probes = feats[sample]
+    es, er = exact if exact is not None else nearest_other(
+        lambda p, k: exact_search(feats, p, k), probes, sample)
+    s, r = nearest_other(search, probes, sample)
+    hit = (r == er) | ((r >= 0) & (s >= es - SCORE_TIE))
+    return float(hit.mean())
+
+
+def recall_sample(n: int, size: int = RECALL_SAMPLE, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, min(n, size), replace=False))
+
+
+SEARCH_LADDER = {"ivf": (8, 16, 32, 64, 128, 256), "hnsw": (32, 64, 128, 256, 512)}
+
+
+def build_index(feats: np.ndarray, kind: str = "auto", *, seed: int = 0,
+                sample_size: int = RECALL_SAMPLE, min_recall: float = MIN_RECALL,
+                **params) -> tuple[object | None, Built]:
+    """The index `kind` asks for (auto: exact up to AUTO_EXACT_UP_TO faces, IVF above),
+    tuned to `min_recall`; (None, Built(kind="exact", ...)) for the exact scan, also when
+    the index fell short (Built.fallback says why)."""
+    n = len(feats)
+    chosen = choose_kind(kind, n)
+    exact_bytes = float(feats.shape[1] * 4) if n else 0.0
+    if chosen == "exact" or n < 2:
+        return None, Built("exact", kind, bytes_per_face=exact_bytes,
+                           fallback="" if chosen == "exact" else "fewer than 2 faces")
+    t0 = time.perf_counter()
+    index = build_faiss(chosen, feats, seed=seed, **params)
+    build_s = time.perf_counter() - t0
+    sample = recall_sample(n, sample_size, seed)
+    tried = []
+    ladder = [v for v in SEARCH_LADDER[chosen]
+              if chosen != "ivf" or v <= index.nlist] or [getattr(index, "nlist", 1)]
+    if chosen == "ivf" and ladder[-1] < index.nlist:
+        ladder.append(index.nlist)
+    exact = nearest_other(lambda p, k: exact_search(feats, p, k), feats[sample], sample)
+    for value in ladder:
+        set_search_param(index, chosen, value)
+        rec = recall_at_1(feats, lambda p, k: faiss_search(index, p, k), sample, exact)
+        tried.append({"param": value, "recall_at_1": rec})
+        if rec >= min_recall and chosen == "ivf" and value >= index.nlist:
+            # every cell probed: an exhaustive scan with extra steps, no faster than exact
+            return None, Built("exact", kind, {}, rec, len(sample), build_s, exact_bytes,
+                               fallback=(f"ivf reached recall@1 {min_recall} only probing all "
+                                         f"{index.nlist} cells; using the exact scan"),
+                               tried=tried)
+        if rec >= min_recall:
+            key = "nprobe" if chosen == "ivf" else "efSearch"
+            p = ({"nlist": int(index.nlist)} if chosen == "ivf"
+                 else {"M": params.get("m", 32), "efConstruction": params.get("ef_construction", 80)})
+            return index, Built(chosen, kind, {**p, key: value}, rec, len(sample), build_s,
+                                index_bytes(index) / n, tried=tried)
+    return None, Built("exact", kind, {}, tried[-1]["recall_at_1"], len(sample), build_s,
+                       exact_bytes, fallback=(f"{chosen} reached recall@1 "
+                                              f"{tried[-1]['recall_at_1']:.4f} < {min_recall} "
+                                              "of the exact scan; using the exact scan"),
+                       tried=tried)
+
+
+def index_bytes(index) -> int:
+    """Bytes the index serialises to (what it holds in memory, within its small headers)."""
+    return int(len(_faiss().serialize_index(index)))

@@ -1,0 +1,92 @@
+"""FG-NET with distractors: N=0 is the plain leave-one-out, every N equals a brute-force CMC
+over FG-NET plus the first N distractors, subsets are nested, the index path agrees."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mtmim_cli.errors import MtmimError
+from mtmim_cli.eval import distractors as D
+from mtmim_cli.eval import metrics as M
+from mtmim_cli.eval import protocols as P
+from tests.conftest import write_cache
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _data(seed: int = 0, n_dis: int = 3000):
+    rng = np.random.default_rng(seed)
+    ident = np.repeat(np.arange(30), 5)
+    centres = rng.standard_normal((30, 24))
+    feats = _unit(centres[ident] + 0.9 * rng.standard_normal((150, 24)))
+    dis = _unit(rng.standard_normal((n_dis, 24)))
+    return feats, ident, dis
+
+
+def test_each_n_equals_brute_force_cmc() -> None:
+    feats, ident, dis = _data()
+    counts = D.parse_counts("10,100,1000,3000", len(dis))
+    rows = D.score_with_distractors(feats, ident, dis, counts, max_rank=10, index="exact")
+    assert [r["distractors"] for r in rows] == [0, 10, 100, 1000, 3000]
+    plain = P.identification(feats, ident, max_rank=10)
+    assert rows[0]["rank1"] == pytest.approx(plain["rank1"])
+    np.testing.assert_allclose(rows[0]["cmc"], plain["cmc"])
+    for r in rows[1:]:
+        n = r["distractors"]
+        gallery = np.r_[feats, dis[:n]]
+        gid = np.r_[ident, np.full(n, -1)]   # distractors: nobody of FG-NET
+        ref = M.cmc(feats, ident, gallery, gid, max_rank=10, exclude_self=True,
+                    query_index=np.arange(len(feats)))
+        np.testing.assert_allclose(r["cmc"], ref, err_msg=f"N={n}")
+    r1 = [r["rank1"] for r in rows]
+    assert all(a >= b for a, b in zip(r1, r1[1:], strict=False)) and r1[-1] < r1[0]
+
+
+def test_index_path_agrees_and_says_so() -> None:
+    feats, ident, dis = _data(1)
+    counts = [0, 3000]
+    exact = D.score_with_distractors(feats, ident, dis, counts, max_rank=5, index="exact")
+    ivf = D.score_with_distractors(feats, ident, dis, counts, max_rank=5, index="ivf")
+    assert ivf[1]["search"] == "ivf" and ivf[1]["recall_at_1"] >= 0.99
+    assert abs(ivf[1]["rank1"] - exact[1]["rank1"]) <= 0.02
+    assert "recall@1" in D.markdown({"m": ivf}, 150, 150, "d.h5")
+
+
+def test_nested_order_and_counts() -> None:
+    a, b = D.nested_order(1000, 3), D.nested_order(1000, 3)
+    np.testing.assert_array_equal(a, b)
+    assert sorted(a.tolist()) == list(range(1000))
+    assert D.parse_counts(None, 2500) == [0, 10, 100, 1000, 2500]
+    with pytest.raises(MtmimError, match="more than the 50"):
+        D.parse_counts("10,100", 50)
+    with pytest.raises(MtmimError, match="comma-separated"):
+        D.parse_counts("ten", 50)
+
+
+def test_evaluate_with_distractors_writes_table_and_png(tmp_path) -> None:
+    from mtmim_cli.eval.config import EvalConfig, parse_model_arg
+    from mtmim_cli.orchestration.evaluate import evaluate
+    from tests.test_finetune import save_tiny_pretrain
+
+    _, model = save_tiny_pretrain(tmp_path / "pre.pt", seed=1)
+    ids = [f"p{k}" for k in range(6) for _ in range(4)]
+    fg = write_cache(tmp_path / "fg.h5", ids, [float(j * 9) for _ in range(6) for j in range(4)])
+    dis = write_cache(tmp_path / "dis.h5", [f"d{k}" for k in range(40)], seed=5)
+    cfg = EvalConfig(protocol="fgnet-loo", models=[parse_model_arg(f"tiny={model}")], cache=fg,
+                     out=tmp_path / "ev" / "results.md", distractors=dis,
+                     distractor_counts="10,40")
+    payload = evaluate(cfg, progress=False)
+    rows = payload["results"]["tiny"]
+    assert [r["distractors"] for r in rows] == [0, 10, 40]
+    md = (tmp_path / "ev" / "results.md").read_text()
+    assert "| 40 |" in md and "exact" in md
+    assert (tmp_path / "ev" / "distractors.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["counts"] == [0, 10, 40]
+    plain = evaluate(EvalConfig(protocol="fgnet-loo", models=cfg.models, cache=fg,
+                                age_probe=False, resamples=100), progress=False)
+    assert rows[0]["rank1"] == pytest.approx(plain["results"][0]["metrics"]["rank1"])

@@ -91,6 +91,9 @@ def check_config(cfg: EvalConfig) -> None:
         raise MtmimError("no --model given")
     if cfg.features and cfg.out is None:
         raise MtmimError("--features: needs --out (<stem>.features.npz is written beside it)")
+    if cfg.out is not None and Path(cfg.out).suffix == ".json":
+        # <stem>.json is the manifest the results .md would overwrite
+        raise MtmimError(f"--out {cfg.out}: give the results .md (its .json is written beside it)")
     labels = [m.label for m in cfg.models]
     if len(set(labels)) != len(labels):
         raise MtmimError(f"two models share a label ({', '.join(labels)}); name them LABEL=PATH")

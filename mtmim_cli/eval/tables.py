@@ -1,6 +1,6 @@
 """Result tables: Markdown per protocol (our models beside the paper's reported numbers),
-results.json with every figure (and the manifest of its siblings), and <stem>.cmc.csv /
-<stem>.roc.csv for `mtmim report` to plot.
+results.json with every figure (and the manifest of its siblings: `output_set`), and
+<stem>.cmc.csv / <stem>.roc.csv for `mtmim report` to plot.
 
 cmc.csv columns: protocol, model, rank, rate (identification rate at that rank).
 roc.csv columns: protocol, model, far, tar.
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 from mtmim_cli.atomic import atomic_write_text
+from mtmim_cli.eval.output_set import write_output_set
 
 # The paper's numbers (Hou et al., ICCV 2021, as restated in ../shared/docs/mtmim-method.md),
 # in percent. Keyed by protocol, then row label, then metric column.
@@ -180,43 +180,28 @@ def stale_notes(rows: list[dict]) -> list[str]:
             "code's figures" for r in rows if r["metrics"].get("stale_rounds")]
 
 
-# The files of one evaluation, each named after --out's stem: results.md, results.json (the
-# manifest), results.cmc.csv, ... Two evaluations with other stems in one folder never
-# overwrite each other's files.
-OUTPUT_SUFFIXES = {"md": ".md", "json": ".json", "cmc": ".cmc.csv", "roc": ".roc.csv",
-                   "outcomes": ".outcomes.json", "features": ".features.npz"}
-
-
-def output_paths(out_md: Path) -> dict[str, Path]:
-    """Every file an evaluation with `--out out_md` may write, by kind."""
-    out_md = Path(out_md)
-    return {kind: out_md if kind == "md" else out_md.with_name(out_md.stem + suffix)
-            for kind, suffix in OUTPUT_SUFFIXES.items()}
-
-
-def write_results(out_md: Path, payload: dict,
-                  siblings: dict[str, Callable[[Path], object]] | None = None) -> dict[str, Path]:
-    """results.md (tables), cmc.csv / roc.csv, then each of `siblings` (kind -> a function
-    writing that file, e.g. outcomes, features), all named after `out_md`'s stem; then,
-    last, results.json (everything) with the name and sha256 of each of them under "files".
-    results.json is the manifest: any older one is removed first, so a run that dies while
-    writing leaves no manifest, and `mtmim report` attaches only files a manifest lists with
-    their digest. Every file goes through `atomic_write`."""
-    from mtmim_cli.digest import file_sha256
+def results_markdown(payload: dict) -> str:
+    """results.md: the header (command, tool, source, caches), the protocol's table and the
+    analyses. The report redraws it from a results.json whose own results.md it cannot
+    verify."""
     from mtmim_cli.eval.analysis_tables import analysis_markdown
 
-    paths = output_paths(out_md)
-    out_md = paths["md"]
-    paths["json"].unlink(missing_ok=True)
     protocol = payload["protocol"]
     md = [f"# mtmim evaluate: {protocol}", "",
-          f"Command: `{payload['command']}`  ", f"Tool: mtmim {payload['tool_version']}  ",
+          f"Command: `{payload.get('command', '')}`  ",
+          f"Tool: mtmim {payload.get('tool_version', '?')}  ",
           f"Source: {source_words(payload.get('source'))}  ",
           "Caches: " + (", ".join(f"`{c['path']}` (sha256 {c['sha256'][:12]})"
                                   for c in payload.get("inputs", [])) or "none"), "",
           markdown_table(protocol, payload["results"], payload.get("variant_text", ""),
                          payload.get("benchmark")),
           analysis_markdown(payload)]
+    return "\n".join(md)
+
+
+def curve_csvs(payload: dict) -> tuple[str, str]:
+    """The text of cmc.csv and roc.csv: every row's CMC and ROC as results.json holds them."""
+    protocol = payload["protocol"]
     cmc_buf, roc_buf = io.StringIO(), io.StringIO()
     cw, rw = csv.writer(cmc_buf), csv.writer(roc_buf)
     cw.writerow(["protocol", "model", "rank", "rate"])
@@ -229,45 +214,20 @@ def write_results(out_md: Path, payload: dict,
         if roc:
             for far, tar in zip(roc["far"], roc["tar"], strict=True):
                 rw.writerow([protocol, row["model"], f"{far:.8g}", f"{tar:.6f}"])
-    atomic_write_text(out_md, "\n".join(md))
-    atomic_write_text(paths["cmc"], cmc_buf.getvalue())
-    atomic_write_text(paths["roc"], roc_buf.getvalue())
-    written = {k: paths[k] for k in ("md", "cmc", "roc")}
-    for kind, write in (siblings or {}).items():
-        write(paths[kind])
-        written[kind] = paths[kind]
-    files = {kind: {"name": path.name, "sha256": file_sha256(path)} for kind, path in written.items()}
-    atomic_write_text(paths["json"], json.dumps({**payload, "files": files}, indent=1,
-                                                default=_json_default) + "\n")
-    return {"md": out_md, "json": paths["json"], **{k: v for k, v in written.items() if k != "md"}}
+    return cmc_buf.getvalue(), roc_buf.getvalue()
 
 
-def manifest_files(folder: Path, results: dict) -> tuple[dict[str, Path], list[str]]:
-    """The files a results.json (the manifest) lists whose sha256 still matches, by kind,
-    and one line for each listed file that is missing or changed since (not attached)."""
-    from mtmim_cli.digest import file_sha256
-
-    good, bad = {}, []
-    listed = results.get("files")
-    if not isinstance(listed, dict):
-        return good, ["no manifest of its files (written before manifests): none attached"]
-    for kind, entry in listed.items():
-        name = entry.get("name", "") if isinstance(entry, dict) else ""
-        path = folder / name
-        if not name or Path(name).name != name or not path.is_file():
-            bad.append(f"{name or kind}: listed but missing")
-        elif file_sha256(path) != entry.get("sha256"):
-            bad.append(f"{name}: changed since the evaluation wrote it (sha256 differs)")
-        else:
-            good[kind] = path
-    return good, bad
-def _json_default(obj: object) -> object:
-    import numpy as np
-
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+def write_results(out_md: Path, payload: dict,
+                  siblings: dict[str, Callable[[Path], object]] | None = None) -> dict[str, Path]:
+    """<stem>.md (tables), <stem>.cmc.csv / .roc.csv, then each of `siblings` (kind -> a
+    function writing that file: outcomes, features), then, last, <stem>.json (everything,
+    and the manifest of the others): `output_set.write_output_set`. Returns the paths by
+    kind."""
+    cmc, roc = curve_csvs(payload)
+    md = results_markdown(payload)
+    writers: dict[str, Callable[[Path], object]] = {
+        "md": lambda p: atomic_write_text(p, md),
+        "cmc": lambda p: atomic_write_text(p, cmc),
+        "roc": lambda p: atomic_write_text(p, roc),
+        **(siblings or {})}
+    return write_output_set(out_md, payload, writers)

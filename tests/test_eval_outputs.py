@@ -181,8 +181,8 @@ def test_a_sibling_changed_afterwards_is_not_attached(tmp_path: Path, pool_model
     text = build_report([ev], tmp_path / "rep", echo=lines.append).read_text()
     assert len(lines) == 2 and all("\n" not in line for line in lines)
     for name, line in zip(("results.cmc.csv", "results.features.npz"), sorted(lines), strict=True):
-        assert line == (f"not attached: {ev / 'results.json'}: {name}: changed since evaluate "
-                        "wrote it (sha256 differs), not attached")
+        assert line == (f"{ev / 'results.json'}: {name}: changed since evaluate wrote it "
+                        "(sha256 differs): not attached")
         assert f"- {line}" in text
     e = load_evaluation(ev)
     assert e.features is None
@@ -209,9 +209,10 @@ def test_a_folder_written_before_manifests_attaches_nothing_but_renders_its_resu
                           "features.npz"}
     lines: list[str] = []
     text = build_report([ev], tmp_path / "rep", echo=lines.append).read_text()
-    assert lines == [f"not attached: {ev / 'results.json'}: lists no outputs (written before "
-                     "manifests): results.md, CSVs and features not attached (tables and "
-                     "curves drawn from results.json); rerun evaluate for its features"]
+    assert lines == [f"{ev / 'results.json'}: lists no outputs (written before manifests): "
+                     "its results.md, CSVs and features not attached, tables and curves drawn "
+                     "from results.json itself; rerun evaluate for features"]
+    assert f"- {lines[0]}" in text
     e = load_evaluation(ev)
     assert e.features is None
     assert "edited by hand" not in text and e.markdown == results_markdown(legacy)

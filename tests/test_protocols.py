@@ -191,6 +191,11 @@ def test_morph_end_to_end_writes_split(tmp_path: Path, pool_model: Path) -> None
     payload = evaluate(cfg, progress=False)
     split = json.loads(Path(payload["split_file"]).read_text())
     assert len(split["test"]) == 8 and split["test_names"][0].startswith("s")
+    # one of the output set: named after --out's stem, its digest in the manifest
+    assert payload["split_file"] == str(tmp_path / "results.split.json")
+    listed = json.loads(out.with_suffix(".json").read_text())["files"]["split"]
+    assert listed == {"name": "results.split.json",
+                      "sha256": file_sha256(tmp_path / "results.split.json")}
     a, b = (r["metrics"]["rank1"] for r in payload["results"])
     assert a == b and payload["results"][0]["metrics"]["queries"] == 8
     assert "| a |" in out.read_text() and "| b |" in out.read_text()

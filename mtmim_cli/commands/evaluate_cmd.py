@@ -50,7 +50,7 @@ def evaluate(
     train_subjects: int = typer.Option(None, "--train-subjects",
                                        help="MORPH training subjects (s2: 10,000)."),
     split_out: Path = typer.Option(None, "--split-out",
-                                   help="MORPH: where to write the subject split (JSON)."),
+                                   help="MORPH: subject split JSON (default: <stem>.split.json by --out)."),
     batch_size: int = typer.Option(None, "--batch-size", min=1,
                                     help="Images per forward pass with their mirrors (default: sized to the model)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),

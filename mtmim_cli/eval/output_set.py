@@ -1,6 +1,6 @@
 """The files of one `evaluate` run, a set that is whole or absent. Each is named after
 --out's stem (`<stem>.md`, `<stem>.cmc.csv`, `<stem>.roc.csv`, `<stem>.outcomes.json`,
-`<stem>.features.npz`, `<stem>.distractors.png`), so two evaluations with other stems in
+`<stem>.features.npz`, `<stem>.distractors.png`, MORPH's `<stem>.split.json`), so two evaluations with other stems in
 one folder never overwrite each other's files. `<stem>.json` is the manifest: it lists each
 sibling's name and sha256 under "files" and is written last, so it is also the completion
 marker.
@@ -23,10 +23,11 @@ from mtmim_cli.errors import MtmimError
 
 OUTPUT_SUFFIXES = {"md": ".md", "json": ".json", "cmc": ".cmc.csv", "roc": ".roc.csv",
                    "outcomes": ".outcomes.json", "features": ".features.npz",
-                   "png": ".distractors.png"}
+                   "png": ".distractors.png", "split": ".split.json"}
 
 # What a reader says of a results.json older than manifests: its siblings cannot be checked.
 NO_MANIFEST = "lists no outputs (written before manifests)"
+NOT_ATTACHED = ": not attached"
 
 
 def output_paths(out_md: str | Path) -> dict[str, Path]:
@@ -40,12 +41,13 @@ def write_output_set(out_md: str | Path, payload: dict,
                      writers: dict[str, Callable[[Path], object]]) -> dict[str, Path]:
     """Write each of `writers` (kind -> a function writing that file atomically) in order,
     then, last, `<stem>.json`: `payload` with the name and sha256 of each file under
-    "files". Returns the written paths by kind, the manifest ("json") first.
+    "files".
 
     Any older manifest of this stem goes first, then the stem's other old files: from then
     until the new manifest lands, the folder holds no set of this stem that looks complete.
     A writer that raises takes the files written so far with it (the set is absent); a run
-    killed outright leaves them without a manifest, which no reader attaches."""
+    killed outright leaves them without a manifest, which no reader attaches. Returns the
+    paths by kind in the order written, the manifest last."""
     paths = output_paths(out_md)
     if paths["md"] == paths["json"]:
         raise MtmimError(f"--out {out_md}: names the manifest itself; give the results .md")
@@ -70,7 +72,7 @@ def write_output_set(out_md: str | Path, payload: dict,
         for p in written.values():
             p.unlink(missing_ok=True)
         raise
-    return {"json": paths["json"], **written}
+    return {**written, "json": paths["json"]}
 
 
 def verified_files(manifest: Path, results: dict) -> tuple[dict[str, Path], list[str]]:
@@ -86,9 +88,9 @@ def verified_files(manifest: Path, results: dict) -> tuple[dict[str, Path], list
         path = manifest.parent / name
         # a bare file name: the manifest speaks only for files beside it
         if not name or Path(name).name != name or not path.is_file():
-            bad.append(f"{name or kind}: listed but missing")
+            bad.append(f"{name or kind}: listed but missing{NOT_ATTACHED}")
         elif file_sha256(path) != entry.get("sha256"):
-            bad.append(f"{name}: changed since evaluate wrote it (sha256 differs), not attached")
+            bad.append(f"{name}: changed since evaluate wrote it (sha256 differs){NOT_ATTACHED}")
         else:
             good[kind] = path
     return good, bad
@@ -125,11 +127,14 @@ def listed_file(manifest: Path, results: dict, kind: str) -> Path:
     if kind in good:
         return good[kind]
     entry = (results.get("files") or {}).get(kind) if isinstance(results.get("files"), dict) else None
+    if entry is None and bad == [NO_MANIFEST]:
+        raise MtmimError(f"{manifest}: {NO_MANIFEST}: its {kind} file cannot be checked; "
+                         "rerun evaluate")
     if entry is None:
-        why = NO_MANIFEST + "; rerun evaluate" if bad == [NO_MANIFEST] else "lists none"
-        raise MtmimError(f"{manifest}: no {kind} file ({why})")
+        raise MtmimError(f"{manifest}: lists no {kind} file")
     name = (entry.get("name") if isinstance(entry, dict) else None) or kind
-    raise MtmimError(f"{manifest}: " + next(b for b in bad if b.startswith(f"{name}:")))
+    line = next(b for b in bad if b.startswith(f"{name}:"))
+    raise MtmimError(f"{manifest}: {line.removesuffix(NOT_ATTACHED)}")
 
 
 def json_default(obj: object) -> object:

@@ -92,8 +92,8 @@ def load_evaluation(path: Path) -> Evaluation:
     rj, results = read_manifest(path)
     files, ignored = verified_files(rj, results)
     if ignored == [NO_MANIFEST]:
-        ignored = [f"{NO_MANIFEST}: results.md, CSVs and features not attached (tables and "
-                   "curves drawn from results.json); rerun evaluate for its features"]
+        ignored = [f"{NO_MANIFEST}: its results.md, CSVs and features not attached, tables "
+                   "and curves drawn from results.json itself; rerun evaluate for features"]
     markdown = files["md"].read_text() if "md" in files else ""
     cmc = _read_csv(files["cmc"]) if "cmc" in files else None
     roc = _read_csv(files["roc"]) if "roc" in files else None

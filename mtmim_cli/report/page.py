@@ -176,9 +176,9 @@ def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
             if body.startswith("# "):  # demote its title under ours
                 body = "#" + body
             md += [f"From `{e.manifest or e.path}`:\n", body or "(no results.md)", ""]
-            md += [f"- not attached: {line}" for line in e.ignored] + ([""] if e.ignored else [])
+            md += [f"- {line}" for line in e.ignored] + ([""] if e.ignored else [])
             for line in e.ignored:
-                say(f"not attached: {line}")
+                say(line)
             if _synthetic_inputs(e):
                 md += ["*These faces come from `mtmim synth` (the embedded synthetic set): rows "
                        "marked reported are the paper's numbers on the real benchmark and are "

@@ -6,6 +6,8 @@ A and B are two rows of the same runs (e.g. two re-fit modes), so within a run t
 folds and seed: the pooled interval keeps that pairing (a replicate draws runs, and takes A and
 B from the same drawn runs). Each run must be fgnet-loo on the given cache (the sha256 its
 results.json records; its outcomes are one per cache record), and no two runs may share a seed.
+Each run's outcomes are the <stem>.outcomes.json its results.json lists, with the sha256 it
+records: a folder from before manifests, or an outcomes file changed since, is refused.
 
     .venv/bin/python bench/pool_seeds.py --cache fgnet.h5 --a casia/mtmim --b casia/baseline \\
         eval/refit-full-k10 eval/refit-full-k10-s1 eval/refit-full-k10-s2

@@ -1,9 +1,9 @@
 """The files of one `evaluate` run, a set that is whole or absent. Each is named after
 --out's stem (`<stem>.md`, `<stem>.cmc.csv`, `<stem>.roc.csv`, `<stem>.outcomes.json`,
-`<stem>.features.npz`, `<stem>.distractors.png`, MORPH's `<stem>.split.json`), so two evaluations with other stems in
-one folder never overwrite each other's files. `<stem>.json` is the manifest: it lists each
-sibling's name and sha256 under "files" and is written last, so it is also the completion
-marker.
+`<stem>.features.npz`, `<stem>.distractors.png`, MORPH's `<stem>.split.json`), so two
+evaluations with other stems in one folder never overwrite each other's files.
+`<stem>.json` is the manifest: it lists each sibling's name and sha256 under "files" and is
+written last, so it is also the completion marker.
 
 A rerun of the same stem removes the old manifest (then the old siblings) before it writes
 anything, so a run that dies midway leaves siblings without a manifest, never an old

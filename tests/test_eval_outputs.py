@@ -22,7 +22,7 @@ from mtmim_cli.eval.tables import curve_csvs, results_markdown
 from mtmim_cli.orchestration.evaluate import evaluate
 from mtmim_cli.report import build_report
 from mtmim_cli.report.loading import load_evaluation
-from tests.conftest import write_cache
+from tests.conftest import run_cli, write_cache
 
 # What one `evaluate --features` on fgnet-loo writes, the manifest last.
 SET = ("md", "cmc", "roc", "outcomes", "features", "json")
@@ -213,6 +213,8 @@ def test_a_folder_written_before_manifests_attaches_nothing_but_renders_its_resu
                      "its results.md, CSVs and features not attached, tables and curves drawn "
                      "from results.json itself; rerun evaluate for features"]
     assert f"- {lines[0]}" in text
+    res = run_cli("report", str(ev), "--out", str(tmp_path / "rep-cli"))   # the line on stderr
+    assert res.returncode == 0 and res.stderr.strip().splitlines() == lines, res.stderr
     e = load_evaluation(ev)
     assert e.features is None
     assert "edited by hand" not in text and e.markdown == results_markdown(legacy)

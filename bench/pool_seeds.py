@@ -6,6 +6,8 @@ A and B are two rows of the same runs (e.g. two re-fit modes), so within a run t
 folds and seed: the pooled interval keeps that pairing (a replicate draws runs, and takes A and
 B from the same drawn runs). Each run must be fgnet-loo on the given cache (the sha256 its
 results.json records; its outcomes are one per cache record), and no two runs may share a seed.
+Each run's outcomes are the <stem>.outcomes.json its results.json lists, with the sha256 it
+records: a folder from before manifests, or an outcomes file changed since, is refused.
 
     .venv/bin/python bench/pool_seeds.py --cache fgnet.h5 --a casia/mtmim --b casia/baseline \\
         eval/refit-full-k10 eval/refit-full-k10-s1 eval/refit-full-k10-s2
@@ -54,34 +56,32 @@ def check_run(folder: Path, results: dict, cache_sha256: str, cache: str) -> int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="evaluate output folders (each with outcomes.json)")
+    ap.add_argument("runs", nargs="+",
+                    help="evaluate outputs: each a results .json (or its folder) listing its outcomes")
     ap.add_argument("--cache", required=True, help="the cache the runs evaluated (identities)")
     ap.add_argument("--a", required=True, help="model label A, as in results.md")
     ap.add_argument("--b", required=True, help="model label B")
     ap.add_argument("--resamples", type=int, default=10000)
     a = ap.parse_args()
 
-    import json
-
     from mtmim_cli.data.cache import Cache
     from mtmim_cli.digest import file_sha256
     from mtmim_cli.errors import MtmimError
     from mtmim_cli.eval.outcomes import read_outcomes
+    from mtmim_cli.eval.output_set import listed_file, read_manifest
 
     identity = Cache(a.cache).identity
     cache_sha = file_sha256(a.cache)
     runs, seeds = [], {}
     for folder in a.runs:
-        try:
-            results = json.loads((Path(folder) / "results.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise MtmimError(f"{folder}: no readable results.json ({exc})") from None
+        manifest, results = read_manifest(folder)
         seed = check_run(Path(folder), results, cache_sha, a.cache)
         if seed in seeds:
             raise MtmimError(f"{folder}: seed {seed}, as {seeds[seed]}: pooling would count "
                              "one seed twice")
         seeds[seed] = folder
-        doc = read_outcomes(Path(folder) / "outcomes.json")
+        # the outcomes this results.json lists, unchanged since (sha256), not any in the folder
+        doc = read_outcomes(listed_file(manifest, results, "outcomes"))
         for label in (a.a, a.b):
             if label not in doc["models"]:
                 raise MtmimError(f"{folder}: no model {label} (has {', '.join(doc['models'])})")

@@ -107,6 +107,7 @@ def main() -> None:
     from mtmim_cli.eval.config import EvalConfig, ModelArg
     from mtmim_cli.eval.metrics import best_threshold, fold_labels
     from mtmim_cli.eval.outcomes import read_outcomes
+    from mtmim_cli.eval.output_set import output_paths
     from mtmim_cli.orchestration.evaluate import evaluate
     from mtmim_cli.threads import set_torch_threads
 
@@ -118,7 +119,7 @@ def main() -> None:
                                   out=out, resamples=a.resamples, age_probe=False, mi_steps=0,
                                   n_pairs=a.n_pairs, allow_trained_on=a.allow_trained_on,
                                   command=" ".join(sys.argv)), progress=False)
-    outcomes = read_outcomes(out.parent / "outcomes.json")["models"]
+    outcomes = read_outcomes(output_paths(out)["outcomes"])["models"]
     metrics = {r["model"]: r["metrics"] for r in payload["results"]}
     origin = payload["pairs_origin"]
     print(payload["variant_text"].split("; features")[0])

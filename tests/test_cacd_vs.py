@@ -189,7 +189,7 @@ def test_release_to_table_in_two_commands(release: Path, tmp_path: Path,
     j = np.array([pos[f"{p:04d}_1.jpg"] for p in PAIRS])
     fold = np.array([rule(p)[0] for p in PAIRS])
     same = np.array([rule(p)[1] for p in PAIRS])
-    outcomes = json.loads((out.parent / "outcomes.json").read_text())["models"]
+    outcomes = json.loads((out.parent / "results.outcomes.json").read_text())["models"]
     correct = {}
     for label, k in (("a", 8), ("b", 16)):
         f = numpy_features(cache.images(np.arange(len(cache))), k)

@@ -85,8 +85,12 @@ def test_evaluate_with_distractors_writes_table_and_png(tmp_path) -> None:
     assert [r["distractors"] for r in rows] == [0, 10, 40]
     md = (tmp_path / "ev" / "results.md").read_text()
     assert "| 40 |" in md and "exact" in md
-    assert (tmp_path / "ev" / "distractors.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "ev" / "results.json").read_text())["counts"] == [0, 10, 40]
+    assert (tmp_path / "ev" / "results.distractors.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert saved["counts"] == [0, 10, 40]
+    # the manifest, written last, lists the table and the figure under their stem's names
+    assert {k: v["name"] for k, v in saved["files"].items()} == {
+        "md": "results.md", "png": "results.distractors.png"}
     plain = evaluate(EvalConfig(protocol="fgnet-loo", models=cfg.models, cache=fg,
                                 age_probe=False, resamples=100), progress=False)
     assert rows[0]["rank1"] == pytest.approx(plain["results"][0]["metrics"]["rank1"])

@@ -104,7 +104,7 @@ def test_fgnet_two_models_paired_and_by_age(tmp_path: Path, models: dict) -> Non
     assert ma["rank1_faces"] == pytest.approx(ha.sum() / (n - 1))
     assert ma["cmc"][0] == pytest.approx(ma["rank1"])
     # The sidecar holds the per-probe outcomes in record order.
-    side = json.loads((out.parent / "outcomes.json").read_text())
+    side = json.loads((out.parent / "results.outcomes.json").read_text())
     assert side["models"]["a"]["hit"] == ha.tolist() and side["models"]["b"]["hit"] == hb.tolist()
     assert side["models"]["a"]["rank"][MISSING] == 0 and side["models"]["a"]["top1"][MISSING] == -1
     # Paired comparison: discordant counts, exact McNemar p, identity cluster bootstrap.
@@ -231,7 +231,7 @@ def test_refit_rounds_give_the_same_outcomes(tmp_path: Path, models: dict,
         # The age probe reads each photo's features from the round that held it out.
         assert mh["age_leakage"]["age_r2"] == pytest.approx(mn["age_leakage"]["age_r2"], abs=1e-3)
         assert "round that held it out" in mh["age_leakage"]["features"]
-    sides = [json.loads((tmp_path / d / "outcomes.json").read_text()) for d in ("none", "head")]
+    sides = [json.loads((tmp_path / d / "results.outcomes.json").read_text()) for d in ("none", "head")]
     assert sides[1]["models"]["a/baseline"] == sides[0]["models"]["a"]
     (pair,) = head["comparisons"]["pairs"]
     assert (pair["a"], pair["b"], pair["diff"], pair["p_mcnemar"]) == ("a/baseline", "a/mtmim",
@@ -261,7 +261,7 @@ def test_features_file_reuses_the_scoring_pass(tmp_path: Path, models: dict,
     # two models, image and mirror, nothing more (but the one zero row each that sizes
     # the passes, features.rows_per_pass)
     assert sum(seen) == 2 * 2 * len(idx) + 2 and seen.count(1) == 2
-    got = read_feature_file(out.parent / "features.npz")
+    got = read_feature_file(out.parent / "results.features.npz")
     batch = preprocess(cache.images(idx), 112)
     with torch.no_grad():
         np.testing.assert_allclose(got["plain"]["x_id"], Pool(8)(batch).numpy(), atol=1e-5)
@@ -290,7 +290,7 @@ def test_morph_units_are_the_oldest_photos_against_the_youngest(tmp_path: Path,
                      resamples=300, age_probe=False, out=tmp_path / "m" / "results.md",
                      models=[ModelArg("a", models["pool8"]), ModelArg("b", models["pool16"])])
     payload = evaluate(cfg, progress=False)
-    side = json.loads((tmp_path / "m" / "outcomes.json").read_text())
+    side = json.loads((tmp_path / "m" / "results.outcomes.json").read_text())
     probes = np.array(side["models"]["a"]["index"])
     assert len(probes) == 6 and len(set(cache.identity[probes])) == 6
     m = payload["results"][0]["metrics"]

@@ -73,13 +73,15 @@ def test_pooled_interval_is_the_bootstrap_that_keeps_each_runs_pairing() -> None
 
 def _write_run(folder: Path, doc: dict, *, sha256: str, protocol: str = "fgnet-loo",
                seed: int = 0) -> Path:
-    folder.mkdir()
+    """An evaluate output set: results.outcomes.json, then results.json listing it."""
+    from mtmim_cli.eval.output_set import write_output_set
+
     doc = {**doc, "models": {k: {f: np.asarray(v).tolist() for f, v in m.items()}
                              for k, m in doc["models"].items()}}
-    (folder / "outcomes.json").write_text(json.dumps(doc))
-    (folder / "results.json").write_text(json.dumps({
+    write_output_set(folder / "results.md", {
         "protocol": protocol, "variant": {"seed": seed},
-        "inputs": [{"path": "some.h5", "sha256": sha256}]}))
+        "inputs": [{"path": "some.h5", "sha256": sha256}]},
+        {"outcomes": lambda p: p.write_text(json.dumps(doc))})
     return folder
 
 
@@ -95,6 +97,16 @@ def test_runs_that_do_not_fit_the_cache_are_refused_on_one_line(tmp_path) -> Non
     cache = write_cache(tmp_path / "c.h5", [f"p{k}" for k in range(4) for _ in range(2)])
     sha = file_sha256(cache)
     fits = _doc(np.ones(8), np.zeros(8))
+    # Before manifests: outcomes.json under its fixed name, a results.json listing nothing.
+    legacy = _write_run(tmp_path / "legacy", fits, sha256=sha)
+    (legacy / "results.outcomes.json").rename(legacy / "outcomes.json")
+    results = json.loads((legacy / "results.json").read_text())
+    del results["files"]
+    (legacy / "results.json").write_text(json.dumps(results))
+    edited = _write_run(tmp_path / "edited", fits, sha256=sha)
+    changed = json.loads((edited / "results.outcomes.json").read_text())
+    changed["models"]["m/a"]["hit"] = [False] * 8   # after the fact: its digest no longer fits
+    (edited / "results.outcomes.json").write_text(json.dumps(changed))
     cases = {
         "5 probes": [_write_run(tmp_path / "short", _doc(np.ones(5), np.zeros(5)), sha256=sha)],
         "evaluated some.h5 (sha256 000000000000), not": [_write_run(tmp_path / "other", fits, sha256="0" * 64)],
@@ -102,7 +114,9 @@ def test_runs_that_do_not_fit_the_cache_are_refused_on_one_line(tmp_path) -> Non
             _write_run(tmp_path / "morph", fits, sha256=sha, protocol="morph-s2")],
         "seed 0, as": [_write_run(tmp_path / "s0", fits, sha256=sha),
                        _write_run(tmp_path / "again", fits, sha256=sha)],
-        "no readable results.json": [tmp_path / "empty"],
+        "results.json: not a readable results file": [tmp_path / "empty"],
+        "lists no outputs (written before manifests)": [legacy],
+        "results.outcomes.json: changed since evaluate wrote it": [edited],
     }
     (tmp_path / "empty").mkdir()
     for why, runs in cases.items():

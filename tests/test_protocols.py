@@ -67,7 +67,7 @@ def test_fgnet_refit_none_end_to_end(tmp_path: Path, pool_model: Path) -> None:
     # 72 generated faces are not FG-NET: the paper's row only under "not comparable".
     assert md.index("#### Not comparable: not FG-NET's 1002 photos") < md.index(
         "| MT-MIM (reported, paper) | 94.21 |")
-    rows = list(csv.DictReader(open(out.parent / "cmc.csv")))
+    rows = list(csv.DictReader(open(out.parent / "results.cmc.csv")))
     assert len(rows) == 20 and rows[0]["model"] == "pool"
 
 
@@ -191,6 +191,11 @@ def test_morph_end_to_end_writes_split(tmp_path: Path, pool_model: Path) -> None
     payload = evaluate(cfg, progress=False)
     split = json.loads(Path(payload["split_file"]).read_text())
     assert len(split["test"]) == 8 and split["test_names"][0].startswith("s")
+    # one of the output set: named after --out's stem, its digest in the manifest
+    assert payload["split_file"] == str(tmp_path / "results.split.json")
+    listed = json.loads(out.with_suffix(".json").read_text())["files"]["split"]
+    assert listed == {"name": "results.split.json",
+                      "sha256": file_sha256(tmp_path / "results.split.json")}
     a, b = (r["metrics"]["rank1"] for r in payload["results"])
     assert a == b and payload["results"][0]["metrics"]["queries"] == 8
     assert "| a |" in out.read_text() and "| b |" in out.read_text()
@@ -279,7 +284,7 @@ def test_pairs_bin_and_csv_end_to_end(tmp_path: Path, pool_model: Path) -> None:
         assert m["tar_at_far"] is None and m["impostor_pairs"] == (~same).sum() == 60
         assert m["tar_at_far_note"] == "n/a (needs >= 1000 impostors, have 60)"
     assert 0.55 < expected["accuracy"] < 0.99
-    roc = list(csv.DictReader(open(tmp_path / "csv" / "roc.csv")))
+    roc = list(csv.DictReader(open(tmp_path / "csv" / "results.roc.csv")))
     assert roc and roc[-1]["far"] == "1" and float(roc[-1]["tar"]) == 1.0
     md = (tmp_path / "csv" / "results.md").read_text()
     assert "| n/a (needs >= 1000 impostors, have 60) |" in md

@@ -12,6 +12,7 @@ import pytest
 
 from mtmim_cli import report as R
 from mtmim_cli.errors import MtmimError
+from mtmim_cli.eval.output_set import write_output_set
 from mtmim_cli.report import figures as F
 from mtmim_cli.report import loading as L
 from mtmim_cli.report import page as P
@@ -99,13 +100,13 @@ def test_figures_share_mode_colours_label_axes_and_draw_lr_as_set(tmp_path: Path
     (pre / "metrics.csv").write_text("\n".join(pre_rows) + "\n")
     runs = [L.load_run(p) for p in (pre, tmp_path / "baseline", tmp_path / "mtmim")]
     ev = tmp_path / "ev"
-    ev.mkdir()
-    (ev / "results.json").write_text("{}")
-    (ev / "cmc.csv").write_text("protocol,model,rank,rate\n" + "".join(
+    cmc = "protocol,model,rank,rate\n" + "".join(
         f"fgnet-loo,{m},{r},{min(1, 0.5 + r / 10)}\n" for m in ("mtmim", "pretrained", "casia")
-        for r in range(1, 8)))
-    (ev / "roc.csv").write_text("protocol,model,far,tar\n" + "".join(
-        f"pairs,{m},{f},{f ** 0.2}\n" for m in ("baseline", "mtmim") for f in (0.001, 0.01, 0.1, 1)))
+        for r in range(1, 8))
+    roc = "protocol,model,far,tar\n" + "".join(
+        f"pairs,{m},{f},{f ** 0.2}\n" for m in ("baseline", "mtmim") for f in (0.001, 0.01, 0.1, 1))
+    write_output_set(ev / "results.md", {}, {"cmc": lambda p: p.write_text(cmc),
+                                             "roc": lambda p: p.write_text(roc)})
     evals = [L.load_evaluation(ev)]
     palette = Palette()
     curves = F.plot_training_curves(runs, palette)
@@ -183,7 +184,7 @@ def test_bad_inputs_fail_with_one_line(tmp_path: Path) -> None:
 
 def test_projection_comes_from_evaluates_features_file(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The report draws x_id / x_age from features.npz and results.json alone: no model is
+    """The report draws x_id / x_age from the features file results.json lists, alone: no model is
     loaded, no cache opened; its scores are those of the file's arrays."""
     from mtmim_cli.data.cache import Cache
     from mtmim_cli.eval.feature_file import read_feature_file, write_feature_file
@@ -195,10 +196,9 @@ def test_projection_comes_from_evaluates_features_file(tmp_path: Path,
     parts = {"mtmim": {"x_id": rng.normal(size=(28, 8)), "x_age": rng.normal(size=(28, 8))},
              "pretrained": {"x_id": rng.normal(size=(28, 8)), "x_age": None}}
     ev = tmp_path / "ev"
-    ev.mkdir()
-    write_feature_file(ev / "features.npz", cache, idx, parts)
-    (ev / "results.json").write_text(json.dumps({"results": [
-        {"model": "mtmim", "test_faces": {"status": "held-out", "trained_on": 0, "test_images": 28}}]}))
+    write_output_set(ev / "results.md", {"results": [
+        {"model": "mtmim", "test_faces": {"status": "held-out", "trained_on": 0, "test_images": 28}}]},
+        {"features": lambda p: write_feature_file(p, cache, idx, parts)})
     import mtmim_cli.models.identity as I
 
     monkeypatch.setattr(I, "load_identity_model", lambda *a, **k: pytest.fail("report ran a model"))
@@ -207,7 +207,7 @@ def test_projection_comes_from_evaluates_features_file(tmp_path: Path,
     _png_has_content(tmp_path / "rep" / "projection.png")
     assert "## Identity and age features: held-out faces" in text
     assert "| pretrained |" not in text   # no factorization unit: nothing to project
-    f = read_feature_file(ev / "features.npz")["mtmim"]
+    f = read_feature_file(ev / "results.features.npz")["mtmim"]
     np.testing.assert_array_equal(f["paths"], [cache.paths[k] for k in idx])
     keep = np.linspace(0, 27, 20).round().astype(int)
     sc = PR.disentanglement_scores({k: v[keep] for k, v in f.items()})
@@ -250,7 +250,7 @@ def test_report_from_a_real_finetune_run(tmp_path: Path) -> None:
         _png_has_content(tmp_path / "rep" / fig)
     assert "| mtmim | mtmim | 3 | 1 |" in text  # 24 images / batch 8, one epoch
     assert "## Identity and age features: held-out faces" in text
-    f = read_feature_file(tmp_path / "ev" / "features.npz")["mtmim"]
+    f = read_feature_file(tmp_path / "ev" / "results.features.npz")["mtmim"]
     model = load_identity_model(run / "model.pt")
     with torch.no_grad():
         batch = preprocess(Cache(held).images(np.arange(12)), model.input_width)

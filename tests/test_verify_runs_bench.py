@@ -61,7 +61,7 @@ def test_a_run_prints_evaluates_figures_and_paired_differences(
     results = {r["model"]: r["metrics"] for r in json.loads(out.with_suffix(".json").read_text())
                ["results"]}
     assert list(results) == ["init", "coarse@s0", "coarse@s1", "fine@s0"]
-    outcomes = json.loads((out.parent / "outcomes.json").read_text())["models"]
+    outcomes = json.loads((out.parent / "results.outcomes.json").read_text())["models"]
     init = np.array(outcomes["init"]["correct"], float)
     for label, m in results.items():
         row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))

@@ -59,14 +59,17 @@ def report(
     training, x_id/x_age projections, CMC and ROC, rank-1 by age and age gap, a probe-age x
     gallery-age map.
 
-    The projections come from a features.npz beside an evaluation (`evaluate --features`);
+    An evaluation's results.json lists its files with their sha256: only those that match
+    are attached (each other one is named on one line). The projections come from the
+    <stem>.features.npz it lists (`evaluate --features`);
     --age-map-model picks whose probe-age x gallery-age success map is drawn.
     """
     ensure_writable(out, folder=True)
 
     from mtmim_cli.report import build_report
 
-    path = build_report(inputs, out, max_images=max_images, age_map_model=age_map_model)
+    path = build_report(inputs, out, max_images=max_images, age_map_model=age_map_model,
+                        echo=lambda line: typer.echo(line, err=True))
     typer.echo(f"report: {path}")
 
 

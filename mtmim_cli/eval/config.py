@@ -37,7 +37,7 @@ class EvalConfig:
     cache: Path | None = None
     pairs: Path | None = None          # .bin (insightface), .csv (path_a,path_b,same[,fold]), LFW .txt
     meta: Path | None = None           # CACD: csv path,year,test
-    out: Path | None = None            # results.md (results.json, cmc.csv, roc.csv beside it)
+    out: Path | None = None            # results.md (results.json, results.cmc.csv, ... beside it)
     flip: str = "concat"
     refit: str = "none"
     folds: int | None = None           # fgnet-loo grouped variant; None = exact (1002 rounds)
@@ -57,7 +57,7 @@ class EvalConfig:
     refit_options: dict = field(default_factory=dict)
     refit_modes: tuple[str, ...] = ()   # () = all three (or the mode refit_options names)
     allow_trained_on: bool = False     # score models that trained on test images (labelled so)
-    features: bool = False             # also write features.npz (x_id, x_age) beside out
+    features: bool = False             # also write <stem>.features.npz (x_id, x_age) beside out
     command: str = ""
     # Analyses across models and by age (eval.analysis):
     resample: str = "identity"         # bootstrap unit: identity or probe; fold (verification)
@@ -90,7 +90,10 @@ def check_config(cfg: EvalConfig) -> None:
     if not cfg.models:
         raise MtmimError("no --model given")
     if cfg.features and cfg.out is None:
-        raise MtmimError("--features: needs --out (features.npz is written beside it)")
+        raise MtmimError("--features: needs --out (<stem>.features.npz is written beside it)")
+    if cfg.out is not None and Path(cfg.out).suffix == ".json":
+        # <stem>.json is the manifest the results .md would overwrite
+        raise MtmimError(f"--out {cfg.out}: give the results .md (its .json is written beside it)")
     labels = [m.label for m in cfg.models]
     if len(set(labels)) != len(labels):
         raise MtmimError(f"two models share a label ({', '.join(labels)}); name them LABEL=PATH")

@@ -1,7 +1,8 @@
-"""The features file `evaluate --features` writes beside results.md (`features.npz`): for
-each model, the identity part x_id (what the model outputs) and, for a model with a
-factorization unit, the age part x_age of every face the protocol scored, with the faces'
-identity, age and cache path. `mtmim report` draws its x_id / x_age projections and
+"""The features file `evaluate --features` writes beside results.md (`<stem>.features.npz`,
+named after --out's stem and listed in the manifest `<stem>.json`): for each model, the
+identity part x_id (what the model outputs) and, for a model with a factorization unit,
+the age part x_age of every face the protocol scored, with the faces' identity, age and
+cache path. `mtmim report` draws its x_id / x_age projections and
 disentanglement scores from this file instead of running models itself."""
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import numpy as np
 
 from mtmim_cli.atomic import atomic_write
 from mtmim_cli.errors import MtmimError
-
-FILE_NAME = "features.npz"
 
 
 def factor_parts(model, cache, indices: np.ndarray, batch_size: int | None = None,

@@ -8,7 +8,7 @@ lowest index); the rank is 1 + the wrong-identity items scoring strictly above t
 right one (0 when the gallery holds none). A protocol photo without a face is a probe with
 no outcome of its own: it counts as a miss (hit False, rank 0, top1 -1).
 
-`write_outcomes` / `read_outcomes`: the sidecar `outcomes.json` that evaluate writes beside
+`write_outcomes` / `read_outcomes`: the sidecar `<stem>.outcomes.json` that evaluate writes beside
 results.json, one entry per model, in the protocol's unit order.
 """
 

@@ -1,5 +1,6 @@
 """Result tables: Markdown per protocol (our models beside the paper's reported numbers),
-results.json with every figure, and cmc.csv / roc.csv for `mtmim report` to plot.
+results.json with every figure (and the manifest of its siblings: `output_set`), and
+<stem>.cmc.csv / <stem>.roc.csv for `mtmim report` to plot.
 
 cmc.csv columns: protocol, model, rank, rate (identification rate at that rank).
 roc.csv columns: protocol, model, far, tar.
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+from collections.abc import Callable
 from pathlib import Path
 
 from mtmim_cli.atomic import atomic_write_text
+from mtmim_cli.eval.output_set import write_output_set
 
 # The paper's numbers (Hou et al., ICCV 2021, as restated in ../shared/docs/mtmim-method.md),
 # in percent. Keyed by protocol, then row label, then metric column.
@@ -178,25 +180,28 @@ def stale_notes(rows: list[dict]) -> list[str]:
             "code's figures" for r in rows if r["metrics"].get("stale_rounds")]
 
 
-def write_results(out_md: Path, payload: dict) -> dict[str, Path]:
-    """results.md (tables), results.json (everything) and cmc.csv / roc.csv beside them.
-    Every file is written to a temporary sibling and renamed."""
+def results_markdown(payload: dict) -> str:
+    """results.md: the header (command, tool, source, caches), the protocol's table and the
+    analyses. The report redraws it from a results.json whose own results.md it cannot
+    verify."""
     from mtmim_cli.eval.analysis_tables import analysis_markdown
 
-    out_md = Path(out_md)
-    base = out_md.parent
     protocol = payload["protocol"]
     md = [f"# mtmim evaluate: {protocol}", "",
-          f"Command: `{payload['command']}`  ", f"Tool: mtmim {payload['tool_version']}  ",
+          f"Command: `{payload.get('command', '')}`  ",
+          f"Tool: mtmim {payload.get('tool_version', '?')}  ",
           f"Source: {source_words(payload.get('source'))}  ",
           "Caches: " + (", ".join(f"`{c['path']}` (sha256 {c['sha256'][:12]})"
                                   for c in payload.get("inputs", [])) or "none"), "",
           markdown_table(protocol, payload["results"], payload.get("variant_text", ""),
                          payload.get("benchmark")),
           analysis_markdown(payload)]
-    paths = {"md": out_md, "json": out_md.with_suffix(".json"),
-             "cmc": base / "cmc.csv", "roc": base / "roc.csv"}
-    atomic_write_text(paths["json"], json.dumps(payload, indent=1, default=_json_default) + "\n")
+    return "\n".join(md)
+
+
+def curve_csvs(payload: dict) -> tuple[str, str]:
+    """The text of cmc.csv and roc.csv: every row's CMC and ROC as results.json holds them."""
+    protocol = payload["protocol"]
     cmc_buf, roc_buf = io.StringIO(), io.StringIO()
     cw, rw = csv.writer(cmc_buf), csv.writer(roc_buf)
     cw.writerow(["protocol", "model", "rank", "rate"])
@@ -209,19 +214,20 @@ def write_results(out_md: Path, payload: dict) -> dict[str, Path]:
         if roc:
             for far, tar in zip(roc["far"], roc["tar"], strict=True):
                 rw.writerow([protocol, row["model"], f"{far:.8g}", f"{tar:.6f}"])
-    atomic_write_text(paths["cmc"], cmc_buf.getvalue())
-    atomic_write_text(paths["roc"], roc_buf.getvalue())
-    atomic_write_text(out_md, "\n".join(md))
-    return paths
+    return cmc_buf.getvalue(), roc_buf.getvalue()
 
 
-def _json_default(obj: object) -> object:
-    import numpy as np
-
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+def write_results(out_md: Path, payload: dict,
+                  siblings: dict[str, Callable[[Path], object]] | None = None) -> dict[str, Path]:
+    """<stem>.md (tables), <stem>.cmc.csv / .roc.csv, then each of `siblings` (kind -> a
+    function writing that file: outcomes, features), then, last, <stem>.json (everything,
+    and the manifest of the others): `output_set.write_output_set`. Returns the paths by
+    kind."""
+    cmc, roc = curve_csvs(payload)
+    md = results_markdown(payload)
+    writers: dict[str, Callable[[Path], object]] = {
+        "md": lambda p: atomic_write_text(p, md),
+        "cmc": lambda p: atomic_write_text(p, cmc),
+        "roc": lambda p: atomic_write_text(p, roc),
+        **(siblings or {})}
+    return write_output_set(out_md, payload, writers)

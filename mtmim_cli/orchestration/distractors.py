@@ -1,10 +1,10 @@
 """`evaluate --protocol fgnet-loo --distractors D.h5`: the FG-NET cache and the distractor
 cache embedded once per model, then `eval.distractors` scores every N; results.md (the
-table), results.json and distractors.png beside it."""
+table), results.distractors.png and, last, results.json (the manifest) beside it, each
+named after --out's stem."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,16 +72,18 @@ def evaluate_distractors(cfg: EvalConfig, progress: bool = True,
                "results": {label: [{k: v for k, v in r.items() if k != "rank"} for r in rows]
                            for label, rows in per_model.items()}}
     if cfg.out is not None:
+        from mtmim_cli.eval.output_set import output_paths, write_output_set
+
         out = Path(cfg.out)
-        png = out.parent / "distractors.png"
-        D.plot(png, per_model)
+        png = output_paths(out)["png"]   # named after --out's stem, like every output
         md = ["# mtmim evaluate: fgnet-loo with distractors", "",
               f"Command: `{payload['command']}`  ",
               "Caches: " + ", ".join(f"`{c['path']}` (sha256 {c['sha256'][:12]})"
                                      for c in payload["inputs"]), "", table,
               f"![rank-1 against N]({png.name})", ""]
-        atomic_write_text(out, "\n".join(md))
-        atomic_write_text(out.with_suffix(".json"), json.dumps(payload, indent=1) + "\n")
-        say(f"wrote {out}, {out.with_suffix('.json').name}, {png.name}")
+        paths = write_output_set(out, payload, {
+            "png": lambda p: D.plot(p, per_model),
+            "md": lambda p: atomic_write_text(p, "\n".join(md))})   # the manifest last
+        say(f"wrote {out}, " + ", ".join(p.name for k, p in paths.items() if k != "md"))
     say(table)
     return payload

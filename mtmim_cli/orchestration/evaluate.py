@@ -26,13 +26,13 @@ from mtmim_cli.eval.analysis import (
 )
 from mtmim_cli.eval.analysis_tables import analysis_markdown
 from mtmim_cli.eval.config import EvalConfig, ModelArg, check_config, variant_text
-from mtmim_cli.eval.feature_file import FILE_NAME as FEATURE_FILE
 from mtmim_cli.eval.feature_file import factor_parts, write_feature_file
 from mtmim_cli.eval.heldout import check_model, scored_image_digests, scored_indices
 from mtmim_cli.eval.inputs import EvalInputs, is_synthetic, open_inputs, pairs_origin_text
 from mtmim_cli.eval.loading import load_model
 from mtmim_cli.eval.metrics import min_impostors
 from mtmim_cli.eval.outcomes import write_outcomes
+from mtmim_cli.eval.output_set import output_paths
 from mtmim_cli.eval.provenance import file_record, run_header
 from mtmim_cli.eval.runners import FeatureOptions, Scored, run_protocol
 
@@ -54,7 +54,12 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
     if inputs.cache is not None:
         files[0]["synthetic"] = is_synthetic(inputs.cache)   # the cache is listed first
     extra: dict = {}
-    if inputs.split is not None:
+    split_writer = None
+    if inputs.split is not None and cfg.split_out is None and cfg.out is not None:
+        # one of the output set: named after --out's stem, listed in the manifest
+        extra["split_file"] = str(output_paths(cfg.out)["split"])
+        split_writer = _split_writer(inputs.split)
+    elif inputs.split is not None:
         extra["split_file"] = str(_write_split(cfg, inputs.split, say))
     feat = FeatureOptions(cfg.flip, cfg.batch_size, cfg.device, progress)
     opts = analysis_options(cfg)
@@ -124,18 +129,24 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
         if comparisons:
             payload["comparisons"] = comparisons
     if cfg.out is not None and not partial:
-        paths = write_results(cfg.out, payload)
+        siblings: dict[str, Callable[[Path], object]] = {}
         if scored and scored[0][1].outcomes:
-            paths["outcomes"] = write_outcomes(
-                Path(cfg.out).parent / "outcomes.json", cfg.protocol,
-                scored[0][1].context.get("kind", ""),
+            siblings["outcomes"] = lambda path: write_outcomes(
+                path, cfg.protocol, scored[0][1].context.get("kind", ""),
                 {label: sc.outcomes for label, sc in scored})
+        if parts:
+            siblings["features"] = lambda path: write_feature_file(path, inputs.cache,
+                                                                   feature_idx, parts)
+        if split_writer is not None:
+            siblings["split"] = split_writer
+        paths = write_results(cfg.out, payload, siblings)   # results.json, the manifest, last
         say("wrote " + ", ".join(str(p) if k in ("md", "json") else p.name
                                  for k, p in paths.items()))
         if parts:
-            path = write_feature_file(Path(cfg.out).parent / FEATURE_FILE, inputs.cache,
-                                      feature_idx, parts)
-            say(f"wrote {path} (x_id, x_age of {len(feature_idx)} faces per model)")
+            say(f"{paths['features'].name}: x_id, x_age of {len(feature_idx)} faces per model")
+        if split_writer is not None:
+            say(f"{paths['split'].name}: the subject split ({len(inputs.split['train'])} train, "
+                f"{len(inputs.split['test'])} test)")
     if not partial:
         say(markdown_table(cfg.protocol, rows, payload["variant_text"], payload["benchmark"]))
         say(analysis_markdown(payload))
@@ -168,11 +179,15 @@ def _score(cfg: EvalConfig, inputs: EvalInputs, m: ModelArg, model_sha256: str,
     return {m.label: run_protocol(cfg.protocol, model, inputs, feat, cfg.max_rank)}
 
 
+def _split_writer(split: dict) -> Callable[[Path], None]:
+    return lambda path: atomic_write_text(path, json.dumps(split, indent=1) + "\n")
+
+
 def _write_split(cfg: EvalConfig, split: dict, say: Callable[[str], None]) -> Path:
-    """MORPH: the subject split, written so another tool can train on its other side."""
-    path = cfg.split_out or ((cfg.out.parent if cfg.out else Path(".")) /
-                             f"{cfg.protocol}-split-seed{cfg.seed}.json")
-    atomic_write_text(path, json.dumps(split, indent=1) + "\n")
+    """MORPH: the subject split, written so another tool can train on its other side: at
+    --split-out, else (no --out, so no output set) in the working folder."""
+    path = cfg.split_out or Path(f"{cfg.protocol}-split-seed{cfg.seed}.json")
+    _split_writer(split)(path)
     say(f"subject split written to {path} ({len(split['train'])} train, "
         f"{len(split['test'])} test)")
     return path

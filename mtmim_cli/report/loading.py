@@ -3,14 +3,16 @@ what they hold and read into `Run` and `Evaluation`."""
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mtmim_cli.errors import MtmimError
-from mtmim_cli.eval.feature_file import FILE_NAME as FEATURE_FILE
 from mtmim_cli.eval.feature_file import read_feature_file
+from mtmim_cli.eval.output_set import NO_MANIFEST, read_manifest, verified_files
+from mtmim_cli.eval.tables import curve_csvs, results_markdown
 
 
 @dataclass
@@ -34,7 +36,7 @@ class Run:
 
 @dataclass
 class Evaluation:
-    """One `mtmim evaluate` output (results.md and its siblings)."""
+    """One `mtmim evaluate` output (results.json and the siblings it lists)."""
 
     path: Path
     results: dict
@@ -42,6 +44,8 @@ class Evaluation:
     cmc: Any | None  # DataFrame (protocol, model, rank, rate)
     roc: Any | None  # DataFrame (protocol, model, far, tar)
     features: dict | None = None  # model label -> features.npz entry (evaluate --features)
+    ignored: list[str] = field(default_factory=list)  # one line per file not attached
+    manifest: Path | None = None  # its results.json (a folder may hold several stems')
 
     def test_faces(self, label: str) -> dict | None:
         """The evaluation's record of how `label`'s training data relates to its test faces."""
@@ -80,27 +84,42 @@ def load_run(path: Path) -> Run:
                validation=val if val is not None and len(val) else None)
 
 def load_evaluation(path: Path) -> Evaluation:
-    """`path` is the folder of results.json (or results.json / results.md itself)."""
-    folder = path if path.is_dir() else path.parent
-    if path.is_file():
-        stem = path.stem
-    else:  # results.json, else the one <stem>.json beside a <stem>.md that evaluate wrote
-        stems = [p.stem for p in sorted(folder.glob("*.json")) if (folder / f"{p.stem}.md").is_file()]
-        stem = "results" if (folder / "results.json").is_file() or len(stems) != 1 else stems[0]
-    rj = folder / f"{stem}.json"
-    try:
-        results = json.loads(rj.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MtmimError(f"{rj}: not a readable results file ({exc})") from None
-    md = folder / f"{stem}.md"
-    markdown = md.read_text() if md.is_file() else ""
-    cmc = _read_csv(folder / "cmc.csv") if (folder / "cmc.csv").is_file() else None
-    roc = _read_csv(folder / "roc.csv") if (folder / "roc.csv").is_file() else None
-    feats = folder / FEATURE_FILE
-    return Evaluation(path=folder, results=results, markdown=markdown,
+    """`path` is the folder of results.json (or a results .json / .md itself). Only what the
+    manifest (results.json) lists with a matching sha256 is attached: files of another
+    evaluation in the folder, or left by a run that died, are not this one's. The tables and
+    curves a listed file would hold are redrawn from results.json itself when that file
+    cannot be attached; the features cannot, and stay out."""
+    rj, results = read_manifest(path)
+    files, ignored = verified_files(rj, results)
+    if ignored == [NO_MANIFEST]:
+        ignored = [f"{NO_MANIFEST}: its results.md, CSVs and features not attached, tables "
+                   "and curves drawn from results.json itself; rerun evaluate for features"]
+    markdown = files["md"].read_text() if "md" in files else ""
+    cmc = _read_csv(files["cmc"]) if "cmc" in files else None
+    roc = _read_csv(files["roc"]) if "roc" in files else None
+    if not {"md", "cmc", "roc"} <= set(files):
+        md_text, cmc_text, roc_text = _from_results(results)
+        markdown = markdown if "md" in files else md_text
+        cmc = cmc if "cmc" in files or cmc_text is None else _read_csv(io.StringIO(cmc_text))
+        roc = roc if "roc" in files or roc_text is None else _read_csv(io.StringIO(roc_text))
+    return Evaluation(path=rj.parent, results=results, markdown=markdown,
                       cmc=cmc if cmc is not None and len(cmc) else None,
                       roc=roc if roc is not None and len(roc) else None,
-                      features=read_feature_file(feats) if feats.is_file() else None)
+                      features=read_feature_file(files["features"]) if "features" in files else None,
+                      ignored=[f"{rj}: {line}" for line in ignored], manifest=rj)
+
+
+def _from_results(results: dict) -> tuple[str, str | None, str | None]:
+    """results.md, cmc.csv and roc.csv as evaluate would write them from `results`; empty
+    where it is not a protocol's table (a distractor run, an older layout of the file)."""
+    if not isinstance(results.get("results"), list) or "protocol" not in results:
+        return "", None, None
+    try:
+        return results_markdown(results), *curve_csvs(results)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        # an older results.json may lack a field the tables read: show none rather than fail
+        return "", None, None
+
 
 def classify_inputs(paths: list[Path]) -> tuple[list[Run], list[Evaluation]]:
     runs, evals = [], []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +134,11 @@ def auto_section(runs: list[Run]) -> list[str]:
     return md
 
 def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
-                 max_images: int = 400, age_map_model: str | None = None) -> Path:
+                 max_images: int = 400, age_map_model: str | None = None,
+                 echo: Callable[[str], None] | None = None) -> Path:
     """Write `out`/report.md and its figures from run folders and evaluate's outputs;
-    returns the report's path."""
+    returns the report's path. `echo` gets one line per evaluation file not attached."""
+    say = echo or (lambda s: None)
     out = Path(out)
     runs, evals = classify_inputs([Path(p) for p in inputs])
     if not runs and not evals:
@@ -172,7 +175,10 @@ def build_report(inputs: list[str | os.PathLike], out: str | os.PathLike,
             body = e.markdown.strip()
             if body.startswith("# "):  # demote its title under ours
                 body = "#" + body
-            md += [f"From `{e.path}`:\n", body or "(no results.md)", ""]
+            md += [f"From `{e.manifest or e.path}`:\n", body or "(no results.md)", ""]
+            md += [f"- {line}" for line in e.ignored] + ([""] if e.ignored else [])
+            for line in e.ignored:
+                say(line)
             if _synthetic_inputs(e):
                 md += ["*These faces come from `mtmim synth` (the embedded synthetic set): rows "
                        "marked reported are the paper's numbers on the real benchmark and are "

@@ -166,6 +166,8 @@ def main() -> None:
             run = out / "runs" / f"{name}-s{seed}"
             t0 = time.perf_counter()
             run_opts = {**base_opts, **opts, "mode": mode, "seed": seed, "out": str(run)}
+            if run_opts.get("recipe") != "auto":   # a named recipe beside auto ones: no search
+                run_opts.pop("auto_guard", None)
             state = reusable(run, resolved_settings(run_opts), inputs, a.reuse_stale)
             if state is None and run_opts.get("recipe") == "auto":
                 # A search over fine-tunes on validation folds of the training subjects.

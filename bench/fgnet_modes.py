@@ -76,7 +76,8 @@ def main() -> None:
     from mtmim_cli.eval.metrics import rank1
     from mtmim_cli.models.identity import load_identity_model
     from mtmim_cli.models.mi_bounds import mi_interval
-    from mtmim_cli.train.finetune import finetune, resolved_settings
+    from mtmim_cli.train.finetune import finetune
+    from mtmim_cli.train.finetune_options import resolved_settings
 
     cache = Cache(a.cache)
     subject = np.array([int(n) for n in cache.identity_names])[cache.identity]

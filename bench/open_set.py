@@ -119,7 +119,8 @@ def main() -> None:
     from mtmim_cli.orchestration.auto_recipe import auto_finetune
     from mtmim_cli.orchestration.evaluate import evaluate
     from mtmim_cli.threads import set_torch_threads
-    from mtmim_cli.train.finetune import finetune, resolved_settings
+    from mtmim_cli.train.finetune import finetune
+    from mtmim_cli.train.finetune_options import resolved_settings
 
     set_torch_threads(a.threads)
     out = Path(a.out)

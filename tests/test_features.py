@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mtmim_cli.data.cache import Cache
+from mtmim_cli.errors import MtmimError
 from mtmim_cli.eval.features import combine_views, extract_features, extract_views
 
 
@@ -69,7 +70,7 @@ def test_array_source_and_bad_mode() -> None:
     assert f.shape == (4, 8)
     with pytest.raises(ValueError):
         combine_views(f, None, "concat")
-    with pytest.raises(ValueError):
+    with pytest.raises(MtmimError, match="^--flip mean: choose from concat, sum, none$"):
         extract_features(model, imgs, flip="mean")
 
 

@@ -12,8 +12,7 @@ from typer.testing import CliRunner
 import mtmim_cli.train.finetune as F
 from mtmim_cli.cli import app
 from mtmim_cli.commands.finetune_cmd import _LIBRARY_NAME, _NOT_SETTINGS
-from mtmim_cli.train.finetune import split_options
-from mtmim_cli.train.finetune_options import DEFAULTS, TRAIN_DEFAULTS, default
+from mtmim_cli.train.finetune_options import DEFAULTS, TRAIN_DEFAULTS, default, split_options
 
 
 def _command():
@@ -70,8 +69,7 @@ def test_help_shows_the_defaults() -> None:
 
 
 def test_small_sface_is_small_but_for_what_was_chosen_for_sface() -> None:
-    from mtmim_cli.train.finetune import resolved_settings
-    from mtmim_cli.train.finetune_options import RECIPES
+    from mtmim_cli.train.finetune_options import RECIPES, resolved_settings
 
     small = resolved_settings({"recipe": "small"})
     sface = resolved_settings({"recipe": "small-sface"})

@@ -98,7 +98,7 @@ def test_a_finished_run_is_reused_only_with_the_same_resolved_settings(tmp_path,
     import pytest
 
     import mtmim_cli.train.finetune_options as FO
-    from mtmim_cli.train.finetune import resolved_settings
+    from mtmim_cli.train.finetune_options import resolved_settings
 
     run = tmp_path / "mtmim-s0"
     opts = {"recipe": "small", "mode": "mtmim", "seed": 0, "out": str(run), "progress": False}

@@ -15,7 +15,8 @@ from mtmim_cli.data.dataset import CacheDataset
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.models.backbones import build_backbone
 from mtmim_cli.train.checkpoint import load_checkpoint
-from mtmim_cli.train.finetune import finetune, split_options
+from mtmim_cli.train.finetune import finetune
+from mtmim_cli.train.finetune_options import split_options
 from mtmim_cli.train.mtmim_objective import MTMIMObjective
 from mtmim_cli.train.transfer import (
     EncoderPlan,

@@ -10,6 +10,7 @@ import typer
 from mtmim_cli.app import app
 from mtmim_cli.atomic import ensure_writable
 from mtmim_cli.errors import MtmimError
+from mtmim_cli.eval.flip import FLIP_MODES
 
 
 @app.command()
@@ -24,8 +25,8 @@ def evaluate(
     meta: Path = typer.Option(None, "--meta", help="CACD metadata CSV: path,year,test."),
     out: Path = typer.Option(None, "--out", "-o",
                              help="results.md to write (results.json etc. beside it)."),
-    flip: str = typer.Option("concat", "--flip",
-                             help="Mirror features: concat (the paper), sum or none."),
+    flip: str = typer.Option(FLIP_MODES[0], "--flip",
+                             help=f"Mirror features: {', '.join(FLIP_MODES)} (concat: the paper)."),
     refit: str = typer.Option("none", "--refit",
                               help="fgnet-loo: none, head or full re-fit per round."),
     folds: int = typer.Option(None, "--folds",
@@ -137,15 +138,9 @@ def evaluate(
         raise MtmimError(f"--refit-options: not JSON ({exc})") from None
     if not isinstance(opts, dict):
         raise MtmimError("--refit-options: must be a JSON object")
-    if flip not in ("concat", "sum", "none"):
-        raise MtmimError(f"--flip {flip}: choose concat, sum or none")
-    if recipe is not None:
-        from mtmim_cli.train.finetune_options import RECIPE_NAMES
-
+    if recipe is not None:   # the recipe's name is checked with the other re-fit settings
         if refit != "full":
             raise MtmimError(f"--recipe {recipe}: applies to --refit full (each round fine-tunes)")
-        if recipe not in RECIPE_NAMES:
-            raise MtmimError(f"--recipe {recipe}: choose from {', '.join(RECIPE_NAMES)}")
         opts = {"recipe": recipe, **opts}
     set_torch_threads(threads)
     cfg = EvalConfig(

@@ -9,7 +9,7 @@ import typer
 from mtmim_cli.app import app
 from mtmim_cli.atomic import ensure_writable
 from mtmim_cli.commands.finetune_help import finetune_text, show_recipes
-from mtmim_cli.train.finetune_options import MI_TARGETS, MODES
+from mtmim_cli.commands.given import given_settings
 from mtmim_cli.train.finetune_options import default as D
 
 
@@ -121,36 +121,16 @@ def finetune(
     """MT-MIM fine-tuning (the command's text is `finetune_help.finetune_text`)."""
     ensure_writable(out, folder=True)
 
-    from mtmim_cli.errors import MtmimError
     from mtmim_cli.threads import set_torch_threads
     from mtmim_cli.train.finetune import finetune as run
 
-    if mode not in MODES:
-        raise MtmimError(f"--mode {mode}: choose from {', '.join(MODES)}")
-    if margin not in ("arcface", "cosface", "sphereface"):
-        raise MtmimError(f"--margin {margin}: choose from arcface, cosface, sphereface")
-    if mi_target not in MI_TARGETS:
-        raise MtmimError(f"--mi-target {mi_target}: choose from {', '.join(MI_TARGETS)}")
-    if q_steps < 0 or q_lr <= 0:
-        raise MtmimError(f"--q-steps {q_steps} / --q-lr {q_lr}: need q-steps >= 0 and q-lr > 0")
+    # The settings are checked by the library (train/finetune_options.py), before any data.
+    settings = given_settings(ctx, _LIBRARY_NAME, _NOT_SETTINGS)
     set_torch_threads(threads)
     if recipe == "auto":   # a search over fine-tunes, chosen on validation identities
         from mtmim_cli.orchestration.auto_recipe import auto_finetune
 
-        auto_finetune(caches, init, given_settings(ctx))
+        auto_finetune(caches, init, settings)
         return
-    run(caches, init, given_settings(ctx))
+    run(caches, init, settings)
 
-
-def given_settings(ctx: typer.Context) -> dict:
-    """The settings the user gave on the command line, under the library's names; the rest
-    `finetune` resolves itself (defaults, then a recipe), so its defaults are the only ones."""
-    out = {}
-    for name, value in ctx.params.items():
-        source = ctx.get_parameter_source(name)   # an enum of (typer's vendored) click
-        if name in _NOT_SETTINGS or source is None or source.name == "DEFAULT":
-            continue
-        if isinstance(value, list):
-            value = [str(v) if isinstance(v, Path) else v for v in value]
-        out[_LIBRARY_NAME.get(name, name)] = str(value) if isinstance(value, Path) else value
-    return out

@@ -10,6 +10,7 @@ from mtmim_cli.app import app
 from mtmim_cli.atomic import ensure_writable
 from mtmim_cli.commands.align_cmd import PAD_HELP
 from mtmim_cli.commands.tools_cmd import BACKBONE_HELP
+from mtmim_cli.eval.flip import FLIP_MODES
 
 
 @app.command()
@@ -19,7 +20,7 @@ def enroll(
     out: Path = typer.Option(..., "--out", "-o", help="Gallery folder to create (or add to with --append)."),
     append: bool = typer.Option(False, "--append", help="Add to an existing gallery (same model)."),
     index: str = typer.Option("auto", "--index", help="exact, ivf, hnsw or auto (by size)."),
-    flip: str = typer.Option(None, "--flip", help="concat, sum, none (default: the threshold's, else concat)."),
+    flip: str = typer.Option(None, "--flip", help=f"{', '.join(FLIP_MODES)} (default: the threshold's, else concat)."),
     on_miss: str = typer.Option("skip", "--on-miss", help="Photo without a face: skip (listed) or center."),
     backbone: str = typer.Option(None, "--backbone", help=BACKBONE_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),

@@ -10,6 +10,7 @@ from mtmim_cli import __version__
 from mtmim_cli.app import app
 from mtmim_cli.atomic import ensure_writable
 from mtmim_cli.commands.align_cmd import PAD_HELP
+from mtmim_cli.eval.flip import FLIP_MODES
 
 BACKBONE_HELP = "Backbone of plain weights; onnx:CHANNELS[,MEAN,STD] for *.onnx."
 
@@ -81,7 +82,7 @@ def calibrate(
     n_pairs: int = typer.Option(6000, "--n-pairs", help="Pairs to draw (half genuine)."),
     min_gap: float = typer.Option(0.0, "--min-gap", help="Minimum age gap of the drawn pairs (years)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the pair draw."),
-    flip: str = typer.Option("concat", "--flip", help="Mirror features: concat, sum or none (verify uses the same)."),
+    flip: str = typer.Option(FLIP_MODES[0], "--flip", help=f"Mirror features: {', '.join(FLIP_MODES)} (verify uses the same)."),
     backbone: str = typer.Option(None, "--backbone", help=BACKBONE_HELP),
     out: Path = typer.Option(None, "--out", "-o", help="Calibrated copy to write (default: MODEL in place; ours only)."),
     min_false_accepts: int = typer.Option(10, "--min-false-accepts", help="False accepts --far must leave to count as measured."),
@@ -99,8 +100,6 @@ def calibrate(
     from mtmim_cli.deploy.verify import calibrate_threshold, is_mtmim_checkpoint, store_threshold
     from mtmim_cli.errors import MtmimError
 
-    if flip not in ("concat", "sum", "none"):
-        raise MtmimError(f"--flip {flip}: choose from concat, sum, none")
     if out is None and not is_mtmim_checkpoint(model):
         raise MtmimError(f"{model}: not an mtmim checkpoint; give --out for the calibrated copy")
     t = calibrate_threshold(model, cache, far=far, n_pairs=n_pairs, seed=seed, min_gap=min_gap,
@@ -147,7 +146,7 @@ def embed(
     src: Path = typer.Argument(..., help="A folder of photos (aligned here) or an aligned cache (.h5)."),
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to embed with (x_id of a fine-tuned model, else x)."),
     out: Path = typer.Option(..., "--out", "-o", help="HDF5 file to write (one row per face)."),
-    flip: str = typer.Option("concat", "--flip", help="Mirror features: concat (the paper), sum, none."),
+    flip: str = typer.Option(FLIP_MODES[0], "--flip", help=f"Mirror features: {', '.join(FLIP_MODES)} (concat: the paper)."),
     on_miss: str = typer.Option("skip", "--on-miss", help="No face found: skip (listed, no row) or center (a centre crop)."),
     backbone: str = typer.Option(None, "--backbone", help=BACKBONE_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
@@ -167,11 +166,8 @@ def embed(
     ensure_writable(out)
 
     from mtmim_cli.deploy.embed import embed_source
-    from mtmim_cli.errors import MtmimError
     from mtmim_cli.threads import set_torch_threads
 
-    if flip not in ("concat", "sum", "none"):
-        raise MtmimError(f"--flip {flip}: choose from concat, sum, none")
     set_torch_threads(threads)
     s = embed_source(src, model, out, flip=flip, on_miss=on_miss, backbone=backbone,
                      device=device, batch_size=batch_size, pad=pad, progress=not quiet)

@@ -26,6 +26,7 @@ import numpy as np
 from mtmim_cli import __version__
 from mtmim_cli.digest import file_sha256
 from mtmim_cli.errors import MtmimError
+from mtmim_cli.eval.flip import check_flip
 
 ON_MISS = ("skip", "center")
 
@@ -129,6 +130,7 @@ def embed_source(src: str | os.PathLike, model_path: str | os.PathLike,
     from mtmim_cli.eval.features import extract_features
     from mtmim_cli.models.identity import load_identity_model
 
+    check_flip(flip)
     if on_miss not in ON_MISS:
         raise MtmimError(f"--on-miss {on_miss}: choose from {', '.join(ON_MISS)}")
     src, model_path, out = Path(src), Path(model_path), Path(out)

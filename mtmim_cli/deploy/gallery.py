@@ -32,6 +32,7 @@ import numpy as np
 
 from mtmim_cli import __version__
 from mtmim_cli.errors import MtmimError
+from mtmim_cli.eval.flip import check_flip
 
 FORMAT = "mtmim-gallery"
 VERSION = 1
@@ -419,8 +420,8 @@ def enroll(src: str | os.PathLike, model_path: str | os.PathLike, out: str | os.
         raise MtmimError(f"--index {index}: choose from {', '.join(KINDS)}")
     if on_miss not in ON_MISS:
         raise MtmimError(f"--on-miss {on_miss}: choose from {', '.join(ON_MISS)}")
-    if flip is not None and flip not in ("concat", "sum", "none"):
-        raise MtmimError(f"--flip {flip}: choose from concat, sum, none")
+    if flip is not None:
+        check_flip(flip)
     pad = check_pad(pad)
     if not model_path.is_file():
         raise MtmimError(f"{model_path}: no such model file")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mtmim_cli.errors import MtmimError
+from mtmim_cli.eval.flip import check_flip
 from mtmim_cli.eval.metrics import allowed_false_accepts, min_impostors
 
 
@@ -67,6 +68,7 @@ def calibrate_threshold(model_path: str | os.PathLike, cache_path: str | os.Path
     from mtmim_cli.eval.pairs import cross_age_pairs
     from mtmim_cli.models.identity import load_identity_model
 
+    check_flip(flip)
     if not 0 < far < 1:
         raise MtmimError(f"--far {far}: must lie between 0 and 1")
     if min_false_accepts < 1:

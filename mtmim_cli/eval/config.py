@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtmim_cli.errors import MtmimError
+from mtmim_cli.eval.flip import check_flip
 
 PROTOCOLS = ("fgnet-loo", "morph-s1", "morph-s2", "cacd-map", "cacd-vs", "agedb30", "lfw",
              "calfw", "pairs")
@@ -73,10 +74,11 @@ class EvalConfig:
 
 
 def check_config(cfg: EvalConfig) -> None:
-    """The refusals that need no file: unknown protocol or refit, refit outside FG-NET,
+    """The refusals that need no file: unknown protocol, flip or refit, refit outside FG-NET,
     no model, two models under one label, a protocol without the input it needs."""
     if cfg.protocol not in PROTOCOLS:
         raise MtmimError(f"--protocol {cfg.protocol}: choose from {', '.join(PROTOCOLS)}")
+    check_flip(cfg.flip)
     if cfg.refit not in REFITS:
         raise MtmimError(f"--refit {cfg.refit}: choose from {', '.join(REFITS)}")
     if cfg.refit != "none" and cfg.protocol != "fgnet-loo":

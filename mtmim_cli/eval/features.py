@@ -15,11 +15,10 @@ import torch
 from mtmim_cli.allocator import reuse_freed_memory
 from mtmim_cli.data.cache import Cache
 from mtmim_cli.data.dataset import preprocess
+from mtmim_cli.eval.flip import check_flip
 from mtmim_cli.eval.trunk_memo import shared_views
 from mtmim_cli.eval.views import forward_views, read_images
 from mtmim_cli.progress import make_progress
-
-FLIP_MODES = ("concat", "sum", "none")
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -30,8 +29,7 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 def combine_views(feats: np.ndarray, feats_flip: np.ndarray | None, flip: str) -> np.ndarray:
     """Join the image and mirror features as `flip` says, then L2-normalise (float32)."""
-    if flip not in FLIP_MODES:
-        raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
+    check_flip(flip)
     if flip == "none":
         return l2_normalise(feats)
     if feats_flip is None:
@@ -152,8 +150,7 @@ def extract_features(model: torch.nn.Module, cache: Cache | np.ndarray,
                      batch_size: int | None = None, *, device: str | torch.device = "cpu",
                      progress: bool = False) -> np.ndarray:
     """L2-normalised float32 identity features (image and mirror combined as `flip` says)."""
-    if flip not in FLIP_MODES:
-        raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
+    check_flip(flip)
     f, ff = extract_views(model, cache, indices, mirror=flip != "none", batch_size=batch_size,
                           device=device, progress=progress)
     return combine_views(f, ff, flip)

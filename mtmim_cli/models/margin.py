@@ -16,13 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MARGIN_PRESETS: dict[str, dict[str, float]] = {
-    # The paper's setting: s = 64, m = 0.35 as an additive angle.
-    "arcface": {"m1": 1.0, "m2": 0.35, "m3": 0.0},
-    "cosface": {"m1": 1.0, "m2": 0.0, "m3": 0.35},
-    # SphereFace-style multiplicative angle (insightface's combined-margin value for m1).
-    "sphereface": {"m1": 1.35, "m2": 0.0, "m3": 0.0},
-}
+from mtmim_cli.models.margin_names import MARGIN_KEY, MARGIN_PRESETS, check_margin
 
 
 def margin_target(cos: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
@@ -45,10 +39,9 @@ def margin_target(cos: torch.Tensor, m1: float, m2: float, m3: float) -> torch.T
 def margin_values(name: str, margin: float | None = None) -> dict[str, float]:
     """m1, m2, m3 of a preset ('arcface' | 'cosface' | 'sphereface'); `margin` overrides the
     preset's own margin."""
-    m = dict(MARGIN_PRESETS[name])
+    m = dict(MARGIN_PRESETS[check_margin(name)])
     if margin is not None:
-        key = {"arcface": "m2", "cosface": "m3", "sphereface": "m1"}[name]
-        m[key] = float(margin)
+        m[MARGIN_KEY[name]] = float(margin)
     return m
 
 

@@ -111,10 +111,12 @@ def auto_finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike |
     from mtmim_cli.digest import file_sha256
     from mtmim_cli.eval.runners import FeatureOptions
     from mtmim_cli.models.identity import load_identity_model
-    from mtmim_cli.train.finetune import finetune, resolved_settings
+    from mtmim_cli.train.finetune import finetune
+    from mtmim_cli.train.finetune_options import resolve_settings, resolved_settings
     from mtmim_cli.train.loop import routine_messages_off
 
     opts = dict(options)
+    resolve_settings(dict(opts), {})   # a bad setting is refused before the search reads a file
     if not init:
         raise MtmimError("--recipe auto: give --init (the encoder the recipe is chosen for)")
     if len(caches) != 1:

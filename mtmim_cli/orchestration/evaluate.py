@@ -35,6 +35,7 @@ from mtmim_cli.eval.outcomes import write_outcomes
 from mtmim_cli.eval.output_set import output_paths
 from mtmim_cli.eval.provenance import file_record, run_header
 from mtmim_cli.eval.runners import FeatureOptions, Scored, run_protocol
+from mtmim_cli.orchestration.refit import check_refit_options
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True,
@@ -45,6 +46,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True,
 
     say = echo or (lambda s: None)
     check_config(cfg)
+    check_refit_options(cfg)   # the re-fit's settings too, before any file is read
     if cfg.distractors is not None:   # a table of its own: rank-1 and CMC against N
         from mtmim_cli.orchestration.distractors import evaluate_distractors
 

@@ -161,6 +161,33 @@ def round_key(cfg: EvalConfig, m: ModelArg, *, cache_sha256: str, model_sha256: 
             P.SOURCE_KEY: source_digest()}
 
 
+def check_refit_options(cfg: EvalConfig) -> None:
+    """Resolve and check each re-fit mode's settings (`--refit-options`, a recipe) as its
+    rounds will, so a bad one is refused on one line before any file is read, not in the
+    first round after the model and the cache have loaded."""
+    if cfg.refit == "none":
+        return
+    for mode in refit_modes(cfg):
+        opts = {**cfg.refit_options, "mode": mode}
+        if cfg.refit == "head":
+            from mtmim_cli.train.round_heads import RoundHeadConfig
+
+            rounds_per_chunk(opts)
+            RoundHeadConfig.from_options({k: v for k, v in opts.items() if k != "rounds_per_chunk"})
+        else:
+            from mtmim_cli.train.finetune_options import resolve_settings
+
+            resolve_settings(opts, {})
+
+
+def rounds_per_chunk(options: dict) -> int:
+    """`--refit head`'s rounds trained together (`rounds_per_chunk`, default ROUNDS_PER_CHUNK)."""
+    from mtmim_cli.train.setting_checks import number
+
+    return int(number("--refit-options rounds_per_chunk",
+                      options.get("rounds_per_chunk", ROUNDS_PER_CHUNK), low=1, whole=True))
+
+
 def resolved_refit_options(refit: str, options: dict) -> dict:
     """The settings a round actually trains with: the options over their defaults, with a
     named recipe expanded, so that a changed default or recipe never reuses stored rounds.
@@ -174,7 +201,7 @@ def resolved_refit_options(refit: str, options: dict) -> dict:
         opts.pop("rounds_per_chunk", None)   # how rounds are batched, not what they compute
         resolved = RoundHeadConfig.from_options(opts).to_dict()
     elif refit == "full":
-        from mtmim_cli.train.finetune import resolved_settings
+        from mtmim_cli.train.finetune_options import resolved_settings
 
         guard = opts.pop("auto_guard", None)
         resolved = {k: v for k, v in resolved_settings(opts).items() if k != "out"}
@@ -226,7 +253,8 @@ def run_head_rounds(views: tuple[np.ndarray, np.ndarray | None], ident: np.ndarr
     from mtmim_cli.train import round_heads as H
 
     opts = dict(options)
-    chunk = int(opts.pop("rounds_per_chunk", ROUNDS_PER_CHUNK))
+    chunk = rounds_per_chunk(opts)
+    opts.pop("rounds_per_chunk", None)
     cfg = H.RoundHeadConfig.from_options(opts)
     f, ff = views
     view_list = [f] if ff is None else [f, ff]

@@ -1,15 +1,14 @@
-"""`mtmim finetune`: the settings a run resolves (defaults, recipe, options), the encoder it
-starts from, and the run itself on the shared training loop with MT-MIM's objective
-(train/mtmim_objective.py: the paper's three modes, CLUB and q's alternating updates); WiSE
-interpolation, class-mean centres, and the heads fitted on fixed features that the
-re-fits use."""
+"""`mtmim finetune`: the encoder a run starts from and the run itself, on the settings
+train/finetune_options.py resolves and checks (defaults, recipe, options), with the shared
+training loop and MT-MIM's objective (train/mtmim_objective.py: the paper's three modes,
+CLUB and q's alternating updates); WiSE interpolation, class-mean centres, and the heads
+fitted on fixed features that the re-fits use."""
 
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -22,65 +21,8 @@ from mtmim_cli.errors import MtmimError
 from mtmim_cli.models.factorize import FactorizationUnit
 from mtmim_cli.train import distributed as D
 from mtmim_cli.train.config import TrainConfig
-from mtmim_cli.train.finetune_options import (
-    AUTO_RECIPE,
-    DEFAULTS,
-    RECIPE_NAMES,
-    RECIPES,
-    TRAIN_DEFAULTS,
-)
+from mtmim_cli.train.finetune_options import AUTO_RECIPE, resolve_settings
 from mtmim_cli.train.mtmim_objective import MTMIMObjective
-
-
-def split_options(config: TrainConfig | dict[str, Any] | None,
-                  options: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
-    """A TrainConfig (fine-tuning defaults: Adam, lr 0.02, plateau, batch 400) and the
-    fine-tuning options, from a TrainConfig or one flat dict of both kinds of keys."""
-    train_keys = {f.name for f in fields(TrainConfig)}
-    opts = dict(DEFAULTS)
-    recipe = _recipe(options.get("recipe", None if isinstance(config, TrainConfig)
-                                 else (config or {}).get("recipe")))
-    if isinstance(config, TrainConfig):
-        if any(k in train_keys for k in recipe):
-            raise MtmimError("finetune: a recipe sets training settings too; pass them as a dict, "
-                             "not a TrainConfig")
-        cfg = config
-    else:
-        d = {**TRAIN_DEFAULTS, **recipe, **(config or {})}
-        unknown = [k for k in d if k not in train_keys and k not in DEFAULTS]
-        if unknown:
-            raise MtmimError(f"finetune: unknown option(s) {', '.join(sorted(unknown))}")
-        cfg = TrainConfig(**{k: v for k, v in d.items() if k in train_keys})
-        opts.update({k: v for k, v in d.items() if k in DEFAULTS})
-    unknown = [k for k in options if k not in DEFAULTS]
-    if unknown:
-        raise MtmimError(f"finetune: unknown option(s) {', '.join(sorted(unknown))}")
-    opts.update(options)
-    return cfg, opts
-
-
-def resolved_settings(options: dict[str, Any]) -> dict[str, Any]:
-    """What a fine-tune given this flat dict of options trains with: the options over their
-    recipe over the defaults, training settings and fine-tuning options in one JSON-plain
-    dict, without the settings a run may change on resume (RESUME_FREE). Stores of finished
-    work compare it, so that a changed recipe or default never passes for the same run."""
-    import json
-    from dataclasses import asdict
-
-    from mtmim_cli.train.config import RESUME_FREE
-
-    train, fine = split_options(dict(options), {})
-    both = {**{k: v for k, v in asdict(train).items() if k not in RESUME_FREE}, **fine}
-    return json.loads(json.dumps(both, sort_keys=True, default=str))
-
-
-def _recipe(name: str | None) -> dict[str, Any]:
-    if not name:
-        return {}
-    if name not in RECIPE_NAMES:
-        raise MtmimError(f"--recipe {name}: choose from {', '.join(RECIPE_NAMES)}")
-    # auto searches over small's bundle; the setting it retrains overrides the searched keys
-    return RECIPES["small" if name == AUTO_RECIPE else name]
 
 
 def _load_encoder(init: str | os.PathLike | None, backbone: str | None,
@@ -117,22 +59,14 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
     from mtmim_cli.data.identity_lists import read_identity_list
     from mtmim_cli.train.lineage import run_record, saves_checkpoints
     from mtmim_cli.train.loop import train
-    from mtmim_cli.train.transfer import (
-        CENTRE_INITS,
-        TrainingSet,
-        identity_mask,
-        validation_identities,
-    )
+    from mtmim_cli.train.transfer import TrainingSet, identity_mask, validation_identities
 
-    cfg, o = split_options(config, options)
+    cfg, o = resolve_settings(config, options)   # every check that needs no file, first
     if o["recipe"] == AUTO_RECIPE and o["auto"] is None:
         raise MtmimError("--recipe auto: a search over fine-tunes; run it through `mtmim "
                          "finetune` or mtmim_cli.orchestration.auto_recipe.auto_finetune")
     if o["auto_guard"] and o["recipe"] != AUTO_RECIPE:
         raise MtmimError("--auto-guard: applies to --recipe auto")
-    cfg.validate()
-    if o["init_centres"] not in CENTRE_INITS:
-        raise MtmimError(f"--init-centres {o['init_centres']}: choose from {', '.join(CENTRE_INITS)}")
     device = D.init_from_env()   # before the heads: Partial FC splits its centres over the ranks
     torch.manual_seed(cfg.seed)  # a freshly built encoder: identical on every rank
     encoder, backbone, width, dim = _load_encoder(init, o["backbone"], o["embedding_size"])
@@ -213,9 +147,7 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
             "frozen_through": stage}
     if saves_checkpoints():
         meta["trained_on"] = run_record(dataset, init, o["exclude"])
-    wise = float(o["wise"])
-    if not 0.0 < wise <= 1.0:
-        raise MtmimError(f"--wise {wise}: must be in (0, 1]")
+    wise = float(o["wise"])   # in (0, 1]: resolve_settings checked it
     start = _wise_start(objective) if wise < 1.0 else None
     if start is not None:
         meta["wise"] = wise

@@ -1,19 +1,30 @@
-"""The fine-tuning settings and their defaults, in one place. `finetune` resolves a run's
-settings from these (under a `--recipe` and the options given); `mtmim finetune` shows them
-as its options' defaults and passes on only the options the user gave. No torch here, so
-`mtmim finetune --help` stays light."""
+"""The fine-tuning settings layer: the defaults, the recipes, their resolution under the
+options given (`resolve_settings`) and the checks that need no file. `finetune`, `--recipe
+auto`, `evaluate --refit full` and the benches resolve a run's settings here, so they refuse
+a bad setting alike and before any data loads; `mtmim finetune` shows the defaults as its
+options' and passes on only the options the user gave. No torch here, so `mtmim finetune
+--help` stays light."""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, fields
+import json
+from dataclasses import MISSING, asdict, fields
 from typing import Any
 
-from mtmim_cli.train.config import TrainConfig
+from mtmim_cli.data.identities import MODES as IDENTITY_MODES
+from mtmim_cli.errors import MtmimError
+from mtmim_cli.models.margin_names import check_margin
+from mtmim_cli.train.config import RESUME_FREE, TrainConfig
+from mtmim_cli.train.setting_checks import choose, number
 
 MODES = ("baseline", "age", "mtmim")
 # What the MI penalty (mode mtmim) measures x_id against: the paper's x_age (CLUB with a
 # Gaussian q), or the age group (CLUB, or the lautum information, with a categorical q).
 MI_TARGETS = ("features", "age-group", "lautum")
+# The small-set tools' choices (train/transfer.py acts on them).
+FREEZE_BN = ("off", "stats", "all")
+CENTRE_INITS = ("random", "mean", "mean-mirror")
+ACTIVATION_DTYPES = ("float16", "float32")
 
 # The paper's settings; every one is an option of `finetune` and `mtmim finetune`.
 DEFAULTS: dict[str, Any] = {
@@ -107,3 +118,81 @@ def default(name: str) -> Any:
         if f.name == name and f.default is not MISSING:
             return f.default
     raise KeyError(f"{name}: not a fine-tuning setting")
+
+
+def split_options(config: TrainConfig | dict[str, Any] | None,
+                  options: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+    """A TrainConfig (fine-tuning defaults: Adam, lr 0.02, plateau, batch 400) and the
+    fine-tuning options, from a TrainConfig or one flat dict of both kinds of keys; unchecked
+    (`resolve_settings` checks them)."""
+    train_keys = {f.name for f in fields(TrainConfig)}
+    opts = dict(DEFAULTS)
+    recipe = _recipe(options.get("recipe", None if isinstance(config, TrainConfig)
+                                 else (config or {}).get("recipe")))
+    if isinstance(config, TrainConfig):
+        if any(k in train_keys for k in recipe):
+            raise MtmimError("finetune: a recipe sets training settings too; pass them as a dict, "
+                             "not a TrainConfig")
+        cfg = config
+    else:
+        d = {**TRAIN_DEFAULTS, **recipe, **(config or {})}
+        unknown = [k for k in d if k not in train_keys and k not in DEFAULTS]
+        if unknown:
+            raise MtmimError(f"finetune: unknown option(s) {', '.join(sorted(unknown))}")
+        cfg = TrainConfig(**{k: v for k, v in d.items() if k in train_keys})
+        opts.update({k: v for k, v in d.items() if k in DEFAULTS})
+    unknown = [k for k in options if k not in DEFAULTS]
+    if unknown:
+        raise MtmimError(f"finetune: unknown option(s) {', '.join(sorted(unknown))}")
+    opts.update(options)
+    return cfg, opts
+
+
+def check_settings(cfg: TrainConfig, o: dict[str, Any]) -> None:
+    """The refusals a fine-tune's settings get before any file is read: each names the
+    option and the reason on one line. The objective and the transfer tools keep their own
+    checks for callers that build them directly."""
+    cfg.validate()
+    choose("--mode", o["mode"], MODES)
+    check_margin(o["margin"])
+    choose("--mi-target", o["mi_target"], MI_TARGETS)
+    # q is fitted only by its own steps: with none, the penalty reads an untrained q
+    number("--q-steps", o["q_steps"], low=1, whole=True)
+    number("--q-lr", o["q_lr"], low=0, low_open=True)
+    number("--age-groups", o["age_groups"], low=1, whole=True)
+    if o["encoder_lr"] is not None:
+        number("--encoder-lr", o["encoder_lr"], low=0, low_open=True)
+    number("--partial-fc", o["partial_fc"] or 0.0, low=0, high=1)
+    number("--wise", o["wise"], low=0, high=1, low_open=True)
+    choose("--identities", o["identities"], IDENTITY_MODES)
+    choose("--init-centres", o["init_centres"], CENTRE_INITS)
+    choose("--freeze-bn", o["freeze_bn"], FREEZE_BN)
+    choose("--activation-dtype", o["activation_dtype"], ACTIVATION_DTYPES)
+
+
+def resolve_settings(config: TrainConfig | dict[str, Any] | None,
+                     options: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+    """What a fine-tune trains with (`split_options`), checked (`check_settings`)."""
+    cfg, o = split_options(config, options)
+    check_settings(cfg, o)
+    return cfg, o
+
+
+def resolved_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """What a fine-tune given this flat dict of options trains with, checked: the options
+    over their recipe over the defaults, training settings and fine-tuning options in one
+    JSON-plain dict, without the settings a run may change on resume (RESUME_FREE). Stores
+    of finished work compare it, so that a changed recipe or default never passes for the
+    same run."""
+    train, fine = resolve_settings(dict(options), {})
+    both = {**{k: v for k, v in asdict(train).items() if k not in RESUME_FREE}, **fine}
+    return json.loads(json.dumps(both, sort_keys=True, default=str))
+
+
+def _recipe(name: str | None) -> dict[str, Any]:
+    if not name:
+        return {}
+    if name not in RECIPE_NAMES:
+        raise MtmimError(f"--recipe {name}: choose from {', '.join(RECIPE_NAMES)}")
+    # auto searches over small's bundle; the setting it retrains overrides the searched keys
+    return RECIPES["small" if name == AUTO_RECIPE else name]

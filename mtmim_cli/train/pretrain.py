@@ -1,11 +1,13 @@
 """The library function behind `mtmim pretrain`: margin-softmax training of an encoder on
-general face data (caches), optionally from released weights, with FG-NET-style validation."""
+general face data (caches), optionally from released weights, with FG-NET-style validation,
+on the settings train/pretrain_options.py resolves and checks (defaults, preset, options)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,14 +23,22 @@ from mtmim_cli.train.config import TrainConfig
 from mtmim_cli.train.lineage import run_record, saves_checkpoints
 from mtmim_cli.train.loop import TrainResult, train
 from mtmim_cli.train.objectives import PretrainObjective
+from mtmim_cli.train.pretrain_options import resolve_settings
 
 
-def pretrain(caches: Sequence[str | os.PathLike], config: TrainConfig, *, backbone: str | None = None,
-             embedding_size: int | None = None, init: str | os.PathLike | None = None,
-             margin: str = "arcface", s: float = 64.0, m: float | None = None,
-             val_cache: str | os.PathLike | None = None, val_pairs: int = 3000,
-             partial_fc: float = 0.0, identities: str = "auto",
-             preset: str | None = None) -> TrainResult:
+def pretrain(caches: Sequence[str | os.PathLike], config: TrainConfig | dict[str, Any] | None = None,
+             **options: Any) -> TrainResult:
+    """Margin-softmax training of an encoder on the caches; returns the loop's result (the run
+    folder holds model.pt with meta kind "pretrain").
+
+    `config` is a TrainConfig or a flat dict of TrainConfig fields and pretraining options
+    (pretrain_options.DEFAULTS: backbone, embedding_size, init, margin, s, m, val_cache,
+    val_pairs, partial_fc, identities, preset); `options` override both, and a `preset`
+    fills the settings neither gives. Every setting is checked before any file is read."""
+    config, o = resolve_settings(config, options)
+    init, backbone, embedding_size = o["init"], o["backbone"], o["embedding_size"] or None
+    margin, s, m, identities = o["margin"], o["s"], o["m"], o["identities"]
+    val_cache, val_pairs, partial_fc = o["val_cache"], o["val_pairs"], o["partial_fc"]
     encoder = _onnx_init(init, backbone, embedding_size)
     if encoder is not None:
         backbone, width, dim = "onnx", encoder.input_width, encoder.embedding_size
@@ -40,8 +50,7 @@ def pretrain(caches: Sequence[str | os.PathLike], config: TrainConfig, *, backbo
                     "embedding_size": dim, "init": str(init) if init else None, "margin": margin,
                     "s": s, "m": m, "val_cache": str(val_cache) if val_cache else None,
                     "val_pairs": val_pairs, "partial_fc": partial_fc,
-                    "identities": identities, "preset": preset}
-    config.validate()
+                    "identities": identities, "preset": o["preset"]}
     D.init_from_env()   # before the head: Partial FC splits its centres over the ranks
     dataset = CacheDataset(caches, train=True, crop_width=width, seed=config.seed,
                            identities=identities)

@@ -32,7 +32,8 @@ from torch import Tensor
 
 from mtmim_cli.data.groups import equal_frequency_groups
 from mtmim_cli.errors import MtmimError
-from mtmim_cli.models.margin import MARGIN_PRESETS, margin_target
+from mtmim_cli.models.margin import margin_target, margin_values
+from mtmim_cli.models.margin_names import check_margin
 from mtmim_cli.train import round_club as Q
 
 MODES = ("baseline", "age", "mtmim")
@@ -65,8 +66,7 @@ class RoundHeadConfig:
     def check(self) -> None:
         if self.mode not in MODES:
             raise MtmimError(f"refit mode {self.mode}: choose from {', '.join(MODES)}")
-        if self.margin not in MARGIN_PRESETS:
-            raise MtmimError(f"refit margin {self.margin}: choose from {', '.join(MARGIN_PRESETS)}")
+        check_margin(self.margin, "refit margin")
         if self.centres not in ("mean", "random"):
             raise MtmimError(f"refit centres {self.centres}: choose mean or random")
         for name in ("epochs", "q_steps"):
@@ -76,9 +76,7 @@ class RoundHeadConfig:
             raise MtmimError("refit: batch_size must be >= 2 and lr, q_lr > 0")
 
     def margins(self) -> tuple[float, float, float]:
-        m = dict(MARGIN_PRESETS[self.margin])
-        if self.m is not None:
-            m[{"arcface": "m2", "cosface": "m3", "sphereface": "m1"}[self.margin]] = float(self.m)
+        m = margin_values(self.margin, self.m)
         return m["m1"], m["m2"], m["m3"]
 
     def to_dict(self) -> dict:

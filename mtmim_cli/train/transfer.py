@@ -32,10 +32,7 @@ from mtmim_cli.atomic import atomic_write
 from mtmim_cli.data.dataset import CacheDataset, _flip_bit, preprocess_cropped
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.progress import make_progress
-
-FREEZE_BN = ("off", "stats", "all")
-CENTRE_INITS = ("random", "mean", "mean-mirror")
-ACTIVATION_DTYPES = ("float16", "float32")
+from mtmim_cli.train.finetune_options import ACTIVATION_DTYPES, FREEZE_BN
 
 
 # ---------------------------------------------------------------------------------------

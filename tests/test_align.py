@@ -523,26 +523,28 @@ def long_tree(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("error, at", [
-    (RuntimeError("boom"), 12),   # 8 failures in a row (the unreadable files between
-                                  # neither count nor break the run): stops at record 12
-    (MemoryError(), 3),           # no photo causes it: stops at once
-    (ImportError("libtorch_cpu.so: cannot open shared object file"), 3),
+@pytest.mark.parametrize("error, at, image_format", [
+    (RuntimeError("boom"), 12, "raw"),   # 8 failures in a row (the unreadable files between
+                                         # neither count nor break the run): stops at record 12
+    (RuntimeError("boom"), 12, "jpeg"),  # the failures' bytes were written, not committed
+    (MemoryError(), 3, "raw"),           # no photo causes it: stops at once
+    (ImportError("libtorch_cpu.so: cannot open shared object file"), 3, "raw"),
     (RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate "
-                  "memory: you tried to allocate 9437184 bytes"), 3),
+                  "memory: you tried to allocate 9437184 bytes"), 3, "raw"),
 ])
 def test_a_detector_that_fails_systematically_stops_unfinished_and_resumes(
-        long_tree, tmp_path, detector, error, at):
+        long_tree, tmp_path, detector, error, at, image_format):
     """A broken detector (failing from the 4th photo on): align stops with one line naming
     the photo and the exception, the cache is not finished under its name, the partial file
     keeps the three good records (never the failures, whatever commit_every) and the rerun
     after the fix resumes there and equals an uninterrupted run."""
     full = align_dataset(long_tree, "fgnet", tmp_path / "full.h5", progress=False,
-                         detector=detector)
+                         detector=detector, image_format=image_format)
     out = tmp_path / "c.h5"
     with pytest.raises(MtmimError) as err:
         align_dataset(long_tree, "fgnet", out, progress=False, workers=1, commit_every=1,
-                      detector=Failing(detector, lambda k: k >= 3, error))
+                      detector=Failing(detector, lambda k: k >= 3, error),
+                      image_format=image_format)
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith(f"{long_tree / f'001A{at:02d}.JPG'}: ")
     assert repr(error) in msg and f"stopped without finishing {out}" in msg
@@ -550,9 +552,36 @@ def test_a_detector_that_fails_systematically_stops_unfinished_and_resumes(
     assert not out.exists()
     with h5py.File(out.with_name("c.h5.partial")) as f:
         assert int(f.attrs["n_done"]) == 3
-    again = align_dataset(long_tree, "fgnet", out, progress=False, detector=detector)
+    again = align_dataset(long_tree, "fgnet", out, progress=False, detector=detector,
+                          image_format=image_format)
     assert (again.resumed_from, again.processed) == (3, 11) and not again.reused
     assert_same_cache(full.out, out)
+
+
+def test_an_error_no_photo_causes_while_decoding_stops_too(long_tree, tmp_path, detector,
+                                                            monkeypatch):
+    """Decoding that runs out of memory (not a corrupt file) stops align at that photo."""
+    from mtmim_cli.data import readers
+
+    real = readers.image_loader
+
+    def loader(src, fmt):
+        load = real(src, fmt)
+
+        def broken(rel):
+            if rel == "001A04.JPG":
+                raise MemoryError()
+            return load(rel)
+        return broken
+
+    monkeypatch.setattr(readers, "image_loader", loader)
+    out = tmp_path / "d.h5"
+    with pytest.raises(MtmimError) as err:
+        align_dataset(long_tree, "fgnet", out, progress=False, workers=1, detector=detector)
+    assert str(err.value).startswith(f"{long_tree / '001A04.JPG'}: decoding failed with an "
+                                     "error no photo causes (MemoryError()); stopped without "
+                                     f"finishing {out} (")
+    assert "keeps the first 4 of 14 records" in str(err.value) and not out.exists()
 
 
 def test_is_systematic_tells_the_detectors_faults_from_the_photos():

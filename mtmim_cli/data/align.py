@@ -360,6 +360,9 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
     `threads` sets torch's intra-op threads for detection (None: leave torch's setting).
     `log` receives one plain line per commit (for logs and non-terminal runs).
     `image_format` jpeg or png stores the faces encoded (data/cache.py), encoded in the workers.
+    A photo that fails to decode or detect is an ERROR record; a detector that fails
+    systematically raises MtmimError and leaves the cache partial, resumable (`_fill`).
+    torch's process-wide settings are restored on return.
     """
     from mtmim_cli.atomic import tmp_path_for
     from mtmim_cli.data.cache import Cache, CacheWriter, records_digest

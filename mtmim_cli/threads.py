@@ -10,6 +10,8 @@ evaluate's 264. `MTMIM_BLAS_THREADS` sets another count."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from mtmim_cli.errors import MtmimError
 
@@ -67,3 +69,23 @@ def set_torch_threads(threads: int | None) -> None:
         torch.set_num_interop_threads(threads)
     except RuntimeError:
         pass  # already started: intra-op threads are what forward passes use anyway
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` inside the block and restored after it
+    (None or 0 leaves it): for library calls, which must leave the process's setting as they
+    found it, where `set_torch_threads` is a command's setting for its whole process."""
+    if not threads:
+        yield
+        return
+    if threads < 1:
+        raise MtmimError(f"--threads {threads}: must be at least 1")
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -486,23 +486,179 @@ def test_min_face_units_and_retry(detector):
 
 
 class Failing:
-    """A detector whose detection raises on every photo (a bug or an odd photo)."""
+    """A detector whose detection raises `error` at the calls `fails(k)` picks (k from 0):
+    an odd photo (a few calls) or a broken detector (every call from some k on). Count
+    calls in order with workers=1."""
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, inner, fails=lambda k: True, error=RuntimeError("boom")):
+        self.inner, self.fails, self.error, self.calls = inner, fails, error, 0
 
     def prepare(self, image):
         return self.inner.prepare(image)
 
     def detect_prepared(self, prepared):
-        raise RuntimeError("boom")
+        k, self.calls = self.calls, self.calls + 1
+        if self.fails(k):
+            raise self.error
+        return self.inner.detect_prepared(prepared)
 
 
-def test_a_failing_photo_never_stops_the_run(tree, tmp_path, detector):
-    s = align_dataset(tree, "fgnet", tmp_path / "c.h5", progress=False, detector=Failing(detector))
+def test_a_photo_that_breaks_the_detector_is_a_row_not_a_stop(tree, tmp_path, detector):
+    s = align_dataset(tree, "fgnet", tmp_path / "c.h5", progress=False, workers=1,
+                      detector=Failing(detector, lambda k: k in (1, 3)))
     c = Cache(s.out)
-    assert s.counts["error"] == 10 and s.counts["miss"] == 1  # the 1-px photo is never detected
-    assert c.reason[0] == "detection failed: RuntimeError('boom')"
+    assert s.counts == {"detected": 5, "center": 0, "prealigned": 0, "miss": 2, "error": 4}
+    assert [c.reason[i] for i in (1, 3)] == ["detection failed: RuntimeError('boom')"] * 2
+
+
+@pytest.fixture(scope="module")
+def long_tree(tmp_path_factory):
+    """Twelve faces, with two unreadable files among them (records 5 and 6)."""
+    root = tmp_path_factory.mktemp("long")
+    faces = iter(face_variants(12))
+    for k in range(14):
+        if k not in (5, 6):
+            write_jpeg(root / f"001A{k:02d}.JPG", next(faces))
+    bad_files(root, {"corrupt": "001A05.JPG", "text": "001A06.JPG"})
+    return root
+
+
+@pytest.mark.parametrize("error, at, image_format", [
+    (RuntimeError("boom"), 12, "raw"),   # 8 failures in a row (the unreadable files between
+                                         # neither count nor break the run): stops at record 12
+    (RuntimeError("boom"), 12, "jpeg"),  # the failures' bytes were written, not committed
+    (MemoryError(), 3, "raw"),           # no photo causes it: stops at once
+    (ImportError("libtorch_cpu.so: cannot open shared object file"), 3, "raw"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate "
+                  "memory: you tried to allocate 9437184 bytes"), 3, "raw"),
+])
+def test_a_detector_that_fails_systematically_stops_unfinished_and_resumes(
+        long_tree, tmp_path, detector, error, at, image_format):
+    """A broken detector (failing from the 4th photo on): align stops with one line naming
+    the photo and the exception, the cache is not finished under its name, the partial file
+    keeps the three good records (never the failures, whatever commit_every) and the rerun
+    after the fix resumes there and equals an uninterrupted run."""
+    full = align_dataset(long_tree, "fgnet", tmp_path / "full.h5", progress=False,
+                         detector=detector, image_format=image_format)
+    out = tmp_path / "c.h5"
+    with pytest.raises(MtmimError) as err:
+        align_dataset(long_tree, "fgnet", out, progress=False, workers=1, commit_every=1,
+                      detector=Failing(detector, lambda k: k >= 3, error),
+                      image_format=image_format)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{long_tree / f'001A{at:02d}.JPG'}: ")
+    assert repr(error) in msg and f"stopped without finishing {out}" in msg
+    assert "keeps the first 3 of 14 records" in msg
+    assert not out.exists()
+    with h5py.File(out.with_name("c.h5.partial")) as f:
+        assert int(f.attrs["n_done"]) == 3
+    again = align_dataset(long_tree, "fgnet", out, progress=False, detector=detector,
+                          image_format=image_format)
+    assert (again.resumed_from, again.processed) == (3, 11) and not again.reused
+    assert_same_cache(full.out, out)
+
+
+def test_an_error_no_photo_causes_while_decoding_stops_too(long_tree, tmp_path, detector,
+                                                            monkeypatch):
+    """Decoding that runs out of memory (not a corrupt file) stops align at that photo."""
+    from mtmim_cli.data import readers
+
+    real = readers.image_loader
+
+    def loader(src, fmt):
+        load = real(src, fmt)
+
+        def broken(rel):
+            if rel == "001A04.JPG":
+                raise MemoryError()
+            return load(rel)
+        return broken
+
+    monkeypatch.setattr(readers, "image_loader", loader)
+    out = tmp_path / "d.h5"
+    with pytest.raises(MtmimError) as err:
+        align_dataset(long_tree, "fgnet", out, progress=False, workers=1, detector=detector)
+    assert str(err.value).startswith(f"{long_tree / '001A04.JPG'}: decoding failed with an "
+                                     "error no photo causes (MemoryError()); stopped without "
+                                     f"finishing {out} (")
+    assert "keeps the first 4 of 14 records" in str(err.value) and not out.exists()
+
+
+def test_is_systematic_tells_the_detectors_faults_from_the_photos():
+    from mtmim_cli.data.align import is_systematic
+
+    for exc in (MemoryError(), ImportError("x"), ModuleNotFoundError("facenet_pytorch"),
+                AttributeError("'NoneType' object has no attribute 'pnet'"),
+                RuntimeError("CUDA error: an illegal memory access was encountered"),
+                RuntimeError("CUDA out of memory. Tried to allocate 2.00 MiB"),
+                OSError("libcudnn.so.9: cannot open shared object file")):
+        assert is_systematic(exc), exc
+    for exc in (RuntimeError("boom"), ValueError("negative dimensions are not allowed"),
+                RuntimeError("Calculated padded input size per channel: (2 x 2). Kernel size: "
+                             "(3 x 3). Kernel size can't be greater than actual input size"),
+                IndexError("index 0 is out of bounds")):
+        assert not is_systematic(exc), exc
+    assert not is_systematic(OSError("truncated file"), "decode")
+
+
+def test_a_cache_of_failures_is_never_finished_nor_reused(tmp_path, tree, detector):
+    """Three photos, a detector failing on each (fewer than the failures in a row that stop
+    a run): no face at all, so the cache is not finished; the rerun after the fix redoes all.
+    A complete cache whose records are all errors (an older build's) is refused on reuse."""
+    small = tmp_path / "small"
+    for k, img in enumerate(face_variants(3)):
+        write_jpeg(small / f"001A{k:02d}.JPG", img)
+    out = tmp_path / "s.h5"
+    with pytest.raises(MtmimError) as err:
+        align_dataset(small, "fgnet", out, progress=False, workers=1, commit_every=1,
+                      detector=Failing(detector))
+    assert str(err.value).startswith(f"{out.with_name('s.h5.partial')}: none of its 3 records "
+                                     "holds a face (3 errors, the last: 001A02.JPG: detection "
+                                     "failed: RuntimeError('boom'))")
+    assert not out.exists()
+    s = align_dataset(small, "fgnet", out, progress=False, detector=detector)
+    assert s.resumed_from == 0 and s.counts["detected"] == 3
+
+    done = align_dataset(tree, "fgnet", tmp_path / "t.h5", progress=False, detector=detector)
+    with h5py.File(done.out, "r+") as f:   # as a build that kept a broken detector's rows left it
+        f["status"][:] = ERROR
+        f["reason"][:] = ["detection failed: RuntimeError('boom')"] * len(f["reason"])
+    with pytest.raises(MtmimError) as err:
+        align_dataset(tree, "fgnet", done.out, progress=False, detector=detector)
+    assert str(err.value) == (
+        f"{done.out}: none of its 11 records holds a face (11 errors, the last: 010A05.JPG: "
+        "detection failed: RuntimeError('boom')); a failed run, not a cache: fix the cause, "
+        "then pass --overwrite")
+    redo = align_dataset(tree, "fgnet", done.out, progress=False, overwrite=True,
+                         detector=detector)
+    assert redo.counts["detected"] == 7
+
+
+def test_unreadable_files_stay_rows_however_many_in_a_row(tmp_path, detector):
+    """Ten corrupt or non-image files in a row are the files' fault: rows, never a stop."""
+    root = tmp_path / "bad"
+    for k in range(5):
+        bad_files(root, {"corrupt": f"001A{k:02d}.JPG", "text": f"001A{5 + k:02d}.JPG"})
+    write_jpeg(root / "001A10.JPG", face_variants(1)[0])
+    s = align_dataset(root, "fgnet", tmp_path / "b.h5", progress=False, detector=detector)
+    assert s.counts["error"] == 10 and s.counts["detected"] == 1
+
+
+def test_align_restores_torchs_thread_count(tree, tmp_path, detector):
+    """align --threads 1 inside a process using 3 threads: 3 again after it, after a stop too."""
+    import torch
+
+    torch.set_num_threads(3)
+    try:
+        align_dataset(tree, "fgnet", tmp_path / "a.h5", threads=1, progress=False,
+                      detector=detector)
+        assert torch.get_num_threads() == 3
+        with pytest.raises(MtmimError):
+            align_dataset(tree, "fgnet", tmp_path / "b.h5", threads=1, progress=False,
+                          detector=Failing(detector, error=MemoryError()))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_worker_count_does_not_change_the_cache(tree, tmp_path, detector):

@@ -164,3 +164,38 @@ def test_align_bad_input_fails_in_one_line(tmp_path):
     r = run_cli("align", str(tmp_path), "-f", "fgnet", "-o", str(tmp_path / "c.h5"), "--shard", "3/2")
     assert r.returncode == 2 and "--shard 3/2" in r.stderr
     assert not (tmp_path / "c.h5").exists()
+
+
+# `mtmim align` whose detector breaks at its 6th photo (no memory left), as a user would
+# meet it: the real command line, in a real process.
+BROKEN_ALIGN = """
+import itertools, sys
+from mtmim_cli.data import detect
+calls, real = itertools.count(), detect.FaceDetector.detect_prepared
+def broken(self, prepared):
+    if next(calls) >= 5:
+        raise MemoryError()
+    return real(self, prepared)
+detect.FaceDetector.detect_prepared = broken
+from mtmim_cli.cli import main
+sys.argv = ["mtmim", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_broken_detector_exits_non_zero_unfinished_and_the_rerun_resumes(tree, full, tmp_path):
+    out = tmp_path / "c.h5"
+    args = ["align", str(tree), "--format", "fgnet", "--out", str(out), "--quiet",
+            "--workers", "1", "--commit-every", "1"]
+    r = subprocess.run([sys.executable, "-c", BROKEN_ALIGN, *args], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tree / '002A09.JPG'}: "), r.stderr
+    assert "(MemoryError()); stopped without finishing" in lines[0]
+    assert not out.exists() and out.with_name("c.h5.partial").exists()
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert f"aligned {N_FACES + 2 - 5} in" in r.stdout and "resumed after 5" in r.stdout
+    assert_same(full, out)

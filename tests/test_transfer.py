@@ -545,3 +545,79 @@ def test_wise_model_is_the_interpolation_of_initial_and_trained_weights(aged_cac
         else:
             assert torch.equal(v, trained[k]), k
     assert moved > 0
+
+
+class _Killed(BaseException):
+    """A process killed right after a file reached its final name (not an Exception, so
+    nothing on the way up mistakes it for an error it handles)."""
+
+
+def _kill_after_write(monkeypatch, n: int, seen: list[str]) -> None:
+    """Every atomic write ends in os.replace: record each file's name, raise after the n-th
+    (n = 0: never)."""
+    import os
+
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        real(src, dst, *args, **kwargs)
+        seen.append(Path(dst).name)
+        if len(seen) == n:
+            raise _Killed(f"after write {n}: {Path(dst).name}")
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("keep", ["last", pytest.param("best", marks=pytest.mark.slow)])
+def test_wise_model_is_written_once_and_no_kill_leaves_trained_weights_labelled_wise(
+        aged_cache: Path, tmp_path: Path, monkeypatch, keep: str) -> None:
+    """--wise 0.25 killed right after each checkpoint the run writes (last.pt, best.pt,
+    model.pt; the logs and config.json before them hold no weights): model.pt is then absent, or the uninterrupted run's interpolated
+    model with its label, never the trained weights labelled WiSE. The resumed run ends with
+    that same model.pt; where the kill came after model.pt, the resume keeps the file as it
+    is (same inode, same mtime). model.pt is written once; the checkpoints holding trained
+    weights carry no WiSE label."""
+    _, init = save_tiny_pretrain(tmp_path / "pre.pt", seed=1)
+    kw = {"epochs": 2, "ckpt_every": 0, "wise": 0.25}
+    if keep == "best":   # seed 1: the best validation is at step 3 of 4, not the init's
+        kw.update(keep="best", val_identities=2, val_pairs=40, val_every=1)
+    writes: list[str] = []
+    with monkeypatch.context() as mp:
+        _kill_after_write(mp, 0, writes)
+        ref = _run(aged_cache, init, tmp_path / "ref", **kw)
+    want = load_checkpoint(ref / "model.pt")
+    trained = load_checkpoint(ref / ("best.pt" if keep == "best" else "checkpoints/last.pt"))
+    assert want["meta"]["wise"] == 0.25
+    raw_keys = [k for k, v in trained["objective"].items()
+                if k.startswith("encoder.") and not torch.equal(v, want["objective"][k])]
+    assert raw_keys   # model.pt is interpolated, not the trained weights
+    if keep == "best":
+        assert 0 < load_checkpoint(ref / "checkpoints" / "last.pt")["loop"]["best_step"] < 4
+
+    for n in [k + 1 for k, name in enumerate(writes) if name.endswith(".pt")]:
+        out = tmp_path / f"killed{n}"
+        with monkeypatch.context() as mp:
+            _kill_after_write(mp, n, [])
+            with pytest.raises(_Killed):
+                _run(aged_cache, init, out, **kw)
+        model = out / "model.pt"
+        before = None
+        if model.exists():
+            got = load_checkpoint(model)
+            raw = all(torch.equal(got["objective"][k], trained["objective"][k]) for k in raw_keys)
+            assert not raw and got["meta"].get("wise") == 0.25, (
+                f"killed after write {n} ({writes[n - 1]}): model.pt labelled wise "
+                f"{got['meta'].get('wise')} holds the trained weights" if raw else
+                f"killed after write {n} ({writes[n - 1]}): model.pt labelled "
+                f"{got['meta'].get('wise')}")
+            assert _equal_states(got["objective"], want["objective"]) is None
+            before = (model.stat().st_ino, model.stat().st_mtime_ns)
+        _run(aged_cache, init, out, resume=True, **kw)
+        got = load_checkpoint(model)
+        assert got["meta"]["wise"] == 0.25
+        assert _equal_states(got["objective"], want["objective"]) is None
+        if before is not None:   # a finished run's model.pt is never rewritten
+            assert (model.stat().st_ino, model.stat().st_mtime_ns) == before, writes[n - 1]
+    assert writes.count("model.pt") == 1, writes
+    assert "wise" not in trained["meta"]
+    assert "wise" not in load_checkpoint(ref / "checkpoints" / "last.pt")["meta"]

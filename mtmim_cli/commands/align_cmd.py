@@ -59,7 +59,8 @@ def align(
     """Detect, align (five points onto the 112x112 template) and cache every photo of a dataset.
 
     Resumes after a kill: rerun the same command. Misses and unreadable files are stored with
-    a reason and listed at the end. A miss is retried at MTCNN's 20-px minimum face, then
+    a reason and listed at the end; a detector that keeps failing (8 photos in a row, or no
+    memory, a broken install) stops unfinished, and the rerun resumes once it is fixed. A miss is retried at MTCNN's 20-px minimum face, then
     padded by 0.5 (unless --no-retry). --pad frames every photo (in its mean colour) before
     detecting, for tight crops that are all face, which MTCNN misses or misplaces.
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,6 +223,34 @@ def shard_slice(n_records: int, shard: tuple[int, int]) -> slice:
     return slice(i * n_records // n, (i + 1) * n_records // n)
 
 
+# A photo that breaks the detector is rare and comes alone (the odd sizes that crash
+# facenet-pytorch are guarded in detect.py), so this many detection failures in a row mean
+# the detector itself fails (a broken install, no memory, a lost device): align stops. Eight
+# keeps a short run of odd photos from stopping a long job, and the records of the run are
+# never committed, so at most eight photos' work is redone after the fix.
+MAX_FAILURES_IN_A_ROW = 8
+
+# Errors no photo causes: the install, the memory or the device failed, and every later
+# photo would fail alike (a photo's pixels cannot make a module, a name or an attribute
+# vanish). They stop align at once.
+_SYSTEMATIC = (MemoryError, ImportError, NameError, AttributeError, NotImplementedError,
+               SystemError)
+# ... and torch's RuntimeErrors that say so. Its other RuntimeErrors (a kernel larger than a
+# degenerate input, say) may be about the photo: they count towards MAX_FAILURES_IN_A_ROW.
+_SYSTEMATIC_TEXT = ("out of memory", "can't allocate memory", "cuda", "cudnn", "cublas",
+                    "hip error", "not compiled", "undefined symbol", "device-side assert",
+                    "same device")
+
+
+def is_systematic(exc: BaseException, stage: str = "detect") -> bool:
+    """Whether `exc`, raised while decoding (`stage` "decode") or detecting ("detect") one
+    photo, is not that photo's fault. An OSError counts while detecting only: detection reads
+    no file, so there it is a library or the device failing (decoding's are the file's)."""
+    if isinstance(exc, _SYSTEMATIC) or (stage == "detect" and isinstance(exc, OSError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _SYSTEMATIC_TEXT)
+
+
 @dataclass
 class _Outcome:
     """What one worker made of one record; the main thread writes it."""
@@ -231,6 +260,9 @@ class _Outcome:
     det: object | None = None
     reason: str = ""
     encoded: bytes | None = None    # the face's JPEG/PNG bytes when the cache stores them
+    stage: str = ""                 # "decode" or "detect": where `error` was raised
+    error: BaseException | None = None
+    detected: bool = False          # detection (or the resize of an aligned crop) returned
 
 
 def _process(load: Callable[[str], np.ndarray], rel: str, aligned: bool, on_miss: str,
@@ -246,7 +278,8 @@ def _process(load: Callable[[str], np.ndarray], rel: str, aligned: bool, on_miss
 def _outcome(load: Callable[[str], np.ndarray], rel: str, aligned: bool, on_miss: str,
              detector) -> _Outcome:
     """One record, start to finish: decode (Pillow releases the GIL), detect (torch ops
-    release it too, so two workers use two cores) and warp."""
+    release it too, so two workers use two cores) and warp. A failure becomes an ERROR
+    outcome carrying its exception; the main thread decides whether it stops the run."""
     from mtmim_cli.data.cache import CENTER, DETECTED, ERROR, MISS, PREALIGNED
     from mtmim_cli.data.readers import UnreadableImage
 
@@ -255,21 +288,32 @@ def _outcome(load: Callable[[str], np.ndarray], rel: str, aligned: bool, on_miss
     except UnreadableImage as exc:
         return _Outcome(ERROR, reason=exc.reason)
     except Exception as exc:  # noqa: BLE001  one odd photo must not stop a long run
-        return _Outcome(ERROR, reason=f"decoding failed: {exc!r}")
+        return _Outcome(ERROR, reason=f"decoding failed: {exc!r}", stage="decode", error=exc)
     try:
         if aligned:
-            return _Outcome(PREALIGNED, face=pad_resize(image))
+            return _Outcome(PREALIGNED, face=pad_resize(image), detected=True)
         h, w = image.shape[:2]
         if min(h, w) < MIN_SIDE:
             return _Outcome(MISS, reason=f"image too small ({w}x{h}) to hold a face")
         det = detector.detect_prepared(detector.prepare(image))
         if det is not None:
-            return _Outcome(DETECTED, face=warp_face(image, det.landmarks), det=det)
+            return _Outcome(DETECTED, face=warp_face(image, det.landmarks), det=det,
+                            detected=True)
         if on_miss == "center":
-            return _Outcome(CENTER, face=center_crop(image), reason="no face found")
-        return _Outcome(MISS, reason="no face found")
+            return _Outcome(CENTER, face=center_crop(image), reason="no face found",
+                            detected=True)
+        return _Outcome(MISS, reason="no face found", detected=True)
     except Exception as exc:  # noqa: BLE001
-        return _Outcome(ERROR, reason=f"detection failed: {exc!r}")
+        return _Outcome(ERROR, reason=f"detection failed: {exc!r}", stage="detect", error=exc)
+
+
+def failed_cache(status: np.ndarray) -> bool:
+    """A cache in which no record holds a face and some failed: what a systematic fault
+    leaves (error rows, with misses for the photos too small ever to reach the detector)."""
+    from mtmim_cli.data.cache import ERROR, USABLE
+
+    status = np.asarray(status)
+    return bool(len(status)) and not np.isin(status, USABLE).any() and bool((status == ERROR).any())
 
 
 def settings_difference(old: str, new: str) -> str:
@@ -316,9 +360,12 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
     `threads` sets torch's intra-op threads for detection (None: leave torch's setting).
     `log` receives one plain line per commit (for logs and non-terminal runs).
     `image_format` jpeg or png stores the faces encoded (data/cache.py), encoded in the workers.
+    A photo that fails to decode or detect is an ERROR record; a detector that fails
+    systematically raises MtmimError and leaves the cache partial, resumable (`_fill`).
+    torch's process-wide settings are restored on return.
     """
     from mtmim_cli.atomic import tmp_path_for
-    from mtmim_cli.data.cache import MISS, Cache, CacheWriter, records_digest
+    from mtmim_cli.data.cache import Cache, CacheWriter, records_digest
     from mtmim_cli.data.detect import (
         BEHAVIOUR,
         DEFAULT_DET_SIZE,
@@ -327,7 +374,6 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
         check_pad,
     )
     from mtmim_cli.data.readers import image_loader, read_records, source_root
-    from mtmim_cli.progress import make_progress
 
     if on_miss not in ON_MISS:
         raise MtmimError(f"--on-miss {on_miss}: choose from {', '.join(ON_MISS)}")
@@ -369,6 +415,12 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
         if not same:
             raise MtmimError(f"{out}: exists and was made from other photos or settings"
                              f"{f' ({diff})' if diff else ''}; remove it or pass --overwrite")
+        if failed_cache(old.status):   # e.g. finished by a build that kept a broken detector's rows
+            k = _last_error(old.status)
+            raise MtmimError(f"{out}: none of its {len(old)} records holds a face "
+                             f"({_errors(old.status)}, the last: {old.paths[k]}: "
+                             f"{old.reason[k]}); a failed run, not a cache: fix the cause, "
+                             "then pass --overwrite")
         return summarize_cache(out, reused=True)
     partial = tmp_path_for(out)
     if partial.exists() and not overwrite:
@@ -378,21 +430,79 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
                              f"settings ({diff}); finishing it would mix the two: remove it, "
                              "or pass --overwrite to start over")
 
-    if not aligned:
-        import torch
+    with _detection_settings(aligned, threads):
+        if not aligned and detector is None:
+            detector = FaceDetector(device=device, min_face=min_face, det_size=det_size,
+                                    retry=retry, pad=pad)
+        writer = CacheWriter(out, records, attrs, match_attrs=("settings",),
+                             image_format=image_format, jpeg_quality=jpeg_quality)
+        start = writer.start
+        try:
+            seconds = _fill(writer, records, load, root, aligned=aligned, on_miss=on_miss,
+                            detector=detector, workers=workers, prefetch=prefetch,
+                            commit_every=commit_every, progress=progress, log=log)
+        finally:
+            writer.close()
+    return summarize_cache(out, processed=len(records) - start, resumed_from=start,
+                           seconds=seconds)
 
-        if threads:
-            torch.set_num_threads(threads)
+
+@contextmanager
+def _detection_settings(aligned: bool, threads: int | None) -> Iterator[None]:
+    """torch's process-wide settings for detection, restored on the way out: align is a
+    library call too (tests, the Python API), and must leave the process as it found it."""
+    if aligned:
+        yield
+        return
+    import torch
+
+    from mtmim_cli.threads import torch_threads
+
+    with torch_threads(threads):
         # MTCNN's activations underflow into denormal floats, which CPUs handle slowly;
         # flushing them to zero gives the same landmarks here and ~10% more photos/s
         torch.set_flush_denormal(True)
-    if not aligned and detector is None:
-        detector = FaceDetector(device=device, min_face=min_face, det_size=det_size, retry=retry,
-                                pad=pad)
-    writer = CacheWriter(out, records, attrs, match_attrs=("settings",),
-                         image_format=image_format, jpeg_quality=jpeg_quality)
-    encode = writer.encode if writer.encoded else None
+        try:
+            yield
+        finally:
+            torch.set_flush_denormal(False)   # torch has no getter: back to its default, off
+
+
+def _last_error(status: np.ndarray) -> int:
+    """The index of the last ERROR record (there is one: see `failed_cache`)."""
+    from mtmim_cli.data.cache import ERROR
+
+    return int(np.flatnonzero(np.asarray(status) == ERROR)[-1])
+
+
+def _errors(status: np.ndarray) -> str:
+    from mtmim_cli.data.cache import ERROR
+
+    k = int((np.asarray(status) == ERROR).sum())
+    return f"{k} error{'s' if k != 1 else ''}"
+
+
+def _fill(writer, records: Sequence, load: Callable[[str], np.ndarray], root: Path, *,
+          aligned: bool, on_miss: str, detector, workers: int, prefetch: int,
+          commit_every: int, progress: bool, log: Callable[[str], None] | None) -> float:
+    """Align records writer.start.. into the writer and finish it; returns the seconds taken.
+
+    A detector that fails systematically (an error no photo causes, or MAX_FAILURES_IN_A_ROW
+    detection failures in a row) stops the run with an MtmimError naming the photo and the
+    error; the partial file keeps the records before the failures, committed, so the same
+    command resumes once the cause is fixed. Commits never pass the start of a run of
+    detection failures, so a kill meanwhile does not keep them either. A cache in which no
+    record holds a face and some failed (`failed_cache`) is not finished under its name."""
+    from mtmim_cli.data.cache import ERROR, MISS
+    from mtmim_cli.progress import make_progress
+
     start, n = writer.start, len(records)
+    encode = writer.encode if writer.encoded else None
+    statuses = np.empty(n, np.uint8)
+    statuses[:start] = writer.h5["status"][:start]
+    reasons: dict[int, str] = {}
+    streak_start: int | None = None   # first record of the current run of detection failures
+    streak = 0
     t0 = time.perf_counter()
     last_commit = t0
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode")
@@ -404,6 +514,14 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
                 futures[j] = pool.submit(_process, load, records[j].path, aligned, on_miss,
                                          detector, encode)
 
+    def stop(i: int, why: str) -> MtmimError:
+        keep = i if streak_start is None else streak_start
+        writer.commit(keep)
+        return MtmimError(
+            f"{root / records[i].path}: {why}; stopped without finishing {writer.final_path} "
+            f"({writer.tmp_path} keeps the first {keep} of {n} records: rerun the same command "
+            "once the cause is fixed to resume)")
+
     bar = make_progress("img", disable=not progress)
     try:
         with bar:
@@ -411,29 +529,55 @@ def align_dataset(src: str | Path, fmt: str, out: str | Path, *, on_miss: str = 
             for i in range(start, n):
                 submit_upto(i)
                 r = futures.pop(i).result()  # records are written in order, whatever finishes first
+                if r.error is not None and is_systematic(r.error, r.stage):
+                    what = "decoding" if r.stage == "decode" else "detection"
+                    raise stop(i, f"{what} failed with an error no photo causes ({r.error!r})")
+                if r.stage == "detect":
+                    streak_start = i if streak_start is None else streak_start
+                    streak += 1
+                    if streak >= MAX_FAILURES_IN_A_ROW:
+                        raise stop(i, f"detection failed on {streak} photos in a row, so the "
+                                      f"detector is at fault, not the photos ({r.error!r})")
+                elif r.detected:
+                    streak_start, streak = None, 0
                 if r.status == MISS and on_miss == "fail":
-                    writer.commit(i)
+                    writer.commit(i if streak_start is None else streak_start)
                     raise MtmimError(f"{root / records[i].path}: {r.reason} (--on-miss fail)")
                 if r.det is not None:
                     writer.write(i, r.face, r.status, landmarks=r.det.landmarks,
                                  det_score=r.det.score, encoded=r.encoded)
                 else:
                     writer.write(i, r.face, r.status, reason=r.reason, encoded=r.encoded)
+                statuses[i] = r.status
+                if r.status == ERROR:
+                    reasons.clear()   # only the last error is named
+                    reasons[i] = r.reason
                 bar.advance(task)
                 now = time.perf_counter()
-                if i + 1 - writer.committed >= commit_every or now - last_commit > 10:
-                    writer.commit(i + 1)
+                clean = i + 1 if streak_start is None else streak_start
+                if clean > writer.committed and (clean - writer.committed >= commit_every
+                                                 or now - last_commit > 10):
+                    writer.commit(clean)
                     last_commit = now
                     if log:
-                        done = i + 1 - start
-                        log(f"committed {i + 1}/{n} ({done / (now - t0):.1f} img/s)")
+                        log(f"committed {clean}/{n} ({(i + 1 - start) / (now - t0):.1f} img/s)")
             seconds = time.perf_counter() - t0
+            if failed_cache(statuses):
+                writer.commit(n if streak_start is None else streak_start)
+                k = _last_error(statuses)
+                reason = reasons[k] if k in reasons else _text(writer.h5["reason"][k])
+                raise MtmimError(
+                    f"{writer.tmp_path}: none of its {n} records holds a face "
+                    f"({_errors(statuses)}, the last: {records[k].path}: {reason}); not "
+                    f"finished as {writer.final_path}: fix the cause (the photos, the install), "
+                    "then rerun the same command, or pass --overwrite")
             writer.finish()
     finally:
         for f in futures.values():
             f.cancel()
         pool.shutdown(wait=True)
-        writer.close()
-        if not aligned:
-            torch.set_flush_denormal(False)  # torch's default: leave the process as we found it
-    return summarize_cache(out, processed=n - start, resumed_from=start, seconds=seconds)
+    return seconds
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

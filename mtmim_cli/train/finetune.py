@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +149,13 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
     if saves_checkpoints():
         meta["trained_on"] = run_record(dataset, init, o["exclude"])
     wise = float(o["wise"])   # in (0, 1]: resolve_settings checked it
+    # WiSE is applied to model.pt's state in memory, before its one write: a run killed at
+    # any point leaves model.pt absent or interpolated, never the trained weights under the
+    # WiSE label. Only model.pt carries the label; last.pt and best.pt hold trained weights.
     start = _wise_start(objective) if wise < 1.0 else None
-    if start is not None:
-        meta["wise"] = wise
-    result = train(objective, dataset, cfg, meta=meta, validator=validator)
-    if start is not None and D.is_main():
-        _interpolate_model(Path(result.run_dir) / "model.pt", start, wise)
+    transform = None if start is None else partial(wise_state, start=start, alpha=wise)
+    result = train(objective, dataset, cfg, meta=meta, validator=validator,
+                   model_transform=transform)
     return Path(result.run_dir)
 
 
@@ -163,19 +165,17 @@ def _wise_start(objective: MTMIMObjective) -> dict[str, Tensor]:
             if k.startswith(("encoder.", "factorize.")) and v.is_floating_point()}
 
 
-def _interpolate_model(path: Path, start: dict[str, Tensor], alpha: float) -> None:
-    """model.pt's encoder and factorization become (1 - alpha) * start + alpha * trained:
-    weight-space ensembling with the initial model (WiSE-FT, Wortsman et al., CVPR 2022),
-    which keeps most of a small-set fine-tune's gain on the target faces while giving back
-    what it cost on general faces. The heads stay as trained (only x_id is used at test);
-    checkpoints/last.pt keeps the trained weights, so a resumed run interpolates again."""
-    from mtmim_cli.train.checkpoint import load_checkpoint, save_checkpoint
-
-    state = load_checkpoint(path)
+def wise_state(state: dict[str, Any], *, start: dict[str, Tensor], alpha: float) -> dict[str, Any]:
+    """A checkpoint state whose encoder and factorization are (1 - alpha) * start + alpha *
+    trained, labelled meta["wise"] = alpha: weight-space ensembling with the initial model
+    (WiSE-FT, Wortsman et al., CVPR 2022), which keeps most of a small-set fine-tune's gain
+    on the target faces while giving back what it cost on general faces. The heads stay as
+    trained (only x_id is used at test). The loop applies it to model.pt alone, so
+    checkpoints/last.pt keeps the trained weights and a resumed run interpolates again."""
     obj = dict(state["objective"])
     for k, v0 in start.items():
         obj[k] = (1.0 - alpha) * v0.to(obj[k].device) + alpha * obj[k]
-    save_checkpoint(path, {**state, "objective": obj})
+    return {**state, "meta": {**state["meta"], "wise": alpha}, "objective": obj}
 
 
 def _stage(encoder: nn.Module, name: str | None) -> str | None:

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -40,6 +40,8 @@ from mtmim_cli.train.loader import TrainLoader, default_workers
 from mtmim_cli.train.objectives import Objective
 
 BASE_COLUMNS = ("step", "epoch", "loss", "accuracy", "lr", "images_per_s")
+
+ModelTransform = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class EpochSampler(Sampler[int]):
@@ -185,13 +187,17 @@ def _autocast(config: TrainConfig, device: torch.device):
 
 
 def train(objective: Objective, train_data: Sequence[str | os.PathLike] | Dataset,
-          config: TrainConfig, *, meta: dict[str, Any], validator: Any = None) -> TrainResult:
+          config: TrainConfig, *, meta: dict[str, Any], validator: Any = None,
+          model_transform: ModelTransform | None = None) -> TrainResult:
     """Train `objective` on the caches (or a Dataset) with `config`; returns the run summary.
 
     `meta` must hold kind, backbone, input_width, embedding_size (plus anything a later
     command needs, e.g. num_classes, age_groups); it is stored in every checkpoint.
     `validator(objective, device) -> {"accuracy", "std", ...}` runs on rank 0 before training,
     every `config.val_every` steps and at the end.
+    `model_transform(state) -> state` turns model.pt's {"meta", "objective"} into what
+    model.pt holds (fine-tuning's WiSE), in memory, before its one atomic write; last.pt and
+    best.pt keep the trained weights.
     """
     config.validate()
     device = D.init_from_env()
@@ -209,7 +215,7 @@ def train(objective: Objective, train_data: Sequence[str | os.PathLike] | Datase
     run_dir = Path(config.out)
     resuming = _open_run_dir(run_dir, config)
     dataset, sampler, total = _make_data(train_data, config, meta)
-    run = _Run(objective, config, device, meta, run_dir, validator, resuming)
+    run = _Run(objective, config, device, meta, run_dir, validator, resuming, model_transform)
     return run.fit(dataset, sampler, total)
 
 
@@ -228,6 +234,11 @@ def _open_run_dir(run_dir: Path, config: TrainConfig) -> bool:
                 raise MtmimError(f"{run_dir}: holds a run already; pass --resume or choose another --out")
             if resuming:
                 check_resume_config(run_dir / "config.json", config)
+            else:
+                # A model.pt left by something else (an earlier search's model equal to the
+                # init) must not pass for this run's: a resumed run that finished training
+                # keeps the model.pt it finds (fit), so only this run may have written it.
+                (run_dir / "model.pt").unlink(missing_ok=True)
             run_dir.mkdir(parents=True, exist_ok=True)
             write_config(run_dir / "config.json", config)
         except MtmimError as exc:
@@ -265,7 +276,8 @@ class _Run:
     train), optimiser, gradient scaler, loop state, logs and display. `fit` drives them."""
 
     def __init__(self, objective: Objective, config: TrainConfig, device: torch.device,
-                 meta: dict[str, Any], run_dir: Path, validator: Any, resuming: bool) -> None:
+                 meta: dict[str, Any], run_dir: Path, validator: Any, resuming: bool,
+                 model_transform: ModelTransform | None = None) -> None:
         self.objective, self.config, self.device, self.meta = objective, config, device, meta
         self.run_dir, self.validator, self.resuming = run_dir, validator, resuming
         self.world, self.rank = D.world_size(), D.rank()
@@ -275,6 +287,7 @@ class _Run:
         self.warmup = config.warmup_steps
         self.sharded = bool(row_shards.ddp_ignore_names(objective))   # Partial FC
         self.ckpt_path = run_dir / "checkpoints" / "last.pt"
+        self.model_transform = model_transform
 
         # --- model, optimiser ---
         if self.world > 1 and config.sync_bn:
@@ -333,8 +346,9 @@ class _Run:
             return "none written yet"
         return f"{self.ckpt_path} (step {self.st.saved_step})"
 
-    def checkpoint(self, path: Path, full: bool) -> None:
-        """Weights + meta; `full` adds everything a resume needs (every rank's RNG streams).
+    def checkpoint(self, path: Path, full: bool, transform: ModelTransform | None = None) -> None:
+        """Weights + meta; `full` adds everything a resume needs (every rank's RNG streams);
+        `transform` rewrites the state in memory before the write (model.pt's WiSE).
         Every rank calls it (row-sharded weights are gathered; rank 0 writes). Refuses weights
         that are not finite, so no checkpoint ever holds NaN or inf (the ranks pool what they
         found, so all stop together)."""
@@ -357,6 +371,8 @@ class _Run:
             state.update(extra=self.objective.extra_state_dict(), optimizer=opt,
                          scaler=self.scaler.state_dict(), loop=self.st.to_dict(), rng=rngs,
                          config=self.config.to_dict())
+        if transform is not None:
+            state = transform(state)
         save_checkpoint(path, state)
 
     # --- output ---
@@ -401,6 +417,12 @@ class _Run:
         st, config = self.st, self.config
         if not config.warmup_steps and config.warmup_epochs:
             self.warmup = round(config.warmup_epochs * sampler.steps)
+        model_path = self.run_dir / "model.pt"
+        # A resumed run whose training had ended wrote model.pt after its final last.pt (a
+        # fresh run removes any older model.pt): keep it, never rewrite a finished model.
+        # Rank 0 looks, so every rank takes the same path through the collective checkpoint.
+        kept = D.broadcast_object(self.resuming and (st.stopped or st.step >= total)
+                                  and self.main and model_path.exists())
         if self.resuming:
             self.say(f"resuming {self.run_dir} at step {st.step} (epoch {st.epoch + 1}, "
                      f"batch {st.position})", routine=True)
@@ -425,14 +447,15 @@ class _Run:
                 self.validate()
             self.checkpoint(self.ckpt_path, full=True)   # holds the final validation history too
             best = self.run_dir / "best.pt"
-            if config.keep == "best" and best.exists():
+            if kept:
+                self.say(f"{model_path}: written when this run finished; kept as it is", routine=True)
+            elif config.keep == "best" and best.exists():
                 if self.main:
-                    with atomic_write(self.run_dir / "model.pt") as tmp:
-                        shutil.copyfile(best, tmp)
+                    self._model_from_best(best, model_path)
                 self.say(f"model.pt: the best validation checkpoint (step {st.best_step}, "
                          f"accuracy {st.best_val:.4f})", routine=True)
             else:
-                self.checkpoint(self.run_dir / "model.pt", full=False)
+                self.checkpoint(model_path, full=False, transform=self.model_transform)
         finally:
             self.loader.close()
             for log in (self.log, self.val_log):
@@ -442,6 +465,14 @@ class _Run:
         self.say(f"done: {st.step} steps{skipped}, last loss {self.last_loss:.4f}; "
                  f"weights in {self.run_dir / 'model.pt'}", routine=True)
         return TrainResult(self.run_dir, st.step, self.last_loss, list(st.history))
+
+    def _model_from_best(self, best: Path, model_path: Path) -> None:
+        """model.pt from best.pt: a copy, or best.pt's state through the transform."""
+        if self.model_transform is None:
+            with atomic_write(model_path) as tmp:
+                shutil.copyfile(best, tmp)
+        else:
+            save_checkpoint(model_path, self.model_transform(load_checkpoint(best)))
 
     def _run_epoch(self, total: int) -> None:
         """Train from the current position to the end of the epoch (or of the run)."""

@@ -76,7 +76,7 @@ def unenroll(
     identities: list[str] = typer.Argument(..., help="Identities to remove."),
 ) -> None:
     """Remove identities (all their faces) from a gallery; the index is rebuilt."""
-    from mtmim_cli.deploy.gallery import remove_identities
+    from mtmim_cli.deploy.enroll import remove_identities
 
     r = remove_identities(gallery, identities)
     typer.echo(f"removed {r['removed']} faces; {r['total']} faces of {r['identities']} "

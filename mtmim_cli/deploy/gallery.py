@@ -83,10 +83,9 @@ class Gallery:
                 raise MtmimError(f"{self.path / files['index']}: corrupt index "
                                  f"({str(exc).splitlines()[0]})") from None
             info = self.manifest["index"]
-            from mtmim_cli.index.ann import set_search_param
+            from mtmim_cli.index.ann import SEARCH_KEY, set_search_param
 
-            key = "nprobe" if info["kind"] == "ivf" else "efSearch"
-            set_search_param(self.index, info["kind"], info["params"][key])
+            set_search_param(self.index, info["kind"], info["params"][SEARCH_KEY[info["kind"]]])
         self._model = None
         self.last_summary: dict | None = None
 

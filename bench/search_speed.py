@@ -1,6 +1,6 @@
 """1:N search speed and memory against gallery size: mtmim's exact blocked scan
 (`mtmim_cli.index.exact`) against a plain numpy matmul + argpartition in the same run, FAISS
-(flat, IVF, HNSW, SQ8 / fp16 codes), and the machine's memory bandwidth (a numpy copy of the
+(flat, IVF, IVF-PQ, HNSW, SQ8 / fp16 codes), and the machine's memory bandwidth (a numpy copy of the
 gallery: the floor for any scan that reads every byte once).
 
 Timing uses synthetic galleries of unit vectors grouped like faces (identities of 5 faces
@@ -9,12 +9,18 @@ Recall@1 of each index is measured against the exact scan on those galleries and
 --real, on real features (a gallery folder from `mtmim enroll`, or an `mtmim embed` file):
 each sampled face searched with itself left out (`mtmim_cli.index.ann.recall_at_1`).
 
+--real-probes GALLERY plants that gallery's real faces in a --real-size gallery padded with
+synthetic distractors fitted to them (`bench/_real_probes.py` says how) and measures, for
+the real faces with a mate, each index's recall@1 against the exact scan and its latency
+per probe: real probes and mates among synthetic distractors, not 10^6 real faces.
+
 Printed per size: ms per query for one probe and per probe in batches, queries/s, the
 ratios exact / numpy and exact / copy, and per index its build time, search time, recall@1
 and bytes per face.
 
     .venv/bin/python bench/search_speed.py [--sizes 1000,10000,100000,1000000] [--dim 128]
         [--batch 200] [--threads 2] [--real GALLERY] [--hnsw-up-to 100000] [--out r.json]
+        [--real-probes GALLERY --real-size 1000000 --real-kinds ivf,ivfpq,hnsw]
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import _real_probes  # noqa: E402
 from bench._reference import load_avg  # noqa: E402
 from mtmim_cli.index import ann  # noqa: E402
 from mtmim_cli.index.exact import exact_search  # noqa: E402
@@ -104,7 +111,14 @@ def main() -> None:
     ap.add_argument("--hnsw-up-to", type=int, default=100_000,
                     help="build HNSW only up to this size (5 min at 10^6 on 2 cores)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--real-probes", type=Path, default=None,
+                    help="gallery folder whose faces are planted among synthetic distractors")
+    ap.add_argument("--real-size", type=int, default=1_000_000)
+    ap.add_argument("--real-kinds", default="ivf,ivfpq,hnsw")
+    ap.add_argument("--real-max-probes", type=int, default=3000)
+    ap.add_argument("--timing-probes", type=int, default=200)
     a = ap.parse_args()
+    t_start = time.perf_counter()
 
     import faiss
     from threadpoolctl import threadpool_limits
@@ -115,7 +129,7 @@ def main() -> None:
           f"load {load_avg()}, dim {a.dim}, top-{K}")
     report: dict = {"dim": a.dim, "threads": a.threads, "faiss": faiss.__version__,
                     "numpy": np.__version__, "sizes": {}, "real": None}
-    for n in (int(x) for x in a.sizes.split(",")):
+    for n in (int(x) for x in a.sizes.split(",") if x.strip()):   # "": none
         g = synthetic(n, a.dim)
         probes = synthetic(max(a.batch, 1), a.dim, seed=1)
         dst = np.empty_like(g)
@@ -148,13 +162,14 @@ def main() -> None:
             idx = ann.build_faiss(codec, g)
             cands.append((f"faiss {codec}", idx, {"build_s": time.perf_counter() - t}))
         if n >= 10_000:
-            r = tuned("ivf", g)
-            if r["index"] is not None:
-                cands.append((f"ivf{r['built'].params['nlist']} nprobe "
-                              f"{r['built'].params['nprobe']}", r["index"],
-                              {"build_s": r["total_s"], "tuned": r["built"].to_dict()}))
-            else:
-                print(f"ivf: {r['built'].fallback}")
+            for kind, tag in (("ivfpq", "ivfpq{nlist} M{M}+{refine} nprobe {nprobe}"),
+                              ("ivf", "ivf{nlist} nprobe {nprobe}")):
+                r = tuned(kind, g)
+                if r["index"] is not None:
+                    cands.append((tag.format(**r["built"].params), r["index"],
+                                  {"build_s": r["total_s"], "tuned": r["built"].to_dict()}))
+                else:
+                    print(f"{kind}: FALLBACK to exact: {r['built'].fallback}")
             for codec in ("sq8",):
                 t = time.perf_counter()
                 idx = ann.build_faiss("ivf", g, codec=codec)
@@ -194,6 +209,15 @@ def main() -> None:
                   f"{b.params or ''} recall@1 {b.recall_at_1:.4f} on {b.recall_sample} faces "
                   f"{b.fallback}; tried {[(t['param'], round(t['recall_at_1'], 4)) for t in b.tried]}")
         report["real"] = real
+    if a.real_probes is not None:
+        kinds = tuple(k for k in a.real_kinds.split(",")
+                      if k != "hnsw" or a.real_size <= a.hnsw_up_to)
+        if len(kinds) < len(a.real_kinds.split(",")):
+            print(f"(hnsw not built at {a.real_size:,}: above --hnsw-up-to {a.hnsw_up_to:,})")
+        report["real_probes"] = _real_probes.run(a.real_probes, a.real_size, kinds=kinds,
+                                                 max_probes=a.real_max_probes,
+                                                 timing_probes=a.timing_probes)
+    print(f"# {time.perf_counter() - t_start:.0f} s wall, load {load_avg()} at the end")
     if a.out:
         a.out.write_text(json.dumps(report, indent=1, default=float) + "\n")
 

@@ -6,7 +6,7 @@
         print(result.probe, [(h.identity, round(h.score, 3), h.accepted) for h in result.hits])
     vector = api.embed_photo("probe.jpg", model="model.pt")
 
-A gallery is a folder (see `mtmim_cli.deploy.gallery`); `api.open_gallery` opens one,
+A gallery is a folder (see `mtmim_cli.deploy.gallery_store`); `api.open_gallery` opens one,
 `api.remove` takes identities out of it.
 """
 
@@ -17,8 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mtmim_cli.deploy.gallery import Gallery, Hit, ProbeResult, remove_identities
-from mtmim_cli.deploy.gallery import enroll as _enroll
+from mtmim_cli.deploy.enroll import enroll as _enroll
+from mtmim_cli.deploy.enroll import remove_identities
+from mtmim_cli.deploy.gallery import Gallery, Hit, ProbeResult
 from mtmim_cli.errors import MtmimError
 
 __all__ = ["Gallery", "Hit", "ProbeResult", "embed_photo", "enroll", "open_gallery", "remove"]
@@ -33,7 +34,7 @@ def enroll(src: str | os.PathLike, model: str | os.PathLike, out: str | os.PathL
            append: bool = False, index: str = "auto", progress: bool = False,
            **options) -> Gallery:
     """Enroll a cache, a folder of photos or a CSV into the gallery folder `out` and open it;
-    `options` as `deploy.gallery.enroll` (flip, backbone, pad, on_miss, device, ...). What
+    `options` as `deploy.enroll.enroll` (flip, backbone, pad, on_miss, device, ...). What
     was done (counts, faces skipped, the index) is the gallery's `last_summary`."""
     summary = _enroll(src, model, out, append=append, index=index, progress=progress, **options)
     g = Gallery(out)

@@ -172,7 +172,7 @@ def test_append_remove_and_refusals(setup, tmp_path) -> None:
 
 
 def test_killed_enroll_resumes(setup, tmp_path, monkeypatch) -> None:
-    import mtmim_cli.deploy.gallery as G
+    import mtmim_cli.deploy.enroll as G
 
     monkeypatch.setattr(G, "CHUNK", 10)
     real = G._embed_chunk

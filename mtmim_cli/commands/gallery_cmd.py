@@ -19,7 +19,7 @@ def enroll(
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to embed with (as `mtmim embed`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Gallery folder to create (or add to with --append)."),
     append: bool = typer.Option(False, "--append", help="Add to an existing gallery (same model)."),
-    index: str = typer.Option("auto", "--index", help="exact, ivf, hnsw or auto (by size)."),
+    index: str = typer.Option("auto", "--index", help="exact, ivf, hnsw, ivfpq or auto (by size)."),
     flip: str = typer.Option(None, "--flip", help=f"{', '.join(FLIP_MODES)} (default: the threshold's, else concat)."),
     on_miss: str = typer.Option("skip", "--on-miss", help="Photo without a face: skip (listed) or center."),
     backbone: str = typer.Option(None, "--backbone", help=BACKBONE_HELP),
@@ -36,7 +36,9 @@ def enroll(
     face (for `search --sheet`), the model's sha256 and the settings. --index auto uses the
     exact scan up to 100,000 faces and IVF above; an index's recall@1 against the exact scan
     is measured on a sample of the gallery's own faces (each with itself left out), and one
-    below 0.99 is replaced by the exact scan (said so). A killed enroll resumes when run
+    below 0.99 is replaced by the exact scan (said so). --index ivfpq keeps one byte per 4
+    dimensions of PQ codes a face, re-ranked on SQ8 codes (bytes per face and parameters in
+    the manifest; docs/SCALE.md). A killed enroll resumes when run
     again; a gallery is only complete once its manifest.json is written. --append refuses
     another model.
     """
@@ -77,7 +79,7 @@ def unenroll(
     identities: list[str] = typer.Argument(..., help="Identities to remove."),
 ) -> None:
     """Remove identities (all their faces) from a gallery; the index is rebuilt."""
-    from mtmim_cli.deploy.gallery import remove_identities
+    from mtmim_cli.deploy.enroll import remove_identities
 
     r = remove_identities(gallery, identities)
     typer.echo(f"removed {r['removed']} faces; {r['total']} faces of {r['identities']} "

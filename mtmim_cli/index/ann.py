@@ -4,8 +4,14 @@ choice by gallery size.
 recall@1 is measured on a seeded sample of the gallery's own faces, each searched with itself
 left out (it would always find itself): the share whose nearest other face under the index is
 the exact scan's nearest other face (an equal score counts, duplicates being interchangeable).
-An index is tuned upward (IVF: nprobe, HNSW: efSearch) until recall@1 reaches
+An index is tuned upward (IVF, IVF-PQ: nprobe, HNSW: efSearch) until recall@1 reaches
 `MIN_RECALL`; one that cannot is refused and the exact scan used instead, said so in `Built`.
+
+IVF-PQ keeps M one-byte codes a face (product quantisation, 256 centroids per sub-vector).
+Those codes alone rank a face's nearest other face wrongly too often for 0.99 (0.85 on the
+7,284 real 256-d features at M 64), so by default the PQ shortlist (k x PQ_K_FACTOR) is
+re-ranked on a second copy of each face as SQ8 codes (`refine`: none, sq8, fp16, flat); the
+index's bytes per face count both.
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ import numpy as np
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.index.exact import exact_search
 
-KINDS = ("auto", "exact", "ivf", "hnsw")
+KINDS = ("auto", "exact", "ivf", "hnsw", "ivfpq")
+REFINES = ("none", "sq8", "fp16", "flat")
+PQ_K_FACTOR = 8              # PQ candidates re-ranked per neighbour asked for
+PQ_MIN_FACES = 256           # k-means of a codebook needs a point per centroid (2^8)
+# what each kind tunes at search time
+SEARCH_KEY = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}
 MIN_RECALL = 0.99
 AUTO_EXACT_UP_TO = 100_000   # faces; above this `auto` builds IVF (exact: ~4 ms a probe here)
 RECALL_SAMPLE = 1000
@@ -60,14 +71,62 @@ def choose_kind(kind: str, n: int) -> str:
     return kind
 
 
+def default_pq_m(d: int) -> int:
+    """PQ sub-quantizers: one byte per 4 dimensions (codes 16x smaller than float32), the
+    largest such count dividing d (faiss needs whole sub-vectors)."""
+    m = max(1, d // 4)
+    while d % m:
+        m -= 1
+    return m
+
+
+def _train_rows(feats: np.ndarray, want: int, seed: int) -> np.ndarray:
+    # k-means on a seeded sample: faiss's own advice, and minutes saved at 10^6
+    if len(feats) <= want:
+        return feats
+    return feats[np.random.default_rng(seed).choice(len(feats), want, replace=False)]
+
+
+def _build_ivfpq(feats: np.ndarray, nlist: int | None, pq_m: int | None, refine: str,
+                 seed: int):
+    faiss = _faiss()
+    n, d = feats.shape
+    ip = faiss.METRIC_INNER_PRODUCT
+    pq_m = pq_m or default_pq_m(d)
+    if d % pq_m:
+        raise MtmimError(f"ivfpq M {pq_m}: must divide the feature dimension {d}")
+    if refine not in REFINES:
+        raise MtmimError(f"ivfpq refine {refine}: choose from {', '.join(REFINES)}")
+    base = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist or ivf_nlist(n), pq_m, 8, ip)
+    base.cp.seed = seed
+    base.pq.cp.seed = seed
+    if refine == "none":
+        index = base
+    elif refine == "flat":
+        index = faiss.IndexRefineFlat(base)
+    else:
+        qt = {"sq8": faiss.ScalarQuantizer.QT_8bit, "fp16": faiss.ScalarQuantizer.QT_fp16}
+        index = faiss.IndexRefine(base, faiss.IndexScalarQuantizer(d, qt[refine], ip))
+    if refine != "none":
+        index.k_factor = PQ_K_FACTOR
+    # the PQ codebooks want 39 points per centroid (256 of them), the cells 64 each
+    index.train(_train_rows(feats, max(64 * base.nlist, 39 * 256), seed))
+    index.add(feats)
+    return index
+
+
 def build_faiss(kind: str, feats: np.ndarray, *, nlist: int | None = None, m: int = 32,
-                ef_construction: int = 80, seed: int = 0, codec: str = "flat"):
-    """An IVF (inverted lists over k-means cells, flat or SQ8/fp16 codes) or HNSW (graph,
-    M links per node) inner-product index holding `feats` (float32, normalised)."""
+                ef_construction: int = 80, seed: int = 0, codec: str = "flat",
+                pq_m: int | None = None, refine: str = "sq8"):
+    """An IVF (inverted lists over k-means cells, flat or SQ8/fp16 codes), IVF-PQ (cells of
+    `pq_m`-byte PQ codes, re-ranked on `refine` codes) or HNSW (graph, M links per node)
+    inner-product index holding `feats` (float32, normalised)."""
     faiss = _faiss()
     n, d = feats.shape
     feats = np.ascontiguousarray(feats, dtype=np.float32)
     ip = faiss.METRIC_INNER_PRODUCT
+    if kind == "ivfpq":
+        return _build_ivfpq(feats, nlist, pq_m, refine, seed)
     if kind == "ivf":
         nlist = nlist or ivf_nlist(n)
         quantizer = faiss.IndexFlatIP(d)
@@ -77,11 +136,7 @@ def build_faiss(kind: str, feats: np.ndarray, *, nlist: int | None = None, m: in
             qt = {"sq8": faiss.ScalarQuantizer.QT_8bit, "fp16": faiss.ScalarQuantizer.QT_fp16}
             index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, qt[codec], ip)
         index.cp.seed = seed
-        # k-means on at most 64 points a cell: faiss's own advice, and minutes saved at 10^6
-        train = feats
-        if n > 64 * nlist:
-            train = feats[np.random.default_rng(seed).choice(n, 64 * nlist, replace=False)]
-        index.train(train)
+        index.train(_train_rows(feats, 64 * nlist, seed))
         index.add(feats)
         return index
     if kind == "hnsw":
@@ -108,8 +163,8 @@ def ivf_nlist(n: int) -> int:
 
 
 def set_search_param(index, kind: str, value: int) -> None:
-    if kind == "ivf":
-        index.nprobe = int(value)
+    if kind in ("ivf", "ivfpq"):
+        _faiss().extract_index_ivf(index).nprobe = int(value)   # under a refine wrapper too
     elif kind == "hnsw":
         index.hnsw.efSearch = int(value)
 
@@ -152,7 +207,8 @@ def recall_sample(n: int, size: int = RECALL_SAMPLE, seed: int = 0) -> np.ndarra
     return np.sort(rng.choice(n, min(n, size), replace=False))
 
 
-SEARCH_LADDER = {"ivf": (8, 16, 32, 64, 128, 256), "hnsw": (32, 64, 128, 256, 512)}
+SEARCH_LADDER = {"ivf": (8, 16, 32, 64, 128, 256), "ivfpq": (8, 16, 32, 64, 128, 256),
+                 "hnsw": (32, 64, 128, 256, 512)}
 
 
 def build_index(feats: np.ndarray, kind: str = "auto", *, seed: int = 0,
@@ -167,37 +223,55 @@ def build_index(feats: np.ndarray, kind: str = "auto", *, seed: int = 0,
     if chosen == "exact" or n < 2:
         return None, Built("exact", kind, bytes_per_face=exact_bytes,
                            fallback="" if chosen == "exact" else "fewer than 2 faces")
+    if chosen == "ivfpq" and n < PQ_MIN_FACES:
+        return None, Built("exact", kind, bytes_per_face=exact_bytes,
+                           fallback=(f"ivfpq needs at least {PQ_MIN_FACES} faces to train its "
+                                     f"8-bit codebooks ({n} here); using the exact scan"))
     t0 = time.perf_counter()
     index = build_faiss(chosen, feats, seed=seed, **params)
     build_s = time.perf_counter() - t0
     sample = recall_sample(n, sample_size, seed)
     tried = []
-    ladder = [v for v in SEARCH_LADDER[chosen]
-              if chosen != "ivf" or v <= index.nlist] or [getattr(index, "nlist", 1)]
-    if chosen == "ivf" and ladder[-1] < index.nlist:
-        ladder.append(index.nlist)
+    nlist = _faiss().extract_index_ivf(index).nlist if chosen != "hnsw" else 0
+    ladder = [v for v in SEARCH_LADDER[chosen] if not nlist or v <= nlist] or [nlist]
+    if nlist and ladder[-1] < nlist:
+        ladder.append(nlist)
     exact = nearest_other(lambda p, k: exact_search(feats, p, k), feats[sample], sample)
     for value in ladder:
         set_search_param(index, chosen, value)
         rec = recall_at_1(feats, lambda p, k: faiss_search(index, p, k), sample, exact)
         tried.append({"param": value, "recall_at_1": rec})
-        if rec >= min_recall and chosen == "ivf" and value >= index.nlist:
-            # every cell probed: an exhaustive scan with extra steps, no faster than exact
+        # IVF-flat probing every cell is an exhaustive scan with extra steps, no faster than
+        # exact and no smaller; IVF-PQ there still holds a fraction of the bytes, so it stays
+        if rec >= min_recall and chosen == "ivf" and value >= nlist:
             return None, Built("exact", kind, {}, rec, len(sample), build_s, exact_bytes,
                                fallback=(f"ivf reached recall@1 {min_recall} only probing all "
-                                         f"{index.nlist} cells; using the exact scan"),
+                                         f"{nlist} cells; using the exact scan"),
                                tried=tried)
         if rec >= min_recall:
-            key = "nprobe" if chosen == "ivf" else "efSearch"
-            p = ({"nlist": int(index.nlist)} if chosen == "ivf"
-                 else {"M": params.get("m", 32), "efConstruction": params.get("ef_construction", 80)})
-            return index, Built(chosen, kind, {**p, key: value}, rec, len(sample), build_s,
-                                index_bytes(index) / n, tried=tried)
+            return index, Built(chosen, kind, {**_recorded(chosen, params, index, nlist),
+                                               SEARCH_KEY[chosen]: value},
+                                rec, len(sample), build_s, index_bytes(index) / n, tried=tried)
     return None, Built("exact", kind, {}, tried[-1]["recall_at_1"], len(sample), build_s,
                        exact_bytes, fallback=(f"{chosen} reached recall@1 "
                                               f"{tried[-1]['recall_at_1']:.4f} < {min_recall} "
                                               "of the exact scan; using the exact scan"),
                        tried=tried)
+
+
+def _recorded(kind: str, params: dict, index, nlist: int) -> dict:
+    """The build parameters a gallery's manifest records (what rebuilding it needs)."""
+    if kind == "hnsw":
+        return {"M": params.get("m", 32), "efConstruction": params.get("ef_construction", 80)}
+    if kind == "ivf":
+        return {"nlist": int(nlist)}
+    base = _faiss().downcast_index(getattr(index, "base_index", index))
+    refine = params.get("refine", "sq8")
+    out = {"nlist": int(nlist), "M": int(base.pq.M), "nbits": int(base.pq.nbits),
+           "refine": refine}
+    if refine != "none":
+        out["k_factor"] = PQ_K_FACTOR
+    return out
 
 
 def index_bytes(index) -> int:

@@ -125,9 +125,3 @@ def write_init_model(out: Path, init_model, *, candidate_run: Path, init: str | 
     # a run folder `mtmim report` reads (it was trained for no step)
     atomic_write_text(out / "metrics.csv", "step,epoch,loss,accuracy\n")
 
-
-def _record_in_model(path: Path, record: dict) -> None:
-    from mtmim_cli.train.checkpoint import load_checkpoint, save_checkpoint
-
-    state = load_checkpoint(path)
-    save_checkpoint(path, {**state, "meta": {**state["meta"], "auto": record}})

@@ -78,7 +78,6 @@ from mtmim_cli.orchestration.auto_grid import (  # noqa: F401  (re-exported: tes
 from mtmim_cli.orchestration.auto_models import (  # noqa: F401
     CandidateStore,
     _prune,
-    _record_in_model,
     _slug,
     wise_models,
     write_init_model,
@@ -330,6 +329,4 @@ def auto_finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike |
              "recipe": "auto", **chosen.options(), "auto": record, "resume": True,
              "out": str(out)}
     final.setdefault("activation_cache", base_opts["activation_cache"])
-    run = finetune(list(caches), init, final)
-    _record_in_model(Path(run) / "model.pt", record)
-    return Path(run)
+    return Path(finetune(list(caches), init, final))

@@ -148,6 +148,8 @@ def finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike | None
             "frozen_through": stage}
     if saves_checkpoints():
         meta["trained_on"] = run_record(dataset, init, o["exclude"])
+    if o["auto"] is not None:   # the search that chose this run's settings, in its one write
+        meta["auto"] = o["auto"]
     wise = float(o["wise"])   # in (0, 1]: resolve_settings checked it
     # WiSE is applied to model.pt's state in memory, before its one write: a run killed at
     # any point leaves model.pt absent or interpolated, never the trained weights under the

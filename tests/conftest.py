@@ -138,6 +138,26 @@ def align_fgnet_subjects(fgnet_dir: Path, subjects: tuple[str, ...], folder: Pat
     return out
 
 
+def assert_cli_defaults_are_the_librarys(command: str, library_name: dict[str, str],
+                                         not_settings: set[str] | tuple[str, ...],
+                                         default) -> None:
+    """Every option of `mtmim COMMAND` that is a setting shows the library's default
+    (`default(name)`, options renamed through `library_name`); at least 30 are checked."""
+    import typer
+
+    from mtmim_cli.cli import app
+
+    checked = 0
+    for p in typer.main.get_command(app).commands[command].params:
+        if p.name in not_settings or p.name == "ctx":
+            continue
+        want = default(library_name.get(p.name, p.name))
+        got = str(p.default) if isinstance(p.default, Path) else p.default
+        assert got == want, f"--{p.name}: {got!r} on the command line, {want!r} in the library"
+        checked += 1
+    assert checked >= 30
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `mtmim` in a real subprocess; returns the completed process (never raises on rc)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 import mtmim_cli.train.finetune as F
@@ -14,21 +13,11 @@ from mtmim_cli.cli import app
 from mtmim_cli.commands.finetune_cmd import _LIBRARY_NAME, _NOT_SETTINGS
 from mtmim_cli.train.finetune_options import DEFAULTS, TRAIN_DEFAULTS, default, split_options
 
-
-def _command():
-    return typer.main.get_command(app).commands["finetune"]
+from .conftest import assert_cli_defaults_are_the_librarys
 
 
 def test_every_cli_default_is_the_librarys() -> None:
-    checked = 0
-    for p in _command().params:
-        if p.name in _NOT_SETTINGS or p.name == "ctx":
-            continue
-        want = default(_LIBRARY_NAME.get(p.name, p.name))
-        got = str(p.default) if isinstance(p.default, Path) else p.default
-        assert got == want, f"--{p.name}: {got!r} on the command line, {want!r} in the library"
-        checked += 1
-    assert checked >= 30
+    assert_cli_defaults_are_the_librarys("finetune", _LIBRARY_NAME, _NOT_SETTINGS, default)
 
 
 def test_defaults_resolve_as_the_library_says() -> None:

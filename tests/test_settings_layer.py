@@ -10,11 +10,12 @@ import math
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.train.config import TrainConfig
+
+from .conftest import assert_cli_defaults_are_the_librarys
 
 
 def _refused(call, match: str) -> str:
@@ -166,25 +167,11 @@ def test_preset_resolution_fills_only_what_is_not_given() -> None:
     _refused(lambda: resolve_settings({"lr": 0.1}, {"nope": 1}), "unknown option")
 
 
-def _pretrain_command():
-    from mtmim_cli.cli import app
-
-    return typer.main.get_command(app).commands["pretrain"]
-
-
 def test_every_pretrain_cli_default_is_the_librarys() -> None:
     from mtmim_cli.commands.train_cmd import _LIBRARY_NAME, _NOT_SETTINGS
     from mtmim_cli.train.pretrain_options import default
 
-    checked = 0
-    for p in _pretrain_command().params:
-        if p.name in _NOT_SETTINGS or p.name == "ctx":
-            continue
-        want = default(_LIBRARY_NAME.get(p.name, p.name))
-        got = str(p.default) if isinstance(p.default, Path) else p.default
-        assert got == want, f"--{p.name}: {got!r} on the command line, {want!r} in the library"
-        checked += 1
-    assert checked >= 30
+    assert_cli_defaults_are_the_librarys("pretrain", _LIBRARY_NAME, _NOT_SETTINGS, default)
 
 
 def test_only_given_options_reach_pretrain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

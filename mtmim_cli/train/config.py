@@ -4,7 +4,8 @@ run folder, and `--resume` checks that a continued run uses the same ones."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,15 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in d.items() if k != "extra"}
     out.update({f"{k}": v for k, v in (d.get("extra") or {}).items()})
     return out
+
+
+def layered_default(name: str, layers: Sequence[Mapping[str, Any]], what: str) -> Any:
+    """A setting's default as a command resolves it without a preset or recipe: the first of
+    `layers` (the command's own defaults) that holds `name`, else TrainConfig's field default."""
+    for layer in layers:
+        if name in layer:
+            return layer[name]
+    for f in fields(TrainConfig):
+        if f.name == name and f.default is not MISSING:
+            return f.default
+    raise KeyError(f"{name}: not a {what} setting")

@@ -8,13 +8,13 @@ options' and passes on only the options the user gave. No torch here, so `mtmim 
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, fields
+from dataclasses import asdict, fields
 from typing import Any
 
 from mtmim_cli.data.identities import MODES as IDENTITY_MODES
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.models.margin_names import check_margin
-from mtmim_cli.train.config import RESUME_FREE, TrainConfig
+from mtmim_cli.train.config import RESUME_FREE, TrainConfig, layered_default
 from mtmim_cli.train.setting_checks import choose, number
 
 MODES = ("baseline", "age", "mtmim")
@@ -110,14 +110,7 @@ RECIPE_NAMES = (*RECIPES, AUTO_RECIPE)
 def default(name: str) -> Any:
     """A fine-tuning option's or training setting's default, as `finetune` resolves it
     without a recipe."""
-    if name in DEFAULTS:
-        return DEFAULTS[name]
-    if name in TRAIN_DEFAULTS:
-        return TRAIN_DEFAULTS[name]
-    for f in fields(TrainConfig):
-        if f.name == name and f.default is not MISSING:
-            return f.default
-    raise KeyError(f"{name}: not a fine-tuning setting")
+    return layered_default(name, [DEFAULTS, TRAIN_DEFAULTS], "fine-tuning")
 
 
 def split_options(config: TrainConfig | dict[str, Any] | None,

@@ -23,13 +23,13 @@ depends on the device.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from typing import Any
 
 from mtmim_cli.data.identities import MODES as IDENTITY_MODES
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.models.margin_names import check_margin
-from mtmim_cli.train.config import TrainConfig
+from mtmim_cli.train.config import TrainConfig, layered_default
 from mtmim_cli.train.setting_checks import choose, number
 
 # The options of `pretrain` beside TrainConfig's fields, whose own defaults are pretraining's
@@ -56,12 +56,7 @@ def preset_settings(name: str, batch_size: int) -> dict[str, Any]:
 def default(name: str) -> Any:
     """A pretraining option's or training setting's default, as `pretrain` resolves it
     without a preset."""
-    if name in DEFAULTS:
-        return DEFAULTS[name]
-    for f in fields(TrainConfig):
-        if f.name == name and f.default is not MISSING:
-            return f.default
-    raise KeyError(f"{name}: not a pretraining setting")
+    return layered_default(name, [DEFAULTS], "pretraining")
 
 
 def split_options(config: TrainConfig | dict[str, Any] | None,

@@ -493,14 +493,14 @@ def _fill(writer, records: Sequence, load: Callable[[str], np.ndarray], root: Pa
     command resumes once the cause is fixed. Commits never pass the start of a run of
     detection failures, so a kill meanwhile does not keep them either. A cache in which no
     record holds a face and some failed (`failed_cache`) is not finished under its name."""
-    from mtmim_cli.data.cache import ERROR, MISS
+    from mtmim_cli.data.cache import ERROR, MISS, _attr_text
     from mtmim_cli.progress import make_progress
 
     start, n = writer.start, len(records)
     encode = writer.encode if writer.encoded else None
     statuses = np.empty(n, np.uint8)
     statuses[:start] = writer.h5["status"][:start]
-    reasons: dict[int, str] = {}
+    last_error: tuple[int, str] | None = None   # (record, reason) of this run's last ERROR
     streak_start: int | None = None   # first record of the current run of detection failures
     streak = 0
     t0 = time.perf_counter()
@@ -550,8 +550,7 @@ def _fill(writer, records: Sequence, load: Callable[[str], np.ndarray], root: Pa
                     writer.write(i, r.face, r.status, reason=r.reason, encoded=r.encoded)
                 statuses[i] = r.status
                 if r.status == ERROR:
-                    reasons.clear()   # only the last error is named
-                    reasons[i] = r.reason
+                    last_error = (i, r.reason)
                 bar.advance(task)
                 now = time.perf_counter()
                 clean = i + 1 if streak_start is None else streak_start
@@ -565,7 +564,8 @@ def _fill(writer, records: Sequence, load: Callable[[str], np.ndarray], root: Pa
             if failed_cache(statuses):
                 writer.commit(n if streak_start is None else streak_start)
                 k = _last_error(statuses)
-                reason = reasons[k] if k in reasons else _text(writer.h5["reason"][k])
+                reason = (last_error[1] if last_error is not None and last_error[0] == k
+                          else _attr_text(writer.h5["reason"][k]))
                 raise MtmimError(
                     f"{writer.tmp_path}: none of its {n} records holds a face "
                     f"({_errors(statuses)}, the last: {records[k].path}: {reason}); not "
@@ -577,7 +577,3 @@ def _fill(writer, records: Sequence, load: Callable[[str], np.ndarray], root: Pa
             f.cancel()
         pool.shutdown(wait=True)
     return seconds
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

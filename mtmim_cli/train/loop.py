@@ -86,7 +86,6 @@ def lr_factor(config: TrainConfig, step: int, total: int, warmup: int | None = N
     return 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-
 # A fine-tune run inside another command's search (orchestration/auto_recipe.py) keeps its
 # routine lines (resuming, validation, done) to itself: the search prints one table for all
 # of them. Warnings (skipped steps, early stops) still reach the terminal.

@@ -87,6 +87,12 @@ def _train_rows(feats: np.ndarray, want: int, seed: int) -> np.ndarray:
     return feats[np.random.default_rng(seed).choice(len(feats), want, replace=False)]
 
 
+def _sq_type(name: str):
+    """faiss's scalar-quantizer type for a code name: sq8 (a byte a dimension) or fp16."""
+    sq = _faiss().ScalarQuantizer
+    return {"sq8": sq.QT_8bit, "fp16": sq.QT_fp16}[name]
+
+
 def _build_ivfpq(feats: np.ndarray, nlist: int | None, pq_m: int | None, refine: str,
                  seed: int):
     faiss = _faiss()
@@ -105,8 +111,7 @@ def _build_ivfpq(feats: np.ndarray, nlist: int | None, pq_m: int | None, refine:
     elif refine == "flat":
         index = faiss.IndexRefineFlat(base)
     else:
-        qt = {"sq8": faiss.ScalarQuantizer.QT_8bit, "fp16": faiss.ScalarQuantizer.QT_fp16}
-        index = faiss.IndexRefine(base, faiss.IndexScalarQuantizer(d, qt[refine], ip))
+        index = faiss.IndexRefine(base, faiss.IndexScalarQuantizer(d, _sq_type(refine), ip))
     if refine != "none":
         index.k_factor = PQ_K_FACTOR
     # the PQ codebooks want 39 points per centroid (256 of them), the cells 64 each
@@ -133,8 +138,7 @@ def build_faiss(kind: str, feats: np.ndarray, *, nlist: int | None = None, m: in
         if codec == "flat":
             index = faiss.IndexIVFFlat(quantizer, d, nlist, ip)
         else:
-            qt = {"sq8": faiss.ScalarQuantizer.QT_8bit, "fp16": faiss.ScalarQuantizer.QT_fp16}
-            index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, qt[codec], ip)
+            index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, _sq_type(codec), ip)
         index.cp.seed = seed
         index.train(_train_rows(feats, 64 * nlist, seed))
         index.add(feats)
@@ -148,8 +152,7 @@ def build_faiss(kind: str, feats: np.ndarray, *, nlist: int | None = None, m: in
         if kind == "flat":
             index = faiss.IndexFlatIP(d)
         else:
-            qt = {"sq8": faiss.ScalarQuantizer.QT_8bit, "fp16": faiss.ScalarQuantizer.QT_fp16}
-            index = faiss.IndexScalarQuantizer(d, qt[kind], ip)
+            index = faiss.IndexScalarQuantizer(d, _sq_type(kind), ip)
             index.train(feats)
         index.add(feats)
         return index

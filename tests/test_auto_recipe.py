@@ -93,10 +93,47 @@ def test_auc_scores_and_rank1_hits_against_brute_force() -> None:
         sims = [(float(feats[i] @ feats[j]), j) for j in range(30) if j != i]
         brute.append(int(ident[max(sims)[1]] == ident[i]))
     assert hits == brute
-    g = A.guard_auc(feats, ident)
-    pairs = [(i, j) for i in range(30) for j in range(i + 1, 30)]
-    assert g == pytest.approx(roc_auc_score([ident[i] == ident[j] for i, j in pairs],
-                                            [float(feats[i] @ feats[j]) for i, j in pairs]))
+    assert A.guard_hits(feats, ident) == brute   # every photo here has a mate
+    lone = np.concatenate([ident, ["solo"]])     # one without a mate is not a guard probe
+    f2 = np.vstack([feats, feats[:1]])
+    assert len(A.guard_hits(f2, lone)) == 30 and list(A.guard_probe_ident(lone)) == list(ident)
+
+
+def test_guard_difference_refuses_a_large_fall_and_a_small_consistent_one() -> None:
+    """The guard against bootstrap_difference and the stated rule: refused when the fall is
+    above GUARD_TOLERANCE, or when its paired interval lies wholly below zero; a model equal
+    to the init passes, and so does a small fall the interval cannot tell from noise."""
+    from mtmim_cli.eval.compare import bootstrap_difference
+
+    rng = np.random.default_rng(3)
+    ident = np.repeat(np.arange(1000), 5)
+    init = (rng.random(5000) < 0.9).astype(np.int64)
+    ref = A.GuardRef(init, ident)
+
+    def lose(n: int, spread: bool) -> np.ndarray:
+        h = init.copy()
+        ones = np.flatnonzero(h == 1)
+        pick = ones[np.unique(ident[ones], return_index=True)[1][:n]] if spread else ones[:n]
+        h[pick] = 0
+        return h
+
+    same = A.guard_difference([init, init], ref)
+    assert (same["diff"], same["low"], same["high"], same["ok"]) == (0.0, 0.0, 0.0, True)
+    big = A.guard_difference([lose(50, True)], ref)          # -0.01
+    assert big["diff"] == pytest.approx(-0.01) and not big["ok"]
+    small = lose(9, True)                                    # -0.0018, 9 people each lose one
+    d = A.guard_difference([small], ref)
+    b = bootstrap_difference(small, init, clusters=ident, resamples=A.GUARD_RESAMPLES, seed=0)
+    assert (d["diff"], d["low"], d["high"]) == (pytest.approx(b.diff), pytest.approx(b.low),
+                                                pytest.approx(b.high))
+    assert d["diff"] >= -A.GUARD_TOLERANCE and d["high"] < 0 and not d["ok"]
+    noisy = lose(9, True)
+    gains = np.flatnonzero(noisy == 0)
+    noisy[gains[np.unique(ident[gains], return_index=True)[1][:9]]] = 1   # 9 others gain one
+    assert A.guard_difference([noisy], ref)["ok"]
+    # two fold models: pooled over both, each probe's identity one cluster for both
+    two = A.guard_difference([init, lose(50, True)], ref)
+    assert two["diff"] == pytest.approx(-0.005) and not two["ok"]
 
 
 def test_choice_is_the_best_eligible_candidate_of_a_brute_force_table() -> None:
@@ -108,19 +145,29 @@ def test_choice_is_the_best_eligible_candidate_of_a_brute_force_table() -> None:
     n = 200
     init = [{"value": 0.80, "reps": list(0.80 + rng.normal(0, 0.01, n))} for _ in range(2)]
     shift = {settings[0]: 0.002, settings[1]: 0.03, settings[2]: 0.05, settings[3]: 0.04}
-    guard = {settings[0]: 0.9, settings[1]: 0.9, settings[2]: 0.8, settings[3]: 0.899}
+    gid = np.repeat(np.arange(100), 4)
+    g0 = np.ones(400, np.int64)
+    g0[::10] = 0                                  # the init: rank-1 0.9 on the guard
+    drop = {settings[0]: 0, settings[1]: 0, settings[2]: 40, settings[3]: 0}
+    guard = {}
+    for st, k in drop.items():
+        h = g0.copy()
+        h[np.flatnonzero(h)[:k * 4:4]] = 0        # k people lose one hit each
+        guard[st] = h
     cand = {s: [{"value": i["value"] + shift[s],
                  "reps": list(np.asarray(i["reps"]) + shift[s] + rng.normal(0, 0.004, n)),
-                 "guard": guard[s]} for i in init] for s in settings}
-    rows = A.summarise(settings, init, cand, "auc", guard_init=0.9, fold_ids=[])
+                 "guard": [int(x) for x in guard[s]]} for i in init] for s in settings}
+    rows = A.summarise(settings, init, cand, "auc", guard_init=A.GuardRef(g0, gid), fold_ids=[])
     for s, r in zip(settings, rows, strict=True):
         d = np.mean([np.asarray(c["reps"]) - np.asarray(i["reps"])
                      for c, i in zip(cand[s], init, strict=True)], axis=0)
         lo, hi = np.percentile(d, [2.5, 97.5])
         assert r["diff"] == pytest.approx(shift[s])
         assert (r["low"], r["high"]) == (pytest.approx(lo), pytest.approx(hi))
-        assert r["guard_diff"] == pytest.approx(guard[s] - 0.9)
-        assert r["eligible"] == (lo > 0 and guard[s] - 0.9 >= -A.GUARD_TOLERANCE)
+        gd = A.guard_difference([guard[s], guard[s]], A.GuardRef(g0, gid))
+        assert r["guard_diff"] == pytest.approx(guard[s].mean() - g0.mean())
+        assert (r["guard_low"], r["guard_high"]) == (gd["low"], gd["high"])
+        assert r["eligible"] == (lo > 0 and gd["ok"])
     # c03 has the highest AUC but fails the guard; c04 is the best that may be chosen
     eligible = [k for k, r in enumerate(rows) if r["eligible"]]
     assert A.pick(rows) == max(eligible, key=lambda k: rows[k]["value"]) == 3
@@ -177,7 +224,7 @@ def test_no_winner_writes_a_model_equal_to_the_init(tmp_path: Path, init: Path) 
                 "--lambda-mim", "0.1", "--auto-guard", str(guard), "--out", str(out), "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| candidate | trains | lr | lambda | wise | AUC |" in r.stdout
-    assert "| init |" in r.stdout and "guard vs init" in r.stdout
+    assert "| init |" in r.stdout and "guard rank-1 vs init" in r.stdout
     assert "no candidate beats the init" in r.stdout
     assert "done:" not in r.stdout   # the candidates' own lines stay quiet under the table
     cfg = json.loads((out / "config.json").read_text())
@@ -328,13 +375,14 @@ def test_the_guard_scores_only_candidates_above_the_init(tmp_path: Path, init: P
 
     monkeypatch.setattr(A, "summarise", forced)
     scored: list[int] = []
-    real_guard = A.guard_auc
-    monkeypatch.setattr(A, "guard_auc", lambda f, i: scored.append(len(f)) or real_guard(f, i))
+    real_guard = A.guard_hits
+    monkeypatch.setattr(A, "guard_hits", lambda f, i: scored.append(len(f)) or real_guard(f, i))
     out = tmp_path / "run"
     lines: list[str] = []
     A.auto_finetune([cache], init, {**FAST, "auto_guard": str(guard), "out": str(out)},
                     echo=lines.append)
-    assert len(scored) == A.FOLDS + 1    # the chosen setting's fold models, then the init
+    # the chosen setting's fold models, the init, then the retrained choice
+    assert len(scored) == A.FOLDS + 2
     rec = json.loads((out / "config.json").read_text())["extra"]["auto"]
     by = {(c["setting"]["freeze_through"], c["setting"]["wise"]): c for c in rec["candidates"]}
     assert by[("last:2", 0.5)]["guard_diff"] is not None and rec["guard_init"] is not None
@@ -342,6 +390,87 @@ def test_the_guard_scores_only_candidates_above_the_init(tmp_path: Path, init: P
     table = next(t for t in lines if t.startswith("| candidate"))
     assert table.count("| - | not above init |") == 3
     assert not list((out / "auto" / "runs").rglob("last.pt"))
+
+
+@pytest.mark.slow
+def test_a_retrained_choice_the_guard_refuses_gives_way_to_the_next(
+        tmp_path: Path, init: Path, monkeypatch) -> None:
+    """The guard scores the retrained model itself. With two candidates forced eligible and
+    the retrained first one refused: it is removed from --out, the next is retrained and
+    recorded with both checks; a rerun retrains neither; when every retrained candidate is
+    refused, model.pt equals the init."""
+    import mtmim_cli.train.finetune as F
+    from mtmim_cli.train.checkpoint import load_checkpoint
+
+    cache = _cache(tmp_path / "c.h5")
+    guard = _cache(tmp_path / "g.h5", n_ids=4, seed=5)
+    real = A.summarise
+
+    value = {("last:1", 1.0): 0.5, ("last:2", 0.5): 0.7}    # c02 and c03 beat the init
+
+    def forced(settings, *args, **kw):
+        rows = real(settings, *args, **kw)
+        for st, r in zip(settings, rows, strict=True):
+            v = value.get((st.depth, st.wise))
+            r["low"], r["value"] = (0.01, v) if v else (-0.01, 0.1)
+            r["eligible"] = bool(v) and r["guard_ok"]
+        return rows
+
+    monkeypatch.setattr(A, "summarise", forced)
+    refuse: set[str] = {"c03"}
+    real_diff = A.guard_difference
+
+    def judged(models_hits, ref):
+        d = real_diff(models_hits, ref)
+        if len(models_hits) == 1 and judged.label in refuse:   # a retrained model
+            d["ok"] = False
+        return d
+
+    monkeypatch.setattr(A, "guard_difference", judged)
+    finals: list[dict] = []
+    real_ft = F.finetune
+
+    def counting(caches, init_, config=None, **kw):
+        if "/auto/" not in str((config or {}).get("out")):
+            finals.append(dict(config))
+            judged.label = config["auto"]["chosen_label"]
+        return real_ft(caches, init_, config, **kw)
+
+    monkeypatch.setattr(F, "finetune", counting)
+    judged.label = None
+    out = tmp_path / "run"
+    lines: list[str] = []
+    A.auto_finetune([cache], init, {**FAST, "auto_guard": str(guard), "out": str(out)},
+                    echo=lines.append)
+    assert [f["auto"]["chosen_label"] for f in finals] == ["c03", "c02"]
+    assert any("the retrained c03 fails the guard" in x for x in lines)
+    assert any("next c02" in x for x in lines) and any("c02 passes the guard" in x for x in lines)
+    cfg = json.loads((out / "config.json").read_text())
+    checks = cfg["extra"]["auto"]["final_checks"]
+    assert [(c["candidate"], c["ok"]) for c in checks] == [("c03", False), ("c02", True)]
+    assert cfg["extra"]["auto"]["chosen_label"] == "c02" and cfg["extra"]["wise"] == 1.0
+    assert cfg["extra"]["freeze_through"] != "pool"          # c02 is last:1, c03 was last:2
+    search = json.loads((out / "auto" / "search.json").read_text())
+    assert search["final_checks"] == checks
+    meta = load_checkpoint(out / "model.pt")["meta"]
+    assert meta.get("wise", 1.0) == 1.0   # wise 1: the trained weights, not interpolated
+    assert [c["candidate"] for c in meta["auto"]["final_checks"]] == ["c03"]
+    # a rerun: both checks stored, c02's model in place, nothing trains
+    finals.clear()
+    A.auto_finetune([cache], init, {**FAST, "auto_guard": str(guard), "out": str(out)}, echo=None)
+    assert finals == []
+    # every retrained candidate refused: the init is written
+    refuse.add("c02")
+    out2 = tmp_path / "run2"
+    finals.clear()
+    lines.clear()
+    A.auto_finetune([cache], init, {**FAST, "auto_guard": str(guard), "out": str(out2)},
+                    echo=lines.append)
+    assert len(finals) == 2 and any("no retrained candidate passes the guard" in x for x in lines)
+    meta = load_checkpoint(out2 / "model.pt")["meta"]
+    assert meta["equals_init"] and meta["auto"]["chosen"] is None
+    assert [c["ok"] for c in meta["auto"]["final_checks"]] == [False, False]
+    assert not (out2 / "checkpoints").exists()
 
 
 def test_refusals(tmp_path: Path, init: Path) -> None:

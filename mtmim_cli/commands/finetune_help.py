@@ -152,10 +152,13 @@ def _auto_text() -> str:
             f"only, an option given fixes its axis). Criterion: young (<= {A.YOUNG_MAX:g}) "
             f"vs adult (>= {A.ADULT_MIN:g}) verification AUC, rank-1 where there are no "
             f"such pairs, against the init with a paired {A.LEVEL:.0%} identity-bootstrap "
-            f"interval; --auto-guard CACHE: general-face AUC may fall by at most "
-            f"{A.GUARD_TOLERANCE:g}. No candidate above the init beyond its interval: the "
-            "model written equals the init. The chosen setting is retrained on all training "
-            "identities; config.json, model.pt and `mtmim report` record the search.")
+            f"interval; --auto-guard CACHE: general-face leave-one-out rank-1 may not fall "
+            f"by more than {A.GUARD_TOLERANCE:g} nor with its paired interval wholly below "
+            "zero, for the candidates and again for the retrained choice (refused: the next "
+            f"candidate, {A.FINAL_TRIES} at most). No candidate above the init beyond its "
+            "interval: the model written equals the init. The chosen setting is retrained on "
+            "all training identities; config.json, model.pt and `mtmim report` record the "
+            "search.")
 
 
 def show_recipes(library_name: dict[str, str]) -> Callable[[typer.Context, bool], None]:

@@ -17,9 +17,13 @@ FOLDS = 2
 YOUNG_MAX, ADULT_MIN = 10.0, 18.0
 RESAMPLES = 500             # identity bootstrap replicates per fold
 LEVEL = 0.95
-GUARD_TOLERANCE = 0.002     # all-pairs AUC on the guard's people, init minus candidate
+# The guard: leave-one-out rank-1 over the guard's photos, a model against the init. It
+# fails when the fall exceeds GUARD_TOLERANCE or its paired interval lies wholly below zero.
+GUARD_TOLERANCE = 0.002     # rank-1 as a fraction (0.2 points)
+GUARD_RESAMPLES = 2000      # identity-cluster bootstrap replicates of the guard's difference
 GUARD_MAX_IMAGES = 3000     # a larger guard cache is scored on a seeded subset of its photos
-FORMAT = 2                  # bump when a stored candidate's meaning changes (2: guard lazy)
+FINAL_TRIES = 3             # retrained candidates the guard may refuse before the init is kept
+FORMAT = 3                  # bump when a stored candidate's meaning changes (3: rank-1 guard)
 # The options the search owns or adds; the rest pass to every fine-tune unchanged.
 _SEARCH_KEYS = ("freeze_through", "lr", "lambda_mim", "wise")
 _FORWARDED_AWAY = ("auto_guard", "recipe", "out", "progress", "resume", "val_identities")
@@ -82,5 +86,6 @@ def declaration(mode: str = "mtmim") -> dict[str, Any]:
     return {"format": FORMAT, "grid": {k: list(v) for k, v in GRID.items()},
             "lambda_searched": mode == "mtmim", "base_recipe": BASE_RECIPE, "folds": FOLDS,
             "young_max": YOUNG_MAX, "adult_min": ADULT_MIN, "resamples": RESAMPLES,
-            "level": LEVEL, "guard_tolerance": GUARD_TOLERANCE,
-            "guard_max_images": GUARD_MAX_IMAGES}
+            "level": LEVEL, "guard": "leave-one-out rank-1", "guard_tolerance": GUARD_TOLERANCE,
+            "guard_resamples": GUARD_RESAMPLES, "guard_max_images": GUARD_MAX_IMAGES,
+            "final_tries": FINAL_TRIES}

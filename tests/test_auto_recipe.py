@@ -395,10 +395,10 @@ def test_the_guard_scores_only_candidates_above_the_init(tmp_path: Path, init: P
 @pytest.mark.slow
 def test_a_retrained_choice_the_guard_refuses_gives_way_to_the_next(
         tmp_path: Path, init: Path, monkeypatch) -> None:
-    """The guard scores the retrained model itself. With two candidates forced eligible and
-    the retrained first one refused: it is removed from --out, the next is retrained and
-    recorded with both checks; a rerun retrains neither; when every retrained candidate is
-    refused, model.pt equals the init."""
+    """The guard scores the retrained model itself. With three candidates forced eligible and
+    the retrained best (wise 1) refused: it is removed from --out, and the best of a lower
+    alpha (not the next wise-1 one) is retrained and recorded with both checks; a rerun
+    retrains neither; when that one is refused too, model.pt equals the init."""
     import mtmim_cli.train.finetune as F
     from mtmim_cli.train.checkpoint import load_checkpoint
 
@@ -406,7 +406,7 @@ def test_a_retrained_choice_the_guard_refuses_gives_way_to_the_next(
     guard = _cache(tmp_path / "g.h5", n_ids=4, seed=5)
     real = A.summarise
 
-    value = {("last:1", 1.0): 0.5, ("last:2", 0.5): 0.7}    # c02 and c03 beat the init
+    value = {("last:1", 1.0): 0.8, ("last:2", 0.5): 0.7, ("last:2", 1.0): 0.9}   # c02-c04
 
     def forced(settings, *args, **kw):
         rows = real(settings, *args, **kw)
@@ -417,7 +417,7 @@ def test_a_retrained_choice_the_guard_refuses_gives_way_to_the_next(
         return rows
 
     monkeypatch.setattr(A, "summarise", forced)
-    refuse: set[str] = {"c03"}
+    refuse: set[str] = {"c04"}
     real_diff = A.guard_difference
 
     def judged(models_hits, ref):
@@ -442,25 +442,23 @@ def test_a_retrained_choice_the_guard_refuses_gives_way_to_the_next(
     lines: list[str] = []
     A.auto_finetune([cache], init, {**FAST, "auto_guard": str(guard), "out": str(out)},
                     echo=lines.append)
-    assert [f["auto"]["chosen_label"] for f in finals] == ["c03", "c02"]
-    assert any("the retrained c03 fails the guard" in x for x in lines)
-    assert any("next c02" in x for x in lines) and any("c02 passes the guard" in x for x in lines)
+    assert [f["auto"]["chosen_label"] for f in finals] == ["c04", "c03"]   # c02 is wise 1 too
+    assert any("the retrained c04 fails the guard" in x for x in lines)
+    assert any("next c03" in x for x in lines) and any("c03 passes the guard" in x for x in lines)
     cfg = json.loads((out / "config.json").read_text())
     checks = cfg["extra"]["auto"]["final_checks"]
-    assert [(c["candidate"], c["ok"]) for c in checks] == [("c03", False), ("c02", True)]
-    assert cfg["extra"]["auto"]["chosen_label"] == "c02" and cfg["extra"]["wise"] == 1.0
-    assert cfg["extra"]["freeze_through"] != "pool"          # c02 is last:1, c03 was last:2
+    assert [(c["candidate"], c["ok"]) for c in checks] == [("c04", False), ("c03", True)]
+    assert cfg["extra"]["auto"]["chosen_label"] == "c03" and cfg["extra"]["wise"] == 0.5
     search = json.loads((out / "auto" / "search.json").read_text())
     assert search["final_checks"] == checks
     meta = load_checkpoint(out / "model.pt")["meta"]
-    assert meta.get("wise", 1.0) == 1.0   # wise 1: the trained weights, not interpolated
-    assert [c["candidate"] for c in meta["auto"]["final_checks"]] == ["c03"]
+    assert meta["wise"] == 0.5 and [c["candidate"] for c in meta["auto"]["final_checks"]] == ["c04"]
     # a rerun: both checks stored, c02's model in place, nothing trains
     finals.clear()
     A.auto_finetune([cache], init, {**FAST, "auto_guard": str(guard), "out": str(out)}, echo=None)
     assert finals == []
     # every retrained candidate refused: the init is written
-    refuse.add("c02")
+    refuse.add("c03")
     out2 = tmp_path / "run2"
     finals.clear()
     lines.clear()

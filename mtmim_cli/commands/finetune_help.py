@@ -154,8 +154,8 @@ def _auto_text() -> str:
             f"such pairs, against the init with a paired {A.LEVEL:.0%} identity-bootstrap "
             f"interval; --auto-guard CACHE: general-face leave-one-out rank-1 may not fall "
             f"by more than {A.GUARD_TOLERANCE:g} nor with its paired interval wholly below "
-            "zero, for the candidates and again for the retrained choice (refused: the next "
-            f"candidate, {A.FINAL_TRIES} at most). No candidate above the init beyond its "
+            "zero, for the candidates and again for the retrained choice (refused: the best "
+            f"candidate of a lower WiSE alpha, {A.FINAL_TRIES} at most). No candidate above the init beyond its "
             "interval: the model written equals the init. The chosen setting is retrained on "
             "all training identities; config.json, model.pt and `mtmim report` record the "
             "search.")

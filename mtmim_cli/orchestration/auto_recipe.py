@@ -32,8 +32,9 @@ train/finetune_options.py) as one command, for any encoder with named stages:
 5. The chosen setting is retrained on all training identities into --out, and the guard
    scores the retrained model itself: a fold candidate trains on part of the people and
    drifts less (on CASIA the chosen candidates lost 0.0004 of guard AUC, their retrained
-   models 0.0023). A retrained model the guard refuses is removed and the next eligible
-   candidate retrained, FINAL_TRIES at most; then the init is written. The grid, every
+   models 0.0023). A retrained model the guard refuses is removed and the best eligible
+   candidate of a lower WiSE alpha (nearer the init: the refusal says the fine-tune moved
+   too far) is retrained, FINAL_TRIES at most; when none is left the init is written. The grid, every
    candidate's validation scores, the final checks and the choice go into config.json
    (extra.auto) and search.json; model.pt's meta (auto) holds the record as its training
    began (the checks before it).
@@ -343,7 +344,11 @@ def auto_finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike |
         atomic_write_text(out / "auto" / "search.json", json.dumps(search, indent=1, default=str))
 
     n_train = len(np.unique(folds.names))
-    for k in order[:FINAL_TRIES]:
+    below = float("inf")   # after a refusal, only candidates nearer the init (lower alpha)
+    for _ in range(FINAL_TRIES):
+        k = next((k for k in order if settings[k].wise < below), None)
+        if k is None:
+            break
         chosen, label = settings[k], f"c{k + 1:02d}"
         fkey = {**common, "what": "final", "setting": chosen.to_dict(),
                 "train_identities": opts.get("train_identities"),
@@ -351,6 +356,7 @@ def auto_finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike |
         check = store.get(fkey)
         if check is not None and not check["ok"]:   # refused before a kill: not again
             record["final_checks"].append(check)
+            below = chosen.wise
             continue
         record.update(chosen=chosen.to_dict(), chosen_label=label)
         _clear_other_final(out, chosen)
@@ -380,6 +386,7 @@ def auto_finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike |
             write_search()
             return out
         _clear_run(out)
+        below = chosen.wise
     record.update(chosen=None, chosen_label=None)
     write_search()
     if order:

@@ -122,8 +122,9 @@ class GuardRef:
 
 def guard_hits(features: np.ndarray, ident: np.ndarray) -> list[int]:
     """The guard's outcome for one model: the leave-one-out rank-1 hit of every guard photo
-    that has a mate. Rank-1 rather than the all-pairs AUC: on CASIA the AUC moved by at most
-    0.0011 for fine-tunes that cost 0.4-0.6 rank-1 points there (docs/auto-recipe.md)."""
+    that has a mate. Rank-1 rather than the all-pairs AUC: on CASIA's retrained auto models
+    the AUC fell 0.0015-0.0028 while rank-1 fell 0.37-0.60 points, every interval below
+    zero, and those models lost 0.3-0.4 points on CACD-VS (docs/auto-recipe.md)."""
     return [int(h) for h in loo_hits(features, ident)]
 
 

@@ -101,6 +101,7 @@ from mtmim_cli.orchestration.auto_validation import (  # noqa: F401
     guard_difference,
     guard_hits,
     guard_probe_ident,
+    guard_rows,
     loo_hits,
     pick,
     ranked,
@@ -166,10 +167,7 @@ def auto_finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike |
     guard = None
     if guard_path:
         gcache = Cache(guard_path)
-        grows = np.flatnonzero(gcache.usable)
-        if len(grows) > GUARD_MAX_IMAGES:
-            grows = np.sort(np.random.default_rng([seed, 0x6A7D]).choice(grows, GUARD_MAX_IMAGES,
-                                                                          replace=False))
+        grows = guard_rows(gcache, seed)
         gident = np.asarray(gcache.identity)[grows]
         guard = (gcache, grows, gident)
 

@@ -15,6 +15,7 @@ import numpy as np
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.orchestration.auto_grid import (
     ADULT_MIN,
+    GUARD_MAX_IMAGES,
     GUARD_RESAMPLES,
     GUARD_TOLERANCE,
     LEVEL,
@@ -118,6 +119,16 @@ class GuardRef:
 
     hits: np.ndarray
     ident: np.ndarray
+
+
+def guard_rows(cache, seed: int) -> np.ndarray:
+    """The guard cache's photos a search scores: its usable records, or a seeded subset of
+    GUARD_MAX_IMAGES of them."""
+    rows = np.flatnonzero(cache.usable)
+    if len(rows) > GUARD_MAX_IMAGES:
+        rows = np.sort(np.random.default_rng([seed, 0x6A7D]).choice(rows, GUARD_MAX_IMAGES,
+                                                                     replace=False))
+    return rows
 
 
 def guard_hits(features: np.ndarray, ident: np.ndarray) -> list[int]:

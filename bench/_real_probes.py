@@ -99,7 +99,8 @@ def cells_needed(index, g: np.ndarray, probes: np.ndarray, nn_rows: np.ndarray) 
 
 
 def run(path: Path, size: int, *, kinds: tuple[str, ...], max_probes: int, timing_probes: int,
-        seed: int = 0, pq_m: int | None = None, pq_refine: str | None = None) -> dict:
+        seed: int = 0, pq_m: int | None = None, pq_refine: str | None = None,
+        nlist: int | None = None) -> dict:
     feats, ids = load_labelled(path)
     n_real = len(feats)
     rng = np.random.default_rng(seed)
@@ -149,7 +150,7 @@ def run(path: Path, size: int, *, kinds: tuple[str, ...], max_probes: int, timin
     out["nearest"] = {k: {"top1_q": np.quantile(v["top1"], [.1, .5, .9]).tolist(),
                           "margin_q": np.quantile(v["margin"], [.1, .5, .9]).tolist()}
                       for k, v in near.items()}
-    for kind, params in kinds_params(kinds, pq_m, pq_refine):
+    for kind, params in kinds_params(kinds, pq_m, pq_refine, nlist):
         out["indexes"][label(kind, params)] = one_index(g, kind, params, probes, self_rows,
                                                         exact, timing_probes, seed,
                                                         groups=groups, near=near)
@@ -157,13 +158,18 @@ def run(path: Path, size: int, *, kinds: tuple[str, ...], max_probes: int, timin
 
 
 def kinds_params(kinds: tuple[str, ...], pq_m: int | None = None,
-                 pq_refine: str | None = None) -> list[tuple[str, dict]]:
+                 pq_refine: str | None = None, nlist: int | None = None
+                 ) -> list[tuple[str, dict]]:
     """ivfpq twice, re-ranked on SQ8 codes (the default) and on its PQ codes alone, unless
-    `pq_refine` names one; `pq_m` codes a face (default D/4)."""
+    `pq_refine` names one; `pq_m` codes a face (default D/4); `nlist` cells for ivf and
+    ivfpq (default ann.ivf_nlist)."""
     out = []
-    m = {"pq_m": pq_m} if pq_m else {}
+    cells = {"nlist": nlist} if nlist else {}
+    m = {"pq_m": pq_m, **cells} if pq_m else dict(cells)
     for kind in kinds:
-        if kind != "ivfpq":
+        if kind == "ivf":
+            out.append((kind, dict(cells)))
+        elif kind != "ivfpq":
             out.append((kind, {}))
         elif pq_refine:
             out.append((kind, {**m, "refine": pq_refine}))
@@ -173,7 +179,7 @@ def kinds_params(kinds: tuple[str, ...], pq_m: int | None = None,
 
 
 def label(kind: str, params: dict) -> str:
-    return kind + (f" M{params['pq_m']}" if "pq_m" in params else "") + (
+    return kind + (f"{params['nlist']}" if "nlist" in params else "") + (f" M{params['pq_m']}" if "pq_m" in params else "") + (
         f" refine {params['refine']}" if "refine" in params else "")
 
 

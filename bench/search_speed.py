@@ -21,7 +21,7 @@ and bytes per face.
     .venv/bin/python bench/search_speed.py [--sizes 1000,10000,100000,1000000] [--dim 128]
         [--batch 200] [--threads 2] [--real GALLERY] [--hnsw-up-to 100000] [--out r.json]
         [--real-probes GALLERY --real-size 1000000 --real-kinds ivf,ivfpq,hnsw]
-        [--pq-m M] [--pq-refine none|sq8|fp16|flat]
+        [--pq-m M] [--pq-refine none|sq8|fp16|flat] [--nlist CELLS]
 """
 
 from __future__ import annotations
@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--real-kinds", default="ivf,ivfpq,hnsw")
     ap.add_argument("--real-max-probes", type=int, default=3000)
     ap.add_argument("--timing-probes", type=int, default=200)
+    ap.add_argument("--nlist", type=int, default=None,
+                    help="--real-probes: IVF cells (default about 4 sqrt(N))")
     ap.add_argument("--pq-m", type=int, default=None,
                     help="ivfpq: one-byte PQ codes a face (default D/4)")
     ap.add_argument("--pq-refine", default=None,
@@ -228,7 +230,8 @@ def main() -> None:
         report["real_probes"] = _real_probes.run(a.real_probes, a.real_size, kinds=kinds,
                                                  max_probes=a.real_max_probes,
                                                  timing_probes=a.timing_probes,
-                                                 pq_m=a.pq_m, pq_refine=a.pq_refine)
+                                                 pq_m=a.pq_m, pq_refine=a.pq_refine,
+                                                 nlist=a.nlist)
     print(f"# {time.perf_counter() - t_start:.0f} s wall, load {load_avg()} at the end")
     if a.out:
         a.out.write_text(json.dumps(report, indent=1, default=float) + "\n")

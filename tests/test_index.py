@@ -206,6 +206,14 @@ def test_enroll_refuses_bad_pq_options_before_embedding(tmp_path) -> None:
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (extra, r.stderr)
         assert not (out / ".work").exists() and not (out / "manifest.json").exists()
+    # given right, they reach the manifest (8 faces: too few for PQ codebooks, so exact)
+    r = run_cli("enroll", str(cache), "-m", str(model), "-o", str(out), "-q", "--index",
+                "ivfpq", "--pq-m", "16", "--pq-refine", "fp16")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    index = json.loads((out / "manifest.json").read_text())["index"]
+    assert index["requested"] == "ivfpq" and index["options"] == {"pq_m": 16, "refine": "fp16"}
 
 
 def test_recall_ties_use_the_true_cosine_not_the_index_estimate(pairs) -> None:

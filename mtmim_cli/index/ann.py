@@ -261,11 +261,12 @@ def build_index(feats: np.ndarray, kind: str = "auto", *, seed: int = 0,
     n = len(feats)
     chosen = choose_kind(kind, n)
     exact_bytes = float(feats.shape[1] * 4) if n else 0.0
+    options = {k: params[k] for k in PQ_OPTIONS if params.get(k) is not None}
     if chosen == "exact" or n < 2:
-        return None, Built("exact", kind, bytes_per_face=exact_bytes,
+        return None, Built("exact", kind, bytes_per_face=exact_bytes, options=options,
                            fallback="" if chosen == "exact" else "fewer than 2 faces")
     if chosen == "ivfpq" and n < PQ_MIN_FACES:
-        return None, Built("exact", kind, bytes_per_face=exact_bytes,
+        return None, Built("exact", kind, bytes_per_face=exact_bytes, options=options,
                            fallback=(f"ivfpq needs at least {PQ_MIN_FACES} faces to train its "
                                      f"8-bit codebooks ({n} here); using the exact scan"))
     t0 = time.perf_counter()

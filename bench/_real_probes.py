@@ -71,8 +71,36 @@ def per_probe_ms(search, probes: np.ndarray, count: int) -> float:
     return 1e3 * statistics.median(out)
 
 
+def neighbour_margins(g: np.ndarray, probes: np.ndarray, self_rows: np.ndarray) -> dict:
+    """Each probe's nearest other face by the exact scan (itself left out): its row, the
+    cosine to it and the margin over the second nearest (how easily an index's shortlist
+    swaps them)."""
+    s, r = exact_search(g, probes, 3)
+    own = r == self_rows[:, None]
+    keep = ~own
+    s2 = np.stack([row[k][:2] for row, k in zip(s, keep, strict=True)])
+    r2 = np.stack([row[k][:2] for row, k in zip(r, keep, strict=True)])
+    return {"row": r2[:, 0], "top1": s2[:, 0], "margin": s2[:, 0] - s2[:, 1]}
+
+
+def _q(x: np.ndarray, qs=(0.1, 0.5, 0.9)) -> str:
+    return " / ".join(f"{v:.3f}" for v in np.quantile(x, qs))
+
+
+def cells_needed(index, g: np.ndarray, probes: np.ndarray, nn_rows: np.ndarray) -> np.ndarray:
+    """The nprobe each probe needs for its exact nearest other face to be scanned: 1 + the
+    rank of that face's cell among the cells ordered by the probe's similarity."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    _, order = ivf.quantizer.search(np.ascontiguousarray(probes), ivf.nlist)
+    _, cell = ivf.quantizer.search(np.ascontiguousarray(g[nn_rows]), 1)
+    return 1 + np.argmax(order == cell, axis=1)
+
+
 def run(path: Path, size: int, *, kinds: tuple[str, ...], max_probes: int, timing_probes: int,
-        seed: int = 0) -> dict:
+        seed: int = 0, pq_m: int | None = None, pq_refine: str | None = None,
+        nlist: int | None = None) -> dict:
     feats, ids = load_labelled(path)
     n_real = len(feats)
     rng = np.random.default_rng(seed)
@@ -94,7 +122,8 @@ def run(path: Path, size: int, *, kinds: tuple[str, ...], max_probes: int, timin
           f"between- and within-identity covariance, 5 a centre, unit length); "
           f"{len(pick):,} real probes, each searched with itself left out")
     t = time.perf_counter()
-    exact = ann.nearest_other(lambda p, k: exact_search(g, p, k), probes, self_rows)
+    near_real = neighbour_margins(g, probes, self_rows)   # the exact nearest other face
+    exact = (near_real["top1"], near_real["row"])
     exact_s = time.perf_counter() - t
     real_of = np.full(size, -1, np.int64)
     real_of[rows] = ids
@@ -108,48 +137,87 @@ def run(path: Path, size: int, *, kinds: tuple[str, ...], max_probes: int, timin
     out = {"path": str(path), "size": size, "real_faces": n_real, "probes": len(pick),
            "rank1_real_only": mate_real, "rank1_with_distractors": mate_top,
            "exact_one_ms": ex_ms, "indexes": {}}
-    for kind, params in kinds_params(kinds):
+    # build_index's own-face sample (the same seeded rows) against the real probes: what
+    # each one's nearest other face looks like under the exact scan
+    own = ann.recall_sample(size, ann.RECALL_SAMPLE, seed)
+    groups = {"real probes": (probes, self_rows),
+              "own-face sample": (g[own], own)}
+    near = {"real probes": near_real, "own-face sample": neighbour_margins(g, g[own], own)}
+    print(f"own-face sample: {len(own):,} rows, {int(mask[own].sum())} of them real faces; "
+          "exact nearest other face, quantiles 0.1 / 0.5 / 0.9:")
+    for k, v in near.items():
+        print(f"  {k:16s} cosine {_q(v['top1'])}   margin over the 2nd {_q(v['margin'])}")
+    out["nearest"] = {k: {"top1_q": np.quantile(v["top1"], [.1, .5, .9]).tolist(),
+                          "margin_q": np.quantile(v["margin"], [.1, .5, .9]).tolist()}
+                      for k, v in near.items()}
+    for kind, params in kinds_params(kinds, pq_m, pq_refine, nlist):
         out["indexes"][label(kind, params)] = one_index(g, kind, params, probes, self_rows,
-                                                        exact, timing_probes, seed)
+                                                        exact, timing_probes, seed,
+                                                        groups=groups, near=near)
     return out
 
 
-def kinds_params(kinds: tuple[str, ...]) -> list[tuple[str, dict]]:
-    """ivfpq twice: re-ranked on SQ8 codes (the default) and on its PQ codes alone."""
+def kinds_params(kinds: tuple[str, ...], pq_m: int | None = None,
+                 pq_refine: str | None = None, nlist: int | None = None
+                 ) -> list[tuple[str, dict]]:
+    """ivfpq twice, re-ranked on SQ8 codes (the default) and on its PQ codes alone, unless
+    `pq_refine` names one; `pq_m` codes a face (default D/4); `nlist` cells for ivf and
+    ivfpq (default ann.ivf_nlist)."""
     out = []
+    cells = {"nlist": nlist} if nlist else {}
+    m = {"pq_m": pq_m, **cells} if pq_m else dict(cells)
     for kind in kinds:
-        out += [(kind, {})] if kind != "ivfpq" else [(kind, {}), (kind, {"refine": "none"})]
+        if kind == "ivf":
+            out.append((kind, dict(cells)))
+        elif kind != "ivfpq":
+            out.append((kind, {}))
+        elif pq_refine:
+            out.append((kind, {**m, "refine": pq_refine}))
+        else:
+            out += [(kind, dict(m)), (kind, {**m, "refine": "none"})]
     return out
 
 
 def label(kind: str, params: dict) -> str:
-    return kind + (f" refine {params['refine']}" if "refine" in params else "")
+    return kind + (f"{params['nlist']}" if "nlist" in params else "") + (f" M{params['pq_m']}" if "pq_m" in params else "") + (
+        f" refine {params['refine']}" if "refine" in params else "")
 
 
 def one_index(g: np.ndarray, kind: str, params: dict, probes: np.ndarray,
-              self_rows: np.ndarray, exact, timing_probes: int, seed: int) -> dict:
-    """build_index's verdict (tuned on a sample of the gallery's own faces, mostly
-    distractors), then on the real probes: recall@1 at each search setting, and latency at
+              self_rows: np.ndarray, exact, timing_probes: int, seed: int,
+              groups: dict | None = None, near: dict | None = None) -> dict:
+    """build_index's verdict (`ann.tune_index` on a sample of the gallery's own faces, mostly
+    distractors), then on the real probes (also for a refused index): recall@1 at each search setting, and latency at
     the kept one and at the smallest one reaching MIN_RECALL on them."""
     name = label(kind, params)
     t = time.perf_counter()
-    index, built = ann.build_index(g, kind, seed=seed, **params)
+    index = ann.build_faiss(kind, g, seed=seed, **params)
+    build_s = time.perf_counter() - t
+    # build_index's tuning and verdict, on this index (a refused one is kept for the sweep)
+    kept_index, built = ann.tune_index(index, g, kind, seed=seed, build_s=build_s, **params)
     total_s = time.perf_counter() - t
-    verdict = (f"kept {built.params}" if index is not None else f"FALLBACK: {built.fallback}")
-    print(f"{name:18s} build+tune {total_s:.0f} s; own-face sample ({built.recall_sample}): "
+    verdict = (f"kept {built.params}" if kept_index is not None else f"FALLBACK: {built.fallback}")
+    print(f"{name:18s} build {build_s:.0f} s, +tune {total_s - build_s:.0f} s; "
+          f"own-face sample ({built.recall_sample}): "
           f"recall@1 {built.recall_at_1:.4f}, tried "
           f"{[(x['param'], round(x['recall_at_1'], 4)) for x in built.tried]}; {verdict}")
-    rec = {"built": built.to_dict(), "build_tune_s": total_s, "sweep": []}
-    if index is None:   # refused: rebuilt as it was, to show what it reaches on real probes
-        index = ann.build_faiss(kind, g, seed=seed, **params)
+    rec = {"built": built.to_dict(), "build_s": build_s, "build_tune_s": total_s, "sweep": []}
     bpf = ann.index_bytes(index) / len(g)
     key = ann.SEARCH_KEY[kind]
     kept = built.params.get(key)
     import faiss
 
     nlist = faiss.extract_index_ivf(index).nlist if kind != "hnsw" else 0
-    ladder = [v for v in ann.SEARCH_LADDER[kind] if not nlist or v < nlist] + (
-        [nlist] if nlist else [])
+    if nlist and groups:
+        rec["cells_needed"] = {}
+        for k, (p, _) in groups.items():
+            need = cells_needed(index, g, p, near[k]["row"])
+            qs = np.quantile(need, [0.5, 0.9, 0.95, 0.99]).tolist()
+            rec["cells_needed"][k] = qs
+            print(f"  {k:16s} nprobe needed for the exact nearest other face's cell: median "
+                  f"{qs[0]:.0f}, 0.9 {qs[1]:.0f}, 0.95 {qs[2]:.0f}, 0.99 {qs[3]:.0f} of {nlist}; "
+                  f"within 256: {float((need <= 256).mean()):.4f}")
+    ladder = ann.search_ladder(kind, nlist)
     first_ok = None
     for value in ladder:
         ann.set_search_param(index, kind, value)

@@ -21,6 +21,7 @@ and bytes per face.
     .venv/bin/python bench/search_speed.py [--sizes 1000,10000,100000,1000000] [--dim 128]
         [--batch 200] [--threads 2] [--real GALLERY] [--hnsw-up-to 100000] [--out r.json]
         [--real-probes GALLERY --real-size 1000000 --real-kinds ivf,ivfpq,hnsw]
+        [--pq-m M] [--pq-refine none|sq8|fp16|flat] [--nlist CELLS]
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import _real_probes  # noqa: E402
 from bench._reference import load_avg  # noqa: E402
+from mtmim_cli.errors import MtmimError  # noqa: E402
 from mtmim_cli.index import ann  # noqa: E402
 from mtmim_cli.index.exact import exact_search  # noqa: E402
 
@@ -117,7 +119,18 @@ def main() -> None:
     ap.add_argument("--real-kinds", default="ivf,ivfpq,hnsw")
     ap.add_argument("--real-max-probes", type=int, default=3000)
     ap.add_argument("--timing-probes", type=int, default=200)
+    ap.add_argument("--nlist", type=int, default=None,
+                    help="--real-probes: IVF cells (default about 4 sqrt(N))")
+    ap.add_argument("--pq-m", type=int, default=None,
+                    help="ivfpq: one-byte PQ codes a face (default D/4)")
+    ap.add_argument("--pq-refine", default=None,
+                    help=f"ivfpq: re-rank on {', '.join(ann.REFINES)} (default: sq8, and in "
+                         "--real-probes also none)")
     a = ap.parse_args()
+    try:
+        pq = ann.check_pq_options("ivfpq", a.pq_m, a.pq_refine, dim=a.dim if a.sizes else None)
+    except MtmimError as e:
+        ap.error(str(e))
     t_start = time.perf_counter()
 
     import faiss
@@ -164,7 +177,7 @@ def main() -> None:
         if n >= 10_000:
             for kind, tag in (("ivfpq", "ivfpq{nlist} M{M}+{refine} nprobe {nprobe}"),
                               ("ivf", "ivf{nlist} nprobe {nprobe}")):
-                r = tuned(kind, g)
+                r = tuned(kind, g, **(pq if kind == "ivfpq" else {}))
                 if r["index"] is not None:
                     cands.append((tag.format(**r["built"].params), r["index"],
                                   {"build_s": r["total_s"], "tuned": r["built"].to_dict()}))
@@ -216,7 +229,9 @@ def main() -> None:
             print(f"(hnsw not built at {a.real_size:,}: above --hnsw-up-to {a.hnsw_up_to:,})")
         report["real_probes"] = _real_probes.run(a.real_probes, a.real_size, kinds=kinds,
                                                  max_probes=a.real_max_probes,
-                                                 timing_probes=a.timing_probes)
+                                                 timing_probes=a.timing_probes,
+                                                 pq_m=a.pq_m, pq_refine=a.pq_refine,
+                                                 nlist=a.nlist)
     print(f"# {time.perf_counter() - t_start:.0f} s wall, load {load_avg()} at the end")
     if a.out:
         a.out.write_text(json.dumps(report, indent=1, default=float) + "\n")

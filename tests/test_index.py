@@ -3,6 +3,8 @@ exact scan with its reason; the exact scan equals brute force; a gallery keeps i
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -31,7 +33,8 @@ def test_ivfpq_built_tuned_and_recorded(pairs) -> None:
     p = built.params
     assert p["M"] == ann.default_pq_m(32) == 8 and p["nbits"] == 8
     assert p["refine"] == "sq8" and p["k_factor"] == ann.PQ_K_FACTOR
-    assert p["nlist"] == ann.ivf_nlist(4000) and p["nprobe"] in ann.SEARCH_LADDER["ivfpq"]
+    assert p["nlist"] == ann.ivf_nlist(4000)
+    assert p["nprobe"] in ann.search_ladder("ivfpq", p["nlist"])
     assert built.recall_at_1 >= ann.MIN_RECALL and built.recall_sample == 400
     assert built.tried[-1]["param"] == p["nprobe"]
     # PQ codes (8) + SQ8 re-rank codes (32) + id (8) + codebooks: well under float32's 128
@@ -106,3 +109,121 @@ def test_gallery_keeps_and_reloads_ivfpq(pairs, tmp_path) -> None:
     _, rows = g.search_features(pairs[:50], 2)
     _, exact_rows = exact_search(pairs, pairs[:50], 2)
     assert (rows[:, 1] == exact_rows[:, 1]).mean() >= 0.96
+
+
+def _steps_ok(values: list[int], top: int) -> None:
+    assert values == sorted(set(values)) and values[-1] == top
+    ratios = [b / a for a, b in zip(values[:-1], values[1:], strict=True)]
+    assert all(1.0 < r <= 1.5 + 1e-9 for r in ratios), ratios
+
+
+def test_search_ladder_is_fine_up_to_every_cell() -> None:
+    # 4,000 cells (a 10^6 gallery): no jump from 256 to every cell, each step at most x1.5
+    ivf = ann.search_ladder("ivf", 4000)
+    assert ivf[:5] == [8, 12, 16, 24, 32] and {256, 384, 512, 2048, 3072} <= set(ivf)
+    _steps_ok(ivf, 4000)
+    _steps_ok(ann.search_ladder("ivfpq", 186), 186)
+    assert ann.search_ladder("ivf", 5) == [5]   # fewer cells than the first step: all of them
+    hnsw = ann.search_ladder("hnsw")
+    assert hnsw[0] == 32 and hnsw[-1] == ann.HNSW_EF_MAX >= 1024
+    _steps_ok(hnsw, ann.HNSW_EF_MAX)
+
+
+def test_build_index_tries_the_fine_ladder_before_refusing() -> None:
+    # an unreachable bar: every setting is tried, 600 cells reached through 384 and 512
+    feats = grouped(5000, 16, 5, 0.3, seed=4)
+    index, built = ann.build_index(feats, "ivf", nlist=600, sample_size=100, min_recall=1.01)
+    assert index is None and built.kind == "exact"
+    tried = [t["param"] for t in built.tried]
+    assert tried == ann.search_ladder("ivf", 600) and {384, 512} <= set(tried)
+    _steps_ok(tried, 600)
+    assert "< 1.01 of the exact scan" in built.fallback
+
+
+def test_pq_options_built_and_recorded(pairs) -> None:
+    index, built = ann.build_index(pairs, "ivfpq", pq_m=4, refine="fp16", sample_size=300)
+    assert index is not None and built.kind == "ivfpq"
+    assert built.params["M"] == 4 and built.params["refine"] == "fp16"
+    assert built.options == {"pq_m": 4, "refine": "fp16"}
+    base = ann._faiss().downcast_index(index.base_index)
+    assert base.pq.M == 4
+    # refine none: no k_factor recorded, and the options kept even when refused
+    _, plain = ann.build_index(pairs, "ivfpq", refine="none", sample_size=300)
+    assert plain.options == {"refine": "none"}
+    if plain.kind == "ivfpq":
+        assert plain.params["refine"] == "none" and "k_factor" not in plain.params
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"kind": "ivf", "pq_m": 8}, "--pq-m: only with --index ivfpq (not --index ivf)"),
+    ({"kind": "auto", "refine": "sq8"}, "--pq-refine: only with --index ivfpq"),
+    ({"kind": "ivfpq", "pq_m": 0}, "--pq-m 0: a positive number"),
+    ({"kind": "ivfpq", "pq_m": 5, "dim": 256}, "--pq-m 5: must divide the feature dimension 256"),
+    ({"kind": "ivfpq", "refine": "pq4"}, "--pq-refine pq4: choose from none, sq8, fp16, flat"),
+])
+def test_pq_options_checked(kw, message) -> None:
+    from mtmim_cli.errors import MtmimError
+
+    with pytest.raises(MtmimError, match=re.escape(message)):
+        ann.check_pq_options(**kw)
+    assert ann.check_pq_options("ivfpq", 16, "none", dim=256) == {"pq_m": 16, "refine": "none"}
+    assert ann.check_pq_options("ivf") == {}
+
+
+def test_gallery_keeps_pq_options_through_unenroll(pairs, tmp_path) -> None:
+    from mtmim_cli.deploy.enroll import remove_identities
+    from mtmim_cli.deploy.gallery_store import write_generation
+
+    n = len(pairs)
+    rec = {"identity": [str(i // 2) for i in range(n)], "path": [f"{i}.jpg" for i in range(n)],
+           "age": np.full(n, np.nan, np.float32), "status": ["prealigned"] * n,
+           "source": ["x"] * n}
+    settings = {k: None for k in ("model", "model_sha256", "backbone", "flip", "pad",
+                                  "on_miss", "feature", "threshold")}
+    settings["sources"] = []
+    faces = np.zeros((n, 56, 56, 3), np.uint8)
+    built = write_generation(tmp_path / "g", pairs, faces, rec, settings, index="ivfpq",
+                             index_options={"pq_m": 4, "refine": "fp16"})
+    assert built["params"]["M"] == 4 and built["options"] == {"pq_m": 4, "refine": "fp16"}
+    again = remove_identities(tmp_path / "g", ["0", "1"])["index"]
+    assert again["kind"] == "ivfpq" and again["params"]["M"] == 4
+    assert again["params"]["refine"] == "fp16" and again["options"] == built["options"]
+
+
+def test_enroll_refuses_bad_pq_options_before_embedding(tmp_path) -> None:
+    from tests.conftest import run_cli, write_cache
+    from tests.test_finetune import save_tiny_pretrain
+
+    _, model = save_tiny_pretrain(tmp_path / "pre.pt", seed=1)
+    cache = write_cache(tmp_path / "c.h5", [f"id{k}" for k in range(4) for _ in range(2)])
+    out = tmp_path / "g"
+    for extra, message in (
+            (("--index", "ivf", "--pq-m", "8"), "--pq-m: only with --index ivfpq"),
+            (("--index", "ivfpq", "--pq-refine", "pq4"), "--pq-refine pq4: choose from"),
+            (("--index", "ivfpq", "--pq-m", "7"), "--pq-m 7: must divide the feature dimension"),
+    ):
+        r = run_cli("enroll", str(cache), "-m", str(model), "-o", str(out), "-q", *extra)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (extra, r.stderr)
+        assert not (out / ".work").exists() and not (out / "manifest.json").exists()
+    # given right, they reach the manifest (8 faces: too few for PQ codebooks, so exact)
+    r = run_cli("enroll", str(cache), "-m", str(model), "-o", str(out), "-q", "--index",
+                "ivfpq", "--pq-m", "16", "--pq-refine", "fp16")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    index = json.loads((out / "manifest.json").read_text())["index"]
+    assert index["requested"] == "ivfpq" and index["options"] == {"pq_m": 16, "refine": "fp16"}
+
+
+def test_recall_ties_use_the_true_cosine_not_the_index_estimate(pairs) -> None:
+    # an index that returns a wrong face with an over-estimated score: not a hit
+    sample = ann.recall_sample(len(pairs), 50)
+    _, er = ann.nearest_other(lambda p, k: exact_search(pairs, p, k), pairs[sample], sample)
+    wrong = (er + 7) % len(pairs)
+
+    def lying(probes, k):
+        rows = np.stack([sample, wrong], axis=1)
+        return np.tile(np.array([1.0, 0.999], np.float32), (len(probes), 1)), rows
+
+    assert ann.recall_at_1(pairs, lying, sample) == 0.0

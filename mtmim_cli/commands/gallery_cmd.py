@@ -20,6 +20,8 @@ def enroll(
     out: Path = typer.Option(..., "--out", "-o", help="Gallery folder to create (or add to with --append)."),
     append: bool = typer.Option(False, "--append", help="Add to an existing gallery (same model)."),
     index: str = typer.Option("auto", "--index", help="exact, ivf, hnsw, ivfpq or auto (by size)."),
+    pq_m: int = typer.Option(None, "--pq-m", help="--index ivfpq: one-byte PQ codes a face, dividing the feature dimension (default: dimension / 4)."),
+    pq_refine: str = typer.Option(None, "--pq-refine", help="--index ivfpq: re-rank the PQ shortlist on none, sq8, fp16 or flat codes (default sq8)."),
     flip: str = typer.Option(None, "--flip", help=f"{', '.join(FLIP_MODES)} (default: the threshold's, else concat)."),
     on_miss: str = typer.Option("skip", "--on-miss", help="Photo without a face: skip (listed) or center."),
     backbone: str = typer.Option(None, "--backbone", help=BACKBONE_HELP),
@@ -37,8 +39,8 @@ def enroll(
     exact scan up to 100,000 faces and IVF above; an index's recall@1 against the exact scan
     is measured on a sample of the gallery's own faces (each with itself left out), and one
     below 0.99 is replaced by the exact scan (said so). --index ivfpq keeps one byte per 4
-    dimensions of PQ codes a face, re-ranked on SQ8 codes (bytes per face and parameters in
-    the manifest; docs/SCALE.md). A killed enroll resumes when run
+    dimensions of PQ codes a face (--pq-m), re-ranked on SQ8 codes (--pq-refine); bytes per
+    face and parameters in the manifest (docs/SCALE.md). A killed enroll resumes when run
     again; a gallery is only complete once its manifest.json is written. --append refuses
     another model.
     """
@@ -48,7 +50,8 @@ def enroll(
     from mtmim_cli.threads import set_torch_threads
 
     set_torch_threads(threads)
-    g = api_enroll(src, model, out, append=append, index=index, flip=flip, on_miss=on_miss,
+    g = api_enroll(src, model, out, append=append, index=index, pq_m=pq_m, pq_refine=pq_refine,
+                   flip=flip, on_miss=on_miss,
                    backbone=backbone, device=device, batch_size=batch_size, pad=pad, seed=seed,
                    progress=not quiet)
     s = g.last_summary

@@ -75,6 +75,7 @@ def enroll(src: str | os.PathLike, model_path: str | os.PathLike, out: str | os.
            append: bool = False, index: str = "auto", flip: str | None = None,
            backbone: str | None = None, pad: float = 0.0, on_miss: str = "skip",
            device: str = "cpu", batch_size: int | None = None, seed: int = 0,
+           pq_m: int | None = None, pq_refine: str | None = None,
            progress: bool = True) -> dict:
     """Enroll every face of `src` into the gallery folder `out` (new, or `append` to one made
     with the same model and settings): align where needed, embed, write the generation and
@@ -83,13 +84,14 @@ def enroll(src: str | os.PathLike, model_path: str | os.PathLike, out: str | os.
     from mtmim_cli.data.detect import FaceDetector, check_pad
     from mtmim_cli.deploy.embed import ON_MISS, feature_name
     from mtmim_cli.digest import file_sha256
-    from mtmim_cli.index.ann import KINDS
+    from mtmim_cli.index.ann import KINDS, check_pq_options
     from mtmim_cli.models.identity import load_identity_model
     from mtmim_cli.progress import make_progress
 
     src, model_path, out = Path(src), Path(model_path), Path(out)
     if index not in KINDS:   # before hours of embedding, not after
         raise MtmimError(f"--index {index}: choose from {', '.join(KINDS)}")
+    pq = check_pq_options(index, pq_m, pq_refine)
     if on_miss not in ON_MISS:
         raise MtmimError(f"--on-miss {on_miss}: choose from {', '.join(ON_MISS)}")
     if flip is not None:
@@ -116,6 +118,8 @@ def enroll(src: str | os.PathLike, model_path: str | os.PathLike, out: str | os.
     model = load_identity_model(model_path, backbone)
     t = model.meta.get("threshold") if isinstance(model.meta.get("threshold"), dict) else None
     flip = flip or (t or {}).get("flip", "concat")
+    dim = model.embedding_size * (2 if flip == "concat" else 1)
+    check_pq_options(index, pq_m, pq_refine, dim=dim)   # M against the dimension, still before embedding
     generation = int(old.manifest["generation"]) if old else 0
     key = _work_key(src, s, model_sha, flip, pad, backbone, generation, on_miss)
     work = out / ".work"
@@ -150,7 +154,6 @@ def enroll(src: str | os.PathLike, model_path: str | os.PathLike, out: str | os.
     parts = [np.load(work / f"chunk-{c:06d}.npz") for c in range(len(chunks))]
     keep = np.concatenate([p["keep"] for p in parts])
     feats = [p["features"] for p in parts if len(p["features"])]
-    dim = model.embedding_size * (2 if flip == "concat" else 1)
     feats = np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, dim), np.float32)
     faces = np.concatenate([p["faces"] for p in parts])
     status = [str(x) for p in parts for x in p["status"]]
@@ -170,7 +173,7 @@ def enroll(src: str | os.PathLike, model_path: str | os.PathLike, out: str | os.
                     {"source": str(src), "records": len(s.paths), "enrolled": int(len(keep)),
                      "missed": len(missed)}]}
     built = write_generation(out, feats, faces, new, settings, index=index, seed=seed,
-                             previous=old.manifest if old else None)
+                             previous=old.manifest if old else None, index_options=pq)
     shutil.rmtree(work, ignore_errors=True)
     return {"out": str(out), "enrolled": int(len(keep)), "records": len(s.paths),
             "total": int(len(feats)), "identities": len(set(new["identity"])), "dim": dim,
@@ -194,8 +197,11 @@ def remove_identities(gallery: str | os.PathLike, identities: Sequence[str], *,
                                            "on_miss", "feature", "threshold", "sources")}
     feats = np.asarray(g.features)[keep]
     faces = np.asarray(g.faces)[keep]
-    built = write_generation(g.path, feats, faces, rec, settings,
-                             index=index or g.manifest["index"]["requested"], seed=seed,
-                             previous=g.manifest)
+    info = g.manifest["index"]
+    kind = index or info["requested"]
+    # the ivfpq options asked for at enrolment, kept while the kind is
+    options = info.get("options", {}) if kind == info["requested"] else {}
+    built = write_generation(g.path, feats, faces, rec, settings, index=kind, seed=seed,
+                             previous=g.manifest, index_options=options)
     return {"removed": int(len(g) - len(keep)), "total": int(len(keep)),
             "identities": len(set(rec["identity"])), "index": built}

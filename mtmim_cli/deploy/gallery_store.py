@@ -91,9 +91,10 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
 
 def write_generation(out: Path, feats: np.ndarray, faces: np.ndarray, rec: dict,
                      settings: dict, *, index: str, seed: int = 0,
-                     previous: dict | None = None) -> dict:
+                     previous: dict | None = None, index_options: dict | None = None) -> dict:
     """Write a complete gallery generation and its index beside the current one, then the
-    manifest by rename, then remove the previous generation's files."""
+    manifest by rename, then remove the previous generation's files. `index_options`: the
+    ivfpq build options (pq_m, refine) for build_index."""
     from mtmim_cli.index.ann import build_index
 
     gen = int(previous["generation"]) + 1 if previous else 1
@@ -105,7 +106,7 @@ def write_generation(out: Path, feats: np.ndarray, faces: np.ndarray, rec: dict,
     tmp = out / f".{names['records']}.{os.getpid()}.tmp"
     write_records(tmp, rec)
     os.replace(tmp, out / names["records"])
-    idx, built = build_index(feats, index, seed=seed)
+    idx, built = build_index(feats, index, seed=seed, **(index_options or {}))
     if idx is not None:
         import faiss
 

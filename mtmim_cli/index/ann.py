@@ -3,9 +3,11 @@ choice by gallery size.
 
 recall@1 is measured on a seeded sample of the gallery's own faces, each searched with itself
 left out (it would always find itself): the share whose nearest other face under the index is
-the exact scan's nearest other face (an equal score counts, duplicates being interchangeable).
-An index is tuned upward (IVF, IVF-PQ: nprobe, HNSW: efSearch) until recall@1 reaches
-`MIN_RECALL`; one that cannot is refused and the exact scan used instead, said so in `Built`.
+the exact scan's nearest other face (one with an equal true cosine counts, duplicates being
+interchangeable; the index's own score estimate is not trusted for that).
+An index is tuned upward (IVF, IVF-PQ: nprobe, HNSW: efSearch) along `search_ladder` (steps
+of x1.33-x1.5, up to every cell for IVF) until recall@1 reaches `MIN_RECALL`; one that cannot
+is refused and the exact scan used instead, said so in `Built`.
 
 IVF-PQ keeps M one-byte codes a face (product quantisation, 256 centroids per sub-vector).
 Those codes alone rank a face's nearest other face wrongly too often for 0.99 (0.85 on the
@@ -27,6 +29,7 @@ from mtmim_cli.index.exact import exact_search
 
 KINDS = ("auto", "exact", "ivf", "hnsw", "ivfpq")
 REFINES = ("none", "sq8", "fp16", "flat")
+PQ_OPTIONS = ("pq_m", "refine")   # the ivfpq build options a caller may set (--pq-m, --pq-refine)
 PQ_K_FACTOR = 8              # PQ candidates re-ranked per neighbour asked for
 PQ_MIN_FACES = 256           # k-means of a codebook needs a point per centroid (2^8)
 # what each kind tunes at search time
@@ -58,6 +61,7 @@ class Built:
     bytes_per_face: float = 0.0
     fallback: str = ""
     tried: list = field(default_factory=list)
+    options: dict = field(default_factory=dict)   # build options asked for (pq_m, refine)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +73,24 @@ def choose_kind(kind: str, n: int) -> str:
     if kind == "auto":
         return "exact" if n <= AUTO_EXACT_UP_TO else "ivf"
     return kind
+
+
+def check_pq_options(kind: str, pq_m: int | None = None, refine: str | None = None,
+                     dim: int | None = None) -> dict:
+    """--pq-m / --pq-refine checked before any work: only with --index ivfpq, M a positive
+    divisor of the feature dimension (when known), refine one of REFINES. The options given,
+    as build_index's keywords."""
+    given = {k: v for k, v in (("pq_m", pq_m), ("refine", refine)) if v is not None}
+    if given and kind != "ivfpq":
+        names = " and ".join({"pq_m": "--pq-m", "refine": "--pq-refine"}[k] for k in given)
+        raise MtmimError(f"{names}: only with --index ivfpq (not --index {kind})")
+    if pq_m is not None and (isinstance(pq_m, bool) or not isinstance(pq_m, int) or pq_m < 1):
+        raise MtmimError(f"--pq-m {pq_m}: a positive number of one-byte codes a face")
+    if pq_m is not None and dim is not None and dim % pq_m:
+        raise MtmimError(f"--pq-m {pq_m}: must divide the feature dimension {dim}")
+    if refine is not None and refine not in REFINES:
+        raise MtmimError(f"--pq-refine {refine}: choose from {', '.join(REFINES)}")
+    return given
 
 
 def default_pq_m(d: int) -> int:
@@ -99,6 +121,7 @@ def _build_ivfpq(feats: np.ndarray, nlist: int | None, pq_m: int | None, refine:
     n, d = feats.shape
     ip = faiss.METRIC_INNER_PRODUCT
     pq_m = pq_m or default_pq_m(d)
+    refine = refine or "sq8"
     if d % pq_m:
         raise MtmimError(f"ivfpq M {pq_m}: must divide the feature dimension {d}")
     if refine not in REFINES:
@@ -122,7 +145,7 @@ def _build_ivfpq(feats: np.ndarray, nlist: int | None, pq_m: int | None, refine:
 
 def build_faiss(kind: str, feats: np.ndarray, *, nlist: int | None = None, m: int = 32,
                 ef_construction: int = 80, seed: int = 0, codec: str = "flat",
-                pq_m: int | None = None, refine: str = "sq8"):
+                pq_m: int | None = None, refine: str | None = "sq8"):
     """An IVF (inverted lists over k-means cells, flat or SQ8/fp16 codes), IVF-PQ (cells of
     `pq_m`-byte PQ codes, re-ranked on `refine` codes) or HNSW (graph, M links per node)
     inner-product index holding `feats` (float32, normalised)."""
@@ -200,7 +223,10 @@ def recall_at_1(feats: np.ndarray, search, sample: np.ndarray,
     probes = feats[sample]
     es, er = exact if exact is not None else nearest_other(
         lambda p, k: exact_search(feats, p, k), probes, sample)
-    s, r = nearest_other(search, probes, sample)
+    _, r = nearest_other(search, probes, sample)
+    # the returned face's true cosine, not the index's estimate: PQ / SQ codes over-estimate
+    # some, and a wrong face scored above the right one must not count as a tie
+    s = np.where(r >= 0, np.einsum("ij,ij->i", probes, feats[np.maximum(r, 0)]), -np.inf)
     hit = (r == er) | ((r >= 0) & (s >= es - SCORE_TIE))
     return float(hit.mean())
 
@@ -210,8 +236,20 @@ def recall_sample(n: int, size: int = RECALL_SAMPLE, seed: int = 0) -> np.ndarra
     return np.sort(rng.choice(n, min(n, size), replace=False))
 
 
-SEARCH_LADDER = {"ivf": (8, 16, 32, 64, 128, 256), "ivfpq": (8, 16, 32, 64, 128, 256),
-                 "hnsw": (32, 64, 128, 256, 512)}
+LADDER_START = {"ivf": 8, "ivfpq": 8, "hnsw": 32}
+HNSW_EF_MAX = 2048
+
+
+def search_ladder(kind: str, nlist: int = 0) -> list[int]:
+    """The search settings build_index tries, smallest first: 2^k and 3 x 2^(k-1) from
+    LADDER_START (8, 12, 16, 24, 32, 48, ...: each step x1.33 or x1.5), for IVF up to and
+    ending at nlist (every cell), for HNSW up to HNSW_EF_MAX."""
+    top = nlist if kind in ("ivf", "ivfpq") else HNSW_EF_MAX
+    out, v = [], LADDER_START[kind]
+    while v < top:
+        out.append(v)
+        v = v * 3 // 2 if v & (v - 1) == 0 else v * 4 // 3   # 2^k -> 3*2^(k-1) -> 2^(k+1)
+    return out + [top]
 
 
 def build_index(feats: np.ndarray, kind: str = "auto", *, seed: int = 0,
@@ -223,22 +261,35 @@ def build_index(feats: np.ndarray, kind: str = "auto", *, seed: int = 0,
     n = len(feats)
     chosen = choose_kind(kind, n)
     exact_bytes = float(feats.shape[1] * 4) if n else 0.0
+    options = {k: params[k] for k in PQ_OPTIONS if params.get(k) is not None}
     if chosen == "exact" or n < 2:
-        return None, Built("exact", kind, bytes_per_face=exact_bytes,
+        return None, Built("exact", kind, bytes_per_face=exact_bytes, options=options,
                            fallback="" if chosen == "exact" else "fewer than 2 faces")
     if chosen == "ivfpq" and n < PQ_MIN_FACES:
-        return None, Built("exact", kind, bytes_per_face=exact_bytes,
+        return None, Built("exact", kind, bytes_per_face=exact_bytes, options=options,
                            fallback=(f"ivfpq needs at least {PQ_MIN_FACES} faces to train its "
                                      f"8-bit codebooks ({n} here); using the exact scan"))
     t0 = time.perf_counter()
     index = build_faiss(chosen, feats, seed=seed, **params)
-    build_s = time.perf_counter() - t0
+    return tune_index(index, feats, chosen, requested=kind, seed=seed, sample_size=sample_size,
+                      min_recall=min_recall, build_s=time.perf_counter() - t0, **params)
+
+
+def tune_index(index, feats: np.ndarray, chosen: str, *, requested: str | None = None,
+               seed: int = 0, sample_size: int = RECALL_SAMPLE, min_recall: float = MIN_RECALL,
+               build_s: float = 0.0, **params) -> tuple[object | None, Built]:
+    """build_index's second half: an index of kind `chosen` built from `feats` (with
+    `params`) tuned along `search_ladder` on the seeded own-face sample; (index, Built), or
+    (None, Built) with the fallback when it falls short. The bench calls it to keep a
+    refused index for its own sweep without building it twice."""
+    n = len(feats)
+    kind = requested or chosen
+    exact_bytes = float(feats.shape[1] * 4)
+    options = {k: params[k] for k in PQ_OPTIONS if params.get(k) is not None}
     sample = recall_sample(n, sample_size, seed)
     tried = []
     nlist = _faiss().extract_index_ivf(index).nlist if chosen != "hnsw" else 0
-    ladder = [v for v in SEARCH_LADDER[chosen] if not nlist or v <= nlist] or [nlist]
-    if nlist and ladder[-1] < nlist:
-        ladder.append(nlist)
+    ladder = search_ladder(chosen, nlist)
     exact = nearest_other(lambda p, k: exact_search(feats, p, k), feats[sample], sample)
     for value in ladder:
         set_search_param(index, chosen, value)
@@ -250,16 +301,17 @@ def build_index(feats: np.ndarray, kind: str = "auto", *, seed: int = 0,
             return None, Built("exact", kind, {}, rec, len(sample), build_s, exact_bytes,
                                fallback=(f"ivf reached recall@1 {min_recall} only probing all "
                                          f"{nlist} cells; using the exact scan"),
-                               tried=tried)
+                               tried=tried, options=options)
         if rec >= min_recall:
             return index, Built(chosen, kind, {**_recorded(chosen, params, index, nlist),
                                                SEARCH_KEY[chosen]: value},
-                                rec, len(sample), build_s, index_bytes(index) / n, tried=tried)
+                                rec, len(sample), build_s, index_bytes(index) / n, tried=tried,
+                                options=options)
     return None, Built("exact", kind, {}, tried[-1]["recall_at_1"], len(sample), build_s,
                        exact_bytes, fallback=(f"{chosen} reached recall@1 "
                                               f"{tried[-1]['recall_at_1']:.4f} < {min_recall} "
                                               "of the exact scan; using the exact scan"),
-                       tried=tried)
+                       tried=tried, options=options)
 
 
 def _recorded(kind: str, params: dict, index, nlist: int) -> dict:
@@ -269,7 +321,7 @@ def _recorded(kind: str, params: dict, index, nlist: int) -> dict:
     if kind == "ivf":
         return {"nlist": int(nlist)}
     base = _faiss().downcast_index(getattr(index, "base_index", index))
-    refine = params.get("refine", "sq8")
+    refine = params.get("refine") or "sq8"
     out = {"nlist": int(nlist), "M": int(base.pq.M), "nbits": int(base.pq.nbits),
            "refine": refine}
     if refine != "none":

@@ -31,7 +31,7 @@ def open_gallery(path: str | os.PathLike) -> Gallery:
 
 
 def enroll(src: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike, *,
-           append: bool = False, index: str = "auto", progress: bool = False,
+           append: bool = False, index: str | None = None, progress: bool = False,
            **options) -> Gallery:
     """Enroll a cache, a folder of photos or a CSV into the gallery folder `out` and open it;
     `options` as `deploy.enroll.enroll` (flip, backbone, pad, on_miss, device, ...). What

@@ -214,6 +214,17 @@ def test_enroll_refuses_bad_pq_options_before_embedding(tmp_path) -> None:
 
     index = json.loads((out / "manifest.json").read_text())["index"]
     assert index["requested"] == "ivfpq" and index["options"] == {"pq_m": 16, "refine": "fp16"}
+    # --append without --index keeps the gallery's kind and options; --index given wins
+    more = write_cache(tmp_path / "m.h5", [f"new{k}" for k in range(2) for _ in range(2)], seed=3)
+    r = run_cli("enroll", str(more), "-m", str(model), "-o", str(out), "-q", "--append")
+    assert r.returncode == 0, r.stderr
+    index = json.loads((out / "manifest.json").read_text())["index"]
+    assert index["requested"] == "ivfpq" and index["options"] == {"pq_m": 16, "refine": "fp16"}
+    r = run_cli("enroll", str(more), "-m", str(model), "-o", str(out), "-q", "--append",
+                "--index", "exact")
+    assert r.returncode == 0, r.stderr
+    index = json.loads((out / "manifest.json").read_text())["index"]
+    assert index["requested"] == "exact" and index["options"] == {}
 
 
 def test_recall_ties_use_the_true_cosine_not_the_index_estimate(pairs) -> None:

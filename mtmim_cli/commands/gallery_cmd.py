@@ -19,7 +19,7 @@ def enroll(
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to embed with (as `mtmim embed`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Gallery folder to create (or add to with --append)."),
     append: bool = typer.Option(False, "--append", help="Add to an existing gallery (same model)."),
-    index: str = typer.Option("auto", "--index", help="exact, ivf, hnsw, ivfpq or auto (by size)."),
+    index: str = typer.Option(None, "--index", help="exact, ivf, hnsw, ivfpq or auto (by size; the default). With --append: the gallery's own kind and ivfpq options unless given."),
     pq_m: int = typer.Option(None, "--pq-m", help="--index ivfpq: one-byte PQ codes a face, dividing the feature dimension (default: dimension / 4)."),
     pq_refine: str = typer.Option(None, "--pq-refine", help="--index ivfpq: re-rank the PQ shortlist on none, sq8, fp16 or flat codes (default sq8)."),
     flip: str = typer.Option(None, "--flip", help=f"{', '.join(FLIP_MODES)} (default: the threshold's, else concat)."),

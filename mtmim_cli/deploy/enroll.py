@@ -72,7 +72,7 @@ def _embed_chunk(s: Source, lo: int, hi: int, model, flip: str, detector, on_mis
 
 
 def enroll(src: str | os.PathLike, model_path: str | os.PathLike, out: str | os.PathLike, *,
-           append: bool = False, index: str = "auto", flip: str | None = None,
+           append: bool = False, index: str | None = None, flip: str | None = None,
            backbone: str | None = None, pad: float = 0.0, on_miss: str = "skip",
            device: str = "cpu", batch_size: int | None = None, seed: int = 0,
            pq_m: int | None = None, pq_refine: str | None = None,
@@ -89,9 +89,10 @@ def enroll(src: str | os.PathLike, model_path: str | os.PathLike, out: str | os.
     from mtmim_cli.progress import make_progress
 
     src, model_path, out = Path(src), Path(model_path), Path(out)
-    if index not in KINDS:   # before hours of embedding, not after
+    if index is not None and index not in KINDS:   # before hours of embedding, not after
         raise MtmimError(f"--index {index}: choose from {', '.join(KINDS)}")
-    pq = check_pq_options(index, pq_m, pq_refine)
+    if index is not None:
+        check_pq_options(index, pq_m, pq_refine)
     if on_miss not in ON_MISS:
         raise MtmimError(f"--on-miss {on_miss}: choose from {', '.join(ON_MISS)}")
     if flip is not None:
@@ -112,6 +113,11 @@ def enroll(src: str | os.PathLike, model_path: str | os.PathLike, out: str | os.
         if flip is not None and flip != om["flip"]:
             raise MtmimError(f"--flip {flip}: {out} was enrolled with --flip {om['flip']}")
         flip, pad, backbone = om["flip"], om["pad"], om.get("backbone") or backbone
+        if index is None:   # the kind (and ivfpq options) the gallery was enrolled with
+            index = om["index"]["requested"]
+            if pq_m is None and pq_refine is None and index == "ivfpq":
+                recorded = om["index"].get("options") or {}
+                pq_m, pq_refine = recorded.get("pq_m"), recorded.get("refine")
     elif append:
         raise MtmimError(f"{out}: no gallery to append to (enroll without --append first)")
     s = read_source(src)
@@ -119,7 +125,8 @@ def enroll(src: str | os.PathLike, model_path: str | os.PathLike, out: str | os.
     t = model.meta.get("threshold") if isinstance(model.meta.get("threshold"), dict) else None
     flip = flip or (t or {}).get("flip", "concat")
     dim = model.embedding_size * (2 if flip == "concat" else 1)
-    check_pq_options(index, pq_m, pq_refine, dim=dim)   # M against the dimension, still before embedding
+    index = index or "auto"
+    pq = check_pq_options(index, pq_m, pq_refine, dim=dim)   # still before embedding
     generation = int(old.manifest["generation"]) if old else 0
     key = _work_key(src, s, model_sha, flip, pad, backbone, generation, on_miss)
     work = out / ".work"

@@ -413,13 +413,14 @@ def _clear_run(out: Path) -> None:
 
 
 def _clear_other_final(out: Path, chosen: Setting) -> None:
-    """A run in --out of another candidate (a kill after its refusal was stored, before its
-    files went) is removed; this candidate's own interrupted run resumes."""
+    """An auto run in --out of another candidate (a kill after its refusal was stored, before
+    its files went, or an earlier model equal to the init) is removed; this candidate's own
+    interrupted run resumes, and a run that is not auto's is left for finetune to refuse."""
     try:
         extra = json.loads((out / "config.json").read_text()).get("extra") or {}
     except (OSError, json.JSONDecodeError):
-        extra = None
-    if extra is None or (extra.get("auto") or {}).get("chosen") != chosen.to_dict():
+        return
+    if extra.get("recipe") == "auto" and (extra.get("auto") or {}).get("chosen") != chosen.to_dict():
         _clear_run(out)
 
 

@@ -99,6 +99,42 @@ def test_auc_scores_and_rank1_hits_against_brute_force() -> None:
     assert len(A.guard_hits(f2, lone)) == 30 and list(A.guard_probe_ident(lone)) == list(ident)
 
 
+def test_guard_tar_against_a_brute_force_pair_loop_and_tar_at_far() -> None:
+    """guard_accepts: every genuine pair's accept at the model's own threshold over all pairs
+    (at most FAR of the impostors above it); their mean is TAR@FAR as metrics.tar_at_far and
+    sklearn's ROC give it, and guard_pair_ident names each pair's person."""
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(7)
+    ident = np.repeat([f"p{k}" for k in range(40)], 5)
+    base = rng.normal(size=(40, 16))
+    feats = np.repeat(base, 5, axis=0) + rng.normal(0, 0.9, (200, 16))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    far = 0.01
+    acc = A.guard_accepts(feats, ident, far=far)
+    pairs, scores, same = [], [], []
+    for i in range(200):
+        for j in range(i + 1, 200):
+            scores.append(float(feats[i] @ feats[j]))
+            same.append(ident[i] == ident[j])
+            if ident[i] == ident[j]:
+                pairs.append((i, j))
+    scores, same = np.asarray(scores), np.asarray(same)
+    imp = np.sort(scores[~same])[::-1]
+    allowed = int(np.floor(far * len(imp) + 1e-9))
+    brute = [int(feats[i] @ feats[j] > imp[allowed]) for i, j in pairs]
+    assert acc == brute and len(acc) == 40 * 10
+    assert 0 < np.mean(acc) < 1                       # an operating point that tells models apart
+    fpr, tpr, _ = roc_curve(same, scores)
+    assert np.mean(acc) == pytest.approx(tpr[fpr <= far].max())
+    assert list(A.guard_pair_ident(ident)) == [ident[i] for i, _ in pairs]
+    out = A.guard_outcome(feats, ident)
+    assert out["hits"] == A.guard_hits(feats, ident)
+    assert out["accepts"] == A.guard_accepts(feats, ident, far=A.GUARD_FAR)
+    with pytest.raises(MtmimError, match="two people"):
+        A.guard_accepts(feats[:5], ident[:5])
+
+
 def test_guard_difference_refuses_a_large_fall_and_a_small_consistent_one() -> None:
     """The guard against bootstrap_difference and the stated rule: refused when the fall is
     above GUARD_TOLERANCE, or when its paired interval lies wholly below zero; a model equal
@@ -110,6 +146,9 @@ def test_guard_difference_refuses_a_large_fall_and_a_small_consistent_one() -> N
     init = (rng.random(5000) < 0.9).astype(np.int64)
     ref = A.GuardRef(init, ident)
 
+    def guard(models: list[np.ndarray]) -> dict:
+        return A.guard_difference([{"hits": m} for m in models], ref)
+
     def lose(n: int, spread: bool) -> np.ndarray:
         h = init.copy()
         ones = np.flatnonzero(h == 1)
@@ -117,12 +156,12 @@ def test_guard_difference_refuses_a_large_fall_and_a_small_consistent_one() -> N
         h[pick] = 0
         return h
 
-    same = A.guard_difference([init, init], ref)
+    same = guard([init, init])
     assert (same["diff"], same["low"], same["high"], same["ok"]) == (0.0, 0.0, 0.0, True)
-    big = A.guard_difference([lose(50, True)], ref)          # -0.01
+    big = guard([lose(50, True)])          # -0.01
     assert big["diff"] == pytest.approx(-0.01) and not big["ok"]
     small = lose(9, True)                                    # -0.0018, 9 people each lose one
-    d = A.guard_difference([small], ref)
+    d = guard([small])
     b = bootstrap_difference(small, init, clusters=ident, resamples=A.GUARD_RESAMPLES, seed=0)
     assert (d["diff"], d["low"], d["high"]) == (pytest.approx(b.diff), pytest.approx(b.low),
                                                 pytest.approx(b.high))
@@ -130,10 +169,24 @@ def test_guard_difference_refuses_a_large_fall_and_a_small_consistent_one() -> N
     noisy = lose(9, True)
     gains = np.flatnonzero(noisy == 0)
     noisy[gains[np.unique(ident[gains], return_index=True)[1][:9]]] = 1   # 9 others gain one
-    assert A.guard_difference([noisy], ref)["ok"]
+    assert guard([noisy])["ok"]
     # two fold models: pooled over both, each probe's identity one cluster for both
-    two = A.guard_difference([init, lose(50, True)], ref)
+    two = guard([init, lose(50, True)])
     assert two["diff"] == pytest.approx(-0.005) and not two["ok"]
+    assert same["tar_diff"] is None and same["tar_ok"]    # a reference without pairs: rank-1 only
+    # with TAR: its own paired interval over the genuine pairs, clustered by person; a fall
+    # there refuses a model whose rank-1 holds
+    pid = np.repeat(np.arange(1000), 10)
+    acc0 = (rng.random(10000) < 0.8).astype(np.int64)
+    ref2 = A.GuardRef(init, ident, acc0, pid)
+    acc = acc0.copy()
+    acc[np.flatnonzero(acc0)[::40]] = 0                  # -0.02
+    t = A.guard_difference([{"hits": init, "accepts": acc}], ref2)
+    bt = bootstrap_difference(acc, acc0, clusters=pid, resamples=A.GUARD_RESAMPLES, seed=0)
+    assert (t["tar_diff"], t["tar_low"], t["tar_high"]) == (
+        pytest.approx(bt.diff), pytest.approx(bt.low), pytest.approx(bt.high))
+    assert t["rank1_ok"] and t["diff"] == 0 and not t["tar_ok"] and not t["ok"]
+    assert A.guard_difference([{"hits": init, "accepts": acc0}], ref2)["ok"]
 
 
 def test_choice_is_the_best_eligible_candidate_of_a_brute_force_table() -> None:
@@ -148,30 +201,42 @@ def test_choice_is_the_best_eligible_candidate_of_a_brute_force_table() -> None:
     gid = np.repeat(np.arange(100), 4)
     g0 = np.ones(400, np.int64)
     g0[::10] = 0                                  # the init: rank-1 0.9 on the guard
+    a0 = np.ones(600, np.int64)
+    a0[::5] = 0                                   # the init: TAR 0.8 over its genuine pairs
+    pid = np.repeat(np.arange(100), 6)
     drop = {settings[0]: 0, settings[1]: 0, settings[2]: 40, settings[3]: 0}
+    tar_drop = {settings[0]: 0, settings[1]: 60, settings[2]: 0, settings[3]: 0}
     guard = {}
     for st, k in drop.items():
         h = g0.copy()
         h[np.flatnonzero(h)[:k * 4:4]] = 0        # k people lose one hit each
-        guard[st] = h
+        acc = a0.copy()
+        acc[np.flatnonzero(acc)[:tar_drop[st] * 6:6]] = 0   # people lose one genuine pair
+        guard[st] = {"hits": [int(x) for x in h], "accepts": [int(x) for x in acc]}
     cand = {s: [{"value": i["value"] + shift[s],
                  "reps": list(np.asarray(i["reps"]) + shift[s] + rng.normal(0, 0.004, n)),
-                 "guard": [int(x) for x in guard[s]]} for i in init] for s in settings}
-    rows = A.summarise(settings, init, cand, "auc", guard_init=A.GuardRef(g0, gid), fold_ids=[])
+                 "guard": guard[s]} for i in init] for s in settings}
+    ref = A.GuardRef(g0, gid, a0, pid)
+    rows = A.summarise(settings, init, cand, "auc", guard_init=ref, fold_ids=[])
     for s, r in zip(settings, rows, strict=True):
         d = np.mean([np.asarray(c["reps"]) - np.asarray(i["reps"])
                      for c, i in zip(cand[s], init, strict=True)], axis=0)
         lo, hi = np.percentile(d, [2.5, 97.5])
         assert r["diff"] == pytest.approx(shift[s])
         assert (r["low"], r["high"]) == (pytest.approx(lo), pytest.approx(hi))
-        gd = A.guard_difference([guard[s], guard[s]], A.GuardRef(g0, gid))
-        assert r["guard_diff"] == pytest.approx(guard[s].mean() - g0.mean())
+        gd = A.guard_difference([guard[s], guard[s]], ref)
+        assert r["guard_diff"] == pytest.approx(np.mean(guard[s]["hits"]) - g0.mean())
+        assert r["guard_tar_diff"] == pytest.approx(np.mean(guard[s]["accepts"]) - a0.mean())
         assert (r["guard_low"], r["guard_high"]) == (gd["low"], gd["high"])
+        assert (r["guard_tar_low"], r["guard_tar_high"]) == (gd["tar_low"], gd["tar_high"])
         assert r["eligible"] == (lo > 0 and gd["ok"])
-    # c03 has the highest AUC but fails the guard; c04 is the best that may be chosen
+    # c03 has the highest AUC but fails the guard's rank-1; c02 falls on TAR alone (its
+    # rank-1 unchanged); c04 is the best that may be chosen
     eligible = [k for k, r in enumerate(rows) if r["eligible"]]
     assert A.pick(rows) == max(eligible, key=lambda k: rows[k]["value"]) == 3
     assert not rows[2]["eligible"] and not rows[0]["eligible"]
+    assert rows[1]["guard_diff"] == 0 and rows[1]["guard_tar_diff"] == pytest.approx(-0.1)
+    assert not rows[1]["eligible"] and rows[1]["low"] > 0
     text = A.table(rows, 0.8, "auc", guard=True)
     assert text.count("\n") == len(rows) + 2 and "guard: falls" in text and "beats init" in text
     assert A.pick([{**r, "eligible": False} for r in rows]) is None
@@ -200,7 +265,7 @@ def test_declared_grid_follows_the_options_and_the_encoder() -> None:
     g = A.declared_grid("mtmim", {}, n_stages=7)
     assert g == {"depth": ("last:1", "last:2"), "lr": A.GRID["lr"],
                  "lambda_mim": A.GRID["lambda_mim"], "wise": A.GRID["wise"]}
-    assert len(A.candidates(g)) == 16
+    assert len(A.candidates(g)) == 2 * 2 * 2 * 3
     g = A.declared_grid("baseline", {"lr": 0.01, "wise": 1.0}, n_stages=2)
     assert g == {"depth": ("last:1",), "lr": (0.01,), "lambda_mim": (None,), "wise": (1.0,)}
     with pytest.raises(MtmimError, match="stage"):
@@ -225,11 +290,12 @@ def test_no_winner_writes_a_model_equal_to_the_init(tmp_path: Path, init: Path) 
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| candidate | trains | lr | lambda | wise | AUC |" in r.stdout
     assert "| init |" in r.stdout and "guard rank-1 vs init" in r.stdout
+    assert "guard TAR@0.001 vs init" in r.stdout
     assert "no candidate beats the init" in r.stdout
     assert "done:" not in r.stdout   # the candidates' own lines stay quiet under the table
     cfg = json.loads((out / "config.json").read_text())
     auto = cfg["extra"]["auto"]
-    assert auto["chosen"] is None and auto["criterion"] == "auc" and len(auto["candidates"]) == 4
+    assert auto["chosen"] is None and auto["criterion"] == "auc" and len(auto["candidates"]) == 6
     assert auto["init_value"] == pytest.approx(1.0)
     # nothing clears the init, so the guard scores nobody (not even the init)
     assert all(c["guard_diff"] is None for c in auto["candidates"]) and auto["guard_init"] is None
@@ -332,7 +398,7 @@ def test_a_winner_is_retrained_on_all_training_identities_and_recorded(
     def forced(*args, **kw):
         rows = real(*args, **kw)
         for k, r in enumerate(rows):
-            r["eligible"], r["value"] = k in (1, 2), [0.1, 0.5, 0.7, 0.9][k]
+            r["eligible"], r["value"] = k in (1, 4), [0.1, 0.5, 0.2, 0.3, 0.7, 0.9][k]
         return rows
 
     monkeypatch.setattr(A, "summarise", forced)
@@ -340,7 +406,7 @@ def test_a_winner_is_retrained_on_all_training_identities_and_recorded(
     lines: list[str] = []
     run = A.auto_finetune([cache], init, {**FAST, "out": str(out)}, echo=lines.append)
     assert run == out
-    assert any("chose c03 (last:2, lr 0.01, lambda 0.1, wise 0.5)" in s for s in lines)
+    assert any("chose c05 (last:2, lr 0.01, lambda 0.1, wise 0.5)" in s for s in lines)
     # four candidates trained quietly; only the final retrain says it is done
     assert capsys.readouterr().out.count("done:") == 1
     cfg = json.loads((out / "config.json").read_text())
@@ -349,9 +415,9 @@ def test_a_winner_is_retrained_on_all_training_identities_and_recorded(
     assert cfg["lr"] == 0.01 and e["train_identities"] is None
     assert e["auto"]["chosen"] == {"freeze_through": "last:2", "lr": 0.01, "lambda_mim": 0.1,
                                    "wise": 0.5}
-    assert len(e["auto"]["candidates"]) == 4 and e["auto"]["grid"]["depth"] == ["last:1", "last:2"]
+    assert len(e["auto"]["candidates"]) == 6 and e["auto"]["grid"]["depth"] == ["last:1", "last:2"]
     meta = load_checkpoint(out / "model.pt")["meta"]
-    assert meta["auto"]["chosen_label"] == "c03" and meta["wise"] == 0.5
+    assert meta["auto"]["chosen_label"] == "c05" and meta["wise"] == 0.5
     assert meta["num_classes"] == 8     # every training identity, no fold held out
     assert "trained_on" in meta
 
@@ -375,8 +441,8 @@ def test_the_guard_scores_only_candidates_above_the_init(tmp_path: Path, init: P
 
     monkeypatch.setattr(A, "summarise", forced)
     scored: list[int] = []
-    real_guard = A.guard_hits
-    monkeypatch.setattr(A, "guard_hits", lambda f, i: scored.append(len(f)) or real_guard(f, i))
+    real_guard = A.guard_outcome
+    monkeypatch.setattr(A, "guard_outcome", lambda f, i: scored.append(len(f)) or real_guard(f, i))
     out = tmp_path / "run"
     lines: list[str] = []
     A.auto_finetune([cache], init, {**FAST, "auto_guard": str(guard), "out": str(out)},
@@ -386,9 +452,10 @@ def test_the_guard_scores_only_candidates_above_the_init(tmp_path: Path, init: P
     rec = json.loads((out / "config.json").read_text())["extra"]["auto"]
     by = {(c["setting"]["freeze_through"], c["setting"]["wise"]): c for c in rec["candidates"]}
     assert by[("last:2", 0.5)]["guard_diff"] is not None and rec["guard_init"] is not None
+    assert by[("last:2", 0.5)]["guard_tar_diff"] is not None and rec["guard_init_tar"] is not None
     assert [k for k, c in by.items() if c["guard_diff"] is not None] == [("last:2", 0.5)]
     table = next(t for t in lines if t.startswith("| candidate"))
-    assert table.count("| - | not above init |") == 3
+    assert table.count("| - | - | not above init |") == 5
     assert not list((out / "auto" / "runs").rglob("last.pt"))
 
 
@@ -406,7 +473,7 @@ def test_a_retrained_choice_the_guard_refuses_gives_way_to_the_next(
     guard = _cache(tmp_path / "g.h5", n_ids=4, seed=5)
     real = A.summarise
 
-    value = {("last:1", 1.0): 0.8, ("last:2", 0.5): 0.7, ("last:2", 1.0): 0.9}   # c02-c04
+    value = {("last:1", 1.0): 0.8, ("last:2", 0.5): 0.7, ("last:2", 1.0): 0.9}   # c03, c05, c06
 
     def forced(settings, *args, **kw):
         rows = real(settings, *args, **kw)
@@ -417,7 +484,7 @@ def test_a_retrained_choice_the_guard_refuses_gives_way_to_the_next(
         return rows
 
     monkeypatch.setattr(A, "summarise", forced)
-    refuse: set[str] = {"c04"}
+    refuse: set[str] = {"c06"}
     real_diff = A.guard_difference
 
     def judged(models_hits, ref):
@@ -442,23 +509,23 @@ def test_a_retrained_choice_the_guard_refuses_gives_way_to_the_next(
     lines: list[str] = []
     A.auto_finetune([cache], init, {**FAST, "auto_guard": str(guard), "out": str(out)},
                     echo=lines.append)
-    assert [f["auto"]["chosen_label"] for f in finals] == ["c04", "c03"]   # c02 is wise 1 too
-    assert any("the retrained c04 fails the guard" in x for x in lines)
-    assert any("next c03" in x for x in lines) and any("c03 passes the guard" in x for x in lines)
+    assert [f["auto"]["chosen_label"] for f in finals] == ["c06", "c05"]   # c03 is wise 1 too
+    assert any("the retrained c06 fails the guard" in x for x in lines)
+    assert any("next c05" in x for x in lines) and any("c05 passes the guard" in x for x in lines)
     cfg = json.loads((out / "config.json").read_text())
     checks = cfg["extra"]["auto"]["final_checks"]
-    assert [(c["candidate"], c["ok"]) for c in checks] == [("c04", False), ("c03", True)]
-    assert cfg["extra"]["auto"]["chosen_label"] == "c03" and cfg["extra"]["wise"] == 0.5
+    assert [(c["candidate"], c["ok"]) for c in checks] == [("c06", False), ("c05", True)]
+    assert cfg["extra"]["auto"]["chosen_label"] == "c05" and cfg["extra"]["wise"] == 0.5
     search = json.loads((out / "auto" / "search.json").read_text())
     assert search["final_checks"] == checks
     meta = load_checkpoint(out / "model.pt")["meta"]
-    assert meta["wise"] == 0.5 and [c["candidate"] for c in meta["auto"]["final_checks"]] == ["c04"]
-    # a rerun: both checks stored, c02's model in place, nothing trains
+    assert meta["wise"] == 0.5 and [c["candidate"] for c in meta["auto"]["final_checks"]] == ["c06"]
+    # a rerun: both checks stored, c05's model in place, nothing trains
     finals.clear()
     A.auto_finetune([cache], init, {**FAST, "auto_guard": str(guard), "out": str(out)}, echo=None)
     assert finals == []
     # every retrained candidate refused: the init is written
-    refuse.add("c03")
+    refuse.add("c05")
     out2 = tmp_path / "run2"
     finals.clear()
     lines.clear()

@@ -1,7 +1,7 @@
 """`--recipe auto`'s validation: identity-grouped folds of the training side, a model's
 criterion on a fold (cross-age AUC with paired bootstrap replicates, or leave-one-out rank-1),
-the general-face guard (leave-one-out rank-1 against the init, with a paired interval), and
-the table and choice over the candidates."""
+the general-face guard (leave-one-out rank-1 and TAR@FAR against the init, each with a paired
+interval), and the table and choice over the candidates."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 from mtmim_cli.errors import MtmimError
 from mtmim_cli.orchestration.auto_grid import (
     ADULT_MIN,
+    GUARD_FAR,
     GUARD_MAX_IMAGES,
     GUARD_RESAMPLES,
     GUARD_TOLERANCE,
@@ -114,11 +115,20 @@ def choose_criterion(ident: np.ndarray, age: np.ndarray, folds: Folds) -> str:
 
 @dataclass
 class GuardRef:
-    """The init's guard outcome: the rank-1 hit of each guard probe, and the probes'
-    identities (the bootstrap's clusters)."""
+    """The init's guard outcome: the rank-1 hit of each guard probe and the probes'
+    identities, and (for the TAR figure) the accept of each genuine pair at the init's own
+    FAR threshold and the pairs' identities (the bootstrap's clusters)."""
 
     hits: np.ndarray
     ident: np.ndarray
+    accepts: np.ndarray | None = None
+    pair_ident: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, outcome: dict[str, list[int]], ident: np.ndarray) -> GuardRef:
+        """The reference from the init's guard_outcome on photos of identities `ident`."""
+        return cls(np.asarray(outcome["hits"], np.int64), guard_probe_ident(ident),
+                   np.asarray(outcome["accepts"], np.int64), guard_pair_ident(ident))
 
 
 def guard_rows(cache, seed: int) -> np.ndarray:
@@ -132,11 +142,42 @@ def guard_rows(cache, seed: int) -> np.ndarray:
 
 
 def guard_hits(features: np.ndarray, ident: np.ndarray) -> list[int]:
-    """The guard's outcome for one model: the leave-one-out rank-1 hit of every guard photo
-    that has a mate. Rank-1 rather than the all-pairs AUC: on CASIA's retrained auto models
-    the AUC fell 0.0015-0.0028 while rank-1 fell 0.37-0.60 points, every interval below
+    """The guard's rank-1 outcome for one model: the leave-one-out rank-1 hit of every guard
+    photo that has a mate. Rank-1 rather than the all-pairs AUC: on CASIA's retrained auto
+    models the AUC fell 0.0015-0.0028 while rank-1 fell 0.37-0.60 points, every interval below
     zero, and those models lost 0.3-0.4 points on CACD-VS (docs/auto-recipe.md)."""
     return [int(h) for h in loo_hits(features, ident)]
+
+
+def _genuine_pairs(ident: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair i < j of photos, and whether it is genuine."""
+    i, j = np.triu_indices(len(ident), k=1)
+    same = ident[i] == ident[j]
+    return i, j, same
+
+
+def guard_accepts(features: np.ndarray, ident: np.ndarray, far: float = GUARD_FAR) -> list[int]:
+    """The guard's TAR outcome for one model: over every pair of guard photos, the threshold
+    at which at most `far` of the impostor pairs are accepted (the model's own), and whether
+    each genuine pair is accepted there (their mean is TAR@FAR). Rank-1 asks only whether a
+    mate outranks every stranger of one probe; CACD-VS's errors after a fine-tune were
+    impostors accepted at a threshold shared by all pairs (docs/results.md), the tail this
+    figure watches. On `small`'s CASIA models the guard's TAR@1e-3 fell 0.3-0.7 points while
+    its rank-1 interval spanned zero (docs/auto-recipe.md)."""
+    from mtmim_cli.eval.metrics import threshold_at_far
+
+    ident = np.asarray(ident)
+    i, j, same = _genuine_pairs(ident)
+    if not same.any() or same.all():
+        raise MtmimError("the guard cache needs photos of at least two people, some with mates")
+    s = (features @ features.T)[i, j]   # at most GUARD_MAX_IMAGES photos: n^2 fits
+    t = threshold_at_far(s, same, far)
+    return [int(x) for x in s[same] >= t]
+
+
+def guard_outcome(features: np.ndarray, ident: np.ndarray) -> dict[str, list[int]]:
+    """Both guard outcomes of one model on the guard photos."""
+    return {"hits": guard_hits(features, ident), "accepts": guard_accepts(features, ident)}
 
 
 def guard_probe_ident(ident: np.ndarray) -> np.ndarray:
@@ -144,20 +185,42 @@ def guard_probe_ident(ident: np.ndarray) -> np.ndarray:
     return np.asarray(ident)[_probes(np.asarray(ident))]
 
 
-def guard_difference(models_hits: Sequence[Sequence[int]], ref: GuardRef) -> dict[str, Any]:
-    """One candidate's guard against the init: the mean rank-1 of its models (one per fold,
-    or the one retrained model) minus the init's, with a paired identity-cluster bootstrap
-    interval; `ok` unless it falls by more than GUARD_TOLERANCE or its interval lies wholly
-    below zero (validation says it is worse)."""
+def guard_pair_ident(ident: np.ndarray) -> np.ndarray:
+    """The identity of each genuine pair guard_accepts scores, in its order."""
+    ident = np.asarray(ident)
+    i, _, same = _genuine_pairs(ident)
+    return ident[i[same]]
+
+
+def _guard_figure(models: Sequence[Sequence[int]], ref: np.ndarray, clusters: np.ndarray
+                  ) -> dict[str, Any]:
     from mtmim_cli.eval.compare import bootstrap_difference
 
-    k = len(models_hits)
-    a = np.concatenate([np.asarray(h, np.float64) for h in models_hits])
-    b = np.tile(ref.hits.astype(np.float64), k)
-    d = bootstrap_difference(a, b, clusters=np.tile(ref.ident, k), resamples=GUARD_RESAMPLES,
+    k = len(models)
+    a = np.concatenate([np.asarray(h, np.float64) for h in models])
+    b = np.tile(ref.astype(np.float64), k)
+    d = bootstrap_difference(a, b, clusters=np.tile(clusters, k), resamples=GUARD_RESAMPLES,
                              level=LEVEL, seed=0)
     return {"diff": d.diff, "low": d.low, "high": d.high,
             "ok": bool(d.diff >= -GUARD_TOLERANCE and d.high >= 0)}
+
+
+def guard_difference(models: Sequence[dict[str, Sequence[int]]], ref: GuardRef) -> dict[str, Any]:
+    """One candidate's guard against the init, for each figure (rank-1, and TAR@FAR when the
+    reference has it): the mean over its models (one per fold, or the one retrained model)
+    minus the init's, with a paired identity-cluster bootstrap interval. `ok` unless a figure
+    falls by more than GUARD_TOLERANCE or its interval lies wholly below zero (validation
+    says it is worse). Keys: diff/low/high (rank-1), tar_diff/tar_low/tar_high, rank1_ok,
+    tar_ok, ok."""
+    r1 = _guard_figure([m["hits"] for m in models], ref.hits, ref.ident)
+    out = {"diff": r1["diff"], "low": r1["low"], "high": r1["high"], "rank1_ok": r1["ok"],
+           "tar_diff": None, "tar_low": None, "tar_high": None, "tar_ok": True}
+    if ref.accepts is not None:
+        tar = _guard_figure([m["accepts"] for m in models], ref.accepts, ref.pair_ident)
+        out.update(tar_diff=tar["diff"], tar_low=tar["low"], tar_high=tar["high"],
+                   tar_ok=tar["ok"])
+    out["ok"] = bool(out["rank1_ok"] and out["tar_ok"])
+    return out
 
 
 def summarise(settings: list[Setting], init: list[dict], cand: dict[Setting, list[dict]],
@@ -188,11 +251,11 @@ def summarise(settings: list[Setting], init: list[dict], cand: dict[Setting, lis
         if guard_init is not None and all(p.get("guard") is not None for p in per):
             guard = guard_difference([p["guard"] for p in per], guard_init)
         ok_guard = guard_init is None or (guard is not None and guard["ok"])
+        g = guard or {}
         rows.append({"setting": s.to_dict(), "label": s.label(), "value": value, "diff": diff,
                      "low": low, "high": high,
-                     "guard_diff": None if guard is None else guard["diff"],
-                     "guard_low": None if guard is None else guard["low"],
-                     "guard_high": None if guard is None else guard["high"],
+                     **{f"guard_{k}": g.get(k) for k in ("diff", "low", "high")},
+                     **{f"guard_{k}": g.get(k) for k in ("tar_diff", "tar_low", "tar_high")},
                      "guard_ok": ok_guard, "eligible": bool(low > 0 and ok_guard)})
     return rows
 
@@ -213,11 +276,11 @@ def table(rows: list[dict], init_value: float, criterion: str, guard: bool) -> s
     name = "AUC" if criterion == "auc" else "rank-1"
     head = ["candidate", "trains", "lr", "lambda", "wise", name, "vs init", f"{LEVEL:.0%} interval"]
     if guard:
-        head.append("guard rank-1 vs init [interval]")
+        head += ["guard rank-1 vs init [interval]", f"guard TAR@{GUARD_FAR:g} vs init [interval]"]
     head.append("verdict")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     init_row = ["init", "-", "-", "-", "-", f"{init_value:.4f}", "-", "-"]
-    lines.append("| " + " | ".join(init_row + (["-"] if guard else []) + ["-"]) + " |")
+    lines.append("| " + " | ".join(init_row + (["-", "-"] if guard else []) + ["-"]) + " |")
     for k, r in enumerate(rows):
         s = r["setting"]
         verdict = ("beats init" if r["eligible"] else
@@ -226,7 +289,9 @@ def table(rows: list[dict], init_value: float, criterion: str, guard: bool) -> s
                  "-" if s["lambda_mim"] is None else f"{s['lambda_mim']:g}", f"{s['wise']:g}",
                  f"{r['value']:.4f}", f"{r['diff']:+.4f}", f"[{r['low']:+.4f}, {r['high']:+.4f}]"]
         if guard:
-            cells.append("-" if r["guard_diff"] is None else
-                         f"{r['guard_diff']:+.4f} [{r['guard_low']:+.4f}, {r['guard_high']:+.4f}]")
+            for k in ("", "tar_"):
+                d = r.get(f"guard_{k}diff")
+                cells.append("-" if d is None else f"{d:+.4f} [{r[f'guard_{k}low']:+.4f}, "
+                             f"{r[f'guard_{k}high']:+.4f}]")
         lines.append("| " + " | ".join([*cells, verdict]) + " |")
     return "\n".join(lines)

@@ -19,10 +19,9 @@ train/finetune_options.py) as one command, for any encoder with named stages:
    genuine pairs; leave-one-out rank-1 among the validation photos otherwise. Each candidate
    against the init, paired (the same photos, the same identity draws), averaged over folds,
    with a percentile interval from an identity-resampled bootstrap. With a general-face
-   cache (`auto_guard`: people neither trained nor tested on), neither the leave-one-out
-   rank-1 on its photos nor the TAR at FAR GUARD_FAR over all their pairs may fall by more
-   than GUARD_TOLERANCE, nor fall with a paired identity-bootstrap interval wholly below zero
-   (auto_validation.guard_difference).
+   cache (`auto_guard`: people neither trained nor tested on), the leave-one-out rank-1 on
+   its photos may not fall by more than GUARD_TOLERANCE, nor fall with a paired
+   identity-bootstrap interval wholly below zero (auto_validation.guard_difference).
    The guard is scored only for candidates whose interval clears the init (no other can be
    chosen): on SFace it was most of the search's evaluation time. The init is scored after
    the first candidates, so it runs only the tail of the trunk they cached.
@@ -75,7 +74,6 @@ from mtmim_cli.orchestration.auto_grid import (  # noqa: F401  (re-exported: tes
     FOLDS,
     FORMAT,
     GRID,
-    GUARD_FAR,
     GUARD_MAX_IMAGES,
     GUARD_RESAMPLES,
     GUARD_TOLERANCE,
@@ -327,15 +325,13 @@ def auto_finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike |
                         for f, ids in enumerate(folds.folds)],
               "init_value": init_value, "guard": str(guard_path) if guard_path else None,
               "guard_init": None if guard_ref is None else float(guard_ref.hits.mean()),
-              "guard_init_tar": None if guard_ref is None else float(guard_ref.accepts.mean()),
               "candidates": rows, "final_checks": [], "chosen": None, "chosen_label": None}
     record["summary"] = (
         f"validation: {what} on {FOLDS} folds of the {len(np.unique(folds.names))} training "
         f"identities, paired {LEVEL:.0%} identity-bootstrap intervals against the init"
-        + (f"; guard: leave-one-out rank-1 and TAR@FAR={GUARD_FAR:g} on {guard_path} may "
-           f"not fall by more than {GUARD_TOLERANCE:g} nor beyond their {LEVEL:.0%} intervals "
-           "(scored for the candidates above the init, '-' for the others, and again for the "
-           "retrained choice)"
+        + (f"; guard: leave-one-out rank-1 on {guard_path} may not fall by more than "
+           f"{GUARD_TOLERANCE:g} nor beyond its {LEVEL:.0%} interval (scored for the candidates "
+           "above the init, '-' for the others, and again for the retrained choice)"
            if guard_path else ""))
     record["table"] = table(rows, init_value, criterion, guard is not None)
     say(record["summary"])
@@ -385,9 +381,7 @@ def auto_finetune(caches: Sequence[str | os.PathLike], init: str | os.PathLike |
         record["final_checks"].append(check)
         verdict = "passes" if check["ok"] else "fails"
         say(f"auto recipe: the retrained {label} {verdict} the guard: rank-1 "
-            f"{check['diff']:+.4f} [{check['low']:+.4f}, {check['high']:+.4f}], TAR@"
-            f"{GUARD_FAR:g} {check['tar_diff']:+.4f} [{check['tar_low']:+.4f}, "
-            f"{check['tar_high']:+.4f}] against the init")
+            f"{check['diff']:+.4f} [{check['low']:+.4f}, {check['high']:+.4f}] against the init")
         if check["ok"]:
             _add_to_config(out, record)
             write_search()

@@ -126,10 +126,10 @@ class GuardRef:
     @classmethod
     def of(cls, outcome: dict[str, list[int]], ident: np.ndarray) -> GuardRef:
         """The reference from the init's guard_outcome on photos of identities `ident`."""
-        if "accepts" not in outcome:
-            return cls(np.asarray(outcome["hits"], np.int64), guard_probe_ident(ident))
+        accepts = outcome.get("accepts")
         return cls(np.asarray(outcome["hits"], np.int64), guard_probe_ident(ident),
-                   np.asarray(outcome["accepts"], np.int64), guard_pair_ident(ident))
+                   None if accepts is None else np.asarray(accepts, np.int64),
+                   None if accepts is None else guard_pair_ident(ident))
 
 
 def guard_rows(cache, seed: int) -> np.ndarray:
@@ -217,14 +217,12 @@ def guard_difference(models: Sequence[dict[str, Sequence[int]]], ref: GuardRef) 
     below zero (validation says it is worse). Where the reference has the TAR diagnostic the
     same figure for it (tar_diff/tar_low/tar_high, and tar_ok under the same rule), which
     does not enter `ok`."""
-    r1 = _guard_figure([m["hits"] for m in models], ref.hits, ref.ident)
-    out = {"diff": r1["diff"], "low": r1["low"], "high": r1["high"], "rank1_ok": r1["ok"],
+    out = {**_guard_figure([m["hits"] for m in models], ref.hits, ref.ident),
            "tar_diff": None, "tar_low": None, "tar_high": None, "tar_ok": True}
     if ref.accepts is not None:
         tar = _guard_figure([m["accepts"] for m in models], ref.accepts, ref.pair_ident)
         out.update(tar_diff=tar["diff"], tar_low=tar["low"], tar_high=tar["high"],
                    tar_ok=tar["ok"])
-    out["ok"] = bool(out["rank1_ok"])
     return out
 
 
@@ -256,10 +254,11 @@ def summarise(settings: list[Setting], init: list[dict], cand: dict[Setting, lis
         if guard_init is not None and all(p.get("guard") is not None for p in per):
             guard = guard_difference([p["guard"] for p in per], guard_init)
         ok_guard = guard_init is None or (guard is not None and guard["ok"])
-        g = guard or {}
         rows.append({"setting": s.to_dict(), "label": s.label(), "value": value, "diff": diff,
                      "low": low, "high": high,
-                     **{f"guard_{k}": g.get(k) for k in ("diff", "low", "high")},
+                     "guard_diff": None if guard is None else guard["diff"],
+                     "guard_low": None if guard is None else guard["low"],
+                     "guard_high": None if guard is None else guard["high"],
                      "guard_ok": ok_guard, "eligible": bool(low > 0 and ok_guard)})
     return rows
 

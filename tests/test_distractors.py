@@ -57,6 +57,47 @@ def test_index_path_agrees_and_says_so() -> None:
     assert "recall@1" in D.markdown({"m": ivf}, 150, 150, "d.h5")
 
 
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq"])
+def test_an_index_can_only_miss_distractors_never_add_one(kind: str) -> None:
+    # the faces an index returns are scored by their true cosine, so a probe's rank under
+    # an index is at most its exact rank (PQ codes over-estimating a distractor add nothing)
+    feats, ident, _ = _data(2)
+    rng = np.random.default_rng(7)
+    # distractors two a person, as the IVF-PQ index tests build them (PQ codes of unstructured
+    # 24-d vectors cannot reach the 0.99 bar, and the index would fall back to exact)
+    pairs = np.repeat(rng.standard_normal((1500, 24)), 2, axis=0)
+    dis = _unit(pairs + 0.05 * rng.standard_normal((3000, 24)))
+    counts = [0, 3000]
+    exact = D.score_with_distractors(feats, ident, dis, counts, max_rank=5, index="exact")
+    got = D.score_with_distractors(feats, ident, dis, counts, max_rank=5, index=kind)
+    assert got[1]["search"] == kind and got[1]["recall_at_1"] >= 0.99
+    e, g = exact[1]["rank"], got[1]["rank"]
+    assert np.all((g >= 1) == (e >= 1)) and np.all(g[e >= 1] <= e[e >= 1])
+    assert got[1]["rank1"] >= exact[1]["rank1"]
+
+
+def test_index_counts_use_true_cosines_not_the_index_estimate() -> None:
+    class Liar:   # an index whose score estimates are wrong: faces right, scores 0.99
+        ntotal = 4
+
+        def search(self, q, k):
+            rows = np.tile(np.array([2, 0, -1, -1][:k]), (len(q), 1))
+            return np.full(rows.shape, 0.99, np.float32), rows
+
+    dis = np.eye(4, 3, dtype=np.float32)          # rows 0..2 unit axes, row 3 zero
+    probes = np.array([[1, 0, 0], [0, 0, 1]], np.float32)
+    best = np.array([0.5, 0.5], np.float32)
+    # probe 0: row 2 (cos 0) below, row 0 (cos 1) above; probe 1: row 2 above, row 0 below;
+    # -1 (nothing found) never counts
+    np.testing.assert_array_equal(D.index_counts(Liar(), probes, best, dis, 4), [1, 1])
+
+
+def test_distractor_index_kind_is_checked() -> None:
+    feats, ident, dis = _data(3, n_dis=50)
+    with pytest.raises(MtmimError, match="--distractor-index flat: choose from"):
+        D.score_with_distractors(feats, ident, dis, [0, 50], index="flat")
+
+
 def test_nested_order_and_counts() -> None:
     a, b = D.nested_order(1000, 3), D.nested_order(1000, 3)
     np.testing.assert_array_equal(a, b)

@@ -161,7 +161,8 @@ def kinds_params(kinds: tuple[str, ...], pq_m: int | None = None,
                  pq_refine: str | None = None, nlist: int | None = None
                  ) -> list[tuple[str, dict]]:
     """ivfpq twice, re-ranked on SQ8 codes (the default) and on its PQ codes alone, unless
-    `pq_refine` names one; `pq_m` codes a face (default D/4); `nlist` cells for ivf and
+    `pq_refine` names one; hnsw-flat: HNSW32 on float32 (efConstruction 80), the index
+    before the SQ8 graph; `pq_m` codes a face (default D/4); `nlist` cells for ivf and
     ivfpq (default ann.ivf_nlist)."""
     out = []
     cells = {"nlist": nlist} if nlist else {}
@@ -169,6 +170,8 @@ def kinds_params(kinds: tuple[str, ...], pq_m: int | None = None,
     for kind in kinds:
         if kind == "ivf":
             out.append((kind, dict(cells)))
+        elif kind == "hnsw-flat":   # HNSW as before the SQ8 graph: 32 links, float32 itself
+            out.append(("hnsw", {"codes": "flat", "m": 32, "ef_construction": 80}))
         elif kind != "ivfpq":
             out.append((kind, {}))
         elif pq_refine:
@@ -180,7 +183,8 @@ def kinds_params(kinds: tuple[str, ...], pq_m: int | None = None,
 
 def label(kind: str, params: dict) -> str:
     return kind + (f"{params['nlist']}" if "nlist" in params else "") + (f" M{params['pq_m']}" if "pq_m" in params else "") + (
-        f" refine {params['refine']}" if "refine" in params else "")
+        f" refine {params['refine']}" if "refine" in params else "") + (
+        f"{params['m']} {params['codes']}" if "codes" in params else "")
 
 
 def one_index(g: np.ndarray, kind: str, params: dict, probes: np.ndarray,

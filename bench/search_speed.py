@@ -20,7 +20,7 @@ and bytes per face.
 
     .venv/bin/python bench/search_speed.py [--sizes 1000,10000,100000,1000000] [--dim 128]
         [--batch 200] [--threads 2] [--real GALLERY] [--hnsw-up-to 100000] [--out r.json]
-        [--real-probes GALLERY --real-size 1000000 --real-kinds ivf,ivfpq,hnsw]
+        [--real-probes GALLERY --real-size 1000000 --real-kinds ivf,ivfpq,hnsw,hnsw-flat]
         [--pq-m M] [--pq-refine none|sq8|fp16|flat] [--nlist CELLS]
 """
 
@@ -192,7 +192,8 @@ def main() -> None:
         if 10_000 <= n <= a.hnsw_up_to:
             r = tuned("hnsw", g)
             if r["index"] is not None:
-                cands.append((f"hnsw32 efSearch {r['built'].params['efSearch']}", r["index"],
+                hp = r["built"].params
+                cands.append((f"hnsw{hp['M']} {hp['codes']} efSearch {hp['efSearch']}", r["index"],
                               {"build_s": r["total_s"], "tuned": r["built"].to_dict()}))
             else:
                 print(f"hnsw: {r['built'].fallback}")
@@ -224,7 +225,7 @@ def main() -> None:
         report["real"] = real
     if a.real_probes is not None:
         kinds = tuple(k for k in a.real_kinds.split(",")
-                      if k != "hnsw" or a.real_size <= a.hnsw_up_to)
+                      if not k.startswith("hnsw") or a.real_size <= a.hnsw_up_to)
         if len(kinds) < len(a.real_kinds.split(",")):
             print(f"(hnsw not built at {a.real_size:,}: above --hnsw-up-to {a.hnsw_up_to:,})")
         report["real_probes"] = _real_probes.run(a.real_probes, a.real_size, kinds=kinds,

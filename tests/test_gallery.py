@@ -305,5 +305,5 @@ def test_search_speed_bench_runs(tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     row = json.loads(out.read_text())["sizes"]["10000"]
     assert {"faiss flat", "faiss sq8", "faiss fp16"} <= set(row["indexes"])
-    assert any(k.startswith("hnsw32") for k in row["indexes"]) and row["exact_bytes_per_face"] == 512
+    assert any(k.startswith("hnsw48 sq8") for k in row["indexes"]) and row["exact_bytes_per_face"] == 512
     assert "exact/numpy" in r.stdout

@@ -238,3 +238,72 @@ def test_recall_ties_use_the_true_cosine_not_the_index_estimate(pairs) -> None:
         return np.tile(np.array([1.0, 0.999], np.float32), (len(probes), 1)), rows
 
     assert ann.recall_at_1(pairs, lying, sample) == 0.0
+
+
+# --------------------------------------------------------------------------- HNSW on SQ8
+
+
+def test_reranked_shortlist_of_everything_is_the_exact_scan() -> None:
+    faiss = ann._faiss()
+    f = grouped(600, 16, 3, 0.3)
+    f[10] = f[400]                        # a duplicate: equal scores come back by row
+    base = faiss.IndexFlatIP(16)
+    base.add(np.ascontiguousarray(f[:, ::-1]))   # a wrong ranking: only the rows matter
+    r = ann.Reranked(base, f, k_factor=len(f))
+    q = f[[3, 400, 599]] + 0.01
+    s, rows = r.search(q, 7)
+    es, er = exact_search(f, q, 7)
+    np.testing.assert_array_equal(rows, er)
+    np.testing.assert_allclose(s, es, atol=1e-6)
+    assert list(rows[1, :2]) == [10, 400]
+
+
+def test_reranked_scores_are_true_cosines_and_unfound_rows_last() -> None:
+    class Liar:
+        ntotal = 3
+
+        def search(self, q, k):
+            rows = np.array([[0, -1, 2, 1][:k]] * len(q))
+            return np.full(rows.shape, 5.0, np.float32), rows
+
+    f = np.eye(3, dtype=np.float32)
+    s, rows = ann.Reranked(Liar(), f, k_factor=2).search(np.array([[0.2, 0.9, 0.1]],
+                                                                   np.float32), 2)
+    np.testing.assert_array_equal(rows, [[0, 2]])     # the shortlist was rows 0, -1, 2 only
+    np.testing.assert_allclose(s, [[0.2, 0.1]], atol=1e-7)
+    with pytest.raises(Exception, match="index of 3 faces over 2 features"):
+        ann.Reranked(Liar(), f[:2])
+
+
+def test_hnsw_walks_sq8_codes_rescored_recorded_and_reloaded(tmp_path) -> None:
+    from mtmim_cli.deploy.gallery import Gallery
+    from mtmim_cli.deploy.gallery_store import write_generation
+
+    f = grouped(3000, 32, 3, 0.3)
+    index, built = ann.build_index(f, "hnsw", sample_size=300)
+    assert isinstance(index, ann.Reranked) and built.kind == "hnsw"
+    assert {"M": 48, "efConstruction": 120, "codes": "sq8", "k_factor": 4}.items() <= \
+        built.params.items() and built.recall_at_1 >= 0.99
+    # the codes and graph only: SQ8 is a byte a dimension, float32 four
+    assert 32 < built.bytes_per_face < 32 * 4 + 48 * 2 * 4
+    s, rows = ann.faiss_search(index, f[:40], 5)
+    np.testing.assert_allclose(s, np.einsum("qd,qkd->qk", f[:40], f[rows]), atol=1e-6)
+    assert ann.choose_kind("auto", ann.AUTO_EXACT_UP_TO + 1) == "hnsw"
+    assert ann.choose_kind("auto", ann.AUTO_EXACT_UP_TO) == "exact"
+    flat, fb = ann.build_index(f, "hnsw", codes="flat", sample_size=300)
+    assert not isinstance(flat, ann.Reranked) and fb.params["codes"] == "flat"
+    assert "k_factor" not in fb.params
+    n = len(f)
+    rec = {"identity": [str(i // 3) for i in range(n)], "path": [f"{i}.jpg" for i in range(n)],
+           "age": np.full(n, np.nan, np.float32), "status": ["prealigned"] * n,
+           "source": ["x"] * n}
+    out = write_generation(tmp_path / "g", f, np.zeros((n, 56, 56, 3), np.uint8), rec,
+                           {"flip": "none"}, index="hnsw")
+    g = Gallery(tmp_path / "g")
+    assert out["params"]["k_factor"] == 4 and out["params"]["codes"] == "sq8"
+    assert isinstance(g.index, ann.Reranked) and isinstance(g.index.feats, np.memmap)
+    assert g.index.hnsw.efSearch == out["params"]["efSearch"]
+    gs, grows = g.search_features(f[:40], 5)
+    np.testing.assert_allclose(gs, np.einsum("qd,qkd->qk", f[:40], f[grows]), atol=1e-6)
+    _, er = exact_search(f, f[:40], 5)
+    assert (grows[:, 1] == er[:, 1]).mean() >= 0.95

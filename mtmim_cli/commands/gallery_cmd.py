@@ -36,7 +36,8 @@ def enroll(
 
     The gallery holds features, identities, source paths, ages where known, a 56-px crop per
     face (for `search --sheet`), the model's sha256 and the settings. --index auto uses the
-    exact scan up to 100,000 faces and IVF above; an index's recall@1 against the exact scan
+    exact scan up to 100,000 faces and HNSW above (48 links a face, walked on SQ8 codes, its
+    shortlist re-scored on the float32 features); an index's recall@1 against the exact scan
     is measured on a sample of the gallery's own faces (each with itself left out), and one
     below 0.99 is replaced by the exact scan (said so). --index ivfpq keeps one byte per 4
     dimensions of PQ codes a face (--pq-m), re-ranked on SQ8 codes (--pq-refine); bytes per

@@ -83,8 +83,11 @@ class Gallery:
                 raise MtmimError(f"{self.path / files['index']}: corrupt index "
                                  f"({str(exc).splitlines()[0]})") from None
             info = self.manifest["index"]
-            from mtmim_cli.index.ann import SEARCH_KEY, set_search_param
+            from mtmim_cli.index.ann import SEARCH_KEY, Reranked, set_search_param
 
+            if "k_factor" in info["params"] and info["kind"] == "hnsw":
+                # the graph ranks on SQ8 codes; its shortlist is scored on the features file
+                self.index = Reranked(self.index, self.features, info["params"]["k_factor"])
             set_search_param(self.index, info["kind"], info["params"][SEARCH_KEY[info["kind"]]])
         self._model = None
         self.last_summary: dict | None = None

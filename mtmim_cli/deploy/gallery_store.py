@@ -95,7 +95,7 @@ def write_generation(out: Path, feats: np.ndarray, faces: np.ndarray, rec: dict,
     """Write a complete gallery generation and its index beside the current one, then the
     manifest by rename, then remove the previous generation's files. `index_options`: the
     ivfpq build options (pq_m, refine) for build_index."""
-    from mtmim_cli.index.ann import build_index
+    from mtmim_cli.index.ann import build_index, faiss_of
 
     gen = int(previous["generation"]) + 1 if previous else 1
     names = {"features": f"features-{gen}.npy", "faces": f"faces-{gen}.npy",
@@ -112,7 +112,7 @@ def write_generation(out: Path, feats: np.ndarray, faces: np.ndarray, rec: dict,
 
         names["index"] = f"index-{gen}.faiss"
         tmp = out / f".{names['index']}.{os.getpid()}.tmp"
-        faiss.write_index(idx, str(tmp))
+        faiss.write_index(faiss_of(idx), str(tmp))
         os.replace(tmp, out / names["index"])
     manifest = {"format": FORMAT, "version": VERSION, "generation": gen, "count": int(len(feats)),
                 "dim": int(feats.shape[1]), "identities": len(set(rec["identity"])),

@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--real", type=Path, default=None, help="gallery folder or embed .h5")
     ap.add_argument("--hnsw-up-to", type=int, default=100_000,
-                    help="build HNSW only up to this size (5 min at 10^6 on 2 cores)")
+                    help="build HNSW only up to this size (about 9 min at 10^6 on 2 cores)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--real-probes", type=Path, default=None,
                     help="gallery folder whose faces are planted among synthetic distractors")

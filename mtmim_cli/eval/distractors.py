@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from mtmim_cli.errors import MtmimError
-from mtmim_cli.index.ann import AUTO_EXACT_UP_TO, KINDS, build_index, faiss_search
+from mtmim_cli.index.ann import AUTO_EXACT_UP_TO, KINDS, Reranked, build_index, faiss_search
 
 DEFAULT_COUNTS = (10, 100, 1_000, 10_000, 100_000, 1_000_000)
 
@@ -93,9 +93,10 @@ def index_counts(index, probes: np.ndarray, best: np.ndarray, dis: np.ndarray,
                  max_rank: int) -> np.ndarray:
     """Per probe: distractors among the index's top `max_rank` whose true cosine is above
     the probe's best correct score (the index's own score estimate only picks the faces)."""
-    _, found = faiss_search(index, probes, max_rank)
-    true = np.einsum("qd,qkd->qk", probes, dis[np.maximum(found, 0)])
-    return ((found >= 0) & (true > best[:, None])).sum(axis=1)
+    # an HNSW index re-scores its own shortlist already; any other is wrapped to do so
+    rescored = index if isinstance(index, Reranked) else Reranked(index, dis, k_factor=1)
+    true, _ = faiss_search(rescored, probes, max_rank)   # -inf where nothing was found
+    return (true > best[:, None]).sum(axis=1)
 
 
 def score_with_distractors(feats: np.ndarray, ident: np.ndarray, dis: np.ndarray,

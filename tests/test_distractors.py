@@ -92,6 +92,29 @@ def test_index_counts_use_true_cosines_not_the_index_estimate() -> None:
     np.testing.assert_array_equal(D.index_counts(Liar(), probes, best, dis, 4), [1, 1])
 
 
+def test_auto_searches_exactly_unless_an_index_pays_for_its_build() -> None:
+    # the break-even is in probes: FG-NET's 1,002 probes against 10^6 distractors are scanned
+    assert D.distractor_search("auto", 1_000_000, 1002) == "exact"
+    assert D.distractor_search("auto", 10**8, D.AUTO_INDEX_FROM_PROBES) == "exact"
+    assert D.distractor_search("auto", D.AUTO_EXACT_UP_TO, 10**6) == "exact"
+    assert D.distractor_search("auto", D.AUTO_EXACT_UP_TO + 1,
+                               D.AUTO_INDEX_FROM_PROBES + 1) == "hnsw"
+    assert D.distractor_search("ivf", 10, 1) == "ivf"     # asked for: built at any size
+
+
+def test_auto_past_both_thresholds_builds_hnsw(monkeypatch: pytest.MonkeyPatch) -> None:
+    feats, ident, dis = _data(4, n_dis=3000)
+    monkeypatch.setattr(D, "AUTO_INDEX_FROM_PROBES", 100)
+    monkeypatch.setattr(D, "AUTO_EXACT_UP_TO", 1000)
+    rows = D.score_with_distractors(feats, ident, dis, [0, 1000, 3000], max_rank=5,
+                                    index="auto")
+    assert [r["search"] for r in rows] == ["exact", "exact", "hnsw"]
+    monkeypatch.setattr(D, "AUTO_INDEX_FROM_PROBES", len(feats))   # not more probes than it
+    rows = D.score_with_distractors(feats, ident, dis, [0, 1000, 3000], max_rank=5,
+                                    index="auto")
+    assert [r["search"] for r in rows] == ["exact", "exact", "exact"]
+
+
 def test_distractor_index_kind_is_checked() -> None:
     feats, ident, dis = _data(3, n_dis=50)
     with pytest.raises(MtmimError, match="--distractor-index flat: choose from"):

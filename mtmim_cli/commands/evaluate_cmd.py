@@ -78,7 +78,7 @@ def evaluate(
     distractor_counts: str = typer.Option(None, "--distractor-counts",
                                           help="Distractor counts N, e.g. 10,100,1000 (default: powers of 10)."),
     distractor_index: str = typer.Option("auto", "--distractor-index",
-                                         help="exact, ivf, hnsw, ivfpq; auto: exact to 100,000, ivf above."),
+                                         help="exact, ivf, hnsw, ivfpq; auto: exact unless > 40,000 probes and > 100,000 distractors (then hnsw)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Evaluate one or more models on a protocol; print and write the result tables.

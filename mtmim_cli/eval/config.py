@@ -70,7 +70,7 @@ class EvalConfig:
     # fgnet-loo against distractors (eval.distractors):
     distractors: Path | None = None    # a cache of faces of other people
     distractor_counts: str | None = None   # "10,100,..." (None: powers of ten up to all)
-    distractor_index: str = "auto"     # exact, ivf, hnsw, ivfpq; auto: exact up to 100,000
+    distractor_index: str = "auto"     # exact, ivf, hnsw, ivfpq; auto: eval.distractors.distractor_search
 
 
 def check_config(cfg: EvalConfig) -> None:

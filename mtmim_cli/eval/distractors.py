@@ -7,7 +7,8 @@ rule of `protocols.identification`), and the wrong faces split into the other FG
 (scored exactly, as without distractors) and the distractors. So per N only the count of
 the first N distractors above each probe's best correct score is needed, and only up to
 `max_rank` of them: the exact scan counts them in one blocked pass over all N at once; an
-index (above `AUTO_EXACT_UP_TO` distractors, or when asked) returns each probe's top
+index (when asked, or under auto for more than AUTO_INDEX_FROM_PROBES probes and
+AUTO_EXACT_UP_TO distractors: `distractor_search`) returns each probe's top
 `max_rank` distractors of the subset, whose count above the score is exact as long as the
 index finds the true top ones (its recall@1 is measured and shown beside the figure). The
 faces it returns are scored again by their true cosine: an IVF-PQ index ranks on codes, and
@@ -25,6 +26,13 @@ from mtmim_cli.errors import MtmimError
 from mtmim_cli.index.ann import AUTO_EXACT_UP_TO, KINDS, Reranked, build_index, faiss_search
 
 DEFAULT_COUNTS = (10, 100, 1_000, 10_000, 100_000, 1_000_000)
+# All probes are known at once, so the exact scan is one batched pass, and an index pays for
+# its build only over many probes. Both the build and the pass read every distractor, so the
+# break-even is a number of probes, not of distractors: at 10^6 x 256-d on 2 cores the
+# batched exact scan costs 15 ms a probe and the HNSW index auto builds 563 s (docs/SCALE.md),
+# breaking even at about 37,000 probes; IVF at the recall bar is no faster a probe than the
+# scan (23.8 ms at the nprobe build_index keeps).
+AUTO_INDEX_FROM_PROBES = 40_000
 
 
 def parse_counts(text: str | None, available: int) -> list[int]:
@@ -99,6 +107,17 @@ def index_counts(index, probes: np.ndarray, best: np.ndarray, dis: np.ndarray,
     return (true > best[:, None]).sum(axis=1)
 
 
+def distractor_search(index: str, n: int, probes: int) -> str:
+    """How N distractors are searched for `probes` probes: `index` as asked, and for auto
+    the exact scan unless both the probes and N are past the index's break-even (then HNSW,
+    the index `enroll` builds under auto)."""
+    if index not in KINDS:
+        raise MtmimError(f"--distractor-index {index}: choose from {', '.join(KINDS)}")
+    if index != "auto":
+        return index
+    return "hnsw" if probes > AUTO_INDEX_FROM_PROBES and n > AUTO_EXACT_UP_TO else "exact"
+
+
 def score_with_distractors(feats: np.ndarray, ident: np.ndarray, dis: np.ndarray,
                            counts: list[int], *, max_rank: int = 20, index: str = "auto",
                            seed: int = 0) -> list[dict]:
@@ -106,18 +125,15 @@ def score_with_distractors(feats: np.ndarray, ident: np.ndarray, dis: np.ndarray
     (FG-NET faces), and how the distractors were searched. `dis` is in join order."""
     feats = np.ascontiguousarray(feats, np.float32)
     best, wrong_fg = best_correct_and_wrong(feats, ident, max_rank)
-    if index not in KINDS:
-        raise MtmimError(f"--distractor-index {index}: choose from {', '.join(KINDS)}")
-    use_index = [index not in ("auto", "exact") or (index == "auto" and n > AUTO_EXACT_UP_TO)
-                 for n in counts]
-    exact_n = [n for n, u in zip(counts, use_index, strict=True) if not u]
+    kinds = [distractor_search(index, n, len(feats)) for n in counts]
+    exact_n = [n for n, k in zip(counts, kinds, strict=True) if k == "exact"]
     exact = dict(zip(exact_n, exact_counts(feats, best, dis, exact_n), strict=True))
     rows = []
-    for n, u in zip(counts, use_index, strict=True):
+    for n, kind in zip(counts, kinds, strict=True):
         search = {"search": "exact"}
-        if u and n >= 2:
+        if kind != "exact" and n >= 2:
             sub = np.ascontiguousarray(dis[:n], np.float32)
-            idx, built = build_index(sub, "ivf" if index == "auto" else index, seed=seed)
+            idx, built = build_index(sub, kind, seed=seed)
             if idx is None:   # the index fell short of the recall bar: exact, said so
                 above = exact_counts(feats, best, sub, [n])[0]
                 search = {"search": "exact", "fallback": built.fallback}

@@ -19,7 +19,7 @@ ratios exact / numpy and exact / copy, and per index its build time, search time
 and bytes per face.
 
     .venv/bin/python bench/search_speed.py [--sizes 1000,10000,100000,1000000] [--dim 128]
-        [--batch 200] [--threads 2] [--real GALLERY] [--hnsw-up-to 100000] [--out r.json]
+        [--batch 200] [--threads 2] [--scan-only] [--real GALLERY] [--hnsw-up-to 100000] [--out r.json]
         [--real-probes GALLERY --real-size 1000000 --real-kinds ivf,ivfpq,hnsw,hnsw-flat]
         [--pq-m M] [--pq-refine none|sq8|fp16|flat] [--nlist CELLS]
 """
@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--scan-only", action="store_true",
+                    help="per size only the copy, numpy and the exact scan (no FAISS index)")
     ap.add_argument("--real", type=Path, default=None, help="gallery folder or embed .h5")
     ap.add_argument("--hnsw-up-to", type=int, default=100_000,
                     help="build HNSW only up to this size (about 9 min at 10^6 on 2 cores)")
@@ -168,6 +170,9 @@ def main() -> None:
         print(f"exact scan     one {row['exact_one_ms']:8.2f} ms  batch {row['exact_batch_ms']:7.3f} ms/probe"
               f"   exact/numpy {row['exact_vs_numpy_one']:.2f} (one) {row['exact_vs_numpy_batch']:.2f} "
               f"(batch); exact/copy {row['exact_vs_copy']:.2f}; {4 * a.dim} bytes/face")
+        if a.scan_only:
+            report["sizes"][n] = row
+            continue
         sample = ann.recall_sample(n, 500)
         cands: list[tuple[str, object, dict]] = []
         for codec in ("flat", "sq8", "fp16"):

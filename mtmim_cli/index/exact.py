@@ -24,7 +24,8 @@ def _topk_rows(scores: np.ndarray, offset: int, k: int) -> tuple[np.ndarray, np.
     if k == b:
         part = np.broadcast_to(np.arange(b), (q, b)).copy()
     else:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        # the k largest at the end, so no negated copy of the block is made (a full pass)
+        part = np.argpartition(scores, b - k, axis=1)[:, b - k:]
     vals = np.take_along_axis(scores, part, axis=1)
     kth = vals.min(axis=1)
     # a tie at the boundary: more rows share the k-th value than argpartition kept

@@ -13,7 +13,9 @@ IVF-PQ keeps M one-byte codes a face (product quantisation, 256 centroids per su
 Those codes alone rank a face's nearest other face wrongly too often for 0.99 (0.85 on the
 7,284 real 256-d features at M 64), so by default the PQ shortlist (k x PQ_K_FACTOR) is
 re-ranked on a second copy of each face as SQ8 codes (`refine`: none, sq8, fp16, flat); the
-index's bytes per face count both.
+index's bytes per face count both. Even so, at 10^6 faces (real probes among synthetic
+distractors, docs/SCALE.md) it tops out at recall@1 0.986 probing every cell and is refused:
+it is a memory figure (332 bytes a face at 256-d), not an index for the 0.99 bar.
 
 HNSW links each face to M=48 others (efConstruction 120) and walks the graph on SQ8 codes (a
 byte a dimension: a quarter of float32's bytes read per step, so about twice the steps per

@@ -241,10 +241,14 @@ def test_cli_errors_and_exit_codes(setup, tmp_path) -> None:
     assert "48/48 faces enrolled" in r.stdout and "index: exact" in r.stdout
     blank = tmp_path / "blank.jpg"
     Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(blank)
-    r = run_cli("search", str(blank), str(setup["cache"]), "-g", str(out), "-k", "2",
+    junk = tmp_path / "junk.jpg"
+    junk.write_text("not an image")
+    r = run_cli("search", str(blank), str(junk), str(setup["cache"]), "-g", str(out), "-k", "2",
                 "--threshold", "0.5", "-o", str(tmp_path / "r.csv"))
     assert r.returncode == 1, r.stderr   # the blank photo has no match
     assert f"{blank}: no face found" in r.stdout
+    # one line naming the file once
+    assert f"{junk}: not an image file" in r.stdout and r.stdout.count(str(junk)) == 1
     r = run_cli("search", str(setup["cache"]), "-g", str(out), "-q", "--threshold", "-1")
     assert r.returncode == 0, r.stderr
     r = run_cli("search", str(setup["cache"]), "-g", str(out), "-q", "--threshold", "1.5")

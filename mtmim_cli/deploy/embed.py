@@ -49,7 +49,8 @@ def align_one(path: Path, detector, on_miss: str = "skip") -> tuple[np.ndarray |
     try:
         aligned, _ = align_photo(path, detector)
     except MtmimError as exc:
-        return None, "error", str(exc)
+        # the reason without the file name (callers print "path: reason", as align's do)
+        return None, "error", getattr(exc, "reason", str(exc))
     if aligned is not None:
         return aligned, "detected", ""
     if on_miss == "center":

@@ -69,12 +69,12 @@ def test_spec_parsing() -> None:
             parse_spec(bad)
 
 
-
 def _close(got: np.ndarray, want: np.ndarray, tol: float = 1e-4) -> bool:
     """Equal to float32 rounding: within tol of the outputs' scale (unnormalised outputs
     reach ~30, and sums taken in another order, by another thread count, differ by ~1e-5 of
     that; a wrong conversion differs by the outputs' own size)."""
     return float(np.abs(got - want).max()) <= tol * max(1.0, float(np.abs(want).max()))
+
 
 @pytest.mark.slow
 def test_insightface_iresnet_equals_its_torch_model_and_onnxruntime(tmp_path: Path) -> None:

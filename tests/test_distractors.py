@@ -100,6 +100,18 @@ def test_auto_searches_exactly_unless_an_index_pays_for_its_build() -> None:
     assert D.distractor_search("auto", D.AUTO_EXACT_UP_TO + 1,
                                D.AUTO_INDEX_FROM_PROBES + 1) == "hnsw"
     assert D.distractor_search("ivf", 10, 1) == "ivf"     # asked for: built at any size
+    assert D.distractor_search("ivf", 1, 1) == "exact"    # but not on one face
+
+
+def test_one_distractor_counts_under_an_asked_for_index() -> None:
+    # it used to be dropped (zero above every probe) when an index was asked for
+    feats, ident, dis = _data(5, n_dis=50)
+    dis[0] = feats[0]          # the first distractor outscores probe 0's correct faces
+    exact = D.score_with_distractors(feats, ident, dis, [0, 1, 50], max_rank=5, index="exact")
+    got = D.score_with_distractors(feats, ident, dis, [0, 1, 50], max_rank=5, index="hnsw")
+    assert exact[1]["rank"][0] > exact[0]["rank"][0]
+    np.testing.assert_array_equal(got[1]["rank"], exact[1]["rank"])
+    assert got[1]["search"] == "exact"
 
 
 def test_auto_past_both_thresholds_builds_hnsw(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -110,11 +110,12 @@ def index_counts(index, probes: np.ndarray, best: np.ndarray, dis: np.ndarray,
 def distractor_search(index: str, n: int, probes: int) -> str:
     """How N distractors are searched for `probes` probes: `index` as asked, and for auto
     the exact scan unless both the probes and N are past the index's break-even (then HNSW,
-    the index `enroll` builds under auto)."""
+    the index `enroll` builds under auto). Fewer than 2 distractors are scanned: no index is
+    built or tuned on them."""
     if index not in KINDS:
         raise MtmimError(f"--distractor-index {index}: choose from {', '.join(KINDS)}")
     if index != "auto":
-        return index
+        return index if n >= 2 else "exact"
     return "hnsw" if probes > AUTO_INDEX_FROM_PROBES and n > AUTO_EXACT_UP_TO else "exact"
 
 
@@ -131,7 +132,7 @@ def score_with_distractors(feats: np.ndarray, ident: np.ndarray, dis: np.ndarray
     rows = []
     for n, kind in zip(counts, kinds, strict=True):
         search = {"search": "exact"}
-        if kind != "exact" and n >= 2:
+        if kind != "exact":
             sub = np.ascontiguousarray(dis[:n], np.float32)
             idx, built = build_index(sub, kind, seed=seed)
             if idx is None:   # the index fell short of the recall bar: exact, said so
@@ -142,7 +143,7 @@ def score_with_distractors(feats: np.ndarray, ident: np.ndarray, dis: np.ndarray
                 search = {"search": built.kind, "params": built.params,
                           "recall_at_1": built.recall_at_1}
         else:
-            above = exact[n] if n in exact else np.zeros(len(feats), np.int64)
+            above = exact[n]
         rank = _ranks(best, wrong_fg, above)
         cmc = [float(np.mean((rank >= 1) & (rank <= r))) for r in range(1, max_rank + 1)]
         rows.append({"distractors": int(n), **search, "rank1": cmc[0], "cmc": cmc,
